@@ -1,0 +1,702 @@
+"""Every normalisation method of the study, as drop-in replacements for ``torch.nn.BatchNorm*d``.
+
+All layers take input of shape (N, C) or (N, C, *), use PyTorch's argument names and defaults
+(``eps=1e-5``, ``momentum=0.1`` weighting the *new* value, ``affine=True``) and keep their state
+(running statistics, step counters, ring buffers) in registered buffers, so ``.to()``, ``state_dict``
+and ``load_state_dict`` carry everything. Counters never advance in eval mode.
+
+Notation (per channel c; the batch statistics reduce over the batch and every spatial position):
+
+    mu_B      = mean(x)                      batch mean
+    var_B     = mean((x - mu_B)^2)           biased batch variance (used to normalise)
+    var_B'    = var_B * m / (m - 1)          unbiased variance, m values per channel (used to update)
+    mu, var   = running_mean, running_var    exponential moving averages
+    mu  <- (1 - momentum) * mu  + momentum * mu_B
+    var <- (1 - momentum) * var + momentum * var_B'
+    gamma, beta = weight, bias               the affine parameters
+
+Numerical hygiene shared by every layer: half-precision input (for example under autocast) is
+normalised in float32 and cast back, so statistics never overflow; a training batch with a single
+value per channel raises an error naming the layer instead of writing NaN into the running statistics.
+
+Use :func:`make` to build a layer by its method id, :func:`convert` to swap the norms of an existing
+model, :func:`recompute_statistics` for precise population statistics after training, and
+:func:`auxiliary_loss` to collect Batchless Normalization's likelihood term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "REGISTRY",
+    "BatchNorm",
+    "RunningStatsBatchNorm",
+    "BatchRenorm",
+    "UnsyncedBatchNorm",
+    "MovingAverageBatchNorm",
+    "WeightCentredConv2d",
+    "BatchlessNorm",
+    "make",
+    "convert",
+    "recompute_statistics",
+    "auxiliary_loss",
+    "display_name",
+    "colour",
+]
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    """Every dimension but the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (C,) tensor so that it broadcasts against x of shape (N, C, *)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class _Norm(nn.Module):
+    """Shared plumbing: argument checks, half-precision upcast, affine parameters, step counter."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True):
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        # Counts training batches; it is the step counter of every schedule (warm-ups, ring buffers).
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects input (N, {self.num_features}) or "
+                f"(N, {self.num_features}, *), got shape {tuple(x.shape)}"
+            )
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Statistics in float32: squares of half-precision activations overflow easily.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._dispatch(x.float()).to(x.dtype)
+        return self._dispatch(x)
+
+    def _dispatch(self, x: Tensor) -> Tensor:
+        if self.training:
+            if x.numel() // x.shape[1] < 2:
+                raise ValueError(
+                    f"{type(self).__name__}({self.num_features}) got a training batch of shape {tuple(x.shape)}: "
+                    "one value per channel has no batch statistics. Use a batch of at least 2 samples "
+                    "(or call .eval())."
+                )
+            return self._train_forward(x)
+        return self._eval_forward(x)
+
+    def _affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """gamma and beta, as ones and zeros when the layer has no affine parameters."""
+        if self.affine:
+            return self.weight, self.bias
+        ones = torch.ones(self.num_features, dtype=x.dtype, device=x.device)
+        return ones, torch.zeros_like(ones)
+
+    def _train_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _eval_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _RunningStatsNorm(_Norm):
+    """A norm that keeps BN's running mean and variance and normalises with them in eval mode."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True):
+        super().__init__(num_features, eps, momentum, affine)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self._collector: _StatisticsCollector | None = None
+
+    def _dispatch(self, x: Tensor) -> Tensor:
+        if self._collector is not None:
+            return self._collect_forward(x)
+        return super()._dispatch(x)
+
+    def _next_momentum(self) -> float:
+        """Count this batch; the weight of the new value (torch's cumulative average when momentum is None)."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    @torch.no_grad()
+    def _update_running(self, mean_b: Tensor, var_b: Tensor, values_per_channel: int) -> None:
+        # mu <- (1 - momentum) mu + momentum mu_B ;  var <- (1 - momentum) var + momentum var_B * m / (m - 1)
+        factor = self._next_momentum()
+        unbiased = var_b * (values_per_channel / (values_per_channel - 1))
+        self.running_mean.lerp_(mean_b.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        # y = gamma (x - mu) / sqrt(var + eps) + beta, folded into one multiply-add: y = x * scale + shift
+        gamma, beta = self._affine(x)
+        scale = gamma * torch.rsqrt(self.running_var.to(x.dtype) + self.eps)
+        # a copy: autograd saves it, and training updates the buffer in place afterwards
+        shift = beta - self.running_mean.to(x.dtype, copy=True) * scale
+        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+
+    # --- precise statistics (recompute_statistics) ---
+
+    def _collect_forward(self, x: Tensor) -> Tensor:
+        self._collector.add(x)
+        return self._batch_normalise(x)
+
+    def _batch_normalise(self, x: Tensor) -> Tensor:
+        """BN's training-mode output, without touching any state (used while collecting statistics)."""
+        gamma, beta = self._affine(x)
+        return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.eps)
+
+    @torch.no_grad()
+    def _set_population_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var * (count / max(count - 1, 1)))
+
+    def _load_from(self, other: nn.Module) -> None:
+        """Carry affine parameters and running statistics over from another BN-like layer."""
+        _copy_affine(self, other)
+        if getattr(other, "running_mean", None) is not None and getattr(other, "running_var", None) is not None:
+            self._set_running(other.running_mean, other.running_var)
+
+    @torch.no_grad()
+    def _set_running(self, mean: Tensor, var: Tensor) -> None:
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+
+
+class BatchNorm(_RunningStatsNorm):
+    """``bn``: Batch Normalization (Ioffe & Szegedy 2015), exactly torch's semantics.
+
+    Training:  y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta, gradients through mu_B and var_B;
+               then mu, var are updated with mu_B and the *unbiased* var_B'.
+    Eval:      y = gamma * (x - mu) / sqrt(var + eps) + beta.
+
+    Deviation from the original study: eps = 1e-5 (it used eps = 0, which divides by zero for a
+    constant channel, e.g. a dead ReLU/GELU unit at batch 2).
+    """
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        factor = self._next_momentum()
+        # The fused kernel normalises with (mu_B, var_B) and updates (mu, var) with (mu_B, var_B') in one pass.
+        return F.batch_norm(x, self.running_mean, self.running_var, gamma, beta, True, factor, self.eps)
+
+
+class RunningStatsBatchNorm(_RunningStatsNorm):
+    """``bnrs``: BN that normalises with its running statistics in training too.
+
+    Training:  y = gamma * (x - mu) / sqrt(var + eps) + beta   with mu, var as they were *before* this batch,
+               treated as constants (no gradient through the statistics);
+               then mu, var are updated with mu_B, var_B' as in BN.
+    Eval:      the same formula.
+
+    Deviation from the original study: it updated the running statistics before normalising, so the
+    current batch leaked into its own normalisation (without gradient). Using the pre-update values makes
+    ``bnrs`` the exact forward-pass twin of ``brn`` and keeps training and inference identical.
+    """
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        y = self._eval_forward(x)
+        with torch.no_grad():
+            var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+        self._update_running(mean_b, var_b, x.numel() // x.shape[1])
+        return y
+
+
+class BatchRenorm(_RunningStatsNorm):
+    """``brn`` / ``brnc``: Batch Renormalization (Ioffe 2017), Algorithm 1.
+
+    Training:
+        sigma_B = sqrt(var_B + eps)             sigma = sqrt(var + eps)     (mu, var before this batch)
+        r = stop_gradient(clip(sigma_B / sigma, 1/rmax, rmax))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -dmax, dmax))
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+        then mu, var are updated as in BN.
+    Eval: y = gamma * (x - mu) / sigma + beta.
+
+    Without clipping (``rmax=dmax=None``, method ``brn``) the training output equals (x - mu) / sigma,
+    the output of ``bnrs``, but the gradient still flows through mu_B and sigma_B. With rmax = 1 and
+    dmax = 0 it is exactly BN.
+
+    Clipping schedule (``brnc``): for the first ``warmup_steps`` training steps rmax = 1 and dmax = 0;
+    then rmax rises linearly to its limit over ``rmax_ramp_steps`` steps and dmax over ``dmax_ramp_steps``.
+    The paper: warmup_steps = 5000, rmax 1 -> 3 by step 40k, dmax 0 -> 5 by step 25k. The defaults
+    (no warm-up, rmax = 3, dmax = 5 from step 0) are the original study's.
+
+    Deviations from the original study: r and d use the running statistics *before* this batch's update
+    (as in the paper; the study updated first, so the current batch entered r and d), and the running
+    variance tracks var (torch's convention) rather than the paper's sigma.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        rmax: float | None = None,
+        dmax: float | None = None,
+        warmup_steps: int = 0,
+        rmax_ramp_steps: int = 0,
+        dmax_ramp_steps: int = 0,
+    ):
+        super().__init__(num_features, eps, momentum, affine)
+        if rmax is not None and rmax < 1:
+            raise ValueError(f"BatchRenorm: rmax must be >= 1, got {rmax}")
+        if dmax is not None and dmax < 0:
+            raise ValueError(f"BatchRenorm: dmax must be >= 0, got {dmax}")
+        if min(warmup_steps, rmax_ramp_steps, dmax_ramp_steps) < 0:
+            raise ValueError("BatchRenorm: warmup_steps and ramp steps must be >= 0")
+        self.rmax, self.dmax = rmax, dmax
+        self.warmup_steps, self.rmax_ramp_steps, self.dmax_ramp_steps = warmup_steps, rmax_ramp_steps, dmax_ramp_steps
+
+    def extra_repr(self) -> str:
+        clip = f", rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}" if self.rmax or self.dmax else ""
+        return super().extra_repr() + clip
+
+    def _limits(self, step: Tensor) -> tuple[Tensor | float | None, Tensor | float | None]:
+        """(rmax, dmax) in force at a training step (a tensor, so no host-device sync on GPUs)."""
+
+        def ramp(ramp_steps: int) -> Tensor:
+            progress = (step - self.warmup_steps).to(torch.float64)
+            if ramp_steps == 0:
+                return (progress >= 0).to(torch.float64)
+            return (progress / ramp_steps).clamp(0.0, 1.0)
+
+        rmax = None if self.rmax is None else 1.0 + (self.rmax - 1.0) * ramp(self.rmax_ramp_steps)
+        dmax = None if self.dmax is None else self.dmax * ramp(self.dmax_ramp_steps)
+        return rmax, dmax
+
+    def current_limits(self) -> tuple[float | None, float | None]:
+        """The clipping limits the next training step will use, as Python numbers (for inspection)."""
+        rmax, dmax = self._limits(self.num_batches_tracked)
+        return (None if rmax is None else float(rmax)), (None if dmax is None else float(dmax))
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        with torch.no_grad():
+            var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+            sigma = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
+            # r = sigma_B / sigma ; d = (mu_B - mu) / sigma, with the pre-update running statistics
+            r = torch.sqrt(var_b + self.eps) / sigma
+            d = (mean_b - self.running_mean.to(x.dtype)) / sigma
+            rmax, dmax = self._limits(self.num_batches_tracked)
+            if rmax is not None:
+                rmax = rmax.to(x.dtype)
+                r = r.clamp(1.0 / rmax, rmax)
+            if dmax is not None:
+                dmax = dmax.to(x.dtype)
+                d = d.clamp(-dmax, dmax)
+        # gamma * (x_hat * r + d) + beta  ==  x_hat * (gamma r) + (gamma d + beta), x_hat the BN output
+        y = F.batch_norm(x, None, None, gamma * r, gamma * d + beta, True, 0.0, self.eps)
+        self._update_running(mean_b, var_b, x.numel() // x.shape[1])
+        return y
+
+
+class UnsyncedBatchNorm(_RunningStatsNorm):
+    """``bnwos``: BN without cross-device synchronisation, as ``nn.DataParallel`` ran it.
+
+    Training: the batch is split along N into ``devices`` chunks (``torch.chunk``, like DataParallel's
+    scatter); each chunk k is normalised with its own statistics,
+        y_k = gamma * (x_k - mu_Bk) / sqrt(var_Bk + eps) + beta,
+    and the running statistics are updated from chunk 0 only (the replica on the first device is the
+    one that survives; pytorch issue 1051). Eval: as BN.
+
+    Deviation from the original study: the number of devices is an option (it hard-coded two).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, devices: int = 2):
+        super().__init__(num_features, eps, momentum, affine)
+        if devices < 1:
+            raise ValueError(f"UnsyncedBatchNorm: devices must be >= 1, got {devices}")
+        self.devices = devices
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", devices={self.devices}"
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        chunks = torch.chunk(x, self.devices, dim=0)
+        for k, chunk in enumerate(chunks):
+            if chunk.numel() // chunk.shape[1] < 2:
+                raise ValueError(
+                    f"UnsyncedBatchNorm: chunk {k} of a batch of shape {tuple(x.shape)} split over {self.devices} "
+                    "devices has one value per channel; use a batch of at least 2 samples per device."
+                )
+        factor = self._next_momentum()
+        first = F.batch_norm(chunks[0], self.running_mean, self.running_var, gamma, beta, True, factor, self.eps)
+        rest = [F.batch_norm(c, None, None, gamma, beta, True, 0.0, self.eps) for c in chunks[1:]]
+        return torch.cat([first, *rest]) if rest else first
+
+
+class _MovingAverageNormalise(torch.autograd.Function):
+    """MABN's core: z = x / s with a moving-average normaliser s, and a moving-average backward.
+
+    Forward:   z = x / s                                  s (per channel) given, no gradient
+    Backward:  g = dL/dz ;  psi_B = mean(g * z)           (the extra batch statistic of BN's backward)
+               psi = moving average of psi_B (the ring buffer, including this batch)
+               dL/dx = (g - z * psi) / s
+    With s = sqrt(mean(x^2) + eps) of this batch and psi = psi_B this is the exact gradient of
+    x / sqrt(mean(x^2) + eps); the moving averages replace both batch statistics by smoother ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, psi_buffer: Tensor, slot: Tensor, filled: Tensor, use_batch: Tensor) -> Tensor:
+        z = x / _per_channel(s, x)
+        ctx.save_for_backward(z, s)
+        # kept outside save_for_backward: backward writes into the buffer, which must not trip version checks
+        ctx.psi_buffer, ctx.slot, ctx.filled, ctx.use_batch = psi_buffer, slot, filled, use_batch
+        return z
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, s = ctx.saved_tensors
+        psi_buffer, slot, filled, use_batch = ctx.psi_buffer, ctx.slot, ctx.filled, ctx.use_batch
+        psi_b = (g * z).mean(dim=_reduce_dims(z))
+        with torch.no_grad():
+            psi_buffer.index_copy_(0, slot.view(1), psi_b.detach().to(psi_buffer.dtype).view(1, -1))
+            psi_sma = psi_buffer.sum(0).to(z.dtype) / filled.to(z.dtype)
+        psi = torch.where(use_batch, psi_b, psi_sma)
+        grad_x = (g - z * _per_channel(psi, z)) / _per_channel(s, z)
+        return grad_x, None, None, None, None, None
+
+
+class MovingAverageBatchNorm(_RunningStatsNorm):
+    """``mabn``: Moving Average Batch Normalization (Yan et al., ICLR 2020).
+
+    BN's training depends on four batch statistics: mu_B and var_B forward, and g_B = mean(dL/dz) and
+    psi_B = mean(z * dL/dz) backward. MABN removes the mean statistics by centring the weights of the
+    preceding convolution (:class:`WeightCentredConv2d`, so mu is approximately 0) and normalises with
+    the second moment chi only, replacing the remaining batch statistics by simple moving averages (SMA)
+    over the last ``buffer_size`` batches:
+
+        chi_B = mean(x^2)                  chi = SMA of chi_B over the ring buffer (this batch included)
+        s = sqrt(chi + eps)                optionally renorm-clipped: r = clip(sqrt(chi_B + eps) / s, 1/rmax, rmax),
+                                           s = sqrt(chi_B + eps) / r
+        z = x / s ;  y = gamma * z + beta
+        backward: dL/dx = (g - z * psi) / s,  g = dL/dz,  psi = SMA of psi_B = mean(g * z)
+    For the first ``warmup_steps`` steps both statistics are the current batch's (the buffers fill).
+    Inference: y = gamma * x / sqrt(running_var + eps) + beta, where running_var is an exponential moving
+    average (``momentum``) of chi_B -- the second moment, not the variance; running_mean stays zero.
+
+    Defaults: buffer_size = 16 (the paper's normalisation batch 32 at batch 2), warmup_steps = 100 (the
+    official code's), no clipping (rmax = None). The original study did not include MABN.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        buffer_size: int = 16,
+        warmup_steps: int = 100,
+        rmax: float | None = None,
+    ):
+        super().__init__(num_features, eps, momentum, affine)
+        if buffer_size < 1:
+            raise ValueError(f"MovingAverageBatchNorm: buffer_size must be >= 1, got {buffer_size}")
+        if rmax is not None and rmax < 1:
+            raise ValueError(f"MovingAverageBatchNorm: rmax must be >= 1, got {rmax}")
+        self.buffer_size, self.warmup_steps, self.rmax = buffer_size, warmup_steps, rmax
+        # Ring buffers of the last `buffer_size` batches' chi_B (forward) and psi_B (backward).
+        self.register_buffer("chi_buffer", torch.zeros(buffer_size, num_features))
+        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", buffer_size={self.buffer_size}, warmup_steps={self.warmup_steps}, rmax={self.rmax}"
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        step = self.num_batches_tracked.clone()
+        slot = step % self.buffer_size
+        filled = torch.clamp(step + 1, max=self.buffer_size)
+        use_batch = step < self.warmup_steps
+        with torch.no_grad():
+            chi_b = (x * x).mean(dim=_reduce_dims(x))
+            self.chi_buffer.index_copy_(0, slot.view(1), chi_b.to(self.chi_buffer.dtype).view(1, -1))
+            chi_sma = self.chi_buffer.sum(0).to(x.dtype) / filled.to(x.dtype)
+            chi = torch.where(use_batch, chi_b, chi_sma)
+            s = torch.sqrt(chi + self.eps)
+            if self.rmax is not None:
+                s_b = torch.sqrt(chi_b + self.eps)
+                s = s_b / (s_b / s).clamp(1.0 / self.rmax, self.rmax)
+        z = _MovingAverageNormalise.apply(x, s, self.psi_buffer, slot, filled, use_batch)
+        self._update_second_moment(chi_b)
+        return z * _per_channel(gamma, x) + _per_channel(beta, x)
+
+    @torch.no_grad()
+    def _update_second_moment(self, chi_b: Tensor) -> None:
+        self.running_var.lerp_(chi_b.to(self.running_var.dtype), self._next_momentum())
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        scale = gamma * torch.rsqrt(self.running_var.to(x.dtype) + self.eps)
+        return x * _per_channel(scale, x) + _per_channel(beta, x)
+
+    def _batch_normalise(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        chi_b = (x * x).mean(dim=_reduce_dims(x))
+        return x * _per_channel(gamma * torch.rsqrt(chi_b + self.eps), x) + _per_channel(beta, x)
+
+    @torch.no_grad()
+    def _set_population_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
+        # chi = E[x^2] = var + mean^2 (population, biased)
+        self.running_var.copy_(var + mean * mean)
+
+    @torch.no_grad()
+    def _set_running(self, mean: Tensor, var: Tensor) -> None:
+        self.running_var.copy_(var + mean * mean)
+
+
+class WeightCentredConv2d(nn.Conv2d):
+    """The convolution MABN pairs with: each output filter's weights are centred before use,
+
+        W_hat[o] = W[o] - mean(W[o])     (mean over input channels and kernel positions),
+
+    so that the layer's outputs have (approximately) zero mean and MABN can drop the mean statistics.
+    The stored parameter is the uncentred W, so initial weights are identical to an ``nn.Conv2d``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+class BatchlessNorm(_Norm):
+    """``bln``: Batchless Normalization (Berger): per-channel statistics learned as parameters.
+
+    The layer holds a learned mean mu and log-standard-deviation log_sigma per channel and normalises
+    with them, in training and inference alike, without gradient through them:
+        y = gamma * (x - sg(mu)) / sg(sigma) + beta,   sigma = exp(log_sigma),  sg = stop_gradient.
+    The statistics are fitted by an auxiliary loss, the Gaussian negative log-likelihood of the
+    activations (the activations themselves detached, so it trains only mu and sigma):
+        aux = mean over channels and values of  log sigma + (x - mu)^2 / (2 sigma^2) + log(2 pi) / 2,
+    computed exactly from the per-channel moments, (x - mu)^2 averaging to var_B + (mu_B - mu)^2.
+    After each training forward the term is in ``self.aux_loss``; the training loop adds
+    :func:`auxiliary_loss` (the sum over layers) to the task loss. No batch statistic enters the
+    output, so any batch size works, including 1.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True):
+        super().__init__(num_features, eps, momentum, affine)
+        self.mean = nn.Parameter(torch.zeros(num_features))
+        self.log_std = nn.Parameter(torch.zeros(num_features))
+        self.aux_loss: Tensor | None = None
+
+    def _dispatch(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            with torch.no_grad():
+                var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+            # NLL = log sigma + (var_B + (mu_B - mu)^2) / (2 sigma^2) + log(2 pi)/2, averaged over channels
+            nll = self.log_std + (var_b + (mean_b - self.mean) ** 2) / (2 * torch.exp(2 * self.log_std))
+            self.aux_loss = nll.mean() + 0.5 * math.log(2 * math.pi)
+        gamma, beta = self._affine(x)
+        scale = gamma * torch.exp(-self.log_std.detach())
+        shift = beta - self.mean.detach() * scale
+        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+
+    def _load_from(self, other: nn.Module) -> None:
+        _copy_affine(self, other)
+        mean, var = getattr(other, "running_mean", None), getattr(other, "running_var", None)
+        if mean is not None and var is not None:  # start the learned statistics at the population ones
+            with torch.no_grad():
+                self.mean.copy_(mean)
+                self.log_std.copy_(0.5 * torch.log(var + self.eps))
+
+
+class _GroupNorm(nn.GroupNorm):
+    """``gn``: GroupNorm with PyTorch's BN-style constructor (num_features first; eps, affine)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True, num_groups: int = 8):
+        # the largest group count <= num_groups that divides the channels
+        groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
+        super().__init__(groups, num_features, eps=eps, affine=affine)
+        self.num_features = num_features
+
+    def _load_from(self, other: nn.Module) -> None:
+        _copy_affine(self, other)
+
+
+class _Identity(nn.Identity):
+    """``none``: no normalisation."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True):
+        super().__init__()
+        self.num_features = num_features
+
+    def _load_from(self, other: nn.Module) -> None:
+        pass
+
+
+def _copy_affine(dst: nn.Module, src: nn.Module) -> None:
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            d, s = getattr(dst, name, None), getattr(src, name, None)
+            if d is not None and s is not None:
+                d.copy_(s)
+
+
+# --- the registry: one id, display name, colour and constructor per method, in display order ---
+
+
+@dataclass(frozen=True)
+class Method:
+    id: str
+    display: str
+    colour: str
+    factory: Callable[..., nn.Module]
+    defaults: dict
+    batch_dependent: bool  # whether training output depends on other samples of the batch
+
+
+REGISTRY: dict[str, Method] = {
+    m.id: m
+    for m in [
+        Method("bn", "BN", "#1f77b4", BatchNorm, {}, True),
+        Method("bnrs", "BN, running stats (BNRS)", "#d62728", RunningStatsBatchNorm, {}, True),
+        Method("brn", "Batch Renorm (BRN)", "#2ca02c", BatchRenorm, {}, True),
+        Method("brnc", "Batch Renorm, clipped (BRNC)", "#98df8a", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
+        Method("bnwos", "BN without sync (BNWoS)", "#ff7f0e", UnsyncedBatchNorm, {}, True),
+        Method("mabn", "Moving Average BN (MABN)", "#9467bd", MovingAverageBatchNorm, {}, True),
+        Method("bln", "Batchless Norm (BLN)", "#8c564b", BatchlessNorm, {}, False),
+        Method("gn", "GroupNorm (GN)", "#e377c2", _GroupNorm, {}, False),
+        Method("none", "No normalisation", "#7f7f7f", _Identity, {}, False),
+    ]
+}
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def _method(method: str) -> Method:
+    try:
+        return REGISTRY[method]
+    except KeyError:
+        raise ValueError(f"unknown normalisation method {method!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def display_name(method: str) -> str:
+    return _method(method).display
+
+
+def colour(method: str) -> str:
+    return _method(method).colour
+
+
+def make(method: str, num_features: int, **options) -> nn.Module:
+    """A normalisation layer by method id, e.g. ``make("brnc", 32, warmup_steps=5000)``."""
+    spec = _method(method)
+    try:
+        return spec.factory(num_features, **{**spec.defaults, **options})
+    except TypeError as err:
+        raise TypeError(f"bad option for method {method!r}: {err}") from None
+
+
+_TORCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_OURS = (_Norm, _GroupNorm, _Identity)  # each has num_features
+
+
+def convert(model: nn.Module, method: str, **options) -> nn.Module:
+    """Replace every torch BatchNorm and every bnlib norm in ``model`` by ``method``'s layer.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: returns the converted module (the same object
+    unless ``model`` itself is a norm), carrying eps, momentum, affine parameters and running statistics,
+    on the original device and dtype.
+    """
+    _method(method)
+    if isinstance(model, _TORCH_NORMS + _OURS):
+        kwargs = {"eps": getattr(model, "eps", 1e-5), "affine": getattr(model, "affine", True)}
+        if getattr(model, "momentum", None) is not None or isinstance(model, (_TORCH_NORMS, _Norm)):
+            kwargs["momentum"] = model.momentum
+        new = make(method, model.num_features, **{**kwargs, **options})
+        ref = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        new._load_from(model)
+        new.train(model.training)
+        return new
+    for name, child in model.named_children():
+        setattr(model, name, convert(child, method, **options))
+    return model
+
+
+class _StatisticsCollector:
+    """Per-channel count, sum and sum of squares of a layer's inputs, in float64."""
+
+    def __init__(self):
+        self.count, self.sum, self.sum_sq = 0, 0.0, 0.0
+
+    def add(self, x: Tensor) -> None:
+        x64 = x.detach().to(torch.float64)
+        dims = _reduce_dims(x64)
+        self.count += x64.numel() // x64.shape[1]
+        self.sum = self.sum + x64.sum(dims)
+        self.sum_sq = self.sum_sq + (x64 * x64).sum(dims)
+
+    def population(self) -> tuple[Tensor, Tensor]:
+        mean = self.sum / self.count
+        return mean, (self.sum_sq / self.count - mean * mean).clamp_min(0.0)
+
+
+@torch.no_grad()
+def recompute_statistics(model: nn.Module, batches: Iterable) -> int:
+    """Precise BN: recompute the population statistics of every bnlib layer that keeps running statistics.
+
+    With frozen weights, runs ``batches`` (input tensors, or tuples whose first item is the input)
+    through the model; every such layer normalises with the current batch's statistics (BN's training
+    behaviour, as fvcore's precise BN does) and pools the statistics of all its inputs; then mean and
+    unbiased variance over every value seen replace the running statistics (MABN: its second moment).
+    Step counters, ring buffers and other modules' modes are left unchanged. Returns the samples seen.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _RunningStatsNorm)]
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer._collector = _StatisticsCollector()
+    seen = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+            seen += x.shape[0]
+        if seen == 0:
+            raise ValueError("recompute_statistics: no batches given")
+        for layer in layers:
+            mean, var = layer._collector.population()
+            layer._set_population_statistics(mean, var, layer._collector.count)
+    finally:
+        for layer in layers:
+            layer._collector = None
+        model.train(was_training)
+    return seen
+
+
+def auxiliary_loss(model: nn.Module) -> Tensor | float:
+    """The sum of the auxiliary losses of the model's layers from their last training forward (BLN)."""
+    terms = [m.aux_loss for m in model.modules() if isinstance(m, BatchlessNorm) and m.aux_loss is not None]
+    return torch.stack(terms).sum() if terms else 0.0

@@ -1,0 +1,454 @@
+"""The layers against references: torch's BatchNorm, the papers' equations, float64, gradients included."""
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from bnlib import norms
+
+torch.set_default_dtype(torch.float64)
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+SHAPES = [(6, 5), (4, 5, 3, 3), (3, 5, 2, 2, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2 + 0.5).requires_grad_(True)
+
+
+def _randomise_affine(*layers, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+
+
+def _run(layer, x, upstream):
+    """Output and the gradients of <y, upstream> with respect to input, weight and bias."""
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    params = [x] + [p for p in (layer.weight, layer.bias) if p is not None]
+    grads = torch.autograd.grad((y * upstream).sum(), params)
+    return y, grads
+
+
+def _torch_bn(shape):
+    return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](shape[1])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_bn_equals_torch_batchnorm(shape, momentum):
+    ours, ref = norms.make("bn", 5, momentum=momentum), _torch_bn(shape)
+    ref.momentum = momentum
+    _randomise_affine(ours, ref)
+    for step in range(4):
+        x, up = _inputs(shape, seed=step), _inputs(shape, seed=10 + step).detach()
+        (y1, g1), (y2, g2) = _run(ours, x, up), _run(ref, x, up)
+        assert_close(y1, y2, **TIGHT)
+        for a, b in zip(g1, g2):
+            assert_close(a, b, **TIGHT)
+    assert_close(ours.running_mean, ref.running_mean, **TIGHT)
+    assert_close(ours.running_var, ref.running_var, **TIGHT)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 4
+    ours.eval(), ref.eval()
+    x, up = _inputs(shape, seed=99), _inputs(shape, seed=98).detach()
+    (y1, g1), (y2, g2) = _run(ours, x, up), _run(ref, x, up)
+    assert_close(y1, y2, **TIGHT)
+    for a, b in zip(g1, g2):
+        assert_close(a, b, **TIGHT)
+
+
+def test_bn_without_affine_equals_torch():
+    ours, ref = norms.make("bn", 5, affine=False), nn.BatchNorm2d(5, affine=False)
+    x = _inputs((4, 5, 3, 3))
+    assert_close(ours(x), ref(x), **TIGHT)
+
+
+def _with_running_stats(*layers, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    for layer in layers:
+        layer._set_running(mean, var)
+    return mean, var
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_brn_with_unit_limits_equals_bn(shape):
+    bn, brn = norms.make("bn", 5), norms.make("brnc", 5, rmax=1.0, dmax=0.0)
+    _randomise_affine(bn, brn)
+    _with_running_stats(bn, brn)
+    for step in range(3):
+        x, up = _inputs(shape, seed=step), _inputs(shape, seed=7 + step).detach()
+        (y1, g1), (y2, g2) = _run(bn, x, up), _run(brn, x, up)
+        assert_close(y1, y2, **TIGHT)
+        for a, b in zip(g1, g2):
+            assert_close(a, b, **TIGHT)
+    assert_close(bn.running_var, brn.running_var, **TIGHT)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_brn_forward_equals_bnrs_but_gradients_differ(shape):
+    brn, bnrs = norms.make("brn", 5), norms.make("bnrs", 5)
+    _randomise_affine(brn, bnrs)
+    mean, var = _with_running_stats(brn, bnrs)
+    x, up = _inputs(shape), _inputs(shape, seed=5).detach()
+    (y1, g1), (y2, g2) = _run(brn, x, up), _run(bnrs, x, up)
+    assert_close(y1, y2, **TIGHT)
+    # the paper's equation written out: gamma (x - mu)/sigma + beta, with the pre-update statistics
+    expected = brn.weight.detach().view(1, 5, *[1] * (len(shape) - 2)) * (
+        x - mean.view(1, 5, *[1] * (len(shape) - 2))
+    ) / torch.sqrt(var + 1e-5).view(1, 5, *[1] * (len(shape) - 2)) + brn.bias.detach().view(1, 5, *[1] * (len(shape) - 2))
+    assert_close(y1, expected, **TIGHT)
+    assert not torch.allclose(g1[0], g2[0], rtol=1e-3, atol=1e-6)
+    assert_close(g1[1], g2[1], **TIGHT)  # the weight and bias gradients agree (same forward)
+    assert_close(brn.running_mean, bnrs.running_mean, **TIGHT)
+
+
+def test_brn_gradient_matches_paper_equation_by_autograd():
+    """BRN's gradient is that of gamma*((x-mu_B)/sigma_B * r + d) + beta with r, d constants."""
+    layer = norms.make("brnc", 5, rmax=1.5, dmax=0.2)
+    _randomise_affine(layer)
+    _with_running_stats(layer)
+    x, up = _inputs((8, 5, 2, 2)), _inputs((8, 5, 2, 2), seed=4).detach()
+    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    y, grads = _run(layer, x, up)
+
+    xr = x.detach().clone().requires_grad_(True)
+    dims = [0, 2, 3]
+    mu_b = xr.mean(dims)
+    sigma_b = torch.sqrt(((xr - mu_b.view(1, 5, 1, 1)) ** 2).mean(dims) + 1e-5)
+    sigma = torch.sqrt(var + 1e-5)
+    r = (sigma_b / sigma).detach().clamp(1 / 1.5, 1.5)
+    d = ((mu_b - mu) / sigma).detach().clamp(-0.2, 0.2)
+    view = lambda t: t.view(1, 5, 1, 1)  # noqa: E731
+    w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    y_ref = view(w) * ((xr - view(mu_b)) / view(sigma_b) * view(r) + view(d)) + view(b)
+    ref_grads = torch.autograd.grad((y_ref * up).sum(), [xr, w, b])
+    assert_close(y, y_ref, **TIGHT)
+    for a, b_ in zip(grads, ref_grads):
+        assert_close(a, b_, **TIGHT)
+    assert (r == 1.5).any() or (r == 1 / 1.5).any() or (d.abs() == 0.2).any(), "test should exercise clipping"
+
+
+def test_eval_outputs_agree_given_equal_running_statistics():
+    layers = [norms.make(m, 5) for m in ("bn", "bnrs", "brn", "brnc", "bnwos")]
+    _randomise_affine(*layers)
+    _with_running_stats(*layers)
+    x = _inputs((4, 5, 3, 3))
+    outputs = [layer.eval()(x) for layer in layers]
+    for y in outputs[1:]:
+        assert_close(y, outputs[0], **TIGHT)
+
+
+def test_brnc_clipping_bounds_hold():
+    layer = norms.make("brnc", 5, rmax=1.2, dmax=0.1)
+    _with_running_stats(layer)
+    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    x = _inputs((16, 5, 2, 2)) * 10 + 30  # far from the running statistics: r and d must clip
+    y = layer(x)
+    dims = [0, 2, 3]
+    x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + 1e-5)
+    # recover r and d per channel from the output: y = x_hat * r + d (gamma = 1, beta = 0)
+    flat_y, flat_x = y.detach().transpose(0, 1).reshape(5, -1), x_hat.detach().transpose(0, 1).reshape(5, -1)
+    r = ((flat_y[:, 0] - flat_y[:, 1]) / (flat_x[:, 0] - flat_x[:, 1]))
+    d = flat_y[:, 0] - flat_x[:, 0] * r
+    assert torch.all(r <= 1.2 + 1e-9) and torch.all(r >= 1 / 1.2 - 1e-9)
+    assert torch.all(d.abs() <= 0.1 + 1e-9)
+    assert_close(d.abs(), torch.full((5,), 0.1), **TIGHT)  # d clipped to its limit
+    assert not torch.equal(mu, layer.running_mean)
+
+
+def test_brnc_warmup_schedule():
+    layer = norms.make("brnc", 5, rmax=3.0, dmax=5.0, warmup_steps=100, rmax_ramp_steps=400, dmax_ramp_steps=200)
+    expected = {0: (1.0, 0.0), 99: (1.0, 0.0), 100: (1.0, 0.0), 200: (1.5, 2.5), 300: (2.0, 5.0), 500: (3.0, 5.0), 10_000: (3.0, 5.0)}
+    for step, (rmax, dmax) in expected.items():
+        layer.num_batches_tracked.fill_(step)
+        assert layer.current_limits() == pytest.approx((rmax, dmax))
+    default = norms.make("brnc", 5)
+    assert default.current_limits() == (3.0, 5.0)  # the original study: full limits from step 0
+    # during warm-up the layer is exactly BN
+    warm, bn = norms.make("brnc", 5, warmup_steps=10), norms.make("bn", 5)
+    _with_running_stats(warm, bn)
+    x = _inputs((4, 5, 3, 3))
+    assert_close(warm(x), bn(x), **TIGHT)
+    assert int(warm.num_batches_tracked) == 1
+    warm.eval()(x)
+    assert int(warm.num_batches_tracked) == 1, "eval must not advance the step counter"
+
+
+@pytest.mark.parametrize("devices,n", [(2, 8), (2, 5), (3, 9), (4, 4)])
+def test_bnwos_equals_bn_per_chunk(devices, n):
+    shape = (n, 5, 3, 3)
+    layer = norms.make("bnwos", 5, devices=devices)
+    _randomise_affine(layer)
+    x, up = _inputs(shape), _inputs(shape, seed=2).detach()
+    y, grads = _run(layer, x, up)
+    bn0 = norms.make("bn", 5)
+    _randomise_affine(bn0)
+    outs, ups = [], torch.chunk(up, devices)
+    for k, chunk in enumerate(torch.chunk(x.detach(), devices)):
+        bn = bn0 if k == 0 else norms.make("bn", 5)
+        _randomise_affine(bn)
+        outs.append(bn(chunk))
+    assert_close(y, torch.cat(outs), **TIGHT)
+    assert_close(layer.running_mean, bn0.running_mean, **TIGHT)
+    assert_close(layer.running_var, bn0.running_var, **TIGHT)
+    # gradients: per-chunk BN gradients concatenated
+    xs = [c.clone().requires_grad_(True) for c in torch.chunk(x.detach(), devices)]
+    ref = torch.nn.functional
+    total = sum((ref.batch_norm(c, None, None, layer.weight, layer.bias, True, 0.0, 1e-5) * u).sum() for c, u in zip(xs, ups))
+    gx = torch.autograd.grad(total, xs)
+    assert_close(grads[0], torch.cat(gx), **TIGHT)
+
+
+def test_bnwos_with_one_device_is_bn():
+    a, b = norms.make("bnwos", 5, devices=1), norms.make("bn", 5)
+    x = _inputs((6, 5, 2, 2))
+    assert_close(a(x), b(x), **TIGHT)
+
+
+def test_mabn_function_gradcheck():
+    """With this batch's statistics (buffer of 1) the modelled backward is the exact gradient."""
+    x = _inputs((4, 3, 2, 2))
+    s = torch.sqrt((x.detach() ** 2).mean([0, 2, 3]) + 1e-5)
+    psi = torch.zeros(1, 3)
+
+    def f(x):
+        # s follows x, as it does in the layer (the layer computes s under no_grad and the Function
+        # supplies the gradient through it)
+        s = torch.sqrt((x.detach() ** 2).mean([0, 2, 3]) + 1e-5)
+        return norms._MovingAverageNormalise.apply(x, s, psi, torch.tensor(0), torch.tensor(1), torch.tensor(False))
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+    # and, as an independent reference, it equals autograd through x / sqrt(mean(x^2) + eps)
+    up = _inputs((4, 3, 2, 2), seed=3).detach()
+    (g1,) = torch.autograd.grad((f(x) * up).sum(), x)
+    (g2,) = torch.autograd.grad((x / torch.sqrt((x**2).mean([0, 2, 3], keepdim=True) + 1e-5) * up).sum(), x)
+    assert_close(g1, g2, **TIGHT)
+    assert s.shape == (3,)
+
+
+def test_mabn_buffer_of_one_forward_by_hand():
+    layer = norms.make("mabn", 5, buffer_size=1, warmup_steps=0)
+    _randomise_affine(layer)
+    for seed in range(3):
+        x = _inputs((4, 5, 3, 3), seed=seed)
+        y = layer(x)
+        chi = (x.detach() ** 2).mean(dim=(0, 2, 3))
+        expected = layer.weight.view(1, 5, 1, 1) * x / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1) + layer.bias.view(1, 5, 1, 1)
+        assert_close(y, expected, **TIGHT)
+
+
+def test_mabn_uses_moving_averages_after_warmup():
+    layer = norms.make("mabn", 5, buffer_size=3, warmup_steps=2, affine=False)
+    xs = [_inputs((4, 5, 2, 2), seed=s) for s in range(5)]
+    chis = [(x.detach() ** 2).mean(dim=(0, 2, 3)) for x in xs]
+    psis = []
+    for t, x in enumerate(xs):
+        xx = x.detach().clone().requires_grad_(True)
+        y = layer(xx)
+        window = chis[max(0, t - 2): t + 1]
+        chi = chis[t] if t < 2 else sum(window) / len(window)
+        z = x.detach() / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1)
+        assert_close(y, z, **TIGHT)
+        g = _inputs((4, 5, 2, 2), seed=20 + t).detach()
+        (gx,) = torch.autograd.grad((y * g).sum(), xx)
+        psis.append((g * z).mean(dim=(0, 2, 3)))
+        pwin = psis[max(0, t - 2): t + 1]
+        psi = psis[t] if t < 2 else sum(pwin) / len(pwin)
+        assert_close(gx, (g - z * psi.view(1, 5, 1, 1)) / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1), **TIGHT)
+    assert int(layer.num_batches_tracked) == 5
+    layer.eval()
+    layer(xs[0])
+    assert int(layer.num_batches_tracked) == 5
+
+
+def test_mabn_clipping_bounds_normaliser():
+    layer = norms.make("mabn", 5, buffer_size=4, warmup_steps=0, rmax=1.5, affine=False)
+    for s in range(3):
+        layer(_inputs((4, 5, 2, 2), seed=s))
+    x = _inputs((4, 5, 2, 2), seed=9) * 100
+    y = layer(x)
+    ratio = (y / (x / torch.sqrt((x**2).mean(dim=(0, 2, 3), keepdim=True) + 1e-5))).detach()
+    assert torch.all(ratio <= 1.5 + 1e-9) and torch.all(ratio >= 1 / 1.5 - 1e-9)
+    assert_close(ratio.amax(), torch.tensor(1.5), **TIGHT)
+
+
+def test_weight_centred_conv_centres_each_filter():
+    torch.manual_seed(0)
+    conv = norms.WeightCentredConv2d(3, 4, 3, padding=1, bias=False)
+    plain = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    plain.weight.data.copy_(conv.weight - conv.weight.mean(dim=(1, 2, 3), keepdim=True))
+    x = torch.randn(2, 3, 5, 5)
+    assert_close(conv(x), plain(x), **TIGHT)
+    assert_close(conv(torch.ones(1, 3, 5, 5))[..., 1:-1, 1:-1], torch.zeros(1, 4, 3, 3), **TIGHT)
+
+
+def test_bln_auxiliary_loss_is_gaussian_nll():
+    layer = norms.make("bln", 5)
+    with torch.no_grad():
+        layer.mean.copy_(torch.randn(5))
+        layer.log_std.copy_(torch.randn(5) * 0.3)
+    x = _inputs((4, 5, 3, 3))
+    layer(x)
+    mu, sigma = layer.mean.view(1, 5, 1, 1), torch.exp(layer.log_std).view(1, 5, 1, 1)
+    nll = torch.log(sigma) + (x - mu) ** 2 / (2 * sigma**2) + 0.5 * math.log(2 * math.pi)
+    assert_close(layer.aux_loss, nll.mean(), **TIGHT)
+    ref = nn.functional.gaussian_nll_loss(mu.expand_as(x), x, (sigma**2).expand_as(x), full=True, eps=0)
+    assert_close(layer.aux_loss, ref, **TIGHT)
+    assert_close(norms.auxiliary_loss(nn.Sequential(layer)), layer.aux_loss, **TIGHT)
+
+
+def test_bln_statistics_learn_only_through_the_auxiliary_loss():
+    layer = norms.make("bln", 5)
+    x = _inputs((4, 5, 3, 3))
+    y = layer(x)
+    task_grads = torch.autograd.grad(y.square().sum(), [layer.mean, layer.log_std, x], allow_unused=True, retain_graph=True)
+    assert task_grads[0] is None and task_grads[1] is None
+    aux_grads = torch.autograd.grad(layer.aux_loss, [layer.mean, layer.log_std, x], allow_unused=True)
+    assert aux_grads[0].abs().sum() > 0 and aux_grads[1].abs().sum() > 0
+    assert aux_grads[2] is None, "the auxiliary loss must not pull on the activations"
+    # normalisation uses the learned statistics
+    expected = (x - layer.mean.view(1, 5, 1, 1)) / torch.exp(layer.log_std).view(1, 5, 1, 1)
+    assert_close(y, expected, **TIGHT)
+    # works at batch size 1
+    layer(_inputs((1, 5)))
+
+
+@pytest.mark.parametrize("method", norms.METHODS)
+def test_one_value_per_channel_raises_and_leaves_state_clean(method):
+    layer = norms.make(method, 5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = _inputs((1, 5))
+    if method in ("bln", "none"):
+        layer(x)  # batch independent: fine
+        return
+    if method == "gn":
+        layer(_inputs((1, 5, 2, 2)))
+        return
+    with pytest.raises(ValueError, match=r"\(1, 5\)"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bnwos_batch_smaller_than_devices_raises():
+    with pytest.raises(ValueError, match="chunk"):
+        norms.make("bnwos", 5, devices=4)(_inputs((3, 5)))
+
+
+@pytest.mark.parametrize("method", ["bn", "bnrs", "brn", "brnc", "bnwos", "mabn", "bln"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_statistics_finite(method, dtype):
+    layer = norms.make(method, 5).float()
+    x = (torch.randn(8, 5, 4, 4, dtype=torch.float32) * 400 + 300).to(dtype)  # squares overflow float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()
+    for name, buf in layer.named_buffers():
+        if buf.is_floating_point():
+            assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
+
+
+@pytest.mark.parametrize("method", norms.METHODS)
+def test_state_dict_round_trip_mid_training(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), norms.make(method, 5, **({"warmup_steps": 1, "buffer_size": 3} if method == "mabn" else {})), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for s in range(3):
+        loss = model(torch.randn(4, 3, 6, 6)).square().mean() + norms.auxiliary_loss(model)
+        opt.zero_grad(), loss.backward(), opt.step()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    clone = nn.Sequential(nn.Conv2d(3, 5, 3), norms.make(method, 5, **({"warmup_steps": 1, "buffer_size": 3} if method == "mabn" else {})), nn.ReLU(), nn.Flatten(), nn.Linear(80, 2))
+    buffer.seek(0)
+    clone.load_state_dict(torch.load(buffer))
+    x = torch.randn(4, 3, 6, 6)
+    assert_close(clone(x), model(x), **TIGHT)  # a training step on both: counters, buffers, statistics
+    assert_close(clone(x), model(x), **TIGHT)
+    clone.eval(), model.eval()
+    assert_close(clone(x), model(x), **TIGHT)
+
+
+def test_buffers_move_with_to():
+    layer = norms.make("mabn", 5).to(torch.float32)
+    assert layer.chi_buffer.dtype == torch.float32 and layer.num_batches_tracked.dtype == torch.long
+    assert {"chi_buffer", "psi_buffer", "num_batches_tracked", "running_var"} <= set(layer.state_dict())
+
+
+def test_convert_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.set_default_dtype(torch.float32)
+    for method in norms.METHODS:
+        model = torchvision.models.resnet18(num_classes=10)
+        with torch.no_grad():
+            model.bn1.running_mean.fill_(0.25)
+            model.bn1.weight.fill_(0.5)
+        converted = norms.convert(model, method)
+        assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in converted.modules())
+        assert isinstance(converted.bn1, type(norms.make(method, 64)))
+        if method not in ("none", "bln", "mabn"):
+            assert torch.all(converted.bn1.weight == 0.5)
+        if method in ("bn", "bnrs", "brn", "brnc", "bnwos"):
+            assert torch.all(converted.bn1.running_mean == 0.25)
+        out = converted(torch.randn(4, 3, 64, 64))
+        out.sum().backward()
+        assert out.shape == (4, 10)
+        assert converted.conv1.weight.grad is not None
+    # a bnlib model converts again, carrying its statistics
+    model = norms.convert(torchvision.models.resnet18(num_classes=10), "bn")
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(0.25)
+    again = norms.convert(model, "brnc", warmup_steps=5)
+    assert isinstance(again.bn1, norms.BatchRenorm) and again.bn1.warmup_steps == 5
+    assert torch.all(again.bn1.running_mean == 0.25)
+
+
+def test_unknown_method_and_bad_option():
+    with pytest.raises(ValueError, match="unknown normalisation method 'bogus'"):
+        norms.make("bogus", 3)
+    with pytest.raises(TypeError, match="'bn'"):
+        norms.make("bn", 3, rmax=2)
+    with pytest.raises(ValueError, match=r"expects input \(N, 3\)"):
+        norms.make("bn", 3)(torch.randn(4, 5))
+
+
+def test_recompute_statistics_gives_population_statistics():
+    torch.manual_seed(0)
+    data = torch.randn(64, 2, 4, 4) * 3 + 1
+    for method in ("bn", "bnrs", "brn", "brnc", "bnwos"):
+        model = nn.Sequential(nn.Identity(), norms.make(method, 2))
+        model.train()
+        counter_before = int(model[1].num_batches_tracked)
+        seen = norms.recompute_statistics(model, [(data[i: i + 16], None) for i in range(0, 64, 16)])
+        assert seen == 64 and model.training and int(model[1].num_batches_tracked) == counter_before
+        assert_close(model[1].running_mean, data.mean(dim=(0, 2, 3)), **TIGHT)
+        assert_close(model[1].running_var, data.var(dim=(0, 2, 3), unbiased=True), **TIGHT)
+    mabn = nn.Sequential(norms.make("mabn", 2))
+    norms.recompute_statistics(mabn, [data[:32], data[32:]])
+    assert_close(mabn[0].running_var, (data**2).mean(dim=(0, 2, 3)), **TIGHT)
+
+
+def test_recompute_statistics_downstream_layers_see_batch_normalised_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(norms.make("bn", 2), norms.make("bn", 2))
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+        model[0].bias.fill_(3.0)
+    data = torch.randn(32, 2, 3, 3) * 5
+    norms.recompute_statistics(model, [data])
+    assert_close(model[1].running_mean, torch.full((2,), 3.0), **TIGHT)

@@ -1,0 +1,275 @@
+"""The seeded lockstep training loop: every method on identical batches from identical initial weights.
+
+One model per method, one optimiser per model (the original study summed the losses under one Adam;
+with disjoint parameters that is the same update, and separate optimisers let a diverged method drop
+out). Each step draws one batch -- a function of the seed only -- and trains every live method on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import models, norms
+
+ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+EVAL_BATCH = 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any training starts."""
+
+
+@dataclass
+class Config:
+    dataset: str = "digits"  # digits | mnist5k (embedded) | mnist | fashionmnist | cifar10 | cifar100
+    methods: list[str] = field(default_factory=lambda: list(ORIGINAL_METHODS))  # trained in lockstep
+    batch_size: int = 16
+    sampler: str = "iid"  # iid | noniid
+    classes_per_batch: int | None = None  # noniid: classes in every batch (must divide batch_size)
+    norm_placement: str = "all"  # all | first | none
+    width: int = 32  # channels of every conv
+    depth: int = 4  # conv layers, dilation 1, 2, 4, ...
+    steps: int | None = None  # budget in optimiser steps ...
+    epochs: float | None = None  # ... or in epochs (equal samples seen at every batch size); exactly one
+    optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
+    lr: float = 1e-3
+    eval_every: int | None = None  # steps between test evaluations (default: 20 over the run)
+    log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 200 over the run)
+    recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
+    recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
+    aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
+    norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
+    seed: int = 0  # data order and initial weights
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    data_dir: str | None = None  # torchvision datasets (default $BNLIB_DATA or data/)
+    download: bool = True  # fetch missing torchvision datasets
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def validate(config: Config, num_train: int | None = None, num_classes: int | None = None) -> None:
+    """Reject a configuration that cannot work, naming the key, before anything is trained."""
+
+    def fail(key: str, message: str):
+        raise ConfigError(f"{key}={getattr(config, key)!r}: {message}")
+
+    if config.dataset not in data_mod.DATASETS:
+        fail("dataset", f"unknown dataset; choose one of {', '.join(data_mod.DATASETS)}")
+    if not config.methods:
+        fail("methods", "give at least one method")
+    for m in config.methods:
+        if m not in norms.METHODS:
+            fail("methods", f"unknown method {m!r}; choose from {', '.join(norms.METHODS)}")
+    if len(set(config.methods)) != len(config.methods):
+        fail("methods", "a method is listed twice")
+    for m, opts in config.norm_options.items():
+        if m not in norms.METHODS:
+            fail("norm_options", f"unknown method {m!r}")
+        try:
+            norms.make(m, 4, **opts)
+        except (TypeError, ValueError) as err:
+            fail("norm_options", str(err))
+    if config.sampler not in data_mod.SAMPLERS:
+        fail("sampler", f"unknown sampler; choose one of {', '.join(data_mod.SAMPLERS)}")
+    if config.norm_placement not in models.PLACEMENTS:
+        fail("norm_placement", f"choose one of {', '.join(models.PLACEMENTS)}")
+    if config.optimizer not in OPTIMIZERS:
+        fail("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
+    if not config.lr > 0:
+        fail("lr", "the learning rate must be positive")
+    if (config.steps is None) == (config.epochs is None):
+        raise ConfigError(f"steps={config.steps!r}, epochs={config.epochs!r}: give exactly one budget")
+    if config.steps is not None and (not isinstance(config.steps, int) or config.steps < 1):
+        fail("steps", "must be a positive integer")
+    if config.epochs is not None and not config.epochs > 0:
+        fail("epochs", "must be positive")
+    for key in ("eval_every", "log_every"):
+        value = getattr(config, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            fail(key, "must be a positive integer")
+    if config.width < 1 or config.depth < 1:
+        fail("width" if config.width < 1 else "depth", "must be positive")
+    uses_batch = [m for m in config.methods if norms.REGISTRY[m].batch_dependent] if config.norm_placement != "none" else []
+    if uses_batch and config.batch_size < 2:
+        fail("batch_size", f"{', '.join(uses_batch)} need batch statistics: use a batch of at least 2")
+    if config.batch_size < 1:
+        fail("batch_size", "must be positive")
+    if "bnwos" in config.methods and config.norm_placement != "none":
+        devices = config.norm_options.get("bnwos", {}).get("devices", 2)
+        if config.batch_size < devices:
+            fail("batch_size", f"bnwos splits every batch over {devices} devices: use a batch of at least {devices}")
+    if config.sampler == "noniid":
+        if config.classes_per_batch is None or config.classes_per_batch < 1:
+            fail("classes_per_batch", "sampler 'noniid' needs a positive classes_per_batch")
+        if config.batch_size % config.classes_per_batch:
+            fail("classes_per_batch", f"must divide batch_size={config.batch_size}")
+        if num_classes is not None and config.classes_per_batch > num_classes:
+            fail("classes_per_batch", f"{config.dataset} has only {num_classes} classes")
+    if num_train is not None and config.batch_size > num_train:
+        fail("batch_size", f"{config.dataset} has only {num_train} training samples")
+    if config.device != "auto" and config.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("device", "CUDA is not available on this machine; use device: auto or cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def total_steps(config: Config, num_train: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, round(config.epochs * num_train / config.batch_size))
+
+
+def _optimizer(config: Config, params) -> torch.optim.Optimizer:
+    # fused: one kernel for all parameters; at batch 2 the optimiser step is a third of the step time
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, fused=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, fused=True)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the whole set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), EVAL_BATCH):
+        logits = model(x[i: i + EVAL_BATCH])
+        loss += float(F.cross_entropy(logits, y[i: i + EVAL_BATCH], reduction="sum"))
+        correct += int((logits.argmax(1) == y[i: i + EVAL_BATCH]).sum())
+    model.train(was_training)
+    return correct / len(x), loss / len(x)
+
+
+def _keeps_running_statistics(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, norms._RunningStatsNorm) for m in model.modules())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(config: Config, dataset: data_mod.Dataset | None = None, progress: bool = True) -> dict:
+    """Train ``config.methods`` in lockstep; returns JSON-ready records (see the keys below)."""
+    validate(config)
+    if dataset is None:
+        dataset = data_mod.load(config.dataset, config.data_dir, config.download)
+    validate(config, num_train=len(dataset.y_train), num_classes=dataset.num_classes)
+    device = resolve_device(config.device)
+    ds = dataset.to(device)
+    steps = total_steps(config, len(ds.y_train))
+    eval_every = config.eval_every or max(1, steps // 20)
+    log_every = config.log_every or max(1, steps // 200)
+    eval_steps = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps})
+
+    runs = {}
+    for m in config.methods:
+        model = models.build(
+            m, config.seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
+            norm_placement=config.norm_placement, norm_options=config.norm_options.get(m, {}),
+        ).to(device)
+        runs[m] = {
+            "model": model, "opt": _optimizer(config, model.parameters()), "seconds": 0.0, "steps": 0,
+            "loss_sum": torch.zeros((), device=device), "window": 0,
+            "rec": {"train_step": [], "train_loss": [], "eval_step": [], "test_acc": [], "test_loss": [],
+                    "test_acc_recomputed": [], "test_loss_recomputed": [], "diverged": False, "diverged_step": None},
+        }
+
+    # A fixed slice of training data for precise statistics, at the training batch size.
+    recompute_idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(config.seed))
+    recompute_idx = recompute_idx[: max(config.batch_size, min(config.recompute_samples, len(recompute_idx)))]
+    recompute_batches = [ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
+                         for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)]
+
+    stream = data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, config.seed, config.classes_per_batch)
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
+    for step in range(1, steps + 1):
+        idx = next(stream).to(device, non_blocking=True)
+        x, y = ds.x_train[idx], ds.y_train[idx]
+        for run in runs.values():
+            if run["rec"]["diverged"]:
+                continue
+            model, opt = run["model"], run["opt"]
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            total = loss + config.aux_weight * norms.auxiliary_loss(model)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            run["loss_sum"] += loss.detach()
+            _sync(device)
+            run["seconds"] += time.perf_counter() - t0
+            run["steps"] += 1
+            run["window"] += 1
+        if step % log_every == 0 or step == steps:
+            for run in runs.values():
+                if run["rec"]["diverged"] or run["window"] == 0:
+                    continue
+                mean_loss = float(run["loss_sum"]) / run["window"]
+                run["loss_sum"].zero_()
+                run["window"] = 0
+                if not math.isfinite(mean_loss):  # diverged: stop this method, keep what it recorded
+                    run["rec"]["diverged"], run["rec"]["diverged_step"] = True, step
+                    continue
+                run["rec"]["train_step"].append(step)
+                run["rec"]["train_loss"].append(mean_loss)
+        if step in eval_steps:
+            for run in runs.values():
+                if run["rec"]["diverged"]:
+                    continue
+                rec, model = run["rec"], run["model"]
+                acc, loss_value = evaluate(model, ds.x_test, ds.y_test)
+                if not math.isfinite(loss_value):
+                    rec["diverged"], rec["diverged_step"] = True, step
+                    continue
+                rec["eval_step"].append(step)
+                rec["test_acc"].append(acc)
+                rec["test_loss"].append(loss_value)
+                if config.recompute and _keeps_running_statistics(model):
+                    precise = copy.deepcopy(model)
+                    norms.recompute_statistics(precise, recompute_batches)
+                    acc_r, loss_r = evaluate(precise, ds.x_test, ds.y_test)
+                else:
+                    acc_r, loss_r = None, None
+                rec["test_acc_recomputed"].append(acc_r)
+                rec["test_loss_recomputed"].append(loss_r)
+            live = {m: r["rec"]["test_acc"][-1] for m, r in runs.items() if r["rec"]["test_acc"] and not r["rec"]["diverged"]}
+            bar.set_postfix({m: f"{a:.3f}" for m, a in live.items()}, refresh=False)
+        bar.update(1)
+    bar.close()
+
+    out = {"config": dataclasses.asdict(config), "device": str(device), "steps": steps,
+           "samples_per_step": config.batch_size, "train_size": len(ds.y_train), "test_size": len(ds.y_test),
+           "num_classes": ds.num_classes, "wall_seconds": time.perf_counter() - started, "methods": {}}
+    for m, run in runs.items():
+        rec = run["rec"]
+        rec["train_seconds"] = run["seconds"]
+        rec["samples_per_second"] = run["steps"] * config.batch_size / run["seconds"] if run["seconds"] else None
+        last = lambda key: rec[key][-1] if rec[key] and not rec["diverged"] else None  # noqa: E731
+        rec["final"] = {"test_acc": last("test_acc"), "test_loss": last("test_loss"),
+                        "test_acc_recomputed": last("test_acc_recomputed"), "train_loss": last("train_loss")}
+        out["methods"][m] = rec
+    return out

@@ -1,0 +1,164 @@
+"""``bnlib``: run a grid, see its status, aggregate it, benchmark, build the book."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RESULTS = Path("results")
+
+
+def _grid_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", help="a grid name (grids/<name>.yaml: smoke, default, paper) or a path to a grid file")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+
+
+def cmd_run(args) -> int:
+    from . import grid as grid_mod
+    from .results import aggregate
+
+    g = grid_mod.load(args.grid)
+    if args.executor == "slurm":
+        from .slurm import SlurmExecutor
+
+        executor = SlurmExecutor.from_options(g, args.results, args)
+    else:
+        executor = grid_mod.LocalExecutor(args.jobs, args.threads)
+    report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress)
+    print(f"grid {g.name}: {len(report.finished)} cells run, {report.skipped} already done, "
+          f"{len(report.failed)} failed, in {report.seconds:.0f} s")
+    for cell, error in report.failed.items():
+        print(f"  FAILED {cell}: {error}\n         notebook: {grid_mod.runs_dir(args.results, g) / (cell + '.ipynb')}")
+    if report.finished or report.skipped:
+        written = aggregate(Path(args.results) / g.name)
+        print(f"aggregated: {written['summary']}")
+    return 0 if report.ok else 1
+
+
+def cmd_status(args) -> int:
+    from . import grid as grid_mod
+
+    g = grid_mod.load(args.grid)
+    st = grid_mod.status(g, args.results)
+    extra = {}
+    try:
+        from .slurm import slurm_states
+
+        extra = slurm_states(Path(args.results) / g.name)
+    except ImportError:
+        pass
+    print(f"grid {g.name} ({g.path}): {len(g.cells)} cells")
+    for key in ("done", "failed", "started", "pending"):
+        print(f"  {key:8s} {len(st[key])}")
+    if extra:
+        for key, cells in extra.items():
+            print(f"  slurm {key:8s} {len(cells)}")
+    runs = grid_mod.runs_dir(args.results, g)
+    for cell in st["failed"]:
+        first = (runs / f"{cell}.error").read_text().splitlines()[:1]
+        print(f"  failed: {cell}: {first[0] if first else ''}")
+    if args.verbose:
+        for key in ("done", "started", "pending"):
+            for cell in st[key]:
+                print(f"  {key}: {cell}")
+    return 0
+
+
+def cmd_aggregate(args) -> int:
+    from .grid import load
+    from .results import aggregate
+
+    g = load(args.grid)
+    written = aggregate(Path(args.results) / g.name)
+    for name, path in written.items():
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    if args.what in ("norms", "all"):
+        print(f"# norms: forward+backward vs torch.nn.BatchNorm2d, C=32, 28x28, {device} (median of {args.repeats})")
+        print(bench.format_table(bench.bench_norms(device, repeats=args.repeats)))
+    if args.what in ("loop", "all"):
+        print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
+        print(bench.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
+    return 0
+
+
+def cmd_book(args) -> int:
+    from .book import build
+
+    index = build(args.grid, args.results, strict=not args.no_strict)
+    print(f"book built: {index}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bnlib", description="A reproducible study of batch normalisation under small and "
+                                "non-i.i.d. batches: run grids of experiments, aggregate them, build the book.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a grid's cells that are not done yet (one papermill notebook per cell)",
+                       description="Run every cell of GRID that has no metrics file yet, then aggregate. Resumable: "
+                       "interrupt at any time and run again; finished cells are never redone (unless --force).")
+    _grid_arg(r)
+    r.add_argument("-j", "--jobs", type=int, default=None, help="cells in parallel (default: one per GPU, else one per CPU core)")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU cores / jobs)")
+    r.add_argument("--force", action="store_true", help="redo cells that are already done")
+    r.add_argument("--executor", choices=["local", "slurm"], default="local", help="local process pool (default) or a Slurm job array")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    slurm = r.add_argument_group("slurm options (--executor slurm; override the grid file's slurm section)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--gpus-per-task", type=int, help="GPUs per cell")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPU cores per cell")
+    slurm.add_argument("--mem-gb", type=float, help="memory per cell in GB")
+    slurm.add_argument("--time-min", type=int, help="time limit per cell in minutes")
+    slurm.add_argument("--array-parallelism", type=int, help="array tasks running at once")
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option, repeatable (e.g. --sbatch account=abc)")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="how many cells of a grid are done, failed, running or pending")
+    _grid_arg(s)
+    s.add_argument("-v", "--verbose", action="store_true", help="list every cell")
+    s.set_defaults(func=cmd_status)
+
+    a = sub.add_parser("aggregate", help="gather a grid's finished cells into results/<grid>/*.csv")
+    _grid_arg(a)
+    a.set_defaults(func=cmd_aggregate)
+
+    b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
+    b.add_argument("what", nargs="?", choices=["norms", "loop", "all"], default="all")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
+    b.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser("book", help="build the Jupyter Book from a grid's results (offline, warnings as errors)")
+    k.add_argument("--grid", default="default", help="whose results the book shows (default: default)")
+    k.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+    k.add_argument("--no-strict", action="store_true", help="do not turn warnings into errors")
+    k.set_defaults(func=cmd_book)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .data import DatasetUnavailable
+    from .grid import GridError
+    from .train import ConfigError
+
+    try:
+        return args.func(args)
+    except (GridError, ConfigError, DatasetUnavailable, FileNotFoundError) as err:
+        print(f"bnlib {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nbnlib {args.command}: interrupted. Finished cells are kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Grid files, cell ids, and the runner that executes one papermill notebook per cell.
+
+A grid file (YAML, ``grids/<name>.yaml``)::
+
+    description: what the grid is for
+    methods: [bn, bnrs, brn]          # trained together, in lockstep, in every cell
+    settings: {epochs: 2, lr: 0.001}  # shared by every cell (any training-config key)
+    axes:                             # the cells are the cross product of the axes
+      dataset: [digits]               # an axis named after a config key lists its values
+      seed: [0, 1, 2]
+      batching:                       # any other name is a zipped axis: each entry sets several keys
+        - {batch_size: 2, sampler: iid}
+        - {batch_size: 16, sampler: noniid, classes_per_batch: 2}
+    slurm: {partition: gpu, gpus_per_task: 1}   # optional, for --executor slurm
+
+Every cell gets a stable id from its parameters. Its notebook is written to
+``results/<grid>/runs/<cell>.ipynb``; its metrics file ``<cell>.json``, written last by atomic rename by
+the notebook itself, is the done marker. A failed cell leaves ``<cell>.error`` beside its partial notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import train
+
+ROOT = Path(__file__).resolve().parent.parent
+GRIDS_DIR = ROOT / "grids"
+NOTEBOOK = ROOT / "book" / "notebooks" / "run.ipynb"
+KERNEL = "bnlib"
+TOP_KEYS = {"description", "methods", "settings", "axes", "slurm"}
+CONFIG_KEYS = {f for f in train.Config.__dataclass_fields__}
+RUNNER_PARAMETERS = ("cell_id", "output_path", "threads")  # filled in by the runner, not by grid files
+
+
+class GridError(ValueError):
+    """A grid file that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class Cell:
+    id: str
+    parameters: dict  # training-config keys only
+
+    def config(self) -> train.Config:
+        return train.Config.from_dict(self.parameters)
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    description: str
+    cells: list[Cell]
+    slurm: dict = field(default_factory=dict)
+
+
+def resolve(grid: str | Path) -> Path:
+    """A grid by name (``grids/<name>.yaml``) or by path."""
+    path = Path(grid)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise GridError(f"grid file {path} does not exist")
+        return path
+    path = GRIDS_DIR / f"{grid}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
+        raise GridError(f"no grid named {grid!r}: {path} does not exist (known grids: {known})")
+    return path
+
+
+def cell_id(parameters: dict) -> str:
+    """Readable prefix + hash of every parameter: stable across runs and machines."""
+    canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
+    p = parameters
+    prefix = f"{p.get('dataset', 'digits')}-b{p.get('batch_size', 16)}-{p.get('sampler', 'iid')}"
+    if p.get("norm_placement", "all") != "all":
+        prefix += f"-{p['norm_placement']}"
+    return f"{prefix}-s{p.get('seed', 0)}-{digest}"
+
+
+def load(grid: str | Path) -> Grid:
+    """Read and check a grid file; every cell is validated before anything runs."""
+    path = resolve(grid)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise GridError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    unknown = sorted(set(spec) - TOP_KEYS)
+    if unknown:
+        raise GridError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    settings = spec.get("settings") or {}
+    axes = spec.get("axes") or {}
+    if not isinstance(settings, dict) or not isinstance(axes, dict):
+        raise GridError(f"{path}: 'settings' and 'axes' must be mappings")
+    for key in settings:
+        if key not in CONFIG_KEYS or key == "methods":
+            raise GridError(f"{path}: settings: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS - {'methods'}))}")
+    choices = []
+    for axis, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{path}: axes.{axis} must be a non-empty list")
+        if axis in CONFIG_KEYS:
+            choices.append([{axis: v} for v in values])
+            continue
+        for i, entry in enumerate(values):
+            if not isinstance(entry, dict):
+                raise GridError(
+                    f"{path}: axes.{axis}: {axis!r} is not a config key, so it must list mappings of config keys "
+                    f"(a zipped axis); entry {i} is {entry!r}. Config keys: {', '.join(sorted(CONFIG_KEYS))}"
+                )
+            for key in entry:
+                if key not in CONFIG_KEYS:
+                    raise GridError(f"{path}: axes.{axis}[{i}]: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}")
+        choices.append(values)
+    methods = spec.get("methods")
+    if methods is not None and not isinstance(methods, list):
+        raise GridError(f"{path}: 'methods' must be a list of method ids")
+    cells, seen = [], set()
+    for combo in itertools.product(*choices):
+        params = dict(settings)
+        if methods is not None:
+            params["methods"] = list(methods)
+        for part in combo:
+            params.update(part)
+        try:
+            train.validate(train.Config.from_dict(params, source=str(path)))
+        except (train.ConfigError, TypeError) as err:
+            raise GridError(f"{path}: cell {params}: {err}") from None
+        cid = cell_id(params)
+        if cid not in seen:
+            seen.add(cid)
+            cells.append(Cell(cid, params))
+    slurm = spec.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise GridError(f"{path}: 'slurm' must be a mapping")
+    return Grid(path.stem, path, spec.get("description", ""), cells, slurm)
+
+
+def notebook_parameters(notebook: Path = NOTEBOOK) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def check_notebook(grid: Grid, notebook: Path = NOTEBOOK) -> None:
+    """Papermill only warns about unknown parameters; a grid key the notebook lacks is an error here."""
+    declared = notebook_parameters(notebook)
+    missing = sorted({k for c in grid.cells for k in c.parameters} - declared)
+    if missing:
+        raise GridError(f"{grid.path}: key(s) {', '.join(missing)} are not parameters of {notebook}")
+    missing = sorted(set(RUNNER_PARAMETERS) - declared)
+    if missing:
+        raise GridError(f"{notebook} lacks the runner's parameter(s) {', '.join(missing)}")
+
+
+def check_datasets(grid: Grid) -> None:
+    """Load (and if needed download) each dataset once, so missing data fails before any cell runs."""
+    from . import data
+
+    seen = set()
+    for cell in grid.cells:
+        cfg = cell.config()
+        key = (cfg.dataset, cfg.data_dir)
+        if key not in seen:
+            seen.add(key)
+            data.load(cfg.dataset, cfg.data_dir, cfg.download)
+
+
+# --- cell states on disk ------------------------------------------------------------------------
+
+
+def runs_dir(results: Path, grid: Grid) -> Path:
+    return Path(results) / grid.name / "runs"
+
+
+def state(runs: Path, cell: Cell) -> str:
+    """done (metrics written), failed (error recorded), started (notebook only) or pending."""
+    if (runs / f"{cell.id}.json").exists():
+        return "done"
+    if (runs / f"{cell.id}.error").exists():
+        return "failed"
+    if (runs / f"{cell.id}.ipynb").exists():
+        return "started"
+    return "pending"
+
+
+# --- executing one cell ---------------------------------------------------------------------------
+
+
+def _kernel_manager_class():
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        """Unix sockets in a private folder: concurrent kernels never race for TCP ports."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(tempfile.mkdtemp(prefix="bnlib-kernel-"), "k")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(os.path.dirname(self.ip), ignore_errors=True)
+
+    return IPCKernelManager
+
+
+def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = None, notebook: Path = NOTEBOOK) -> dict:
+    """Run one cell's notebook through papermill; returns {'cell', 'ok', 'seconds', 'error'}.
+
+    The notebook writes ``<cell>.json`` as its last act; a cell whose notebook raised, or that ended
+    without writing it, is failed and its error goes to ``<cell>.error``.
+    """
+    import papermill
+
+    runs.mkdir(parents=True, exist_ok=True)
+    error_file = runs / f"{cell.id}.error"
+    error_file.unlink(missing_ok=True)
+    # Every config key, defaults included, so the notebook's interactive defaults never leak into a cell.
+    params = {**dataclasses.asdict(train.Config()), **cell.parameters}
+    if device is not None and params.get("device", "auto") == "auto":
+        params["device"] = device
+    params.update(cell_id=cell.id, output_path=str((runs / f"{cell.id}.json").resolve()), threads=threads)
+    started = time.perf_counter()
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(runs / f"{cell.id}.ipynb"), parameters=params, kernel_name=KERNEL,
+            progress_bar=False, cwd=str(ROOT), kernel_manager_class=_kernel_manager_class(),
+        )
+        if not (runs / f"{cell.id}.json").exists():
+            error = "the notebook finished without writing its metrics file"
+    except Exception as err:  # noqa: BLE001 - a failed cell is a result; the others go on
+        if hasattr(err, "ename"):  # papermill: the exception raised inside the notebook
+            error = f"{err.ename}: {err.evalue} (notebook cell [{err.exec_count}])\n{err}"
+        else:
+            error = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+    seconds = time.perf_counter() - started
+    if error is not None:
+        tmp = error_file.with_suffix(".error.tmp")
+        tmp.write_text(error)
+        os.replace(tmp, error_file)
+    return {"cell": cell.id, "ok": error is None, "seconds": seconds, "error": error}
+
+
+# --- executors ------------------------------------------------------------------------------------
+
+
+def default_jobs() -> tuple[int, int]:
+    """(parallel cells, torch threads per cell): a cell per GPU, else the CPU cores shared out."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), max(1, (os.cpu_count() or 1) // torch.cuda.device_count())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Small models are overhead-bound: one single-threaded process per core beats threads.
+    return max(1, cores), 1
+
+
+class LocalExecutor:
+    """Cells in parallel local kernels; each worker slot owns a GPU when there are GPUs."""
+
+    def __init__(self, jobs: int | None = None, threads: int | None = None):
+        default_j, default_t = default_jobs()
+        self.jobs = jobs or default_j
+        if threads is None:
+            threads = default_t if jobs is None else max(1, (os.cpu_count() or 1) // self.jobs)
+        self.threads = threads
+
+    def run(self, cells: list[Cell], runs: Path, on_done) -> None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        slots: queue.Queue[int] = queue.Queue()
+        for i in range(self.jobs):
+            slots.put(i)
+
+        def task(cell: Cell) -> dict:
+            slot = slots.get()
+            try:
+                device = f"cuda:{slot % gpus}" if gpus > 1 else None
+                return execute_cell(cell, runs, self.threads, device)
+            finally:
+                slots.put(slot)
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures: dict[Future, Cell] = {pool.submit(task, c): c for c in cells}
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        on_done(f.result())
+            except KeyboardInterrupt:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+@dataclass
+class Report:
+    grid: str
+    total: int
+    skipped: int
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run(grid: Grid, results: Path, executor=None, force: bool = False, progress: bool = True, notebook: Path = NOTEBOOK) -> Report:
+    """Run the grid's cells that are not done (all with ``force``); finished cells are never redone."""
+    from tqdm.auto import tqdm
+
+    check_notebook(grid, notebook)
+    check_datasets(grid)
+    runs = runs_dir(results, grid)
+    runs.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in grid.cells if force or state(runs, c) != "done"]
+    report = Report(grid.name, len(grid.cells), len(grid.cells) - len(todo))
+    executor = executor or LocalExecutor()
+    started = time.perf_counter()
+    log = Path(results) / grid.name / "cells.jsonl"
+    with tqdm(total=len(todo), desc=f"grid {grid.name}", unit="cell", disable=not progress) as bar:
+
+        def on_done(outcome: dict) -> None:
+            if outcome["ok"]:
+                report.finished.append(outcome["cell"])
+            else:
+                report.failed[outcome["cell"]] = outcome["error"].splitlines()[0] if outcome["error"] else "failed"
+            with log.open("a") as f:
+                f.write(json.dumps({k: outcome.get(k) for k in ("cell", "ok", "seconds")} | {"at": time.time()}) + "\n")
+            bar.set_postfix(failed=len(report.failed), refresh=False)
+            bar.update(1)
+
+        if todo:
+            executor.run(todo, runs, on_done)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def status(grid: Grid, results: Path) -> dict[str, list[str]]:
+    runs = runs_dir(results, grid)
+    out: dict[str, list[str]] = {"done": [], "failed": [], "started": [], "pending": []}
+    for cell in grid.cells:
+        out[state(runs, cell)].append(cell.id)
+    return out

@@ -1,0 +1,116 @@
+"""Figures: one colour and one display name per method across the whole book (from bnlib.norms)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: papermill kernels, CI and Slurm nodes have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from . import norms  # noqa: E402
+
+sns.set_theme(context="notebook", style="whitegrid")
+
+
+def palette(methods) -> dict[str, str]:
+    return {m: norms.colour(m) for m in methods}
+
+
+def _order(methods) -> list[str]:
+    present = set(methods)
+    return [m for m in norms.METHODS if m in present]
+
+
+def _legend_names(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, [norms.display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels], fontsize="small")
+
+
+def cell_curves(result: dict):
+    """One cell: training loss and test accuracy over steps, a line per method."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for m, rec in result["methods"].items():
+        ax_loss.plot(rec["train_step"], rec["train_loss"], color=norms.colour(m), label=m, lw=1.2)
+        ax_acc.plot(rec["eval_step"], rec["test_acc"], color=norms.colour(m), label=m, marker="o", ms=3, lw=1.2)
+        if rec["diverged"]:
+            ax_acc.axvline(rec["diverged_step"], color=norms.colour(m), ls=":", lw=1)
+    ax_loss.set(xlabel="step", ylabel="training loss (window mean)", yscale="log", title="Training loss")
+    ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy (eval mode)")
+    _legend_names(ax_acc)
+    fig.tight_layout()
+    return fig
+
+
+def final_table(result: dict) -> pd.DataFrame:
+    """One cell: the final numbers per method."""
+    rows = []
+    for m, rec in result["methods"].items():
+        rows.append({"method": norms.display_name(m), "final test acc": rec["final"]["test_acc"],
+                     "with recomputed stats": rec["final"]["test_acc_recomputed"], "final train loss": rec["final"]["train_loss"],
+                     "diverged at step": rec["diverged_step"], "samples / s": rec["samples_per_second"]})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str = "samples_seen", col: str = "batch_size",
+                           row: str | None = None):
+    """The original study's figure with statistics: mean test accuracy over seeds, 95% bootstrap band."""
+    data = evals[evals[column].notna()]
+    methods = _order(data["method"].unique())
+    grid = sns.relplot(data=data, x=x, y=column, hue="method", hue_order=methods, palette=palette(methods), col=col, row=row,
+                       kind="line", errorbar=("ci", 95), n_boot=1000, seed=0, height=3.2, aspect=1.15,
+                       facet_kws={"sharex": False, "sharey": True}, legend="full")
+    grid.set_axis_labels("samples seen" if x == "samples_seen" else x, "test accuracy")
+    _rename_legend(grid)
+    return grid
+
+
+def loss_over_training(losses: pd.DataFrame, col: str = "batch_size", row: str | None = None):
+    methods = _order(losses["method"].unique())
+    grid = sns.relplot(data=losses, x="samples_seen", y="train_loss", hue="method", hue_order=methods, palette=palette(methods),
+                       col=col, row=row, kind="line", errorbar=("ci", 95), n_boot=500, seed=0, height=3.2, aspect=1.15,
+                       facet_kws={"sharex": False, "sharey": True})
+    grid.set(yscale="log")
+    grid.set_axis_labels("samples seen", "training loss")
+    _rename_legend(grid)
+    return grid
+
+
+def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | None = None, value: str = "mean"):
+    """Final accuracy against batch size: mean over seeds with the bootstrap interval as error bars."""
+    methods = _order(summary["method"].astype(str).unique())
+    facets_c = sorted(summary[col].unique()) if col else [None]
+    facets_r = sorted(summary[row].unique()) if row else [None]
+    fig, axes = plt.subplots(len(facets_r), len(facets_c), figsize=(4.6 * len(facets_c), 3.6 * len(facets_r)), squeeze=False, sharey=True)
+    for i, rv in enumerate(facets_r):
+        for j, cv in enumerate(facets_c):
+            ax = axes[i][j]
+            part = summary
+            if col:
+                part = part[part[col] == cv]
+            if row:
+                part = part[part[row] == rv]
+            sizes = sorted(part["batch_size"].unique())
+            for k, m in enumerate(methods):
+                g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
+                xs = [p * (1 + 0.03 * (k - len(methods) / 2)) for p in sizes]  # dodge overlapping bars
+                err = [(g[value] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g[value]).clip(lower=0).fillna(0)]
+                ax.errorbar(xs, g[value], yerr=err, color=norms.colour(m), label=m, marker="o", ms=4, capsize=2, lw=1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(s) for s in sizes])
+            ax.set(xlabel="batch size", ylabel="final test accuracy" if j == 0 else "",
+                   title=" / ".join(str(v) for v in (rv, cv) if v is not None))
+    _legend_names(axes[0][-1])
+    fig.tight_layout()
+    return fig
+
+
+def _rename_legend(grid) -> None:
+    if grid.legend is not None:
+        grid.legend.set_title("")
+        for text in grid.legend.texts:
+            if text.get_text() in norms.REGISTRY:
+                text.set_text(norms.display_name(text.get_text()))

@@ -1,0 +1,223 @@
+"""Run records on disk, the tidy table of a grid, and its statistics (bootstrap intervals, paired differences).
+
+A cell's metrics file (``results/<grid>/runs/<cell>.json``) is written last, by atomic rename: its
+existence means the cell is done. :func:`evaluations` gathers every run of a grid into one tidy table
+(a row per cell x method x evaluation); :func:`summarise` reduces it to the final accuracy per method and
+condition with a bootstrap 95% interval over seeds, and the paired difference against BN.
+
+A diverged run counts as chance accuracy (1 / number of classes) in the statistics: a network whose
+weights are NaN predicts nothing. The ``diverged`` column says how many runs that was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REFERENCE = "bn"
+CONFIDENCE = 0.95
+# Condition columns that identify a comparison (everything a grid may vary except the seed).
+CONDITION_KEYS = ("dataset", "batch_size", "sampler", "classes_per_batch", "norm_placement", "budget", "width", "depth", "optimizer", "lr")
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: str = "cpu") -> dict:
+    """Where and with what a run was made: versions, commit, host, hardware."""
+    import torch
+
+    versions = {}
+    for pkg in ("bnlib", "torch", "torchvision", "numpy", "scipy", "pandas", "papermill", "scikit-learn", "mlxtend"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "git_commit": _git_commit(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": _device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_run(path: str | Path, result: dict, cell_id: str, parameters: dict) -> dict:
+    """The cell's metrics file: its parameters, provenance and the training records. Written last."""
+    payload = {"cell": cell_id, "parameters": parameters, "provenance": provenance(result["device"]), **result}
+    write_json_atomic(path, payload)
+    return payload
+
+
+def load_runs(runs_dir: str | Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*.json"))]
+
+
+def _budget(config: dict) -> str:
+    return f"{config['steps']} steps" if config.get("steps") is not None else f"{config['epochs']:g} epochs"
+
+
+def evaluations(runs: list[dict]) -> pd.DataFrame:
+    """The tidy table: one row per cell x method x evaluation."""
+    rows = []
+    for run in runs:
+        cfg = run["config"]
+        base = {"cell": run["cell"], "seed": cfg["seed"], "budget": _budget(cfg), "steps_total": run["steps"],
+                "num_classes": run["num_classes"], "device": run["device"], "device_name": run["provenance"]["device_name"],
+                **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        for method, rec in run["methods"].items():
+            common = {**base, "method": method, "diverged": rec["diverged"], "diverged_step": rec["diverged_step"],
+                      "train_seconds": rec["train_seconds"], "samples_per_second": rec["samples_per_second"]}
+            n = len(rec["eval_step"])
+            for i, step in enumerate(rec["eval_step"]):
+                rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"],
+                             "test_acc": rec["test_acc"][i], "test_loss": rec["test_loss"][i],
+                             "test_acc_recomputed": rec["test_acc_recomputed"][i],
+                             "test_loss_recomputed": rec["test_loss_recomputed"][i], "final": i == n - 1 and not rec["diverged"]})
+            if rec["diverged"] or n == 0:  # a row that says the run ended without a final evaluation
+                rows.append({**common, "step": rec["diverged_step"], "samples_seen": None, "test_acc": None, "test_loss": None,
+                             "test_acc_recomputed": None, "test_loss_recomputed": None, "final": True})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["classes_per_batch"] = frame["classes_per_batch"].astype("Int64")
+    return frame
+
+
+def training_losses(runs: list[dict]) -> pd.DataFrame:
+    """One row per cell x method x logged training-loss window."""
+    rows = []
+    for run in runs:
+        cfg = run["config"]
+        base = {"cell": run["cell"], "seed": cfg["seed"], "budget": _budget(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        for method, rec in run["methods"].items():
+            for step, loss in zip(rec["train_step"], rec["train_loss"]):
+                rows.append({**base, "method": method, "step": step, "samples_seen": step * cfg["batch_size"], "train_loss": loss})
+    return pd.DataFrame(rows)
+
+
+def _interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% percentile interval of the mean (NaN with fewer than two values or no spread)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    if np.all(values == values[0]):
+        return float(values[0]), float(values[0])
+    res = stats.bootstrap((values,), np.mean, confidence_level=CONFIDENCE, n_resamples=9999, method="percentile",
+                          random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def final_scores(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
+    """One row per cell x method with its final score; a diverged run scores chance (1 / classes)."""
+    final = table[table["final"]].copy()
+    chance = 1.0 / final["num_classes"]
+    final["score"] = final[column].where(~final["diverged"], chance).astype(float)
+    return final
+
+
+def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
+    """Per condition x method: mean final score over seeds with a bootstrap interval, and the paired
+    difference against BN (same condition, same seed: identical batches and initial weights)."""
+    final = final_scores(table, column)
+    final = final[final["score"].notna()]
+    keys = [k for k in CONDITION_KEYS if k in final]
+    rows = []
+    for cond, group in final.groupby(keys, dropna=False, sort=True):
+        cond = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
+        ref = group[group["method"] == REFERENCE].set_index("seed")["score"]
+        for method, g in group.groupby("method", sort=False):
+            scores = g.set_index("seed")["score"]
+            low, high = _interval(scores.values)
+            row = {**cond, "method": method, "n_seeds": len(scores), "diverged": int(g["diverged"].sum()),
+                   "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else float("nan"),
+                   "ci_low": low, "ci_high": high}
+            common = scores.index.intersection(ref.index)
+            if method != REFERENCE and len(common):
+                diff = scores[common] - ref[common]
+                d_low, d_high = _interval(diff.values)
+                row.update({"diff_vs_bn": diff.mean(), "diff_ci_low": d_low, "diff_ci_high": d_high, "n_pairs": len(common)})
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    from .norms import METHODS
+
+    out["method"] = pd.Categorical(out["method"], categories=[m for m in METHODS if m in set(out["method"])], ordered=True)
+    return out.sort_values(keys + ["method"]).reset_index(drop=True)
+
+
+def aggregate(grid_dir: str | Path) -> dict[str, Path]:
+    """Read every finished cell of ``results/<grid>/`` and write the tables the book reads."""
+    grid_dir = Path(grid_dir)
+    runs = load_runs(grid_dir / "runs")
+    if not runs:
+        raise FileNotFoundError(f"no finished cells in {grid_dir / 'runs'}: run the grid first (bnlib run ...)")
+    written = {}
+    table = evaluations(runs)
+    tables = {"evaluations": table, "training_loss": training_losses(runs), "summary": summarise(table)}
+    if table["test_acc_recomputed"].notna().any():
+        tables["summary_recomputed"] = summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
+    for name, frame in tables.items():
+        path = grid_dir / f"{name}.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        written[name] = path
+    return written

@@ -11,6 +11,7 @@ excluded. Targets: >= 3x at batch 2, >= 1.5x at batch 128.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -53,17 +54,20 @@ def bench_norms(device: str = "cpu", sizes=(2, 16, 128), repeats: int = 7, chann
 
         def step(layer):
             def fn():
-                y = layer(x)
-                y.backward(grad)
+                x.grad = None
+                layer(x).backward(grad)
             return fn
 
         layers = {"torch": torch.nn.BatchNorm2d(channels).to(dev)}
         layers.update({m: norms.make(m, channels).to(dev) for m in norms.METHODS if m in NORM_TARGETS})
         # Interleave reference and candidate blocks so drifting machine load hits both alike.
         times = {name: [] for name in layers}
+        order = list(layers)
+        rng = random.Random(n)
         for _ in range(repeats):
-            for name, layer in layers.items():
-                times[name].append(_time(step(layer), dev, 1, inner))
+            rng.shuffle(order)  # no layer always runs first (allocator warm-up, turbo drift)
+            for name in order:
+                times[name].append(_time(step(layers[name]), dev, 1, inner))
         ref = statistics.median(times["torch"])
         for name in NORM_TARGETS:
             t = statistics.median(times[name])

@@ -59,6 +59,14 @@ def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
+@torch.no_grad()
+def _batch_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(mu_B, var_B) per channel, from the fused BN kernel (Welford; several times faster than
+    ``torch.var_mean`` over the strided dims of (N, C, *) on CPU)."""
+    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean, invstd.pow(-2) - eps
+
+
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a (C,) tensor so that it broadcasts against x of shape (N, C, *)."""
     return v.view(1, -1, *([1] * (x.dim() - 2)))
@@ -153,13 +161,12 @@ class _RunningStatsNorm(_Norm):
         self.running_mean.lerp_(mean_b.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
-    def _eval_forward(self, x: Tensor) -> Tensor:
-        # y = gamma (x - mu) / sqrt(var + eps) + beta, folded into one multiply-add: y = x * scale + shift
-        gamma, beta = self._affine(x)
-        scale = gamma * torch.rsqrt(self.running_var.to(x.dtype) + self.eps)
-        # a copy: autograd saves it, and training updates the buffer in place afterwards
-        shift = beta - self.running_mean.to(x.dtype, copy=True) * scale
-        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+    def _eval_forward(self, x: Tensor, copy: bool = False) -> Tensor:
+        # y = gamma (x - mu) / sqrt(var + eps) + beta   (copy the statistics when training will update
+        # them in place afterwards: autograd saved them for the backward pass)
+        gamma, beta = self.weight, self.bias
+        mean, var = self.running_mean.to(x.dtype, copy=copy), self.running_var.to(x.dtype, copy=copy)
+        return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.eps)
 
     # --- precise statistics (recompute_statistics) ---
 
@@ -169,8 +176,7 @@ class _RunningStatsNorm(_Norm):
 
     def _batch_normalise(self, x: Tensor) -> Tensor:
         """BN's training-mode output, without touching any state (used while collecting statistics)."""
-        gamma, beta = self._affine(x)
-        return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.eps)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
     @torch.no_grad()
     def _set_population_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
@@ -201,10 +207,9 @@ class BatchNorm(_RunningStatsNorm):
     """
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        gamma, beta = self._affine(x)
         factor = self._next_momentum()
         # The fused kernel normalises with (mu_B, var_B) and updates (mu, var) with (mu_B, var_B') in one pass.
-        return F.batch_norm(x, self.running_mean, self.running_var, gamma, beta, True, factor, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
 
 
 class RunningStatsBatchNorm(_RunningStatsNorm):
@@ -221,9 +226,8 @@ class RunningStatsBatchNorm(_RunningStatsNorm):
     """
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        y = self._eval_forward(x)
-        with torch.no_grad():
-            var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+        y = self._eval_forward(x, copy=True)
+        mean_b, var_b = _batch_stats(x, self.eps)
         self._update_running(mean_b, var_b, x.numel() // x.shape[1])
         return y
 
@@ -281,6 +285,8 @@ class BatchRenorm(_RunningStatsNorm):
 
     def _limits(self, step: Tensor) -> tuple[Tensor | float | None, Tensor | float | None]:
         """(rmax, dmax) in force at a training step (a tensor, so no host-device sync on GPUs)."""
+        if self.warmup_steps == self.rmax_ramp_steps == self.dmax_ramp_steps == 0:
+            return self.rmax, self.dmax  # constant limits: no per-step tensor arithmetic
 
         def ramp(ramp_steps: int) -> Tensor:
             progress = (step - self.warmup_steps).to(torch.float64)
@@ -299,18 +305,18 @@ class BatchRenorm(_RunningStatsNorm):
 
     def _train_forward(self, x: Tensor) -> Tensor:
         gamma, beta = self._affine(x)
+        mean_b, var_b = _batch_stats(x, self.eps)
         with torch.no_grad():
-            var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
             sigma = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
             # r = sigma_B / sigma ; d = (mu_B - mu) / sigma, with the pre-update running statistics
             r = torch.sqrt(var_b + self.eps) / sigma
             d = (mean_b - self.running_mean.to(x.dtype)) / sigma
             rmax, dmax = self._limits(self.num_batches_tracked)
             if rmax is not None:
-                rmax = rmax.to(x.dtype)
+                rmax = rmax.to(x.dtype) if isinstance(rmax, Tensor) else rmax
                 r = r.clamp(1.0 / rmax, rmax)
             if dmax is not None:
-                dmax = dmax.to(x.dtype)
+                dmax = dmax.to(x.dtype) if isinstance(dmax, Tensor) else dmax
                 d = d.clamp(-dmax, dmax)
         # gamma * (x_hat * r + d) + beta  ==  x_hat * (gamma r) + (gamma d + beta), x_hat the BN output
         y = F.batch_norm(x, None, None, gamma * r, gamma * d + beta, True, 0.0, self.eps)
@@ -340,7 +346,7 @@ class UnsyncedBatchNorm(_RunningStatsNorm):
         return super().extra_repr() + f", devices={self.devices}"
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        gamma, beta = self._affine(x)
+        gamma, beta = self.weight, self.bias
         chunks = torch.chunk(x, self.devices, dim=0)
         for k, chunk in enumerate(chunks):
             if chunk.numel() // chunk.shape[1] < 2:
@@ -355,35 +361,39 @@ class UnsyncedBatchNorm(_RunningStatsNorm):
 
 
 class _MovingAverageNormalise(torch.autograd.Function):
-    """MABN's core: z = x / s with a moving-average normaliser s, and a moving-average backward.
+    """MABN's core: y = gamma * x / s + beta with a moving-average normaliser s, and a moving-average backward.
 
-    Forward:   z = x / s                                  s (per channel) given, no gradient
-    Backward:  g = dL/dz ;  psi_B = mean(g * z)           (the extra batch statistic of BN's backward)
-               psi = moving average of psi_B (the ring buffer, including this batch)
-               dL/dx = (g - z * psi) / s
+    Forward:   z = x / s ;  y = gamma * z + beta                   s (per channel) given, no gradient
+    Backward:  g = dL/dz = gamma * dL/dy ;  psi_B = mean(g * z)     (the extra batch statistic of BN's backward)
+               psi = moving average of psi_B (the ring buffer, this batch included; psi_B during warm-up)
+               dL/dx = (g - z * psi) / s ;  dL/dgamma = sum(dL/dy * z) ;  dL/dbeta = sum(dL/dy)
     With s = sqrt(mean(x^2) + eps) of this batch and psi = psi_B this is the exact gradient of
-    x / sqrt(mean(x^2) + eps); the moving averages replace both batch statistics by smoother ones.
+    gamma * x / sqrt(mean(x^2) + eps) + beta; the moving averages replace both batch statistics.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, psi_buffer: Tensor, slot: Tensor, filled: Tensor, use_batch: Tensor) -> Tensor:
-        z = x / _per_channel(s, x)
-        ctx.save_for_backward(z, s)
+    def forward(ctx, x, gamma, beta, s, psi_buffer, slot, filled, use_batch):
+        ctx.save_for_backward(x, gamma, s)
         # kept outside save_for_backward: backward writes into the buffer, which must not trip version checks
         ctx.psi_buffer, ctx.slot, ctx.filled, ctx.use_batch = psi_buffer, slot, filled, use_batch
-        return z
+        # gamma * x / s + beta as one fused kernel: eval-mode BN with mean 0, variance s^2 and eps 0
+        return F.batch_norm(x, torch.zeros_like(s), s * s, gamma, beta, False, 0.0, 0.0)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        z, s = ctx.saved_tensors
-        psi_buffer, slot, filled, use_batch = ctx.psi_buffer, ctx.slot, ctx.filled, ctx.use_batch
-        psi_b = (g * z).mean(dim=_reduce_dims(z))
+    def backward(ctx, grad_y):
+        x, gamma, s = ctx.saved_tensors
+        dims = _reduce_dims(x)
+        m = x.numel() // x.shape[1]
+        grad_gamma = (grad_y * x).sum(dims) / s  # sum(dL/dy * z)
+        grad_beta = grad_y.sum(dims)
+        psi_b = gamma * grad_gamma / m  # mean(g * z) = gamma * mean(dL/dy * z)
         with torch.no_grad():
-            psi_buffer.index_copy_(0, slot.view(1), psi_b.detach().to(psi_buffer.dtype).view(1, -1))
-            psi_sma = psi_buffer.sum(0).to(z.dtype) / filled.to(z.dtype)
-        psi = torch.where(use_batch, psi_b, psi_sma)
-        grad_x = (g - z * _per_channel(psi, z)) / _per_channel(s, z)
-        return grad_x, None, None, None, None, None
+            ctx.psi_buffer.index_copy_(0, ctx.slot.view(1), psi_b.detach().to(ctx.psi_buffer.dtype).view(1, -1))
+            psi_sma = ctx.psi_buffer.sum(0).to(x.dtype) / ctx.filled.to(x.dtype)
+        psi = torch.where(ctx.use_batch, psi_b, psi_sma)
+        # (g - z psi) / s  =  dL/dy * gamma / s  -  x * psi / s^2
+        grad_x = torch.addcmul(grad_y * _per_channel(gamma / s, x), x, _per_channel(-psi / (s * s), x))
+        return grad_x, grad_gamma, grad_beta, None, None, None, None, None
 
 
 class MovingAverageBatchNorm(_RunningStatsNorm):
@@ -446,18 +456,18 @@ class MovingAverageBatchNorm(_RunningStatsNorm):
             if self.rmax is not None:
                 s_b = torch.sqrt(chi_b + self.eps)
                 s = s_b / (s_b / s).clamp(1.0 / self.rmax, self.rmax)
-        z = _MovingAverageNormalise.apply(x, s, self.psi_buffer, slot, filled, use_batch)
+        y = _MovingAverageNormalise.apply(x, gamma, beta, s, self.psi_buffer, slot, filled, use_batch)
         self._update_second_moment(chi_b)
-        return z * _per_channel(gamma, x) + _per_channel(beta, x)
+        return y
 
     @torch.no_grad()
     def _update_second_moment(self, chi_b: Tensor) -> None:
         self.running_var.lerp_(chi_b.to(self.running_var.dtype), self._next_momentum())
 
     def _eval_forward(self, x: Tensor) -> Tensor:
-        gamma, beta = self._affine(x)
-        scale = gamma * torch.rsqrt(self.running_var.to(x.dtype) + self.eps)
-        return x * _per_channel(scale, x) + _per_channel(beta, x)
+        # gamma * x / sqrt(chi + eps) + beta, with chi the running second moment
+        var = self.running_var.to(x.dtype)
+        return F.batch_norm(x, torch.zeros_like(var), var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _batch_normalise(self, x: Tensor) -> Tensor:
         gamma, beta = self._affine(x)
@@ -512,15 +522,13 @@ class BatchlessNorm(_Norm):
     def _dispatch(self, x: Tensor) -> Tensor:
         if self.training:
             self.num_batches_tracked.add_(1)
-            with torch.no_grad():
-                var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+            mean_b, var_b = _batch_stats(x, self.eps)
             # NLL = log sigma + (var_B + (mu_B - mu)^2) / (2 sigma^2) + log(2 pi)/2, averaged over channels
             nll = self.log_std + (var_b + (mean_b - self.mean) ** 2) / (2 * torch.exp(2 * self.log_std))
             self.aux_loss = nll.mean() + 0.5 * math.log(2 * math.pi)
-        gamma, beta = self._affine(x)
-        scale = gamma * torch.exp(-self.log_std.detach())
-        shift = beta - self.mean.detach() * scale
-        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+        # gamma (x - sg(mu)) / sg(sigma) + beta: eval-mode BN with the learned statistics and eps 0
+        mean, var = self.mean.detach().clone(), torch.exp(2 * self.log_std.detach())
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, 0.0)
 
     def _load_from(self, other: nn.Module) -> None:
         _copy_affine(self, other)

@@ -224,22 +224,24 @@ def test_bnwos_with_one_device_is_bn():
 def test_mabn_function_gradcheck():
     """With this batch's statistics (buffer of 1) the modelled backward is the exact gradient."""
     x = _inputs((4, 3, 2, 2))
-    s = torch.sqrt((x.detach() ** 2).mean([0, 2, 3]) + 1e-5)
+    gamma = (torch.rand(3) + 0.5).requires_grad_(True)
+    beta = torch.randn(3).requires_grad_(True)
     psi = torch.zeros(1, 3)
 
-    def f(x):
-        # s follows x, as it does in the layer (the layer computes s under no_grad and the Function
-        # supplies the gradient through it)
+    def f(x, gamma, beta):
+        # s follows x as in the layer: computed without gradient; the Function supplies its gradient
         s = torch.sqrt((x.detach() ** 2).mean([0, 2, 3]) + 1e-5)
-        return norms._MovingAverageNormalise.apply(x, s, psi, torch.tensor(0), torch.tensor(1), torch.tensor(False))
+        return norms._MovingAverageNormalise.apply(x, gamma, beta, s, psi, torch.tensor(0), torch.tensor(1), torch.tensor(False))
 
-    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
-    # and, as an independent reference, it equals autograd through x / sqrt(mean(x^2) + eps)
+    assert torch.autograd.gradcheck(f, (x, gamma, beta), eps=1e-6, atol=1e-7)
+    # and, as an independent reference, it equals autograd through gamma x / sqrt(mean(x^2) + eps) + beta
     up = _inputs((4, 3, 2, 2), seed=3).detach()
-    (g1,) = torch.autograd.grad((f(x) * up).sum(), x)
-    (g2,) = torch.autograd.grad((x / torch.sqrt((x**2).mean([0, 2, 3], keepdim=True) + 1e-5) * up).sum(), x)
-    assert_close(g1, g2, **TIGHT)
-    assert s.shape == (3,)
+    g1 = torch.autograd.grad((f(x, gamma, beta) * up).sum(), (x, gamma, beta))
+    v = lambda t: t.view(1, 3, 1, 1)  # noqa: E731
+    ref = v(gamma) * x / torch.sqrt((x**2).mean([0, 2, 3], keepdim=True) + 1e-5) + v(beta)
+    g2 = torch.autograd.grad((ref * up).sum(), (x, gamma, beta))
+    for a, b in zip(g1, g2):
+        assert_close(a, b, **TIGHT)
 
 
 def test_mabn_buffer_of_one_forward_by_hand():

@@ -43,8 +43,8 @@ class Config:
     epochs: float | None = None  # ... or in epochs (equal samples seen at every batch size); exactly one
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-3
-    eval_every: int | None = None  # steps between test evaluations (default: 20 over the run)
-    log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 200 over the run)
+    eval_every: int | None = None  # steps between test evaluations (default: 10 over the run)
+    log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 100 over the run)
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
@@ -180,8 +180,8 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     device = resolve_device(config.device)
     ds = dataset.to(device)
     steps = total_steps(config, len(ds.y_train))
-    eval_every = config.eval_every or max(1, steps // 20)
-    log_every = config.log_every or max(1, steps // 200)
+    eval_every = config.eval_every or max(1, steps // 10)
+    log_every = config.log_every or max(1, steps // 100)
     eval_steps = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps})
 
     runs = {}

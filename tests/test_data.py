@@ -1,0 +1,150 @@
+"""Datasets (embedded ones really loaded; torchvision ones from files written here), samplers, the model."""
+
+import hashlib
+import pickle
+import struct
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from bnlib import data, models, norms
+
+
+@pytest.mark.parametrize("name,shape,n", [("digits", (1, 8, 8), 1797), ("mnist5k", (1, 28, 28), 5000)])
+def test_embedded_datasets(name, shape, n):
+    ds = data.load(name)
+    assert ds.input_shape == shape and ds.num_classes == 10
+    assert len(ds.y_train) + len(ds.y_test) == n
+    assert abs(len(ds.y_test) - 0.2 * n) <= 10
+    # stratified: every class keeps its share in both splits
+    train_share = np.bincount(ds.y_train.numpy()) / len(ds.y_train)
+    test_share = np.bincount(ds.y_test.numpy()) / len(ds.y_test)
+    assert np.abs(train_share - test_share).max() < 0.01
+    # standardised with the training split's statistics
+    assert abs(float(ds.x_train.mean())) < 1e-4 and abs(float(ds.x_train.std()) - 1) < 1e-3
+    again = data.load(name)
+    assert torch.equal(again.x_test, ds.x_test) and torch.equal(again.y_train, ds.y_train)
+
+
+def _write_idx(path, images, labels):
+    path.mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in {"train": images, "t10k": labels}.items():
+        n, h, w = x.shape
+        (path / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, h, w) + x.astype(np.uint8).tobytes())
+        (path / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + y.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
+def test_torchvision_mnist_format(tmp_path, name, folder):
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (30, 28, 28)), np.arange(30) % 10)
+    test = (rng.integers(0, 256, (10, 28, 28)), np.arange(10) % 10)
+    _write_idx(tmp_path / folder / "raw", train, test)
+    ds = data.load(name, tmp_path, download=False)
+    assert ds.x_train.shape == (30, 1, 28, 28) and ds.x_test.shape == (10, 1, 28, 28)
+    assert ds.num_classes == 10 and ds.y_train.tolist() == (np.arange(30) % 10).tolist()
+    # the pixels survive: undo the standardisation and compare with the file's bytes
+    mean, std = train[0].mean() / 255, (train[0] / 255).std(ddof=1)
+    assert np.allclose(ds.x_train[3, 0].numpy() * std + mean, train[0][3] / 255, atol=1e-5)
+
+
+def _write_cifar(root, cls, n_classes, label_key, meta_key, monkeypatch):
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    def dump(name, payload):
+        (folder / name).write_bytes(pickle.dumps(payload))
+        return [name, hashlib.md5((folder / name).read_bytes()).hexdigest()]
+    train_list = [dump(name, {"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), label_key: list(rng.integers(0, n_classes, 8))})
+                  for name, _ in cls.train_list]
+    test_list = [dump(name, {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), label_key: list(rng.integers(0, n_classes, 6))})
+                 for name, _ in cls.test_list]
+    meta = dump(cls.meta["filename"], {meta_key: [f"class{i}" for i in range(n_classes)]})
+    # files made here have their own checksums: point torchvision's integrity check at them
+    monkeypatch.setattr(cls, "train_list", train_list)
+    monkeypatch.setattr(cls, "test_list", test_list)
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": meta[1]})
+    return len(train_list) * 8
+
+
+@pytest.mark.parametrize("name,n_classes,label_key,meta_key", [("cifar10", 10, "labels", "label_names"), ("cifar100", 100, "fine_labels", "fine_label_names")])
+def test_torchvision_cifar_format(tmp_path, monkeypatch, name, n_classes, label_key, meta_key):
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    n_train = _write_cifar(tmp_path, cls, n_classes, label_key, meta_key, monkeypatch)
+    ds = data.load(name, tmp_path, download=False)
+    assert ds.x_train.shape == (n_train, 3, 32, 32) and ds.x_test.shape == (6, 3, 32, 32)
+    assert ds.num_classes == n_classes
+    assert torch.allclose(ds.x_train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+
+
+def test_missing_dataset_offline_names_folder_and_files(tmp_path):
+    with pytest.raises(data.DatasetUnavailable) as err:
+        data.load("mnist", tmp_path, download=False)
+    message = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message and "BNLIB_DATA" in message
+    with pytest.raises(data.DatasetUnavailable, match="cifar-100-python"):
+        data.load("cifar100", tmp_path, download=False)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        data.load("nope")
+
+
+def test_iid_epochs_cover_the_data_once():
+    stream = data.batches(torch.arange(103) % 10, 10, "iid", seed=3)
+    epoch = torch.cat([next(stream) for _ in range(10)])
+    assert len(epoch) == 100 and len(set(epoch.tolist())) == 100  # last partial batch dropped
+    second = torch.cat([next(stream) for _ in range(10)])
+    assert len(set(second.tolist())) == 100 and not torch.equal(epoch, second)
+    again = data.batches(torch.arange(103) % 10, 10, "iid", seed=3)
+    assert torch.equal(torch.cat([next(again) for _ in range(10)]), epoch)
+    other = data.batches(torch.arange(103) % 10, 10, "iid", seed=4)
+    assert not torch.equal(torch.cat([next(other) for _ in range(10)]), epoch)
+
+
+def test_noniid_batches_hold_equal_class_counts():
+    labels = torch.arange(1000) % 10
+    stream = data.batches(labels, 16, "noniid", seed=0, classes_per_batch=4)
+    seen = []
+    for _ in range(62):  # one epoch: 10 classes x 100 samples in groups of 4 -> 250 groups -> 62 batches
+        b = next(stream)
+        counts = Counter(labels[b].tolist())
+        assert len(b) == 16 and len(counts) == 4 and set(counts.values()) == {4}
+        seen += b.tolist()
+    assert len(set(seen)) == len(seen)  # no sample twice within the epoch
+    again = data.batches(labels, 16, "noniid", seed=0, classes_per_batch=4)
+    assert torch.equal(next(again), next(data.batches(labels, 16, "noniid", seed=0, classes_per_batch=4)))
+
+
+def test_noniid_rejects_bad_settings():
+    with pytest.raises(ValueError, match="does not divide"):
+        next(data.batches(torch.arange(100) % 10, 16, "noniid", seed=0, classes_per_batch=3))
+    with pytest.raises(ValueError, match="exceeds"):
+        next(data.batches(torch.arange(100) % 10, 32, "noniid", seed=0, classes_per_batch=16))
+
+
+@pytest.mark.parametrize("placement,n_norms", [("all", 4), ("first", 1), ("none", 0)])
+def test_model_shapes_per_placement(placement, n_norms):
+    net = models.build("brnc", 0, 3, 100, norm_placement=placement)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert sum(isinstance(m, norms.BatchRenorm) for m in net.modules()) == n_norms
+    dilations = [m.dilation[0] for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert dilations == [1, 2, 4, 8]
+
+
+def test_identical_initial_weights_across_methods():
+    nets = {m: models.build(m, 7, 1, 10) for m in norms.METHODS}
+    def weights(net):
+        return [p for mod in net.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) for p in mod.parameters()]
+
+    ref = weights(nets["bn"])
+    assert len(ref) == 6  # 4 convs without bias (a norm follows) + the classifier's weight and bias
+    for m, net in nets.items():
+        assert all(torch.equal(a, b) for a, b in zip(weights(net), ref)), m
+    assert isinstance(nets["mabn"].features[0], norms.WeightCentredConv2d)
+    assert not torch.equal(models.build("bn", 8, 1, 10).classifier.weight, nets["bn"].classifier.weight)

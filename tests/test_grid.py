@@ -1,0 +1,219 @@
+"""Grid files, the papermill runner (end to end, resume, failure isolation), aggregation, the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from bnlib import cli, grid, results, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """
+methods: [bn, brn, gn]
+settings: {dataset: digits, steps: 12, eval_every: 6, log_every: 3}
+axes:
+  batch_size: [4, 8]
+  seed: [0, 1]
+"""
+
+
+def _write(tmp_path, text, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- grid files -----------------------------------------------------------------------------------
+
+
+def test_shipped_grids_load_and_match_the_notebook():
+    for path in sorted((ROOT / "grids").glob("*.yaml")):
+        g = grid.load(path)
+        assert g.cells, path
+        grid.check_notebook(g)
+        assert len({c.id for c in g.cells}) == len(g.cells)
+
+
+def test_notebook_declares_every_config_key_and_runner_parameter():
+    declared = grid.notebook_parameters()
+    assert declared == set(train.Config.__dataclass_fields__) | set(grid.RUNNER_PARAMETERS)
+
+
+def test_default_grid_covers_the_study():
+    g = grid.load("default")
+    cfgs = [c.config() for c in g.cells]
+    assert {c.batch_size for c in cfgs} >= {2, 16, 128}
+    assert len({c.seed for c in cfgs}) >= 3 and {c.sampler for c in cfgs} == {"iid", "noniid"}
+    assert set(cfgs[0].methods) == set(train.norms.METHODS)
+    paper = [c.config() for c in grid.load("paper").cells]
+    assert {c.dataset for c in paper} == {"mnist", "cifar100"} and len({c.seed for c in paper}) >= 5
+    assert {c.steps is not None for c in paper} == {True, False}  # both budgets
+
+
+def test_cell_ids_are_stable_and_distinct(tmp_path):
+    a = grid.load(_write(tmp_path, TINY))
+    b = grid.load(_write(tmp_path, TINY, "copy.yaml"))
+    assert [c.id for c in a.cells] == [c.id for c in b.cells]
+    assert len({c.id for c in a.cells}) == 4 and a.cells[0].id.startswith("digits-b4-iid-s0-")
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("methods: [bn]\nsetings: {steps: 3}\n", "unknown top-level key(s) setings"),
+        ("methods: [bn]\nsettings: {stepz: 3}\n", "settings: unknown key 'stepz'"),
+        ("methods: [bn]\nsettings: {steps: 3}\naxes: {batching: [{batch_size: 4, sampler: iid, colour: red}]}\n", "axes.batching[0]: unknown key 'colour'"),
+        ("methods: [bn]\nsettings: {steps: 3}\naxes: {batching: [4, 8]}\n", "axes.batching"),
+        ("methods: [bn, bogus]\nsettings: {steps: 3}\n", "unknown method 'bogus'"),
+        ("methods: [bn]\nsettings: {steps: 3}\naxes: {batch_size: [1]}\n", "batch_size=1"),
+        ("methods: [bn]\nsettings: {steps: 3}\naxes: {seed: []}\n", "axes.seed must be a non-empty list"),
+        ("methods: [bn]\nsettings: {steps: 3\n", "not valid YAML"),
+    ],
+)
+def test_bad_grid_files_are_rejected_naming_file_and_key(tmp_path, text, needle):
+    path = _write(tmp_path, text, "bad.yaml")
+    with pytest.raises(grid.GridError) as err:
+        grid.load(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_cli_reports_bad_grid_with_exit_status_2(tmp_path, capsys):
+    path = _write(tmp_path, "methods: [bn]\nsettings: {stepz: 3}\n", "bad.yaml")
+    assert cli.main(["run", str(path), "--results", str(tmp_path / "r")]) == 2
+    assert "stepz" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing ran
+    assert cli.main(["status", "no-such-grid"]) == 2
+
+
+def test_grid_key_missing_from_notebook_is_an_error(tmp_path):
+    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params.source = "\n".join(line for line in params.source.splitlines() if not line.startswith("sampler ="))
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(grid.GridError, match="sampler"):
+        grid.check_notebook(grid.load(_write(tmp_path, TINY + "  sampler: [iid]\n")), path)
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "status", "aggregate", "bench", "book"):
+        assert command in out
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_grid_end_to_end(tmp_path):
+    g = grid.load("smoke")
+    report = grid.run(g, tmp_path, grid.LocalExecutor(jobs=2, threads=1), progress=False)
+    assert report.ok and len(report.finished) == len(g.cells)
+    for cell in g.cells:
+        payload = json.loads((tmp_path / "smoke" / "runs" / f"{cell.id}.json").read_text())
+        assert payload["cell"] == cell.id and set(payload["methods"]) == set(cell.parameters["methods"])
+        assert payload["provenance"]["versions"]["torch"] and payload["provenance"]["git_commit"]
+        nb = nbformat.read(tmp_path / "smoke" / "runs" / f"{cell.id}.ipynb", as_version=4)
+        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    written = results.aggregate(tmp_path / "smoke")
+    summary = pd.read_csv(written["summary"])
+    assert set(summary["method"]) == set(g.cells[0].parameters["methods"])
+    assert (summary["n_seeds"] == 2).all() and summary.loc[summary.method != "bn", "diff_vs_bn"].notna().all()
+    evals = pd.read_csv(written["evaluations"])
+    assert len(evals) == len(g.cells) * 9 * 2  # cells x methods x evaluations
+    # a second run skips everything
+    again = grid.run(g, tmp_path, grid.LocalExecutor(jobs=2, threads=1), progress=False)
+    assert again.skipped == len(g.cells) and not again.finished
+
+
+@pytest.mark.slow
+def test_failing_cell_is_isolated(tmp_path):
+    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")'))
+    path = tmp_path / "failing.ipynb"
+    nbformat.write(nb, path)
+    g = grid.load(_write(tmp_path, TINY))
+    report = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=2, threads=1), progress=False, notebook=path)
+    assert len(report.finished) == 3 and len(report.failed) == 1
+    (failed,) = report.failed
+    assert "boom in cell" in report.failed[failed]
+    runs = tmp_path / "res" / "tiny" / "runs"
+    assert (runs / f"{failed}.ipynb").exists() and "RuntimeError" in (runs / f"{failed}.error").read_text()
+    assert not (runs / f"{failed}.json").exists()
+    assert grid.status(g, tmp_path / "res")["failed"] == [failed]
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path):
+    path = _write(tmp_path, TINY)
+    runs = tmp_path / "res" / "tiny" / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, mid-grid
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    assert 1 <= len(done) < 4
+    for p in runs.glob("*.json"):
+        json.loads(p.read_text())  # whatever is there is whole
+    assert not list(runs.glob("*.tmp"))
+    status = grid.status(grid.load(path), tmp_path / "res")
+    assert len(status["done"]) == len(done)
+    completed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert f"{len(done)} already done" in completed.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    assert len(after) == 4 and all(after[name] == mtime for name, mtime in done.items())
+
+
+# --- statistics --------------------------------------------------------------------------------------
+
+
+def _fake_run(cell, seed, batch, accs, diverged=()):
+    methods = {}
+    for m, acc in accs.items():
+        div = m in diverged
+        methods[m] = {"train_step": [1], "train_loss": [1.0], "eval_step": [] if div else [10], "test_acc": [] if div else [acc],
+                      "test_loss": [] if div else [0.5], "test_acc_recomputed": [] if div else [None], "test_loss_recomputed": [] if div else [None],
+                      "diverged": div, "diverged_step": 5 if div else None, "train_seconds": 1.0, "samples_per_second": 10.0}
+    config = {**train.Config(steps=10, batch_size=batch, seed=seed).__dict__}
+    return {"cell": cell, "config": config, "steps": 10, "num_classes": 10, "device": "cpu", "provenance": {"device_name": "cpu"}, "methods": methods}
+
+
+def test_summary_statistics_are_paired_and_bootstrapped():
+    runs = [_fake_run(f"c{s}", s, 4, {"bn": 0.9 + 0.01 * s, "brn": 0.8 + 0.02 * s, "bnrs": 0.5}, diverged=("bnrs",) if s == 0 else ())
+            for s in range(4)]
+    summary = results.summarise(results.evaluations(runs)).set_index("method")
+    assert summary.loc["bn", "mean"] == pytest.approx(0.915)
+    assert summary.loc["bn", "ci_low"] < 0.915 < summary.loc["bn", "ci_high"]
+    assert summary.loc["brn", "diff_vs_bn"] == pytest.approx(0.83 - 0.915)
+    # paired: the differences are -0.1, -0.09, -0.08, -0.07, so the interval is tight around the mean
+    assert -0.1 <= summary.loc["brn", "diff_ci_low"] < summary.loc["brn", "diff_ci_high"] <= -0.07
+    # a diverged run scores chance and is counted
+    assert summary.loc["bnrs", "diverged"] == 1 and summary.loc["bnrs", "mean"] == pytest.approx((0.1 + 3 * 0.5) / 4)
+    assert summary.loc["bn", "n_seeds"] == 4
+
+
+def test_write_json_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "cell.json"
+
+    def broken_dump(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_json_atomic(target, {"a": 1})
+    assert not target.exists() and not list(tmp_path.iterdir())

@@ -1,0 +1,117 @@
+"""The lockstep loop: configuration errors, determinism, divergence, and that BN learns the digits."""
+
+import math
+
+import pytest
+import torch
+
+from bnlib import data, models, train
+
+DIGITS = None
+
+
+def digits():
+    global DIGITS
+    DIGITS = DIGITS or data.load("digits")
+    return DIGITS
+
+
+def _strip_timings(result):
+    out = {k: v for k, v in result.items() if k != "wall_seconds"}
+    out["methods"] = {m: {k: v for k, v in r.items() if k not in ("train_seconds", "samples_per_second")} for m, r in result["methods"].items()}
+    return out
+
+
+@pytest.mark.parametrize(
+    "changes,key",
+    [
+        ({"methods": ["bn", "bogus"]}, "methods"),
+        ({"dataset": "imagenet"}, "dataset"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"methods": ["bnwos"], "batch_size": 3, "norm_options": {"bnwos": {"devices": 4}}}, "batch_size"),
+        ({"steps": 0}, "steps"),
+        ({"steps": None, "epochs": -1.0}, "epochs"),
+        ({"epochs": 1.0}, "steps=10, epochs=1.0"),
+        ({"sampler": "noniid", "classes_per_batch": 3}, "classes_per_batch"),
+        ({"sampler": "noniid"}, "classes_per_batch"),
+        ({"sampler": "sorted"}, "sampler"),
+        ({"norm_options": {"brnc": {"rmax": 0.5}}}, "norm_options"),
+        ({"norm_options": {"bn": {"nonsense": 1}}}, "norm_options"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"norm_placement": "middle"}, "norm_placement"),
+    ],
+)
+def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(models, "build", no_training)
+    config = train.Config(**{"steps": 10, **changes})
+    with pytest.raises(train.ConfigError, match=key.replace("(", r"\(")):
+        train.train(config, dataset=digits(), progress=False)
+
+
+def test_batch_of_one_is_fine_without_batch_statistics():
+    result = train.train(train.Config(methods=["gn", "bln", "none"], batch_size=1, steps=3), dataset=digits(), progress=False)
+    assert set(result["methods"]) == {"gn", "bln", "none"}
+
+
+def test_unknown_config_key_names_the_source():
+    with pytest.raises(train.ConfigError, match="grid.yaml: unknown key.*batchsize"):
+        train.Config.from_dict({"batchsize": 3}, source="grid.yaml")
+
+
+def test_same_seed_same_numbers():
+    config = train.Config(methods=["bn", "brnc", "mabn", "bln"], batch_size=8, steps=40, eval_every=20, log_every=10, recompute=True, recompute_samples=64)
+    a = train.train(config, dataset=digits(), progress=False)
+    b = train.train(config, dataset=digits(), progress=False)
+    assert _strip_timings(a) == _strip_timings(b)
+    other = train.train(train.Config(**{**config.__dict__, "seed": 1}), dataset=digits(), progress=False)
+    assert other["methods"]["bn"]["train_loss"] != a["methods"]["bn"]["train_loss"]
+
+
+def test_epoch_budget_equalises_samples():
+    for batch in (2, 16):
+        result = train.train(train.Config(methods=["gn"], batch_size=batch, epochs=0.25), dataset=digits(), progress=False)
+        assert result["steps"] == round(0.25 * len(digits().y_train) / batch)
+
+
+def test_diverged_method_is_recorded_and_others_finish(monkeypatch):
+    build = models.build
+
+    def poisoned(method, *args, **kwargs):
+        net = build(method, *args, **kwargs)
+        if method == "bnrs":
+            calls = {"n": 0}
+
+            def hook(module, inputs, output):
+                calls["n"] += module.training
+                return output * float("nan") if calls["n"] > 12 else output
+
+            net.classifier.register_forward_hook(hook)
+        return net
+
+    monkeypatch.setattr(models, "build", poisoned)
+    result = train.train(train.Config(methods=["bn", "bnrs"], batch_size=8, steps=40, eval_every=10, log_every=5), dataset=digits(), progress=False)
+    bad, good = result["methods"]["bnrs"], result["methods"]["bn"]
+    assert bad["diverged"] and bad["diverged_step"] == 15
+    assert bad["train_step"] == [5, 10] and bad["eval_step"] == [10]  # records up to the divergence kept
+    assert bad["final"]["test_acc"] is None
+    assert not good["diverged"] and good["eval_step"] == [10, 20, 30, 40] and len(good["train_step"]) == 8
+    assert all(math.isfinite(v) for v in good["train_loss"])
+
+
+def test_lockstep_on_digits_bn_learns():
+    result = train.train(train.Config(methods=["bn", "brn", "gn"], batch_size=16, epochs=2, recompute=True), dataset=digits(), progress=False)
+    for m in ("bn", "brn", "gn"):
+        assert result["methods"][m]["final"]["test_acc"] > 0.85, (m, result["methods"][m]["final"])
+    assert result["methods"]["bn"]["final"]["test_acc_recomputed"] > 0.85
+    assert result["methods"]["gn"]["final"]["test_acc_recomputed"] is None  # no running statistics to recompute
+    assert result["methods"]["bn"]["samples_per_second"] > 0
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(train.ConfigError, match="CUDA is not available"):
+        train.validate(train.Config(steps=1, device="cuda"))

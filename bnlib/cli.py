@@ -92,8 +92,12 @@ def cmd_bench(args) -> int:
 def cmd_book(args) -> int:
     from .book import build
 
-    index = build(args.grid, args.results, strict=not args.no_strict)
-    print(f"book built: {index}")
+    try:
+        index = build(args.grid, args.results, strict=not args.no_strict)
+    except RuntimeError as err:
+        print(f"bnlib book: {err}", file=sys.stderr)
+        return 1
+    print(f"book built: open {index}")
     return 0
 
 

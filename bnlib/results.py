@@ -41,6 +41,7 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
             json.dump(payload, f, indent=1, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

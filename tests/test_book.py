@@ -1,0 +1,102 @@
+"""The book builds from the smoke grid's results, its numbers match summary.csv, and it renders in a browser."""
+
+import html
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnlib import book
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(smoke_results) -> Path:
+    index = book.build("smoke", smoke_results, strict=True)  # -W: any warning fails the build
+    assert index.exists()
+    return index.parent
+
+
+def _text(path: Path) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", path.read_text()))
+
+
+def test_every_page_is_built(site):
+    for page in ("intro", "methods", "setup", "results", "summary", "reproducibility", "runs/index"):
+        assert (site / "book" / f"{page}.html").exists(), page
+    cells = list((site / "book" / "runs" / "cells").glob("*.html"))
+    assert len(cells) == 4
+
+
+def test_summary_numbers_match_summary_csv(site, smoke_results):
+    text = _text(site / "book" / "summary.html")
+    summary = pd.read_csv(smoke_results / "smoke" / "summary.csv")
+    assert len(summary) == 2 * 9
+    for row in summary.itertuples():
+        expected = f"{100 * row.mean:.1f} [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}]"
+        assert expected in text, (row.method, row.batch_size, expected)
+        if row.method != "bn":
+            assert f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text
+    # the glued answer: BN's accuracy and BNRS's paired difference at the smallest i.i.d. batch
+    small = summary[(summary.sampler == "iid") & (summary.batch_size == summary[summary.sampler == "iid"].batch_size.min())].set_index("method")
+    intro = _text(site / "book" / "intro.html")
+    assert f"{100 * small.loc['bn', 'mean']:.1f}%" in intro
+    assert f"{100 * small.loc['bnrs', 'diff_vs_bn']:+.1f} points" in intro
+    assert "glue" not in intro.lower() or "{glue" not in intro  # every glue reference resolved
+
+
+def test_methods_page_shows_the_code_that_ran(site):
+    text = _text(site / "book" / "methods.html")
+    for cls in ("class BatchNorm(", "class RunningStatsBatchNorm(", "class BatchRenorm(", "class UnsyncedBatchNorm(",
+                "class MovingAverageBatchNorm(", "class BatchlessNorm(", "def recompute_statistics("):
+        assert cls in text, cls
+
+
+def test_no_page_references_a_missing_file(site):
+    checked = 0
+    for page in site.rglob("*.html"):
+        for src in re.findall(r'<img[^>]+src="([^"]+)"', page.read_text()):
+            if src.startswith("data:"):
+                continue
+            assert (page.parent / src.split("#")[0]).resolve().exists(), (page, src)
+            checked += 1
+    assert checked >= 5  # the results page has figures
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
+def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp_path):
+    for page in ("summary", "results"):
+        source = site / "book" / f"{page}.html"
+        probe = source.with_name(f"_probe_{page}.html")
+        # after load, the page titles itself with the images that failed to load
+        script = ("<script>window.addEventListener('load',()=>{const bad=[...document.images]"
+                  ".filter(i=>!(i.complete&&i.naturalWidth>0)).map(i=>i.src);"
+                  "document.title='IMAGES '+document.images.length+' BROKEN '+bad.length+' '+bad.join(' ');});</script>")
+        probe.write_text(source.read_text().replace("</body>", script + "</body>"))
+        try:
+            dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+                                  "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+            title = re.search(r"<title>(IMAGES[^<]*)</title>", dom)
+            assert title, dom[:500]
+            images, broken = map(int, re.match(r"IMAGES (\d+) BROKEN (\d+)", title.group(1)).groups())
+            assert broken == 0, title.group(1)
+            if page == "results":
+                assert images >= 5
+            shot = tmp_path / f"{page}.png"
+            subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
+                            f"--screenshot={shot}", source.as_uri()], capture_output=True, timeout=120)
+            assert shot.exists() and shot.stat().st_size > 20_000
+        finally:
+            probe.unlink(missing_ok=True)

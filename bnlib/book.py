@@ -152,7 +152,8 @@ def build(grid: str = "default", results_root: str | Path = "results", strict: b
         raise FileNotFoundError(f"no finished cell notebooks in {folder / 'runs'}: run `bnlib run {grid}` first")
     env = {**os.environ, "BNLIB_BOOK_GRID": grid, "BNLIB_RESULTS": str(Path(results_root).resolve())}
     exe = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(ROOT)]
+    # --all: the pages read results/, which Sphinx cannot see change; never serve numbers from its cache
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(ROOT), "--all"]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import matplotlib
+# No backend is forced: kernels use the inline backend (figures become PNG outputs); elsewhere matplotlib
+# falls back to Agg by itself when there is no display.
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # headless: papermill kernels, CI and Slurm nodes have no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from . import norms  # noqa: E402
+from . import norms
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -103,14 +101,17 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | Non
             ax.set_xticks(sizes, [str(s) for s in sizes])
             ax.set(xlabel="batch size", ylabel="final test accuracy" if j == 0 else "",
                    title=" / ".join(str(v) for v in (rv, cv) if v is not None))
-    _legend_names(axes[0][-1])
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, [norms.display_name(lbl) for lbl in labels], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(5, len(labels)), frameon=False)
     fig.tight_layout()
     return fig
 
 
 def _rename_legend(grid) -> None:
+    """Display names, and the legend under the panels where it never covers a curve."""
     if grid.legend is not None:
-        grid.legend.set_title("")
         for text in grid.legend.texts:
             if text.get_text() in norms.REGISTRY:
                 text.set_text(norms.display_name(text.get_text()))
+        sns.move_legend(grid, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(grid.legend.texts)), title=None, frameon=False)

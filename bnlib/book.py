@@ -156,6 +156,7 @@ def build(grid: str = "default", results_root: str | Path = "results", strict: b
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(ROOT), "--all"]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
+    shutil.rmtree(BUILD_DIR / "html", ignore_errors=True)  # no page of an earlier build survives
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}); see the messages above")

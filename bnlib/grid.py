@@ -286,7 +286,7 @@ class LocalExecutor:
             threads = default_t if jobs is None else max(1, (os.cpu_count() or 1) // self.jobs)
         self.threads = threads
 
-    def run(self, cells: list[Cell], runs: Path, on_done) -> None:
+    def run(self, cells: list[Cell], runs: Path, on_done, notebook: Path = NOTEBOOK) -> None:
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -298,7 +298,7 @@ class LocalExecutor:
             slot = slots.get()
             try:
                 device = f"cuda:{slot % gpus}" if gpus > 1 else None
-                return execute_cell(cell, runs, self.threads, device)
+                return execute_cell(cell, runs, self.threads, device, notebook)
             finally:
                 slots.put(slot)
 
@@ -356,7 +356,7 @@ def run(grid: Grid, results: Path, executor=None, force: bool = False, progress:
             bar.update(1)
 
         if todo:
-            executor.run(todo, runs, on_done)
+            executor.run(todo, runs, on_done, notebook)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -138,8 +138,8 @@ def test_smoke_grid_end_to_end(smoke_results):
 @pytest.mark.slow
 def test_failing_cell_is_isolated(tmp_path):
     nb = nbformat.read(grid.NOTEBOOK, as_version=4)
-    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    nb.cells.insert(index + 1, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")'))
+    index = next(i for i, c in enumerate(nb.cells) if "train.train(" in c.source)  # after papermill's injected parameters
+    nb.cells.insert(index, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")'))
     path = tmp_path / "failing.ipynb"
     nbformat.write(nb, path)
     g = grid.load(_write(tmp_path, TINY))

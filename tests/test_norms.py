@@ -10,7 +10,6 @@ from torch.testing import assert_close
 
 from bnlib import norms
 
-torch.set_default_dtype(torch.float64)
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 SHAPES = [(6, 5), (4, 5, 3, 3), (3, 5, 2, 2, 2)]
 

@@ -122,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     slurm.add_argument("--mem-gb", type=float, help="memory per cell in GB")
     slurm.add_argument("--time-min", type=int, help="time limit per cell in minutes")
     slurm.add_argument("--array-parallelism", type=int, help="array tasks running at once")
+    slurm.add_argument("--poll-s", type=float, default=15.0, help="seconds between sacct polls while waiting (default: 15)")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option, repeatable (e.g. --sbatch account=abc)")
     r.set_defaults(func=cmd_run)
 
@@ -152,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .data import DatasetUnavailable
     from .grid import GridError
+    from .slurm import SlurmUnavailable
     from .train import ConfigError
 
     try:
         return args.func(args)
-    except (GridError, ConfigError, DatasetUnavailable, FileNotFoundError) as err:
+    except (GridError, ConfigError, DatasetUnavailable, FileNotFoundError, SlurmUnavailable) as err:
         print(f"bnlib {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

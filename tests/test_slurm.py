@@ -1,0 +1,151 @@
+"""The Slurm executor against a real one-node Slurm cluster (with accounting) started for this session."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from bnlib import grid
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the test cluster's daemons must start as root"
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    if missing:
+        return f"Slurm is not installed ({', '.join(missing)} missing); scripts/install-test-deps.sh installs it as root"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "scripts" / "slurm-cluster.sh"
+    started = subprocess.run(["bash", str(script), "start", str(folder)], capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        conf = started.stdout.strip().splitlines()[-1]
+        old = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = conf
+        yield {**os.environ, "SLURM_CONF": conf}
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+    finally:  # stop exactly the daemons this fixture started, even when a test failed
+        subprocess.run(["bash", str(script), "stop", str(folder)], timeout=120)
+
+
+def _bnlib(args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bnlib.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TINY = """
+methods: [bn, brn]
+settings: {dataset: digits, steps: 10, eval_every: 5, log_every: 5}
+axes:
+  batch_size: [4, 8]
+  seed: [0, 1]
+"""
+
+
+def test_smoke_grid_runs_as_an_array_with_results_like_a_local_run(cluster, tmp_path, smoke_results):
+    started = time.perf_counter()
+    done = _bnlib(["run", "smoke", "--results", str(tmp_path), "--executor", "slurm", "--poll-s", "1", "--no-progress"], cluster)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted Slurm job array" in done.stdout
+    runs = tmp_path / "smoke" / "runs"
+    array_ids = set()
+    for cell in grid.load("smoke").cells:
+        payload = json.loads((runs / f"{cell.id}.json").read_text())
+        local = json.loads((smoke_results / "smoke" / "runs" / f"{cell.id}.json").read_text())
+        assert payload["provenance"]["slurm_array_task_id"] is not None  # it really ran as an array task
+        array_ids.add(payload["provenance"]["slurm_array_job_id"])
+        assert set(payload) == set(local) and set(payload["methods"]) == set(local["methods"])
+        assert payload["methods"]["bn"]["train_loss"] == local["methods"]["bn"]["train_loss"]  # same numbers
+    assert len(array_ids) == 1  # ONE job array
+    logs = list((tmp_path / "smoke" / "slurm").rglob("*_log.out"))
+    assert len(logs) == 4
+    assert (tmp_path / "smoke" / "summary.csv").exists()
+    print(f"\nsmoke grid via Slurm: {seconds:.1f} s")
+
+
+def _failing_notebook(tmp_path, condition):
+    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "train.train(" in c.source)
+    nb.cells.insert(index, nbformat.v4.new_code_cell(f'if {condition}:\n    raise RuntimeError("boom on the cluster")'))
+    path = tmp_path / "failing.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, tmp_path):
+    from bnlib.slurm import SlurmExecutor, _merge_options
+
+    g = grid.load(_write(tmp_path, TINY))
+    ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", _merge_options({}, None), poll_s=1)
+    report = grid.run(g, tmp_path / "res", ex, progress=False, notebook=_failing_notebook(tmp_path, "seed == 1 and batch_size == 8"))
+    assert len(report.finished) == 3 and len(report.failed) == 1
+    (failed,) = report.failed
+    assert "boom on the cluster" in report.failed[failed]
+    runs = tmp_path / "res" / "tiny" / "runs"
+    assert (runs / f"{failed}.ipynb").exists() and not (runs / f"{failed}.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    again = grid.run(g, tmp_path / "res", ex, progress=False)
+    assert again.ok and again.finished == [failed] and again.skipped == 3
+    submitted = json.loads((tmp_path / "res" / "tiny" / "slurm" / "jobs.json").read_text())["cells"]
+    assert list(submitted) == [failed]  # only the missing cell went out
+    assert all((runs / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_cancelled_task_is_recorded_as_failed_in_bounded_time(cluster, tmp_path):
+    slow = TINY.replace("steps: 10", "steps: 100000").replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]")
+    path = _write(tmp_path, slow)
+    env = {**cluster, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "--executor", "slurm",
+                             "--poll-s", "1", "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jobs_file = tmp_path / "res" / "tiny" / "slurm" / "jobs.json"
+    deadline = time.time() + 120
+    job = None
+    while time.time() < deadline and job is None:
+        if jobs_file.exists():
+            (job,) = json.loads(jobs_file.read_text())["cells"].values()
+        time.sleep(0.5)
+    assert job, "the array was not submitted"
+    # wait until the task runs, then cancel it as a user (or the time limit) would
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=cluster).stdout.strip()
+        if state == "RUNNING":
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # inside the notebook by now
+    subprocess.run(["scancel", job], check=True, env=cluster)
+    cancelled_at = time.time()
+    out, _ = proc.communicate(timeout=180)
+    waited = time.time() - cancelled_at
+    assert proc.returncode == 1, out
+    assert "CANCELLED" in out and waited < 120, (waited, out)
+    (error,) = (tmp_path / "res" / "tiny" / "runs").glob("*.error")
+    assert "CANCELLED" in error.read_text()
+    status = _bnlib(["status", str(path), "--results", str(tmp_path / "res")], cluster)
+    assert "failed   1" in status.stdout

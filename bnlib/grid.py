@@ -205,16 +205,23 @@ def state(runs: Path, cell: Cell) -> str:
 # --- executing one cell ---------------------------------------------------------------------------
 
 
-def _kernel_manager_class():
+def _kernel_manager_class(log_path: Path):
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
-        """Unix sockets in a private folder: concurrent kernels never race for TCP ports."""
+        """Unix sockets in a private folder, so concurrent kernels never race for TCP ports; the kernel
+        process's own output goes to the cell's ``.kernel.log`` instead of the runner's terminal."""
 
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.transport = "ipc"
             self.ip = os.path.join(tempfile.mkdtemp(prefix="bnlib-kernel-"), "k")
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            log = open(log_path, "ab")  # noqa: SIM115 - the kernel process owns it from here
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart=restart)
@@ -235,6 +242,7 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     runs.mkdir(parents=True, exist_ok=True)
     error_file = runs / f"{cell.id}.error"
     error_file.unlink(missing_ok=True)
+    (runs / f"{cell.id}.kernel.log").unlink(missing_ok=True)
     # Every config key, defaults included, so the notebook's interactive defaults never leak into a cell.
     params = {**dataclasses.asdict(train.Config()), **cell.parameters}
     if device is not None and params.get("device", "auto") == "auto":
@@ -245,7 +253,7 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     try:
         papermill.execute_notebook(
             str(notebook), str(runs / f"{cell.id}.ipynb"), parameters=params, kernel_name=KERNEL,
-            progress_bar=False, cwd=str(ROOT), kernel_manager_class=_kernel_manager_class(),
+            progress_bar=False, cwd=str(ROOT), kernel_manager_class=_kernel_manager_class(runs / f"{cell.id}.kernel.log"),
         )
         if not (runs / f"{cell.id}.json").exists():
             error = "the notebook finished without writing its metrics file"

@@ -101,3 +101,11 @@ def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp
             assert shot.exists() and shot.stat().st_size > 20_000
         finally:
             probe.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
+def test_equations_typeset_offline(site, tmp_path):
+    """MathJax ships with the site (no CDN): the methods page's equations are typeset without a network."""
+    dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+                          "--dump-dom", (site / "book" / "methods.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<mjx-container") >= 10

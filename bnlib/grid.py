@@ -27,7 +27,9 @@ import json
 import os
 import queue
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -45,6 +47,10 @@ KERNEL = "bnlib"
 TOP_KEYS = {"description", "methods", "settings", "axes", "slurm"}
 CONFIG_KEYS = {f for f in train.Config.__dataclass_fields__}
 RUNNER_PARAMETERS = ("cell_id", "output_path", "threads")  # filled in by the runner, not by grid files
+# Kernels of this process, so Ctrl-C can stop them (jupyter starts kernels in their own session: the
+# terminal's SIGINT never reaches them), and whether the user interrupted.
+_KERNEL_PIDS: set[int] = set()
+_INTERRUPTED = threading.Event()
 
 
 class GridError(ValueError):
@@ -221,9 +227,14 @@ def _kernel_manager_class(log_path: Path):
             log = open(log_path, "ab")  # noqa: SIM115 - the kernel process owns it from here
             kw.setdefault("stdout", log)
             kw.setdefault("stderr", log)
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+            info = await super()._async_launch_kernel(kernel_cmd, **kw)
+            self._pid = getattr(self.provisioner, "pid", None)
+            if self._pid:
+                _KERNEL_PIDS.add(self._pid)
+            return info
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            _KERNEL_PIDS.discard(getattr(self, "_pid", None))
             await super()._async_cleanup_resources(restart=restart)
             if not restart:
                 shutil.rmtree(os.path.dirname(self.ip), ignore_errors=True)
@@ -263,6 +274,8 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
         else:
             error = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     seconds = time.perf_counter() - started
+    if error is not None and _INTERRUPTED.is_set():
+        return {"cell": cell.id, "ok": False, "seconds": seconds, "error": "interrupted"}  # stays 'started', not failed
     if error is not None:
         tmp = error_file.with_suffix(".error.tmp")
         tmp.write_text(error)
@@ -319,8 +332,14 @@ class LocalExecutor:
                     for f in done:
                         on_done(f.result())
             except KeyboardInterrupt:
+                _INTERRUPTED.set()
                 for f in futures:
                     f.cancel()
+                for pid in list(_KERNEL_PIDS):  # the running cells end now; their notebooks stay, unfinished
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 raise
 
 

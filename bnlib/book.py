@@ -105,20 +105,41 @@ def headline(summary: pd.DataFrame) -> dict:
     return facts
 
 
-def summary_table(summary: pd.DataFrame, value: str = "mean") -> pd.DataFrame:
-    """Final accuracy per method x condition as 'mean [low, high]' in percent, the paired difference beside it."""
+def _fmt(mean: float, low: float, high: float, signed: bool = False) -> str:
+    """A fraction as 'mean [low, high]' in percent (points with a sign for differences)."""
+    if pd.isna(mean):
+        return "–"
+    f = (lambda v: f"{100 * v:+.1f}") if signed else (lambda v: f"{100 * v:.1f}")
+    return f(mean) + ("" if pd.isna(low) else f" [{f(low)}, {f(high)}]")
+
+
+def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per condition (dataset, sampler, budget, ...): methods x batch sizes, final accuracy in % with its 95%
+    interval, and beside each batch size the paired difference against BN in points with its interval."""
     s = summary.copy()
     s["method"] = s["method"].astype(str)
-    fmt = lambda m, lo, hi: "–" if pd.isna(m) else (f"{100 * m:.1f}" + ("" if pd.isna(lo) else f" [{100 * lo:.1f}, {100 * hi:.1f}]"))  # noqa: E731
-    fmt_d = lambda m, lo, hi: "" if pd.isna(m) else (f"{100 * m:+.1f}" + ("" if pd.isna(lo) else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"))  # noqa: E731
-    s["accuracy (%)"] = [fmt(a, b, c) for a, b, c in zip(s[value], s["ci_low"], s["ci_high"])]
-    diff = s["diff_vs_bn"] if "diff_vs_bn" in s else pd.Series(float("nan"), index=s.index)
-    s["vs BN (points)"] = [fmt_d(a, b, c) for a, b, c in zip(diff, s.get("diff_ci_low", diff), s.get("diff_ci_high", diff))]
-    s["method"] = s["method"].map(norms.display_name)
-    keep = [k for k in ("dataset", "budget", "sampler", "norm_placement", "batch_size") if k in s and s[k].nunique() > 1 or k in ("dataset", "batch_size")]
-    s = s.rename(columns={"batch_size": "batch"})
-    keep = ["batch" if k == "batch_size" else k for k in keep]
-    return s[keep + ["method", "accuracy (%)", "vs BN (points)", "n_seeds", "diverged"]].rename(columns={"n_seeds": "seeds"})
+    keys = [k for k in ("dataset", "budget", "sampler", "norm_placement", "classes_per_batch") if k in s]
+    keys = [k for k in keys if k in ("dataset", "sampler") or s[k].nunique(dropna=False) > 1]
+    out = []
+    for cond, part in s.groupby([k for k in keys if k != "classes_per_batch"], dropna=False, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        title = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(keys, cond))
+        rows = {}
+        for m, g in part.groupby("method", sort=False):
+            row = {}
+            for r in g.sort_values("batch_size").itertuples():
+                row[(f"batch {r.batch_size}", "accuracy (%)")] = _fmt(r.mean, r.ci_low, r.ci_high)
+                diff = getattr(r, "diff_vs_bn", float("nan"))
+                row[(f"batch {r.batch_size}", "vs BN (points)")] = "" if m == "bn" else _fmt(diff, r.diff_ci_low, r.diff_ci_high, signed=True)
+                if r.diverged:
+                    row[(f"batch {r.batch_size}", "accuracy (%)")] += f" ({r.diverged} diverged)"
+            rows[norms.display_name(m)] = row
+        order = [norms.display_name(m) for m in norms.METHODS if norms.display_name(m) in rows]
+        table = pd.DataFrame(rows).T.loc[order]
+        table.columns = pd.MultiIndex.from_tuples(table.columns)
+        table = table[sorted(table.columns, key=lambda c: (int(c[0].split()[1]), c[1]))]
+        out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", table))
+    return out
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -75,14 +75,20 @@ def verdict(low: float, high: float, better: str = "above", worse: str = "below"
     return "indistinguishable from"
 
 
+def standard_placement(frame: pd.DataFrame) -> pd.DataFrame:
+    """Only the rows of the original network (a norm after every conv) when a grid also varies the placement."""
+    if "norm_placement" in frame and (frame["norm_placement"] == "all").any():
+        return frame[frame["norm_placement"] == "all"]
+    return frame
+
+
 def headline(summary: pd.DataFrame) -> dict:
     """The numbers of the one-paragraph answer: the first dataset, i.i.d. batches, smallest and largest batch."""
     s = summary.copy()
     s["method"] = s["method"].astype(str)
     dataset = sorted(s["dataset"].unique())[0]
     part = s[(s["dataset"] == dataset) & (s["sampler"] == "iid")] if (s["sampler"] == "iid").any() else s[s["dataset"] == dataset]
-    if "norm_placement" in part and (part["norm_placement"] == "all").any():
-        part = part[part["norm_placement"] == "all"]
+    part = standard_placement(part)
     if "budget" in part:
         part = part[part["budget"] == sorted(part["budget"].unique())[0]]
     small, large = int(part["batch_size"].min()), int(part["batch_size"].max())

@@ -251,8 +251,7 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     import papermill
 
     runs.mkdir(parents=True, exist_ok=True)
-    error_file = runs / f"{cell.id}.error"
-    error_file.unlink(missing_ok=True)
+    (runs / f"{cell.id}.error").unlink(missing_ok=True)
     (runs / f"{cell.id}.kernel.log").unlink(missing_ok=True)
     # Every config key, defaults included, so the notebook's interactive defaults never leak into a cell.
     params = {**dataclasses.asdict(train.Config()), **cell.parameters}
@@ -277,10 +276,15 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     if error is not None and _INTERRUPTED.is_set():
         return {"cell": cell.id, "ok": False, "seconds": seconds, "error": "interrupted"}  # stays 'started', not failed
     if error is not None:
-        tmp = error_file.with_suffix(".error.tmp")
-        tmp.write_text(error)
-        os.replace(tmp, error_file)
+        write_error(runs, cell.id, error)
     return {"cell": cell.id, "ok": error is None, "seconds": seconds, "error": error}
+
+
+def write_error(runs: Path, cell_id: str, error: str) -> None:
+    """A failed cell's error note, ``<cell>.error``, written atomically (its existence marks the cell failed)."""
+    tmp = runs / f"{cell_id}.error.tmp"
+    tmp.write_text(error if error.endswith("\n") else error + "\n")
+    os.replace(tmp, runs / f"{cell_id}.error")
 
 
 # --- executors ------------------------------------------------------------------------------------
@@ -362,10 +366,11 @@ def run(grid: Grid, results: Path, executor=None, force: bool = False, progress:
     from tqdm.auto import tqdm
 
     check_notebook(grid, notebook)
-    check_datasets(grid)
     runs = runs_dir(results, grid)
-    runs.mkdir(parents=True, exist_ok=True)
     todo = [c for c in grid.cells if force or state(runs, c) != "done"]
+    if todo:  # loading (or downloading) the data is only worth it when a cell will run
+        check_datasets(Grid(grid.name, grid.path, grid.description, todo, grid.slurm))
+    runs.mkdir(parents=True, exist_ok=True)
     report = Report(grid.name, len(grid.cells), len(grid.cells) - len(todo))
     executor = executor or LocalExecutor()
     started = time.perf_counter()

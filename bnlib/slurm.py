@@ -121,9 +121,7 @@ class SlurmExecutor:
         state = job.state
         if state.split()[0] not in ("COMPLETED", "RUNNING", "COMPLETING"):
             outcome["error"] = f"Slurm task {job.job_id} ended with state {state}: {outcome['error']}"
-            tmp = runs / f"{cell.id}.error.tmp"
-            tmp.write_text(outcome["error"] + "\n")
-            tmp.replace(runs / f"{cell.id}.error")
+            grid_mod.write_error(runs, cell.id, outcome["error"])
         return outcome
 
 

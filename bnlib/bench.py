@@ -7,6 +7,17 @@ C = 32, 28x28. Targets: bn <= 1.1x, bnrs/brn/brnc/bnwos/bln <= 1.5x, mabn <= 2x.
 as tensors) against a reference loop that feeds the same models through ``torch.utils.data.DataLoader``
 over a torchvision-style dataset with per-sample ``ToTensor`` (as the original study did); evaluation
 excluded. Targets: >= 3x at batch 2, >= 1.5x at batch 128.
+
+``step``: this machine's own limit first -- the fp32 and bf16 matrix-product peaks (2048 x 2048) -- then,
+at 8x8 and 28x28 inputs and batch 2 / 16 / 128, one training step (forward, backward, Adam) of every
+method and of the whole lockstep step (all methods), and the evaluation of one model per 1,000 test
+samples, in fp32 and bf16: time, GFLOP/s (the conv and linear FLOPs of forward and backward, counted by
+``torch.utils.flop_counter``) and the fraction of the same-precision peak. Every variant of one input
+size and batch is interleaved in random order within each repeat; medians are reported.
+
+``cell``: a whole grid cell (every method, recomputed statistics, 10 evaluations) with every evaluation
+on the full test set, as before ``eval_samples`` existed, against the default (a fixed test subset in
+training, the full set at the end), interleaved; the final numbers must be identical.
 """
 
 from __future__ import annotations
@@ -146,12 +157,124 @@ def bench_loop(device: str = "cpu", sizes=(2, 16, 128), steps: int | None = None
     return rows
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matrix product in ``dtype``: the ceiling the training step is compared with."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / _time(lambda: a @ b, device, repeats, 2)
+
+
+def _flops(fn) -> int:
+    """Conv and matrix-product FLOPs of one call (forward and backward), as torch's flop counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_step(device: str = "cpu", sides=(8, 28), sizes=(2, 16, 128), methods=None, repeats: int = 5,
+               precisions=None) -> list[dict]:
+    """Training step per method and lockstep, and evaluation, against the matrix-product peak (see above).
+
+    bf16 variants run only where the bf16 matrix product is at least as fast as fp32's: a CPU without
+    bf16 instructions (AVX2 only) emulates it at a few percent of the fp32 speed.
+    """
+    from . import models, train
+
+    dev = torch.device(device)
+    methods = list(methods or norms.METHODS)
+    peak = {"fp32": matmul_peak(dev, torch.float32), "bf16": matmul_peak(dev, torch.bfloat16, n=512, repeats=3)}
+    if precisions is None:
+        precisions = ("fp32", "bf16") if peak["bf16"] >= peak["fp32"] else ("fp32",)
+    rows = [{"what": "matmul", "precision": p, "side": None, "N": None, "ms": float("nan"),
+             "GFLOP/s": peak[p] / 1e9, "of_peak": 1.0} for p in peak]
+    for side in sides:
+        for n in sizes:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(n, 1, side, side, generator=gen).to(dev)
+            y = torch.randint(0, 10, (n,), generator=gen).to(dev)
+            x_eval = torch.randn(1000, 1, side, side, generator=gen).to(dev)
+            y_eval = torch.randint(0, 10, (1000,), generator=gen).to(dev)
+            nets = {m: models.build(m, 0, 1, 10).to(dev) for m in methods}
+            opts = {m: torch.optim.Adam(nets[m].parameters(), lr=1e-4, fused=True) for m in methods}
+
+            def step(m, precision):
+                def fn():
+                    with train.autocast(dev, precision):
+                        loss = F.cross_entropy(nets[m](x).float(), y) + norms.auxiliary_loss(nets[m])
+                    opts[m].zero_grad(set_to_none=True)
+                    loss.backward()
+                    opts[m].step()
+                return fn
+
+            def lockstep(precision):
+                fns = [step(m, precision) for m in methods]
+                return lambda: [f() for f in fns]
+
+            def evaluation(precision):
+                return lambda: train.evaluate(nets["bn"], x_eval, y_eval, precision)
+
+            variants, flops = {}, {}
+            for p in precisions:
+                for m in methods:
+                    variants[("step", m, p)] = step(m, p)
+                variants[("lockstep", "all", p)] = lockstep(p)
+                variants[("eval 1000", "bn", p)] = evaluation(p)
+            for key, fn in variants.items():
+                if key[0] == "step":
+                    flops[key] = _flops(fn)
+            for p in precisions:
+                flops[("lockstep", "all", p)] = sum(flops[("step", m, p)] for m in methods)
+                flops[("eval 1000", "bn", p)] = _flops(variants[("eval 1000", "bn", p)])
+            inner = max(1, 64 // n) if side == 28 else max(2, 256 // n)
+            times = {k: [] for k in variants}
+            order = list(variants)
+            rng = random.Random(side * 1000 + n)
+            for _ in range(repeats):
+                rng.shuffle(order)  # interleaved: drifting load and clock speed hit every variant alike
+                for key in order:
+                    times[key].append(_time(variants[key], dev, 1, 1 if key[0].startswith("eval") else inner))
+            for (what, m, p), ts in times.items():
+                t = statistics.median(ts)
+                rows.append({"what": what, "method": m, "precision": p, "side": side, "N": n, "ms": t * 1e3,
+                             "GFLOP/s": flops[(what, m, p)] / t / 1e9, "of_peak": flops[(what, m, p)] / t / peak[p]})
+    return rows
+
+
+def bench_cell(device: str = "cpu", dataset: str = "mnist5k", batch_size: int = 16, steps: int = 200, repeats: int = 1) -> list[dict]:
+    """A whole cell, every evaluation on the full test set (as before) vs the default subset in training."""
+    from . import data, train
+
+    ds = data.load(dataset)
+    base = dict(dataset=dataset, methods=list(norms.METHODS), batch_size=batch_size, steps=steps, recompute=True,
+                recompute_samples=512, device=device)
+    variants = {"full test set at every evaluation": train.Config(**base, eval_samples=None),
+                "fixed subset in training, full at the end (default)": train.Config(**base)}
+    times = {k: [] for k in variants}
+    finals = {}
+    for _ in range(repeats):
+        for name, cfg in variants.items():
+            out = train.train(cfg, ds, progress=False)
+            times[name].append((out["wall_seconds"], out["eval_seconds"]))
+            finals[name] = {m: r["final"]["test_acc"] for m, r in out["methods"].items()}
+    ref_name = next(iter(variants))
+    ref = statistics.median(t for t, _ in times[ref_name])
+    rows = []
+    for name, ts in times.items():
+        wall = statistics.median(t for t, _ in ts)
+        rows.append({"variant": name, "dataset": dataset, "N": batch_size, "steps": steps, "wall_s": wall,
+                     "eval_s": statistics.median(e for _, e in ts), "speedup": ref / wall,
+                     "same_final": finals[name] == finals[ref_name]})
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
     if "ratio" in frame:
         frame["ok"] = frame["ratio"] <= frame["target"]
-    if "speedup" in frame:
+    if "speedup" in frame and "target" in frame:
         frame["ok"] = [None if t is None or t != t else s >= t for s, t in zip(frame["speedup"], frame["target"])]
     return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")

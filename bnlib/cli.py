@@ -77,9 +77,21 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    import torch
 
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    from . import bench
+    from .results import device_name
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {torch.get_num_threads()} torch thread(s); {device_name(device)}")
+    if args.what in ("step", "all"):
+        print(f"# step: training step (forward+backward+Adam) and evaluation vs this machine's matrix-product peak, {device} (median of {args.repeats})")
+        print(bench.format_table(bench.bench_step(device, repeats=args.repeats)))
+    if args.what in ("cell", "all"):
+        print(f"\n# cell: a whole cell, every evaluation on the full test set vs the default test subset in training, {device}")
+        print(bench.format_table(bench.bench_cell(device)))
     if args.what in ("norms", "all"):
         print(f"# norms: forward+backward vs torch.nn.BatchNorm2d, C=32, 28x28, {device} (median of {args.repeats})")
         print(bench.format_table(bench.bench_norms(device, repeats=args.repeats)))
@@ -136,7 +148,10 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
-    b.add_argument("what", nargs="?", choices=["norms", "loop", "all"], default="all")
+    b.add_argument("what", nargs="?", choices=["step", "cell", "norms", "loop", "all"], default="all",
+                   help="step: training step and evaluation vs the matrix-product peak; cell: a whole cell, old vs new "
+                   "evaluation; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop (default: all)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
     b.set_defaults(func=cmd_bench)

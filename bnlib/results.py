@@ -111,7 +111,11 @@ def load_runs(runs_dir: str | Path) -> list[dict]:
 
 
 def _budget(config: dict) -> str:
-    return f"{config['steps']} steps" if config.get("steps") is not None else f"{config['epochs']:g} epochs"
+    if config.get("steps") is not None:
+        return f"{config['steps']} steps"
+    if config.get("samples") is not None:
+        return f"{config['samples']} samples"
+    return f"{config['epochs']:g} epochs"
 
 
 def evaluations(runs: list[dict]) -> pd.DataFrame:

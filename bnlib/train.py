@@ -22,7 +22,9 @@ from . import models, norms
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
-EVAL_BATCH = 2048  # test samples per forward pass (inference only: larger is faster, until caches spill)
+# Test samples per forward pass. On a CPU a batch whose activations fit the caches wins (28x28, one thread:
+# 1.1 ms per sample at 128, 2.2 ms at 512 or more; `bnlib bench step` measures it); a GPU wants large batches.
+EVAL_BATCH = {"cpu": 128, "cuda": 2048}
 EVAL_SUBSET_SEED = 1234  # the fixed test subset of in-training evaluations; never changes with the run's seed
 
 
@@ -40,11 +42,13 @@ class Config:
     norm_placement: str = "all"  # all | first | none
     width: int = 32  # channels of every conv
     depth: int = 4  # conv layers, dilation 1, 2, 4, ...
-    steps: int | None = None  # budget in optimiser steps ...
-    epochs: float | None = None  # ... or in epochs (equal samples seen at every batch size); exactly one
+    steps: int | None = None  # budget in optimiser steps (equal steps: small batches see fewer samples) ...
+    epochs: float | None = None  # ... or in epochs (equal samples seen at every batch size) ...
+    samples: int | None = None  # ... or in training samples (equal samples, the same number on every dataset); exactly one
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-3
-    eval_every: int | None = None  # steps between test evaluations (default: 10 over the run)
+    eval_every: int | None = None  # steps between test evaluations (default: `evals` over the run)
+    evals: int = 10  # evaluations over the run when eval_every is not given (the last at the last step)
     eval_samples: int | None = 2000  # test samples of every evaluation before the last (a fixed subset; None: all); the last uses all
     log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 100 over the run)
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
@@ -96,15 +100,18 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
     if not config.lr > 0:
         fail("lr", "the learning rate must be positive")
-    if (config.steps is None) == (config.epochs is None):
-        raise ConfigError(f"steps={config.steps!r}, epochs={config.epochs!r}: give exactly one budget")
+    budgets = {k: getattr(config, k) for k in ("steps", "epochs", "samples")}
+    if sum(v is not None for v in budgets.values()) != 1:
+        raise ConfigError(", ".join(f"{k}={v!r}" for k, v in budgets.items()) + ": give exactly one budget")
     if config.steps is not None and (not isinstance(config.steps, int) or config.steps < 1):
         fail("steps", "must be a positive integer")
     if config.epochs is not None and not config.epochs > 0:
         fail("epochs", "must be positive")
+    if config.samples is not None and (not isinstance(config.samples, int) or config.samples < config.batch_size):
+        fail("samples", f"must be an integer of at least batch_size={config.batch_size}")
     if config.precision not in PRECISIONS:
         fail("precision", f"choose one of {', '.join(PRECISIONS)}")
-    for key in ("eval_every", "log_every", "eval_samples"):
+    for key in ("eval_every", "log_every", "eval_samples", "evals"):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             fail(key, "must be a positive integer")
@@ -141,6 +148,8 @@ def resolve_device(name: str) -> torch.device:
 def total_steps(config: Config, num_train: int) -> int:
     if config.steps is not None:
         return config.steps
+    if config.samples is not None:
+        return config.samples // config.batch_size
     return max(1, round(config.epochs * num_train / config.batch_size))
 
 
@@ -164,11 +173,12 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    size = EVAL_BATCH.get(x.device.type, 1024)
     with torch.inference_mode(), autocast(x.device, precision):
-        for i in range(0, len(x), EVAL_BATCH):
-            logits = model(x[i: i + EVAL_BATCH]).float()
-            loss += F.cross_entropy(logits, y[i: i + EVAL_BATCH], reduction="sum").double()
-            correct += (logits.argmax(1) == y[i: i + EVAL_BATCH]).sum()
+        for i in range(0, len(x), size):
+            logits = model(x[i: i + size]).float()
+            loss += F.cross_entropy(logits, y[i: i + size], reduction="sum").double()
+            correct += (logits.argmax(1) == y[i: i + size]).sum()
     model.train(was_training)
     return int(correct) / len(x), float(loss) / len(x)  # one host sync per evaluation
 
@@ -206,7 +216,7 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     device = resolve_device(config.device)
     ds = dataset.to(device)
     steps = total_steps(config, len(ds.y_train))
-    eval_every = config.eval_every or max(1, steps // 10)
+    eval_every = config.eval_every or max(1, steps // config.evals)
     log_every = config.log_every or max(1, steps // 100)
     eval_steps = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps})
     # In-training evaluations on a fixed test subset (the same for every seed and method); the last on all.

@@ -216,7 +216,7 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     device = resolve_device(config.device)
     ds = dataset.to(device)
     steps = total_steps(config, len(ds.y_train))
-    eval_every = config.eval_every or max(1, steps // config.evals)
+    eval_every = config.eval_every or math.ceil(steps / config.evals)  # exactly `evals`, the last at the last step
     log_every = config.log_every or max(1, steps // 100)
     eval_steps = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps})
     # In-training evaluations on a fixed test subset (the same for every seed and method); the last on all.

@@ -1,7 +1,9 @@
 """The book: what its pages compute from ``results/<grid>/``, and the offline build.
 
-Pages call :func:`tables` for the grid being shown (``BNLIB_BOOK_GRID``, default ``default``; results in
-``BNLIB_RESULTS``, default ``results/``) and glue every number they print, so no number is typed.
+Pages call :func:`tables` for the grid being shown (``BNLIB_BOOK_GRID``, default ``study``, the published
+grid whose results are committed; results in ``BNLIB_RESULTS``, default ``results/``) and glue every number
+they print, so no number is typed. A plain ``jupyter-book build .`` therefore builds the published book from
+the committed ``results/study/`` without training; ``bnlib book --grid default`` builds a quick-start grid's.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ CELLS_DIR = ROOT / "book" / "runs" / "cells"
 BUILD_DIR = ROOT / "_build"
 
 
+PUBLISHED_GRID = "study"
+
+
 def grid_name() -> str:
-    return os.environ.get("BNLIB_BOOK_GRID", "default")
+    return os.environ.get("BNLIB_BOOK_GRID", PUBLISHED_GRID)
 
 
 def results_dir() -> Path:
@@ -86,11 +91,13 @@ def headline(summary: pd.DataFrame) -> dict:
     """The numbers of the one-paragraph answer: the first dataset, i.i.d. batches, smallest and largest batch."""
     s = summary.copy()
     s["method"] = s["method"].astype(str)
-    dataset = sorted(s["dataset"].unique())[0]
+    # the harder real dataset when the grid has it (the published study), else the first
+    dataset = "fashionmnist" if (s["dataset"] == "fashionmnist").any() else sorted(s["dataset"].unique())[0]
     part = s[(s["dataset"] == dataset) & (s["sampler"] == "iid")] if (s["sampler"] == "iid").any() else s[s["dataset"] == dataset]
     part = standard_placement(part)
-    if "budget" in part:
-        part = part[part["budget"] == sorted(part["budget"].unique())[0]]
+    if "budget" in part:  # equal samples (a budget in samples or epochs) when the grid has several
+        budgets = sorted(part["budget"].unique(), key=lambda b: (str(b).endswith(" steps"), str(b)))
+        part = part[part["budget"] == budgets[0]]
     small, large = int(part["batch_size"].min()), int(part["batch_size"].max())
     facts: dict = {"dataset": dataset, "small": small, "large": large, "budget": str(part["budget"].iloc[0]),
                    "n_seeds": int(part["n_seeds"].min())}
@@ -152,7 +159,8 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def gather_runs(folder: Path) -> int:
-    """Copy the grid's executed cell notebooks into the book, titled by their cell ids (results untouched)."""
+    """Copy the grid's executed cell notebooks into the book, titled by their cell ids (results untouched).
+    Called by the book's Sphinx extension (:mod:`bnlib.book_extension`) at the start of every build."""
     if CELLS_DIR.exists():
         shutil.rmtree(CELLS_DIR)
     CELLS_DIR.mkdir(parents=True)
@@ -170,13 +178,12 @@ def gather_runs(folder: Path) -> int:
     return count
 
 
-def build(grid: str = "default", results_root: str | Path = "results", strict: bool = True) -> Path:
-    """Aggregate the grid, gather its run notebooks, and build the book offline (warnings as errors)."""
+def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", strict: bool = True) -> Path:
+    """Aggregate the grid and build the book offline (warnings as errors); the build gathers the notebooks."""
     folder = Path(results_root).resolve() / grid
+    if not any((folder / "runs").glob("*.json")):
+        raise FileNotFoundError(f"no finished cells in {folder / 'runs'}: run `bnlib run {grid}` first")
     results.aggregate(folder)
-    n = gather_runs(folder)
-    if n == 0:
-        raise FileNotFoundError(f"no finished cell notebooks in {folder / 'runs'}: run `bnlib run {grid}` first")
     env = {**os.environ, "BNLIB_BOOK_GRID": grid, "BNLIB_RESULTS": str(Path(results_root).resolve())}
     exe = Path(sys.executable).with_name("jupyter-book")
     # --all: the pages read results/, which Sphinx cannot see change; never serve numbers from its cache
@@ -188,3 +195,112 @@ def build(grid: str = "default", results_root: str | Path = "results", strict: b
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}); see the messages above")
     return BUILD_DIR / "html" / "index.html"
+
+
+# --- the original study, side by side -------------------------------------------------------------
+
+ORIGINAL_CSV = ROOT / "book" / "data" / "original_study.csv"
+ORIGINAL_DATASETS = {"mnist": ("mnist5k", "fashionmnist"), "cifar100": ()}  # ours that stand in for theirs
+EQUIVALENCE_POINTS = 1.0  # "matches BN": the paired 95% interval lies within +-1 point of BN
+
+
+def original_results() -> pd.DataFrame:
+    """The original study's final accuracies (%), read off its figures; one run each (see the file's source column)."""
+    return pd.read_csv(ORIGINAL_CSV)
+
+
+def equal_steps(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the original's budget (the same number of steps at every batch size), i.i.d., original network."""
+    s = standard_placement(summary)
+    s = s[(s["sampler"] == "iid") & s["budget"].astype(str).str.endswith(" steps")]
+    return s.assign(method=s["method"].astype(str))
+
+
+def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
+    """Original (one run) beside ours (mean [95% interval], n seeds) per dataset, batch size and method."""
+    ours = equal_steps(summary)
+    orig = original_results()
+    rows = []
+    for r in orig.itertuples():
+        row = {"original dataset": r.dataset, "batch": r.batch_size, "method": norms.display_name(r.method),
+               "original (%)": ("< " if r.relation == "below" else "") + f"{r.final_acc:g}"}
+        for ds in ("mnist5k", "fashionmnist"):
+            hit = ours[(ours["dataset"] == ds) & (ours["batch_size"] == r.batch_size) & (ours["method"] == r.method)]
+            if r.dataset == "cifar100":
+                row[f"ours: {ds}"] = "not re-run"
+            elif hit.empty:
+                row[f"ours: {ds}"] = "not run yet"
+            else:
+                h = hit.iloc[0]
+                row[f"ours: {ds}"] = f"{_fmt(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _diff(ours: pd.DataFrame, dataset: str, batch: int, method: str) -> tuple[float, float, float] | None:
+    hit = ours[(ours["dataset"] == dataset) & (ours["batch_size"] == batch) & (ours["method"] == method)]
+    if hit.empty or pd.isna(hit.iloc[0].get("diff_ci_low", float("nan"))):
+        return None
+    h = hit.iloc[0]
+    return pp(h["diff_vs_bn"]), pp(h["diff_ci_low"]), pp(h["diff_ci_high"])
+
+
+def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
+    """The original study's four claims, each judged on one of our datasets under its equal-steps budget from
+    the paired 95% intervals against BN: "holds", "does not hold" or "cannot tell" (an interval that
+    includes the boundary, or a condition not run / with fewer than 2 seeds)."""
+    ours = equal_steps(summary)
+    sizes = sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())
+    small, larger = (sizes[0], sizes[1:]) if sizes else (None, [])
+
+    def d(batch, method):
+        return _diff(ours, dataset, batch, method) if batch is not None else None
+
+    def fmt(x):
+        return "not run" if x is None else f"{x[0]:+.1f} [{x[1]:+.1f}, {x[2]:+.1f}]"
+
+    claims = []
+    # 1. BRN(C) beats BN only at tiny batches (the original: on the harder task)
+    tiny = [d(small, m) for m in ("brn", "brnc")]
+    big = [d(b, m) for b in larger for m in ("brn", "brnc")]
+    if any(x is None for x in tiny + big) or not larger:
+        v1 = "cannot tell"
+    elif any(x[1] > 0 for x in big):
+        v1 = "does not hold"  # it also beats BN at a larger batch
+    elif any(x[1] > 0 for x in tiny):
+        v1 = "holds"
+    elif all(x[2] < 0 for x in tiny):
+        v1 = "does not hold"  # BN is better at the tiny batch
+    else:
+        v1 = "cannot tell"
+    claims.append({"claim": "BRN(C) beats BN only at tiny batches", "verdict": v1,
+                   "evidence": "; ".join(f"{m} at batch {small}: {fmt(x)}" for m, x in zip(("brn", "brnc"), tiny))})
+    # 2. BNRS converges much slower: below BN at the end of the budget at every batch size
+    rs = [d(b, "bnrs") for b in sizes]
+    if not sizes or any(x is None for x in rs):
+        v2 = "cannot tell"
+    elif all(x[2] < 0 for x in rs):
+        v2 = "holds"
+    elif any(x[1] > 0 for x in rs):
+        v2 = "does not hold"
+    else:
+        v2 = "cannot tell"
+    claims.append({"claim": "BNRS converges much slower than BN (below BN at the end of the budget, every batch size)",
+                   "verdict": v2, "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(sizes, rs))})
+    # 3. BNWoS fails at batch 2
+    w2 = d(small, "bnwos")
+    v3 = "cannot tell" if w2 is None else ("holds" if w2[2] < 0 else ("does not hold" if w2[1] >= 0 else "cannot tell"))
+    claims.append({"claim": f"BNWoS fails at batch {small} (below BN)", "verdict": v3, "evidence": f"batch {small}: {fmt(w2)}"})
+    # 4. BNWoS matches BN at larger batches: every paired interval within +-EQUIVALENCE_POINTS
+    wl = [d(b, "bnwos") for b in larger]
+    if not larger or any(x is None for x in wl):
+        v4 = "cannot tell"
+    elif all(-EQUIVALENCE_POINTS <= x[1] and x[2] <= EQUIVALENCE_POINTS for x in wl):
+        v4 = "holds"
+    elif any(x[1] > EQUIVALENCE_POINTS or x[2] < -EQUIVALENCE_POINTS for x in wl):
+        v4 = "does not hold"
+    else:
+        v4 = "cannot tell"
+    claims.append({"claim": f"BNWoS matches BN at larger batches (within ±{EQUIVALENCE_POINTS:g} point)", "verdict": v4,
+                   "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(larger, wl))})
+    return claims

@@ -26,6 +26,11 @@ def cmd_run(args) -> int:
     else:
         executor = grid_mod.LocalExecutor(args.jobs, args.threads)
     report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress)
+    if report.skipped == report.total and not args.force:
+        # e.g. a clone with the published results committed: nothing is executed, rewritten or re-aggregated
+        print(f"grid {g.name}: all {report.total} cells are done; nothing to run (their results are kept; "
+              "--force redoes them, `bnlib verify` re-executes some into a temporary folder)")
+        return 0
     print(f"grid {g.name}: {len(report.finished)} cells run, {report.skipped} already done, "
           f"{len(report.failed)} failed, in {report.seconds:.0f} s")
     for cell, error in report.failed.items():
@@ -101,6 +106,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from . import grid as grid_mod
+    from . import verify
+
+    g = grid_mod.load(args.grid)
+    try:
+        comparisons = verify.verify(g, args.results, cells=args.cell, count=args.cells, seed=args.seed)
+    except RuntimeError as err:
+        print(f"bnlib verify: {err}", file=sys.stderr)
+        return 1
+    table, ok = verify.report(comparisons, args.tolerance)
+    print(table)
+    return 0 if ok else 1
+
+
 def cmd_book(args) -> int:
     from .book import build
 
@@ -156,8 +176,20 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
     b.set_defaults(func=cmd_bench)
 
+    v = sub.add_parser("verify", help="re-execute committed cells and compare their final numbers",
+                       description="Re-execute N finished cells of GRID (chosen with a fixed seed, or named with --cell) "
+                       "through the same notebook into a temporary folder, and compare every method's final test accuracy "
+                       "with the committed one. Exits 1 when a difference exceeds the tolerance. Results are not touched.")
+    _grid_arg(v)
+    v.add_argument("--cells", type=int, default=1, help="how many cells to re-execute (default: 1)")
+    v.add_argument("--cell", action="append", default=None, metavar="ID", help="re-execute this cell (repeatable; overrides --cells)")
+    v.add_argument("--seed", type=int, default=1, help="seed of the choice of cells (default: 1)")
+    v.add_argument("--tolerance", type=float, default=0.5, help="largest accepted difference in points (default: 0.5; "
+                   "bit-identical on the same machine type, a few tenths on another CPU)")
+    v.set_defaults(func=cmd_verify)
+
     k = sub.add_parser("book", help="build the Jupyter Book from a grid's results (offline, warnings as errors)")
-    k.add_argument("--grid", default="default", help="whose results the book shows (default: default)")
+    k.add_argument("--grid", default="study", help="whose results the book shows (default: study, the published grid)")
     k.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
     k.add_argument("--no-strict", action="store_true", help="do not turn warnings into errors")
     k.set_defaults(func=cmd_book)

@@ -1,0 +1,106 @@
+"""Re-execute committed cells and compare their final numbers with the committed ones.
+
+``bnlib verify GRID --cells N`` picks N finished cells (a fixed seed, so everyone re-runs the same ones),
+runs each through the same papermill notebook into a temporary folder -- with the torch thread count the
+committed cell recorded, since the order of floating-point reductions depends on it -- and prints, per cell
+and method, the committed and the re-executed final test accuracy and their difference.
+
+Tolerance: on the same machine type and software the re-execution is bit-identical (every operation is
+seeded and deterministic on the CPU), so any difference there is a real change. On another CPU, oneDNN
+picks other vector kernels whose rounding differs in the last bits; over thousands of optimiser steps that
+moves a final accuracy by a few tenths of a point (a test set of 1,000 images moves in steps of 0.1). The
+default tolerance, 0.5 points, accepts that and still fails on any change of method, data or budget,
+which moves numbers by whole points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import grid as grid_mod
+
+TOLERANCE_POINTS = 0.5
+METRICS = ("test_acc", "test_acc_recomputed")
+
+
+@dataclass
+class Comparison:
+    cell: str
+    method: str
+    metric: str
+    committed: float | None
+    rerun: float | None
+
+    @property
+    def difference(self) -> float:
+        """Re-executed minus committed, in percentage points (NaN where either is missing)."""
+        if self.committed is None or self.rerun is None:
+            return 0.0 if self.committed is None and self.rerun is None else math.nan
+        return 100.0 * (self.rerun - self.committed)
+
+
+def choose(done: list[str], count: int, seed: int = 1) -> list[str]:
+    """``count`` of the finished cells, the same ones for everyone with the same seed."""
+    return sorted(random.Random(seed).sample(sorted(done), min(count, len(done))))
+
+
+def compare(committed: dict, rerun: dict) -> list[Comparison]:
+    out = []
+    for method, rec in committed["methods"].items():
+        new = rerun["methods"].get(method, {"final": {}})
+        for metric in METRICS:
+            out.append(Comparison(committed["cell"], method, metric, rec["final"].get(metric), new["final"].get(metric)))
+    return out
+
+
+def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, count: int = 1, seed: int = 1,
+           progress: bool = True) -> list[Comparison]:
+    """Re-execute the chosen committed cells of ``grid`` into a temporary folder; their comparisons."""
+    runs = grid_mod.runs_dir(results, grid)
+    by_id = {c.id: c for c in grid.cells}
+    done = [c.id for c in grid.cells if grid_mod.state(runs, c) == "done"]
+    if cells:
+        unknown = [c for c in cells if c not in by_id]
+        if unknown:
+            raise grid_mod.GridError(f"{grid.path}: no cell {', '.join(unknown)} in this grid (`bnlib status {grid.name} -v` lists them)")
+        missing = [c for c in cells if c not in done]
+        if missing:
+            raise grid_mod.GridError(f"cell(s) {', '.join(missing)} have no committed metrics file in {runs}")
+        chosen = cells
+    else:
+        if not done:
+            raise grid_mod.GridError(f"{runs}: no finished cells to verify; run `bnlib run {grid.name}` first")
+        chosen = choose(done, count, seed)
+    grid_mod.check_notebook(grid)
+    comparisons = []
+    with tempfile.TemporaryDirectory(prefix="bnlib-verify-") as tmp:
+        for i, cid in enumerate(chosen, 1):
+            committed = json.loads((runs / f"{cid}.json").read_text())
+            threads = committed.get("provenance", {}).get("torch_threads") or 1
+            if progress:
+                print(f"[{i}/{len(chosen)}] re-executing {cid} ({threads} thread(s)) ...", flush=True)
+            outcome = grid_mod.execute_cell(by_id[cid], Path(tmp), threads=threads)
+            if not outcome["ok"]:
+                raise RuntimeError(f"re-executing {cid} failed: {outcome['error']}")
+            rerun = json.loads((Path(tmp) / f"{cid}.json").read_text())
+            comparisons += compare(committed, rerun)
+    return comparisons
+
+
+def report(comparisons: list[Comparison], tolerance: float = TOLERANCE_POINTS) -> tuple[str, bool]:
+    """A printable table and whether every difference is within ``tolerance`` points."""
+    import pandas as pd
+
+    pct = lambda v: None if v is None else round(100 * v, 2)  # noqa: E731
+    frame = pd.DataFrame([{"cell": c.cell, "method": c.method, "metric": c.metric, "committed %": pct(c.committed),
+                           "re-executed %": pct(c.rerun), "difference (points)": c.difference} for c in comparisons])
+    bad = [c for c in comparisons if not abs(c.difference) <= tolerance]  # NaN (one side missing) is bad too
+    identical = all(c.committed == c.rerun for c in comparisons)
+    verdict = ("bit-identical" if identical else
+               f"all within {tolerance:g} points" if not bad else f"{len(bad)} value(s) differ by more than {tolerance:g} points")
+    return frame.to_string(index=False) + f"\n{len(comparisons)} values compared: {verdict}", not bad

@@ -1,0 +1,166 @@
+"""The published grid: committed results checked for integrity, re-executable with `bnlib verify`, judged
+against the original study's claims, and a plain `jupyter-book build .` that builds the book from them."""
+
+import html
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnlib import book, cli, grid, published, results, verify
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "results" / "study"
+HAS_STUDY = any(STUDY.glob("runs/*.json"))
+
+
+def _copy_grid(smoke_results, tmp_path) -> Path:
+    """A copy of the finished smoke grid as it would be committed: runs and aggregated tables."""
+    dst = tmp_path / "res" / "smoke"
+    shutil.copytree(smoke_results / "smoke", dst)
+    results.aggregate(dst)
+    return dst
+
+
+# --- integrity of a committed folder --------------------------------------------------------------
+
+
+def test_published_check_passes_on_a_finished_grid(smoke_results, tmp_path):
+    folder = _copy_grid(smoke_results, tmp_path)
+    assert published.check(folder) == len(grid.load("smoke").cells)
+
+
+def test_truncated_metrics_file_is_named(smoke_results, tmp_path):
+    folder = _copy_grid(smoke_results, tmp_path)
+    victim = sorted((folder / "runs").glob("*.json"))[1]
+    victim.write_text(victim.read_text()[:200])  # half a file, as a broken copy leaves it
+    with pytest.raises(published.PublishedError, match=re.escape(str(victim))):
+        published.check(folder)
+
+
+def test_missing_notebook_and_stale_summary_are_named(smoke_results, tmp_path):
+    folder = _copy_grid(smoke_results, tmp_path)
+    notebook = sorted((folder / "runs").glob("*.ipynb"))[0]
+    notebook.unlink()
+    with pytest.raises(published.PublishedError, match=re.escape(str(notebook))):
+        published.check(folder)
+    folder = _copy_grid(smoke_results, tmp_path / "again")
+    summary = pd.read_csv(folder / "summary.csv")
+    summary.loc[0, "mean"] += 0.01  # a number edited by hand, or a CSV not re-aggregated
+    summary.to_csv(folder / "summary.csv", index=False)
+    with pytest.raises(published.PublishedError, match="summary.csv: differs from a fresh aggregation"):
+        published.check(folder)
+
+
+def test_committed_study_results_are_intact():
+    if not HAS_STUDY:
+        pytest.skip("results/study holds no finished cell in this checkout")
+    assert published.check(STUDY) >= 1
+
+
+# --- re-running a grid whose cells are all done, and verify ----------------------------------------
+
+
+def test_run_on_a_finished_grid_does_nothing_and_says_so(smoke_results, tmp_path, capsys):
+    folder = _copy_grid(smoke_results, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    assert cli.main(["run", "smoke", "--results", str(folder.parent), "--no-progress"]) == 0
+    assert "all 6 cells are done; nothing to run" in capsys.readouterr().out.replace(str(len(grid.load("smoke").cells)), "6")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
+@pytest.mark.slow
+def test_verify_reexecutes_a_committed_cell_bit_identically_and_catches_a_changed_number(smoke_results, tmp_path, capsys):
+    folder = _copy_grid(smoke_results, tmp_path)
+    g = grid.load("smoke")
+    chosen = verify.choose([c.id for c in g.cells], 1, seed=1)
+    assert chosen == verify.choose(list(reversed([c.id for c in g.cells])), 1, seed=1)  # the same for everyone
+    assert cli.main(["verify", "smoke", "--results", str(folder.parent), "--cells", "1"]) == 0
+    out = capsys.readouterr().out
+    assert chosen[0] in out and "bit-identical" in out
+    # a committed number that the code does not reproduce fails verify, naming the cell
+    path = folder / "runs" / f"{chosen[0]}.json"
+    payload = json.loads(path.read_text())
+    payload["methods"]["bn"]["final"]["test_acc"] -= 0.02
+    path.write_text(json.dumps(payload))
+    assert cli.main(["verify", "smoke", "--results", str(folder.parent), "--cell", chosen[0]]) == 1
+    out = capsys.readouterr().out
+    assert "differ by more than 0.5 points" in out and re.search(r"bn\s+test_acc\s", out)
+
+
+# --- the original study's claims -----------------------------------------------------------------
+
+
+def _summary(diffs: dict, n: int = 5) -> pd.DataFrame:
+    """A summary with given paired differences (points: mean, low, high) per (dataset, batch, method)."""
+    rows = []
+    for (ds, b, m), (mean, low, high) in diffs.items():
+        rows.append({"dataset": ds, "batch_size": b, "sampler": "iid", "norm_placement": "all", "budget": "50 steps",
+                     "method": m, "n_seeds": n, "mean": 0.8, "ci_low": 0.7, "ci_high": 0.9,
+                     "diff_vs_bn": mean / 100, "diff_ci_low": low / 100, "diff_ci_high": high / 100})
+    return pd.DataFrame(rows)
+
+
+def test_original_claims_follow_the_intervals():
+    ds = "fashionmnist"
+    diffs = {(ds, 2, "brn"): (3, 1, 5), (ds, 2, "brnc"): (2, -1, 5), (ds, 16, "brn"): (0, -1, 1), (ds, 16, "brnc"): (0, -1, 1),
+             (ds, 2, "bnrs"): (-20, -25, -15), (ds, 16, "bnrs"): (-10, -12, -8),
+             (ds, 2, "bnwos"): (-60, -70, -50), (ds, 16, "bnwos"): (0.1, -0.5, 0.7)}
+    verdicts = [c["verdict"] for c in book.original_claims(_summary(diffs), ds)]
+    assert verdicts == ["holds", "holds", "holds", "holds"]
+    flipped = {**diffs, (ds, 16, "brn"): (2, 0.5, 3.5), (ds, 16, "bnrs"): (2, 1, 3), (ds, 2, "bnwos"): (1, 0.2, 2),
+               (ds, 16, "bnwos"): (-3, -4, -2)}
+    assert [c["verdict"] for c in book.original_claims(_summary(flipped), ds)] == ["does not hold"] * 4
+    unsure = {**diffs, (ds, 2, "brn"): (1, -1, 3), (ds, 2, "brnc"): (1, -1, 3), (ds, 16, "bnrs"): (-1, -3, 1),
+              (ds, 2, "bnwos"): (-1, -3, 1), (ds, 16, "bnwos"): (0, -2, 2)}
+    assert [c["verdict"] for c in book.original_claims(_summary(unsure), ds)] == ["cannot tell"] * 4
+    assert [c["verdict"] for c in book.original_claims(_summary(diffs), "mnist5k")] == ["cannot tell"] * 4  # not run
+
+
+def test_original_numbers_name_their_source():
+    orig = book.original_results()
+    assert set(orig["dataset"]) == {"mnist", "cifar100"} and set(orig["batch_size"]) == {2, 16, 128}
+    assert set(orig["method"]) == {"bn", "bnrs", "brn", "brnc", "bnwos"} and len(orig) == 30
+    assert orig["source"].str.contains("enhuiz/batchnorms").all()
+    assert orig.set_index(["dataset", "batch_size", "method"]).loc[("cifar100", 128, "brn"), "final_acc"] == 39.5
+
+
+# --- the published book, built the way a reader's clone builds it ----------------------------------
+
+
+def _text(path: Path) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", path.read_text()))
+
+
+@pytest.mark.slow
+def test_plain_jupyter_book_build_shows_the_committed_study(tmp_path):
+    if not HAS_STUDY:
+        pytest.skip("results/study holds no finished cell in this checkout")
+    exe = Path(sys.executable).with_name("jupyter-book")
+    out = tmp_path / "site"  # never the user's _build/
+    proc = subprocess.run([str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-W", "-n", "--keep-going"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    site = out / "_build" / "html"
+    summary = pd.read_csv(STUDY / "summary.csv")
+    text = _text(site / "book" / "summary.html")
+    for row in summary.itertuples():
+        if not pd.isna(row.ci_low):
+            assert f"{100 * row.mean:.1f} [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}]" in text, row
+        if row.method != "bn" and not pd.isna(getattr(row, "diff_ci_low", float("nan"))):
+            assert f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text, row
+    facts = book.headline(summary)
+    intro = _text(site / "book" / "intro.html")
+    assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
+    cells = {p.stem for p in (STUDY / "runs").glob("*.json")}
+    shown = {p.stem for p in (site / "book" / "runs" / "cells").glob("*.html")}
+    assert shown == cells
+    runs_page = _text(site / "book" / "runs" / "index.html")
+    assert all(c in runs_page for c in cells)
+    original = _text(site / "book" / "original.html")
+    assert "not re-run" in original and re.search(r"holds|does not hold|cannot tell", original)

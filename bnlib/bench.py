@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +268,45 @@ def bench_cell(device: str = "cpu", dataset: str = "mnist5k", batch_size: int = 
                      "eval_s": statistics.median(e for _, e in ts), "speedup": ref / wall,
                      "same_final": finals[name] == finals[ref_name]})
     return rows
+
+
+SAVED_STEP = Path(__file__).resolve().parent.parent / "book" / "data" / "bench_step.csv"
+README = SAVED_STEP.parent.parent.parent / "README.md"
+README_MARKERS = ("<!-- bench-step:start (written by `bnlib bench step --save`) -->", "<!-- bench-step:end -->")
+
+
+def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP, readme: Path = README) -> None:
+    """Keep a ``bench step`` run: the CSV the Reproducibility page shows, and the README's table between its markers."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "machine", header)
+    frame.to_csv(csv_path, index=False)
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the table belongs")
+    table = step_markdown(frame)
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
+def step_markdown(frame) -> str:
+    """The lockstep rows and the peaks of a ``bench step`` table as markdown (per-method rows stay in the CSV)."""
+    keep = frame[frame["what"].isin(["matmul", "lockstep", "eval 1000"])].copy()
+    keep["input"] = [("" if pd_isna(s) else f"{int(s)}x{int(s)}") for s in keep["side"]]
+    keep["batch"] = ["" if pd_isna(n) else int(n) for n in keep["N"]]
+    keep["ms"] = [("" if pd_isna(v) else f"{v:.1f}") for v in keep["ms"]]
+    keep["GFLOP/s"] = keep["GFLOP/s"].map(lambda v: f"{v:.1f}")
+    keep["of peak"] = keep["of_peak"].map(lambda v: f"{100 * v:.0f}%")
+    cols = ["what", "precision", "input", "batch", "ms", "GFLOP/s", "of peak"]
+    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in keep.iterrows()]
+    return "\n".join(lines)
+
+
+def pd_isna(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -82,6 +82,8 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import time
+
     import torch
 
     from . import bench
@@ -93,7 +95,12 @@ def cmd_bench(args) -> int:
     print(f"# {torch.get_num_threads()} torch thread(s); {device_name(device)}")
     if args.what in ("step", "all"):
         print(f"# step: training step (forward+backward+Adam) and evaluation vs this machine's matrix-product peak, {device} (median of {args.repeats})")
-        print(bench.format_table(bench.bench_step(device, repeats=args.repeats)))
+        rows = bench.bench_step(device, repeats=args.repeats)
+        print(bench.format_table(rows))
+        if args.save:
+            header = f"{device_name(device)}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+            bench.save_step(rows, header)
+            print(f"saved: {bench.SAVED_STEP} and the table in {bench.README}")
     if args.what in ("cell", "all"):
         print(f"\n# cell: a whole cell, every evaluation on the full test set vs the default test subset in training, {device}")
         print(bench.format_table(bench.bench_cell(device)))
@@ -174,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
+    b.add_argument("--save", action="store_true", help="step: keep the table (book/data/bench_step.csv, shown on the "
+                   "Reproducibility page, and the README's table)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("verify", help="re-execute committed cells and compare their final numbers",

@@ -110,7 +110,7 @@ def load_runs(runs_dir: str | Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*.json"))]
 
 
-def _budget(config: dict) -> str:
+def budget_label(config: dict) -> str:
     if config.get("steps") is not None:
         return f"{config['steps']} steps"
     if config.get("samples") is not None:
@@ -123,20 +123,21 @@ def evaluations(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for run in runs:
         cfg = run["config"]
-        base = {"cell": run["cell"], "seed": cfg["seed"], "budget": _budget(cfg), "steps_total": run["steps"],
+        base = {"cell": run["cell"], "seed": cfg["seed"], "budget": budget_label(cfg), "steps_total": run["steps"],
                 "num_classes": run["num_classes"], "device": run["device"], "device_name": run["provenance"]["device_name"],
                 **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
         for method, rec in run["methods"].items():
             common = {**base, "method": method, "diverged": rec["diverged"], "diverged_step": rec["diverged_step"],
                       "train_seconds": rec["train_seconds"], "samples_per_second": rec["samples_per_second"]}
             n = len(rec["eval_step"])
+            sizes = rec.get("eval_size") or [run["test_size"]] * n  # test images per evaluation (a subset in training)
             for i, step in enumerate(rec["eval_step"]):
-                rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"],
+                rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"], "eval_size": sizes[i],
                              "test_acc": rec["test_acc"][i], "test_loss": rec["test_loss"][i],
                              "test_acc_recomputed": rec["test_acc_recomputed"][i],
                              "test_loss_recomputed": rec["test_loss_recomputed"][i], "final": i == n - 1 and not rec["diverged"]})
             if rec["diverged"] or n == 0:  # a row that says the run ended without a final evaluation
-                rows.append({**common, "step": rec["diverged_step"], "samples_seen": None, "test_acc": None, "test_loss": None,
+                rows.append({**common, "step": rec["diverged_step"], "samples_seen": None, "eval_size": None, "test_acc": None, "test_loss": None,
                              "test_acc_recomputed": None, "test_loss_recomputed": None, "final": True})
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -149,7 +150,7 @@ def training_losses(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for run in runs:
         cfg = run["config"]
-        base = {"cell": run["cell"], "seed": cfg["seed"], "budget": _budget(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        base = {"cell": run["cell"], "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
         for method, rec in run["methods"].items():
             for step, loss in zip(rec["train_step"], rec["train_loss"]):
                 rows.append({**base, "method": method, "step": step, "samples_seen": step * cfg["batch_size"], "train_loss": loss})

@@ -23,7 +23,6 @@ from . import norms, results
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS_DIR = ROOT / "book" / "runs" / "cells"
-BUILD_DIR = ROOT / "_build"
 
 
 PUBLISHED_GRID = "study"
@@ -69,17 +68,6 @@ def pp(x: float) -> float:
     return 100.0 * float(x)
 
 
-def verdict(low: float, high: float, better: str = "above", worse: str = "below") -> str:
-    """Words for a paired difference from its 95% interval: only an interval that excludes 0 gets a direction."""
-    if pd.isna(low) or pd.isna(high):
-        return "not estimable (a single seed)"
-    if low > 0:
-        return better
-    if high < 0:
-        return worse
-    return "indistinguishable from"
-
-
 def standard_placement(frame: pd.DataFrame) -> pd.DataFrame:
     """Only the rows of the original network (a norm after every conv) when a grid also varies the placement."""
     if "norm_placement" in frame and (frame["norm_placement"] == "all").any():
@@ -99,8 +87,9 @@ def headline(summary: pd.DataFrame) -> dict:
         budgets = sorted(part["budget"].unique(), key=lambda b: (str(b).endswith(" steps"), str(b)))
         part = part[part["budget"] == budgets[0]]
     small, large = int(part["batch_size"].min()), int(part["batch_size"].max())
+    family = int(s["p_value"].notna().sum()) if "p_value" in s else 0
     facts: dict = {"dataset": dataset, "small": small, "large": large, "budget": str(part["budget"].iloc[0]),
-                   "n_seeds": int(part["n_seeds"].min())}
+                   "n_seeds": int(part["n_seeds"].min()), "family": family}
     for size, tag in ((small, "small"), (large, "large")):
         rows = part[part["batch_size"] == size].set_index("method")
         if "bn" in rows.index:
@@ -111,7 +100,9 @@ def headline(summary: pd.DataFrame) -> dict:
                 continue
             facts[f"{m}_{tag}_diff"] = pp(rows.loc[m, "diff_vs_bn"])
             facts[f"{m}_{tag}_low"], facts[f"{m}_{tag}_high"] = pp(rows.loc[m, "diff_ci_low"]), pp(rows.loc[m, "diff_ci_high"])
-            facts[f"{m}_{tag}_verdict"] = verdict(rows.loc[m, "diff_ci_low"], rows.loc[m, "diff_ci_high"])
+            v = rows.loc[m, "verdict"] if "verdict" in rows else None
+            facts[f"{m}_{tag}_verdict"] = v if isinstance(v, str) else "cannot tell"
+            facts[f"{m}_{tag}_wins"] = f"{int(rows.loc[m, 'wins'])} of {int(rows.loc[m, 'n_pairs'])}" if "wins" in rows else "–"
             facts[f"{m}_{tag}_mean"] = pp(rows.loc[m, "mean"])
         best = rows["mean"].astype(float).idxmax()
         facts[f"best_{tag}"], facts[f"best_{tag}_acc"] = norms.display_name(best), pp(rows.loc[best, "mean"])
@@ -144,15 +135,36 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                 row[(f"batch {r.batch_size}", "accuracy (%)")] = _fmt(r.mean, r.ci_low, r.ci_high)
                 diff = getattr(r, "diff_vs_bn", float("nan"))
                 row[(f"batch {r.batch_size}", "vs BN (points)")] = "" if m == "bn" else _fmt(diff, r.diff_ci_low, r.diff_ci_high, signed=True)
+                wins = getattr(r, "wins", float("nan"))
+                row[(f"batch {r.batch_size}", "verdict (wins)")] = ("" if m == "bn" or not isinstance(getattr(r, "verdict", None), str)
+                                                                  else f"{r.verdict} ({int(wins)}/{int(r.n_pairs)})")
                 if r.diverged:
                     row[(f"batch {r.batch_size}", "accuracy (%)")] += f" ({r.diverged} diverged)"
             rows[norms.display_name(m)] = row
         order = [norms.display_name(m) for m in norms.METHODS if norms.display_name(m) in rows]
         table = pd.DataFrame(rows).T.loc[order]
         table.columns = pd.MultiIndex.from_tuples(table.columns)
-        table = table[sorted(table.columns, key=lambda c: (int(c[0].split()[1]), c[1]))]
+        order_within = {"accuracy (%)": 0, "vs BN (points)": 1, "verdict (wins)": 2}
+        table = table[sorted(table.columns, key=lambda c: (int(c[0].split()[1]), order_within.get(c[1], 3)))]
         out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", table))
     return out
+
+
+def seed_halfwidths(evaluations: pd.DataFrame) -> pd.DataFrame:
+    """Half-width of the paired interval against BN by number of seeds, for every comparison of the grid."""
+    from . import stats
+
+    final = results.final_scores(evaluations)
+    final = final[final["score"].notna()]
+    keys = [k for k in results.CONDITION_KEYS if k in final]
+    return stats.halfwidth_by_seeds(final, keys)
+
+
+def diverged_runs(evaluations: pd.DataFrame) -> pd.DataFrame:
+    """Every diverged run by cell (it counts as chance accuracy in the statistics)."""
+    div = evaluations[evaluations["diverged"].astype(bool) & evaluations["final"].astype(bool)]
+    cols = [c for c in ("cell", "method", "dataset", "budget", "batch_size", "sampler", "seed", "diverged_step") if c in div]
+    return div[cols].assign(method=div["method"].map(norms.display_name)).reset_index(drop=True)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -178,8 +190,10 @@ def gather_runs(folder: Path) -> int:
     return count
 
 
-def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", strict: bool = True) -> Path:
-    """Aggregate the grid and build the book offline (warnings as errors); the build gathers the notebooks."""
+def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", strict: bool = True,
+          output: str | Path = ROOT) -> Path:
+    """Aggregate the grid and build the book offline (warnings as errors) into ``output``/_build/html;
+    the build gathers the notebooks."""
     folder = Path(results_root).resolve() / grid
     if not any((folder / "runs").glob("*.json")):
         raise FileNotFoundError(f"no finished cells in {folder / 'runs'}: run `bnlib run {grid}` first")
@@ -187,14 +201,15 @@ def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", stri
     env = {**os.environ, "BNLIB_BOOK_GRID": grid, "BNLIB_RESULTS": str(Path(results_root).resolve())}
     exe = Path(sys.executable).with_name("jupyter-book")
     # --all: the pages read results/, which Sphinx cannot see change; never serve numbers from its cache
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(ROOT), "--all"]
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(output), "--all"]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
-    shutil.rmtree(BUILD_DIR / "html", ignore_errors=True)  # no page of an earlier build survives
+    html_dir = Path(output) / "_build" / "html"
+    shutil.rmtree(html_dir, ignore_errors=True)  # no page of an earlier build survives
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}); see the messages above")
-    return BUILD_DIR / "html" / "index.html"
+    return html_dir / "index.html"
 
 
 # --- the original study, side by side -------------------------------------------------------------

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from . import norms
+from . import norms, stats
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -55,11 +55,11 @@ def final_table(result: dict) -> pd.DataFrame:
 
 def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str = "samples_seen", col: str = "batch_size",
                            row: str | None = None):
-    """The original study's figure with statistics: mean test accuracy over seeds, 95% bootstrap band."""
+    """The original study's figure with statistics: mean test accuracy over seeds, Student-t 95% band."""
     data = evals[evals[column].notna()]
     methods = _order(data["method"].unique())
     grid = sns.relplot(data=data, x=x, y=column, hue="method", hue_order=methods, palette=palette(methods), col=col, row=row,
-                       kind="line", errorbar=("ci", 95), n_boot=1000, seed=0, height=3.2, aspect=1.15,
+                       kind="line", errorbar=stats.t_interval, height=3.2, aspect=1.15,
                        facet_kws={"sharex": False, "sharey": True}, legend="full")
     grid.set_axis_labels("samples seen" if x == "samples_seen" else x, "test accuracy")
     _rename_legend(grid)
@@ -69,7 +69,7 @@ def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str
 def loss_over_training(losses: pd.DataFrame, col: str = "batch_size", row: str | None = None):
     methods = _order(losses["method"].unique())
     grid = sns.relplot(data=losses, x="samples_seen", y="train_loss", hue="method", hue_order=methods, palette=palette(methods),
-                       col=col, row=row, kind="line", errorbar=("ci", 95), n_boot=500, seed=0, height=3.2, aspect=1.15,
+                       col=col, row=row, kind="line", errorbar=stats.t_interval, height=3.2, aspect=1.15,
                        facet_kws={"sharex": False, "sharey": True})
     grid.set(yscale="log")
     grid.set_axis_labels("samples seen", "training loss")
@@ -78,7 +78,7 @@ def loss_over_training(losses: pd.DataFrame, col: str = "batch_size", row: str |
 
 
 def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | None = None, value: str = "mean"):
-    """Final accuracy against batch size: mean over seeds with the bootstrap interval as error bars."""
+    """Final accuracy against batch size: mean over seeds with the t interval as error bars."""
     methods = _order(summary["method"].astype(str).unique())
     facets_c = sorted(summary[col].unique()) if col else [None]
     facets_r = sorted(summary[row].unique()) if row else [None]
@@ -115,3 +115,21 @@ def _rename_legend(grid) -> None:
             if text.get_text() in norms.REGISTRY:
                 text.set_text(norms.display_name(text.get_text()))
         sns.move_legend(grid, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(grid.legend.texts)), title=None, frameon=False)
+
+
+def seeds_needed(halfwidths: pd.DataFrame):
+    """Half-width of the paired 95% interval against BN (points) by number of seeds: median over conditions."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    if halfwidths.empty:
+        ax.text(0.5, 0.5, "fewer than two seeds per condition so far", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    for m in _order(halfwidths["method"].unique()):
+        g = halfwidths[halfwidths["method"] == m].groupby("n_seeds")["halfwidth_points"].median()
+        ax.plot(g.index, g.values, marker="o", color=norms.colour(m), label=norms.display_name(m), lw=1.5)
+    ax.set_xlabel("seeds")
+    ax.set_ylabel("half-width of the 95% interval (points)")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(halfwidths["n_seeds"].unique()))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,9 +1,10 @@
-"""Run records on disk, the tidy table of a grid, and its statistics (bootstrap intervals, paired differences).
+"""Run records on disk, the tidy table of a grid, and its summary (t intervals, paired differences; see :mod:`bnlib.stats`).
 
 A cell's metrics file (``results/<grid>/runs/<cell>.json``) is written last, by atomic rename: its
 existence means the cell is done. :func:`evaluations` gathers every run of a grid into one tidy table
 (a row per cell x method x evaluation); :func:`summarise` reduces it to the final accuracy per method and
-condition with a bootstrap 95% interval over seeds, and the paired difference against BN.
+condition with a Student-t 95% interval over seeds, the paired difference against BN with its interval, a
+paired t-test, the seeds in which the method beat BN, and a verdict after Holm's correction.
 
 A diverged run counts as chance accuracy (1 / number of classes) in the statistics: a network whose
 weights are NaN predicts nothing. The ``diverged`` column says how many runs that was.
@@ -22,11 +23,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from . import stats
+
 REFERENCE = "bn"
-CONFIDENCE = 0.95
 # Condition columns that identify a comparison (everything a grid may vary except the seed).
 CONDITION_KEYS = ("dataset", "batch_size", "sampler", "classes_per_batch", "norm_placement", "budget", "width", "depth", "optimizer", "lr")
 
@@ -130,7 +131,7 @@ def evaluations(runs: list[dict]) -> pd.DataFrame:
             common = {**base, "method": method, "diverged": rec["diverged"], "diverged_step": rec["diverged_step"],
                       "train_seconds": rec["train_seconds"], "samples_per_second": rec["samples_per_second"]}
             n = len(rec["eval_step"])
-            sizes = rec.get("eval_size") or [run["test_size"]] * n  # test images per evaluation (a subset in training)
+            sizes = rec.get("eval_size") or [run.get("test_size")] * n  # test images per evaluation (a subset in training)
             for i, step in enumerate(rec["eval_step"]):
                 rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"], "eval_size": sizes[i],
                              "test_acc": rec["test_acc"][i], "test_loss": rec["test_loss"][i],
@@ -157,20 +158,6 @@ def training_losses(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap 95% percentile interval of the mean (NaN with fewer than two values or no spread)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    if np.all(values == values[0]):
-        return float(values[0]), float(values[0])
-    res = stats.bootstrap((values,), np.mean, confidence_level=CONFIDENCE, n_resamples=9999, method="percentile",
-                          random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def final_scores(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
     """One row per cell x method with its final score; a diverged run scores chance (1 / classes)."""
     final = table[table["final"]].copy()
@@ -180,8 +167,9 @@ def final_scores(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
 
 
 def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
-    """Per condition x method: mean final score over seeds with a bootstrap interval, and the paired
-    difference against BN (same condition, same seed: identical batches and initial weights)."""
+    """Per condition x method: mean final score over seeds with a t interval, and the paired difference
+    against BN (same condition, same seed: identical batches and initial weights) with its t interval, a
+    paired t-test and a verdict after Holm's correction across every comparison of the table."""
     final = final_scores(table, column)
     final = final[final["score"].notna()]
     keys = [k for k in CONDITION_KEYS if k in final]
@@ -191,19 +179,21 @@ def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
         ref = group[group["method"] == REFERENCE].set_index("seed")["score"]
         for method, g in group.groupby("method", sort=False):
             scores = g.set_index("seed")["score"]
-            low, high = _interval(scores.values)
+            low, high = stats.t_interval(scores.values)
             row = {**cond, "method": method, "n_seeds": len(scores), "diverged": int(g["diverged"].sum()),
                    "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else float("nan"),
                    "ci_low": low, "ci_high": high}
             common = scores.index.intersection(ref.index)
             if method != REFERENCE and len(common):
                 diff = scores[common] - ref[common]
-                d_low, d_high = _interval(diff.values)
-                row.update({"diff_vs_bn": diff.mean(), "diff_ci_low": d_low, "diff_ci_high": d_high, "n_pairs": len(common)})
+                d_low, d_high = stats.t_interval(diff.values)
+                row.update({"diff_vs_bn": diff.mean(), "diff_ci_low": d_low, "diff_ci_high": d_high, "n_pairs": len(common),
+                            "wins": int((diff > 0).sum()), "p_value": stats.paired_test(diff.values)})
             rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
         return out
+    out = stats.add_verdicts(out)
     from .norms import METHODS
 
     out["method"] = pd.Categorical(out["method"], categories=[m for m in METHODS if m in set(out["method"])], ordered=True)

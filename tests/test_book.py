@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def site(smoke_results) -> Path:
-    index = book.build("smoke", smoke_results, strict=True)  # -W: any warning fails the build
+def site(smoke_results, tmp_path_factory) -> Path:
+    # -W: any warning fails the build; into a temporary folder, never over the user's _build/
+    index = book.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
     assert index.exists()
     return index.parent
 

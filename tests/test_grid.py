@@ -193,15 +193,18 @@ def _fake_run(cell, seed, batch, accs, diverged=()):
     return {"cell": cell, "config": config, "steps": 10, "num_classes": 10, "device": "cpu", "provenance": {"device_name": "cpu"}, "methods": methods}
 
 
-def test_summary_statistics_are_paired_and_bootstrapped():
+def test_summary_statistics_are_paired_with_t_intervals():
     runs = [_fake_run(f"c{s}", s, 4, {"bn": 0.9 + 0.01 * s, "brn": 0.8 + 0.02 * s, "bnrs": 0.5}, diverged=("bnrs",) if s == 0 else ())
             for s in range(4)]
     summary = results.summarise(results.evaluations(runs)).set_index("method")
     assert summary.loc["bn", "mean"] == pytest.approx(0.915)
     assert summary.loc["bn", "ci_low"] < 0.915 < summary.loc["bn", "ci_high"]
     assert summary.loc["brn", "diff_vs_bn"] == pytest.approx(0.83 - 0.915)
-    # paired: the differences are -0.1, -0.09, -0.08, -0.07, so the interval is tight around the mean
-    assert -0.1 <= summary.loc["brn", "diff_ci_low"] < summary.loc["brn", "diff_ci_high"] <= -0.07
+    # paired: the differences are -0.1, -0.09, -0.08, -0.07: mean -0.085 +- t(0.975, 3) * s / 2, by hand
+    half = 3.182446305284263 * 0.012909944487358056 / 2
+    assert summary.loc["brn", "diff_ci_low"] == pytest.approx(-0.085 - half)
+    assert summary.loc["brn", "diff_ci_high"] == pytest.approx(-0.085 + half)
+    assert summary.loc["brn", "wins"] == 0 and summary.loc["brn", "verdict"] == "below"  # paired t-test p < 0.001, Holm over 2 comparisons
     # a diverged run scores chance and is counted
     assert summary.loc["bnrs", "diverged"] == 1 and summary.loc["bnrs", "mean"] == pytest.approx((0.1 + 3 * 0.5) / 4)
     assert summary.loc["bn", "n_seeds"] == 4

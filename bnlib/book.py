@@ -136,15 +136,19 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                 diff = getattr(r, "diff_vs_bn", float("nan"))
                 row[(f"batch {r.batch_size}", "vs BN (points)")] = "" if m == "bn" else _fmt(diff, r.diff_ci_low, r.diff_ci_high, signed=True)
                 wins = getattr(r, "wins", float("nan"))
-                row[(f"batch {r.batch_size}", "verdict (wins)")] = ("" if m == "bn" or not isinstance(getattr(r, "verdict", None), str)
-                                                                  else f"{r.verdict} ({int(wins)}/{int(r.n_pairs)})")
+                p_holm = getattr(r, "p_holm", float("nan"))
+                row[(f"batch {r.batch_size}", "verdict (Holm p; wins)")] = (
+                    "" if m == "bn" or not isinstance(getattr(r, "verdict", None), str)
+                    else f"{r.verdict} ({'–' if pd.isna(p_holm) else f'{p_holm:.2g}'}; {int(wins)}/{int(r.n_pairs)})")
+                if r.n_seeds != part["n_seeds"].min():  # n beside the interval wherever it differs from the title's
+                    row[(f"batch {r.batch_size}", "accuracy (%)")] += f" n={int(r.n_seeds)}"
                 if r.diverged:
                     row[(f"batch {r.batch_size}", "accuracy (%)")] += f" ({r.diverged} diverged)"
             rows[norms.display_name(m)] = row
         order = [norms.display_name(m) for m in norms.METHODS if norms.display_name(m) in rows]
         table = pd.DataFrame(rows).T.loc[order]
         table.columns = pd.MultiIndex.from_tuples(table.columns)
-        order_within = {"accuracy (%)": 0, "vs BN (points)": 1, "verdict (wins)": 2}
+        order_within = {"accuracy (%)": 0, "vs BN (points)": 1, "verdict (Holm p; wins)": 2}
         table = table[sorted(table.columns, key=lambda c: (int(c[0].split()[1]), order_within.get(c[1], 3)))]
         out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", table))
     return out

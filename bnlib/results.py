@@ -59,6 +59,24 @@ def _git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
+def code_fingerprint() -> str:
+    """sha256 of the code a cell runs: every ``bnlib/*.py`` and the cell notebook (what git's dirty flag
+    cannot tell apart). Recorded in every metrics file, so results of other code can be found later."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.py")) + [root.parent / "book" / "notebooks" / "run.ipynb"]:
+        if path.exists():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+# Taken when the module is imported (a cell's kernel imports it before training), not when the metrics
+# file is written: an edit to bnlib during a long cell must not be credited to that cell.
+CODE_SHA256 = code_fingerprint()
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -87,6 +105,7 @@ def provenance(device: str = "cpu") -> dict:
         "versions": versions,
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
+        "code_sha256": CODE_SHA256,
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "device": device,

@@ -111,3 +111,15 @@ def test_equations_typeset_offline(site, tmp_path):
     dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
                           "--dump-dom", (site / "book" / "methods.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<mjx-container") >= 10
+
+
+def test_citations_link_to_the_references_page(site):
+    intro = (site / "book" / "intro.html").read_text()
+    targets = set(re.findall(r'href="references\.html#([^"]+)"', intro))
+    assert len(targets) >= 5  # the original study, BN, BRN, MABN, BLN, GN, ...
+    refs = (site / "book" / "references.html").read_text()
+    for target in targets:
+        assert f'id="{target}"' in refs, target
+    text = _text(site / "book" / "references.html")
+    for needle in ("Ioffe", "Batch renormalization", "Group normalization", "Batchless", "enhuiz/batchnorms"):
+        assert needle.lower() in text.lower(), needle

@@ -25,7 +25,7 @@ def cmd_run(args) -> int:
         executor = SlurmExecutor.from_options(g, args.results, args)
     else:
         executor = grid_mod.LocalExecutor(args.jobs, args.threads)
-    report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress)
+    report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress, wait=args.wait)
     if report.skipped == report.total and not args.force:
         # e.g. a clone with the published results committed: nothing is executed, rewritten or re-aggregated
         print(f"grid {g.name}: all {report.total} cells are done; nothing to run (their results are kept; "
@@ -152,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--jobs", type=int, default=None, help="cells in parallel (default: one per GPU, else one per CPU core)")
     r.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU cores / jobs)")
     r.add_argument("--force", action="store_true", help="redo cells that are already done")
+    r.add_argument("--wait", action="store_true", help="if another runner holds this grid's results folder, wait for it "
+                   "instead of refusing (one runner per grid: a lock in results/<grid>/.runner.lock)")
     r.add_argument("--executor", choices=["local", "slurm"], default="local", help="local process pool (default) or a Slurm job array")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     slurm = r.add_argument_group("slurm options (--executor slurm; override the grid file's slurm section)")

@@ -20,6 +20,7 @@ the notebook itself, is the done marker. A failed cell leaves ``<cell>.error`` b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -147,9 +148,11 @@ def load(grid: str | Path) -> Grid:
         for part in combo:
             params.update(part)
         try:
-            train.validate(train.Config.from_dict(params, source=str(path)))
+            config = train.Config.from_dict(params, source=str(path))
+            train.validate(config)
         except (train.ConfigError, TypeError) as err:
             raise GridError(f"{path}: cell {params}: {err}") from None
+        params = {k: getattr(config, k) for k in params}  # typed: lr "1e-3" (YAML 1.1) is the float 0.001
         cid = cell_id(params)
         if cid not in seen:
             seen.add(cid)
@@ -361,10 +364,56 @@ class Report:
         return not self.failed
 
 
-def run(grid: Grid, results: Path, executor=None, force: bool = False, progress: bool = True, notebook: Path = NOTEBOOK) -> Report:
-    """Run the grid's cells that are not done (all with ``force``); finished cells are never redone."""
+@contextlib.contextmanager
+def runner_lock(folder: Path, wait: bool = False):
+    """One runner per grid results folder.
+
+    ``fcntl.flock`` on ``<folder>/.runner.lock``: the kernel releases it when its holder exits or dies,
+    so a lock left by a killed runner is taken over without any clean-up; on NFS, Linux turns flock into
+    POSIX locks that the server arbitrates (NFSv4 and lockd-enabled NFSv3 -- the shared filesystems of
+    Slurm clusters), so runners on different nodes exclude each other too. The file holds the holder's
+    host, PID and start time for the refusal message.
+    """
+    import fcntl
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".runner.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another runner"
+            if not wait:
+                raise GridError(f"{folder} is being run by {holder}; wait for it to end, or pass --wait "
+                                "to start when it does (finished cells are then skipped)") from None
+            print(f"waiting for {holder} to finish with {folder} ...", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. a filesystem mounted without lock support
+            raise GridError(f"cannot lock {folder / '.runner.lock'} ({err}): this filesystem does not support "
+                            "file locks; run the grid from a folder on one that does") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()}, PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def run(grid: Grid, results: Path, executor=None, force: bool = False, progress: bool = True, notebook: Path = NOTEBOOK,
+        wait: bool = False) -> Report:
+    """Run the grid's cells that are not done (all with ``force``); finished cells are never redone.
+    Holds the grid's :func:`runner_lock` throughout (``wait``: wait for another runner instead of refusing)."""
+    with runner_lock(Path(results) / grid.name, wait):
+        return _run(grid, results, executor, force, progress, notebook)
+
+
+def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, notebook: Path) -> Report:
     from tqdm.auto import tqdm
 
+    _INTERRUPTED.clear()  # a Ctrl-C of an earlier run in this process is not this run's
     check_notebook(grid, notebook)
     runs = runs_dir(results, grid)
     todo = [c for c in grid.cells if force or state(runs, c) != "done"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -63,11 +64,58 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "Config":
+        """A Config from plain values (a grid file), each checked against its field's type: a number
+        YAML read as a string ("1e-3") becomes the float it means, anything else of the wrong type is an
+        error naming the key, the value and the expected type."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(k, v, hints[k], source) for k, v in values.items()})
+
+
+def _typed(key: str, value, hint, source: str):
+    """``value`` as the type ``hint`` asks for (see :meth:`Config.from_dict`)."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    origin = typing.get_origin(base) or base
+
+    def bad(expected: str):
+        return ConfigError(f"{source}: {key}={value!r} must be {expected}" + (" or null" if type(None) in args else ""))
+
+    if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return value  # an int stays an int: cell ids of existing grids do not change
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if origin is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of names")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return value
+    return value
 
 
 def validate(config: Config, num_train: int | None = None, num_classes: int | None = None) -> None:

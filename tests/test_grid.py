@@ -241,3 +241,43 @@ def test_ctrl_c_stops_promptly_and_resumes(tmp_path):
     assert not status["failed"] and len(status["done"]) >= 1  # the interrupted cell is unfinished, not failed
     completed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0 and len(list(runs.glob("*.json"))) == 4, completed.stdout + completed.stderr
+
+
+def test_a_learning_rate_written_1e_3_is_the_float_it_means(tmp_path):
+    path = _write(tmp_path, TINY.replace("steps: 12", "steps: 12, lr: 1e-3"))
+    g = grid.load(path)
+    assert all(c.parameters["lr"] == 0.001 and isinstance(c.parameters["lr"], float) for c in g.cells)
+    assert g.cells[0].config().lr == 0.001
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("recompute_samples: lots", "recompute_samples='lots' must be an integer"),
+    ("aux_weight: x", "aux_weight='x' must be a number"),
+    ("lr: [0.1, 0.2]", "lr=[0.1, 0.2] must be a number"),
+    ("recompute: yes please", "recompute='yes please' must be true or false"),
+    ("eval_samples: 2.5", "eval_samples=2.5 must be an integer or null"),
+])
+def test_wrongly_typed_values_are_rejected_before_anything_runs(tmp_path, setting, needle):
+    path = _write(tmp_path, TINY.replace("log_every: 3}", "log_every: 3, " + setting + "}"))
+    with pytest.raises(grid.GridError) as err:
+        grid.load(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_one_runner_per_grid_the_second_refuses_naming_the_first_or_waits(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    res = tmp_path / "res"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from bnlib import grid\n"
+        f"with grid.runner_lock(Path({str(res / 'tiny')!r})):\n"
+        "    print('locked', flush=True); time.sleep(6)\n")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"PID {holder.pid}" in err and "--wait" in err and not (res / "tiny" / "runs").exists()  # nothing ran
+    started = time.time()
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "-j", "2", "--wait"]) == 0
+    assert time.time() - started > 2 and holder.wait(timeout=30) == 0  # it waited for the holder
+    assert "waiting for host" in capsys.readouterr().out and len(list((res / "tiny" / "runs").glob("*.json"))) == 4
+    holder.kill()  # a lock whose holder is dead is free at once: the kernel dropped it
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 0

@@ -154,6 +154,34 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
+def runs_table(runs: list[dict]) -> str:
+    """The Runs page's table: one row per finished cell, linked to its notebook page (HTML)."""
+    import html as html_mod
+
+    rows = []
+    for r in sorted(runs, key=lambda r: r["cell"]):
+        cfg, prov = r["config"], r["provenance"]
+        rows.append({"cell": f'<a href="cells/{r["cell"]}.html">{html_mod.escape(r["cell"])}</a>',
+                     "dataset": cfg["dataset"], "budget": results.budget_label(cfg), "batch": cfg["batch_size"],
+                     "sampler": cfg["sampler"] + (f" ({cfg['classes_per_batch']} classes)" if cfg.get("classes_per_batch") else ""),
+                     "placement": cfg.get("norm_placement", "all"), "seed": cfg["seed"],
+                     "training (s)": round(r["wall_seconds"], 1), "device": prov.get("device_name"),
+                     "commit": (prov.get("git_commit") or "")[:12]})
+    return pd.DataFrame(rows).to_html(index=False, escape=False, classes="table")
+
+
+def seeds_caption(frame: pd.DataFrame, what: str) -> str:
+    """A figure's caption: what it shows and over how many seeds (per condition, fewest to most)."""
+    if "seed" in frame:
+        keys = [k for k in ("dataset", "budget", "batch_size", "sampler", "norm_placement", "method") if k in frame]
+        counts = frame.groupby(keys, dropna=False)["seed"].nunique()
+    else:  # a summary: its n_seeds column
+        counts = frame["n_seeds"]
+    low, high = int(counts.min()), int(counts.max())
+    seeds = f"{low} seeds" if low == high else f"{low} to {high} seeds per condition"
+    return f"*{what}; mean over {seeds}, Student-t 95% intervals.*"
+
+
 def seed_halfwidths(evaluations: pd.DataFrame) -> pd.DataFrame:
     """Half-width of the paired interval against BN by number of seeds, for every comparison of the grid."""
     from . import stats

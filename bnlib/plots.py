@@ -82,7 +82,7 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | Non
     methods = _order(summary["method"].astype(str).unique())
     facets_c = sorted(summary[col].unique()) if col else [None]
     facets_r = sorted(summary[row].unique()) if row else [None]
-    fig, axes = plt.subplots(len(facets_r), len(facets_c), figsize=(4.6 * len(facets_c), 3.6 * len(facets_r)), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(len(facets_r), len(facets_c), figsize=(max(10.0, 4.6 * len(facets_c)), 3.6 * len(facets_r)), squeeze=False, sharey=True)
     for i, rv in enumerate(facets_r):
         for j, cv in enumerate(facets_c):
             ax = axes[i][j]

@@ -54,12 +54,14 @@ def cmd_status(args) -> int:
     except ImportError:
         pass
     print(f"grid {g.name} ({g.path}): {len(g.cells)} cells")
-    for key in ("done", "failed", "started", "pending"):
+    for key in ("done", "corrupt", "failed", "started", "pending"):
         print(f"  {key:8s} {len(st[key])}")
     if extra:
         for key, cells in extra.items():
             print(f"  slurm {key:8s} {len(cells)}")
     runs = grid_mod.runs_dir(args.results, g)
+    for cell in st["corrupt"]:
+        print(f"  corrupt: {runs / (cell + '.json')} (unreadable or not this cell's; `bnlib run` redoes it, keeping the file as .json.corrupt)")
     for cell in st["failed"]:
         first = (runs / f"{cell}.error").read_text().splitlines()[:1]
         print(f"  failed: {cell}: {first[0] if first else ''}")
@@ -211,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .data import DatasetUnavailable
     from .grid import GridError
+    from .results import CorruptRun
     from .slurm import SlurmUnavailable
     from .train import ConfigError
 
     try:
         return args.func(args)
-    except (GridError, ConfigError, DatasetUnavailable, FileNotFoundError, SlurmUnavailable) as err:
+    except (GridError, ConfigError, DatasetUnavailable, FileNotFoundError, SlurmUnavailable, CorruptRun) as err:
         print(f"bnlib {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

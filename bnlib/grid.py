@@ -201,8 +201,15 @@ def runs_dir(results: Path, grid: Grid) -> Path:
 
 
 def state(runs: Path, cell: Cell) -> str:
-    """done (metrics written), failed (error recorded), started (notebook only) or pending."""
+    """done (a valid metrics file), corrupt (a metrics file that does not parse, lacks keys or names another
+    cell), failed (error recorded), started (notebook only) or pending."""
+    from .results import CorruptRun, read_run
+
     if (runs / f"{cell.id}.json").exists():
+        try:
+            read_run(runs / f"{cell.id}.json")
+        except CorruptRun:
+            return "corrupt"
         return "done"
     if (runs / f"{cell.id}.error").exists():
         return "failed"
@@ -416,7 +423,11 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
     _INTERRUPTED.clear()  # a Ctrl-C of an earlier run in this process is not this run's
     check_notebook(grid, notebook)
     runs = runs_dir(results, grid)
-    todo = [c for c in grid.cells if force or state(runs, c) != "done"]
+    states = {c.id: state(runs, c) for c in grid.cells}
+    todo = [c for c in grid.cells if force or states[c.id] != "done"]
+    for c in todo:  # a corrupt marker is redone; the file is kept aside for inspection, never deleted
+        if states[c.id] == "corrupt":
+            os.replace(runs / f"{c.id}.json", runs / f"{c.id}.json.corrupt")
     if todo:  # loading (or downloading) the data is only worth it when a cell will run
         check_datasets(Grid(grid.name, grid.path, grid.description, todo, grid.slurm))
     runs.mkdir(parents=True, exist_ok=True)
@@ -444,7 +455,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
 
 def status(grid: Grid, results: Path) -> dict[str, list[str]]:
     runs = runs_dir(results, grid)
-    out: dict[str, list[str]] = {"done": [], "failed": [], "started": [], "pending": []}
+    out: dict[str, list[str]] = {"done": [], "corrupt": [], "failed": [], "started": [], "pending": []}
     for cell in grid.cells:
         out[state(runs, cell)].append(cell.id)
     return out

@@ -7,7 +7,6 @@ problem raises :class:`PublishedError` naming the file.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -32,11 +31,9 @@ def check(grid_dir: str | Path) -> int:
         raise PublishedError(f"{runs}: no committed metrics files")
     for path in metrics:
         try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise PublishedError(f"{path}: not a readable metrics file ({err}); restore it from git or re-run its cell") from None
-        if payload.get("cell") != path.stem or "methods" not in payload:
-            raise PublishedError(f"{path}: does not hold the metrics of cell {path.stem}")
+            results.read_run(path)
+        except results.CorruptRun as err:
+            raise PublishedError(f"{err}; restore it from git or re-run its cell") from None
         notebook = path.with_suffix(".ipynb")
         if not notebook.exists():
             raise PublishedError(f"{notebook}: missing (the notebook of finished cell {path.stem})")

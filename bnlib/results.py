@@ -126,8 +126,31 @@ def write_run(path: str | Path, result: dict, cell_id: str, parameters: dict) ->
     return payload
 
 
+RUN_KEYS = ("cell", "config", "steps", "methods", "provenance")  # what every metrics file holds
+
+
+class CorruptRun(ValueError):
+    """A metrics file that does not parse, lacks keys or names another cell; the message names the file."""
+
+
+def read_run(path: str | Path) -> dict:
+    """One cell's metrics file, checked: it parses, has :data:`RUN_KEYS` and names its own cell."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptRun(f"{path}: not a readable metrics file ({err})") from None
+    missing = [k for k in RUN_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CorruptRun(f"{path}: metrics file without {', '.join(missing)}")
+    if payload["cell"] != path.stem:
+        raise CorruptRun(f"{path}: holds the metrics of cell {payload['cell']}, not {path.stem}")
+    return payload
+
+
 def load_runs(runs_dir: str | Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*.json"))]
+    """Every metrics file of a runs folder; a corrupt one raises :class:`CorruptRun` naming it (none is skipped)."""
+    return [read_run(p) for p in sorted(Path(runs_dir).glob("*.json"))]
 
 
 def budget_label(config: dict) -> str:

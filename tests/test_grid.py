@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -281,3 +282,23 @@ def test_one_runner_per_grid_the_second_refuses_naming_the_first_or_waits(tmp_pa
     assert "waiting for host" in capsys.readouterr().out and len(list((res / "tiny" / "runs").glob("*.json"))) == 4
     holder.kill()  # a lock whose holder is dead is free at once: the kernel dropped it
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 0
+
+
+def test_a_truncated_metrics_file_is_corrupt_named_and_redone(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    res = tmp_path / "res"
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "-j", "2"]) == 0
+    runs = res / "tiny" / "runs"
+    victim = sorted(runs.glob("*.json"))[0]
+    good = victim.read_text()
+    victim.write_text(good[: len(good) // 2])  # copied half: a disk full, a broken merge
+    capsys.readouterr()
+    assert cli.main(["aggregate", str(path), "--results", str(res)]) == 2
+    assert str(victim) in capsys.readouterr().err  # aggregate names the file it cannot read
+    assert cli.main(["status", str(path), "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"corrupt\s+1", out) and str(victim) in out and re.search(r"done\s+3", out)
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 0
+    assert "1 cells run, 3 already done" in capsys.readouterr().out
+    assert victim.with_suffix(".json.corrupt").read_text() == good[: len(good) // 2]  # kept aside
+    assert json.loads(victim.read_text())["cell"] == victim.stem  # redone

@@ -19,6 +19,20 @@ def cmd_run(args) -> int:
     from .results import aggregate
 
     g = grid_mod.load(args.grid)
+    if args.only:
+        g = grid_mod.select(g, args.only)
+    if args.dry_run:
+        runs = grid_mod.runs_dir(args.results, g)
+        todo = [c for c in g.cells if args.force or grid_mod.state(runs, c) != "done"]
+        estimates = grid_mod.estimate_seconds(g, args.results, todo)
+        jobs = args.jobs or grid_mod.default_jobs()[0]
+        for c in todo:
+            est = estimates[c.id]
+            print(f"  would run {c.id}" + (f"  (~{est / 60:.1f} min)" if est is not None else ""))
+        known = [e for e in estimates.values() if e is not None]
+        total = f"; about {sum(known) / 3600 / jobs:.1f} h with {jobs} at a time (from this grid's finished cells)" if known else ""
+        print(f"grid {g.name}: {len(todo)} of {len(g.cells)} cells would run{total}")
+        return 0
     if args.executor == "slurm":
         from .slurm import SlurmExecutor
 
@@ -154,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--jobs", type=int, default=None, help="cells in parallel (default: one per GPU, else one per CPU core)")
     r.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU cores / jobs)")
     r.add_argument("--force", action="store_true", help="redo cells that are already done")
+    r.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="run only the cells with this setting (repeatable, all must match), e.g. --only dataset=mnist5k")
+    r.add_argument("--dry-run", action="store_true", help="list the cells that would run, with times estimated from "
+                   "this grid's finished cells, and run nothing")
     r.add_argument("--wait", action="store_true", help="if another runner holds this grid's results folder, wait for it "
                    "instead of refusing (one runner per grid: a lock in results/<grid>/.runner.lock)")
     r.add_argument("--executor", choices=["local", "slurm"], default="local", help="local process pool (default) or a Slurm job array")

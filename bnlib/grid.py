@@ -163,6 +163,40 @@ def load(grid: str | Path) -> Grid:
     return Grid(path.stem, path, spec.get("description", ""), cells, slurm)
 
 
+def select(grid: Grid, only: list[str]) -> Grid:
+    """The grid restricted to cells matching every ``KEY=VALUE`` (VALUE read as YAML: ``batch_size=2``)."""
+    keep = grid.cells
+    for item in only:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in CONFIG_KEYS:
+            raise GridError(f"--only {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(CONFIG_KEYS))}")
+        value = yaml.safe_load(raw)
+        keep = [c for c in keep if c.config().__dict__[key] == value]
+    if not keep:
+        raise GridError(f"{grid.path}: no cell matches {' and '.join(only)}")
+    return Grid(grid.name, grid.path, grid.description, keep, grid.slurm)
+
+
+def estimate_seconds(grid: Grid, results: Path, cells: list[Cell]) -> dict[str, float | None]:
+    """Expected seconds per cell from this grid's history (cells.jsonl): the mean of finished cells with the
+    same dataset, batch size and budget, else of all finished cells, else None."""
+    log = Path(results) / grid.name / "cells.jsonl"
+    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    seconds = {h["cell"]: h["seconds"] for h in history if h.get("ok")}
+    by_id = {c.id: c for c in grid.cells}
+
+    def kind(c: Cell):
+        cfg = c.config()
+        return cfg.dataset, cfg.batch_size, cfg.steps, cfg.epochs, cfg.samples
+
+    groups: dict = {}
+    for cid, sec in seconds.items():
+        if cid in by_id:
+            groups.setdefault(kind(by_id[cid]), []).append(sec)
+    overall = sum(seconds.values()) / len(seconds) if seconds else None
+    return {c.id: (sum(groups[kind(c)]) / len(groups[kind(c)]) if kind(c) in groups else overall) for c in cells}
+
+
 def notebook_parameters(notebook: Path = NOTEBOOK) -> set[str]:
     import papermill
 

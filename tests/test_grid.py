@@ -302,3 +302,18 @@ def test_a_truncated_metrics_file_is_corrupt_named_and_redone(tmp_path, capsys):
     assert "1 cells run, 3 already done" in capsys.readouterr().out
     assert victim.with_suffix(".json.corrupt").read_text() == good[: len(good) // 2]  # kept aside
     assert json.loads(victim.read_text())["cell"] == victim.stem  # redone
+
+
+def test_dry_run_and_only_select_cells_without_running(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    res = tmp_path / "res"
+    assert cli.main(["run", str(path), "--results", str(res), "--dry-run", "--only", "batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would run tiny") == 0 and out.count("would run digits-b4-") == 2 and "b8" not in out
+    assert "2 of 2 cells would run" in out and not (res / "tiny" / "runs").exists()  # nothing ran
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "--only", "batch_size=4", "--only", "seed=1"]) == 0
+    assert len(list((res / "tiny" / "runs").glob("*.json"))) == 1
+    assert cli.main(["run", str(path), "--results", str(res), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 cells would run" in out and "min)" in out  # estimated from the finished cell
+    assert cli.main(["run", str(path), "--results", str(res), "--dry-run", "--only", "seed=7"]) == 2

@@ -39,3 +39,23 @@ def test_readme_quick_start_and_ci_use_the_same_commands():
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
     for folder in ("bnlib/", "grids/", "book/", "results/", "tests/", "scripts/"):
         assert f"`{folder}`" in readme, folder
+
+
+def test_every_bnlib_command_line_in_the_docs_parses():
+    """A command shown in the README or the book must be one the CLI accepts (options included)."""
+    import shlex
+
+    from bnlib import cli
+
+    pattern = re.compile(r"bnlib ((?:run|status|aggregate|bench|book|verify)\b[^`#|)\n]*)")
+    seen = 0
+    for path in [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]:
+        for match in pattern.finditer(path.read_text()):
+            words = [w for w in shlex.split(match.group(1)) if not w.startswith("<")]
+            words = [w.rstrip(".,;:") for w in words]
+            if words[0] in ("run", "status", "aggregate", "verify") and (len(words) == 1 or words[1] == "GRID"):
+                words = [words[0], "smoke", *words[2:]]  # prose that names the verb only: give it a grid
+            args = cli.parser().parse_args(words)  # SystemExit (a failure) on any unknown option
+            assert args.command == words[0], (path, match.group(0))
+            seen += 1
+    assert seen >= 20

@@ -95,27 +95,20 @@ def _typed(key: str, value, hint, source: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return value  # an int stays an int: cell ids of existing grids do not change
-    if origin is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if origin is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of names")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        return value
+    check = _TYPE_CHECKS.get(origin)
+    if check is not None and not check[1](value):
+        raise bad(check[0])
     return value
+
+
+# Per field type: the words for the error, and the test a grid value must pass (floats are handled above).
+_TYPE_CHECKS = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    list: ("a list of names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    dict: ("a mapping", lambda v: isinstance(v, dict)),
+}
 
 
 def validate(config: Config, num_train: int | None = None, num_classes: int | None = None) -> None:

@@ -297,20 +297,18 @@ def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP, readme
 
 def step_markdown(frame) -> str:
     """The lockstep rows and the peaks of a ``bench step`` table as markdown (per-method rows stay in the CSV)."""
+    import pandas as pd
+
     keep = frame[frame["what"].isin(["matmul", "lockstep", "eval 1000"])].copy()
-    keep["input"] = [("" if pd_isna(s) else f"{int(s)}x{int(s)}") for s in keep["side"]]
-    keep["batch"] = ["" if pd_isna(n) else int(n) for n in keep["N"]]
-    keep["ms"] = [("" if pd_isna(v) else f"{v:.1f}") for v in keep["ms"]]
+    keep["input"] = [("" if pd.isna(s) else f"{int(s)}x{int(s)}") for s in keep["side"]]
+    keep["batch"] = ["" if pd.isna(n) else int(n) for n in keep["N"]]
+    keep["ms"] = [("" if pd.isna(v) else f"{v:.1f}") for v in keep["ms"]]
     keep["GFLOP/s"] = keep["GFLOP/s"].map(lambda v: f"{v:.1f}")
     keep["of peak"] = keep["of_peak"].map(lambda v: f"{100 * v:.0f}%")
     cols = ["what", "precision", "input", "batch", "ms", "GFLOP/s", "of peak"]
     lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in keep.iterrows()]
     return "\n".join(lines)
-
-
-def pd_isna(v) -> bool:
-    return v is None or (isinstance(v, float) and v != v)
 
 
 def format_table(rows: list[dict]) -> str:

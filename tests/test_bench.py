@@ -1,0 +1,38 @@
+"""The benchmark's plumbing (not its speed: no timed assertions): FLOP counts, rows, the saved table."""
+
+import pandas as pd
+import pytest
+
+from bnlib import bench
+
+
+def test_step_rows_count_flops_and_compare_with_the_peak():
+    rows = bench.bench_step("cpu", sides=(8,), sizes=(2,), methods=["bn", "gn"], repeats=1, precisions=("fp32",))
+    frame = pd.DataFrame(rows)
+    assert set(frame["what"]) == {"matmul", "step", "lockstep", "eval 1000"}
+    assert {"fp32", "bf16"} <= set(frame.loc[frame["what"] == "matmul", "precision"])  # both peaks are measured
+    steps = frame[frame["what"] == "step"].set_index("method")
+    lock = frame[frame["what"] == "lockstep"].iloc[0]
+    # the lockstep step does the FLOPs of its methods together: FLOP/s x time adds up
+    flops = (steps["GFLOP/s"] * steps["ms"]).sum()
+    assert lock["GFLOP/s"] * lock["ms"] == pytest.approx(flops, rel=1e-9)
+    # one 8x8 step of the study's net: 4 convs (3x3, 32 channels) + linear, forward and backward
+    forward = 2 * 8 * 8 * 9 * 32 * (1 + 3 * 32) * 2 + 2 * 2 * 32 * 10  # batch 2
+    assert 2 * forward < steps.loc["bn", "GFLOP/s"] * steps.loc["bn", "ms"] * 1e6 < 3.5 * forward
+    assert (frame["of_peak"] > 0).all()
+
+
+def test_saved_table_replaces_the_readme_block(tmp_path):
+    rows = [{"what": "matmul", "precision": "fp32", "side": None, "N": None, "ms": float("nan"), "GFLOP/s": 70.0, "of_peak": 1.0},
+            {"what": "lockstep", "method": "all", "precision": "fp32", "side": 28, "N": 16, "ms": 650.0, "GFLOP/s": 28.0, "of_peak": 0.4}]
+    start, end = bench.README_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{start}\nold table\n{end}\nrest\n")
+    bench.save_step(rows, "a machine", tmp_path / "bench.csv", readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{end}\nrest\n") and "old table" not in text
+    assert "| lockstep | fp32 | 28x28 | 16 | 650.0 | 28.0 | 40% |" in text and "Measured on: a machine" in text
+    assert pd.read_csv(tmp_path / "bench.csv")["machine"].eq("a machine").all()
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        bench.save_step(rows, "a machine", tmp_path / "bench.csv", readme)

@@ -337,7 +337,8 @@ def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
     # 3. BNWoS fails at batch 2
     w2 = d(small, "bnwos")
     v3 = "cannot tell" if w2 is None else ("holds" if w2[2] < 0 else ("does not hold" if w2[1] >= 0 else "cannot tell"))
-    claims.append({"claim": f"BNWoS fails at batch {small} (below BN)", "verdict": v3, "evidence": f"batch {small}: {fmt(w2)}"})
+    tiny_batch = small if small is not None else 2  # the original's batch 2 when this grid has no such cells
+    claims.append({"claim": f"BNWoS fails at batch {tiny_batch} (below BN)", "verdict": v3, "evidence": f"batch {tiny_batch}: {fmt(w2)}"})
     # 4. BNWoS matches BN at larger batches: every paired interval within +-EQUIVALENCE_POINTS
     wl = [d(b, "bnwos") for b in larger]
     if not larger or any(x is None for x in wl):

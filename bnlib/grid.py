@@ -90,9 +90,17 @@ def resolve(grid: str | Path) -> Path:
     return path
 
 
+# Keys that say where a cell runs or finds its data, not what it computes: left out of the cell id.
+LOCAL_KEYS = ("device", "data_dir", "download")
+
+
 def cell_id(parameters: dict) -> str:
-    """Readable prefix + hash of every parameter: stable across runs and machines."""
-    canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"))
+    """Readable prefix + hash of the full resolved configuration (``train.Config``'s defaults included, so
+    changing a default gives new cells instead of silently counting old results as done); stable across
+    runs and machines."""
+    config = train.Config.from_dict(parameters)
+    resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}
+    canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
     p = parameters
     prefix = f"{p.get('dataset', 'digits')}-b{p.get('batch_size', 16)}-{p.get('sampler', 'iid')}"

@@ -2,11 +2,15 @@
 
     [conv 3x3, dilation 2^i, padding 2^i -> norm -> GELU] x depth -> global average pool -> linear
 
+``norm_position``: ``pre`` (norm before the activation, as above: the original study) or ``post``
+(conv -> GELU -> norm, as Batchless Normalization's authors run it).
+
 ``norm_placement``: ``all`` (a norm after every conv, the original study), ``first`` (after the first conv
 only: can fewer BN layers be better?) or ``none``. A conv followed by a norm has no bias (the norm's beta
 replaces it); one without a norm keeps its bias. That depends on the placement only, so for a given seed
 every method starts from identical weights. With ``mabn`` the convs followed by a norm centre their
-weights (:class:`bnlib.norms.WeightCentredConv2d`, same parameters, same initial values).
+weights (:class:`bnlib.norms.WeightCentredConv2d`, same parameters, same initial values). With the norm
+after the activation every conv keeps its bias (beta no longer replaces it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from . import norms
 
 PLACEMENTS = ("all", "first", "none")
+POSITIONS = ("pre", "post")
 
 
 class Net(nn.Module):
@@ -29,10 +34,13 @@ class Net(nn.Module):
         depth: int = 4,
         norm_placement: str = "all",
         norm_options: dict | None = None,
+        norm_position: str = "pre",
     ):
         super().__init__()
         if norm_placement not in PLACEMENTS:
             raise ValueError(f"unknown norm_placement {norm_placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if norm_position not in POSITIONS:
+            raise ValueError(f"unknown norm_position {norm_position!r}; choose one of {', '.join(POSITIONS)}")
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be positive, got width={width}, depth={depth}")
         layers: list[nn.Module] = []
@@ -41,10 +49,10 @@ class Net(nn.Module):
             normed = norm_placement == "all" or (norm_placement == "first" and i == 0)
             conv_cls = norms.WeightCentredConv2d if normed and method == "mabn" else nn.Conv2d
             dilation = 2**i
-            layers.append(conv_cls(channels, width, 3, padding=dilation, dilation=dilation, bias=not normed))
-            if normed:
-                layers.append(norms.make(method, width, **(norm_options or {})))
-            layers.append(nn.GELU())
+            layers.append(conv_cls(channels, width, 3, padding=dilation, dilation=dilation,
+                                   bias=not normed or norm_position == "post"))
+            norm = [norms.make(method, width, **(norm_options or {}))] if normed else []
+            layers.extend([*norm, nn.GELU()] if norm_position == "pre" else [nn.GELU(), *norm])
             channels = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_classes)

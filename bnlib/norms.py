@@ -21,7 +21,8 @@ value per channel raises an error naming the layer instead of writing NaN into t
 
 Use :func:`make` to build a layer by its method id, :func:`convert` to swap the norms of an existing
 model, :func:`recompute_statistics` for precise population statistics after training, and
-:func:`auxiliary_loss` to collect Batchless Normalization's likelihood term.
+:func:`auxiliary_loss` to collect Batchless Normalization's likelihood term and
+:func:`initialise_statistics` for its data-dependent start.
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ __all__ = [
     "BatchNorm",
     "RunningStatsBatchNorm",
     "BatchRenorm",
+    "OriginalRunningStatsBatchNorm",
+    "OriginalBatchRenorm",
     "UnsyncedBatchNorm",
     "MovingAverageBatchNorm",
     "WeightCentredConv2d",
     "BatchlessNorm",
     "make",
+    "run_options",
     "convert",
     "recompute_statistics",
     "auxiliary_loss",
+    "initialise_statistics",
     "display_name",
     "colour",
 ]
@@ -361,71 +366,81 @@ class UnsyncedBatchNorm(_RunningStatsNorm):
 
 
 class _MovingAverageNormalise(torch.autograd.Function):
-    """MABN's core: y = gamma * x / s + beta with a moving-average normaliser s, and a moving-average backward.
+    """MABN's core: y = gamma * r * x / s + beta with a moving-average normaliser s, a renorm factor r
+    and a moving-average backward (the official ``BatchNormFunction``, megvii-model/MABN).
 
-    Forward:   z = x / s ;  y = gamma * z + beta                   s (per channel) given, no gradient
-    Backward:  g = dL/dz = gamma * dL/dy ;  psi_B = mean(g * z)     (the extra batch statistic of BN's backward)
-               psi = moving average of psi_B (the ring buffer, this batch included; psi_B during warm-up)
-               dL/dx = (g - z * psi) / s ;  dL/dgamma = sum(dL/dy * z) ;  dL/dbeta = sum(dL/dy)
-    With s = sqrt(mean(x^2) + eps) of this batch and psi = psi_B this is the exact gradient of
+    Forward:   z = x / s ;  y = gamma * r * z + beta               s, r (per channel) given, no gradient
+    Backward:  g = r * gamma * dL/dy ;  psi_B = mean(g * z)          (the extra batch statistic of BN's backward)
+               psi = SMA of psi_B over the ring buffer (this batch included; psi_B while use_batch)
+               dL/dx = (g - z * psi) / s ;  dL/dgamma = sum(dL/dy * r z) ;  dL/dbeta = sum(dL/dy)
+    With r = 1, s = sqrt(mean(x^2) + eps) of this batch and psi = psi_B this is the exact gradient of
     gamma * x / sqrt(mean(x^2) + eps) + beta; the moving averages replace both batch statistics.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, s, psi_buffer, slot, filled, use_batch):
-        ctx.save_for_backward(x, gamma, s)
+    def forward(ctx, x, gamma, beta, s, r, psi_buffer, slot, use_batch):
+        ctx.save_for_backward(x, gamma, s, r)
         # kept outside save_for_backward: backward writes into the buffer, which must not trip version checks
-        ctx.psi_buffer, ctx.slot, ctx.filled, ctx.use_batch = psi_buffer, slot, filled, use_batch
-        # gamma * x / s + beta as one fused kernel: eval-mode BN with mean 0, variance s^2 and eps 0
-        return F.batch_norm(x, torch.zeros_like(s), s * s, gamma, beta, False, 0.0, 0.0)
+        ctx.psi_buffer, ctx.slot, ctx.use_batch = psi_buffer, slot, use_batch
+        # gamma * r * x / s + beta as one fused kernel: eval-mode BN with mean 0, variance (s / r)^2 and eps 0
+        scale = s / r
+        return F.batch_norm(x, torch.zeros_like(s), scale * scale, gamma, beta, False, 0.0, 0.0)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gamma, s = ctx.saved_tensors
+        x, gamma, s, r = ctx.saved_tensors
         dims = _reduce_dims(x)
         m = x.numel() // x.shape[1]
-        grad_gamma = (grad_y * x).sum(dims) / s  # sum(dL/dy * z)
+        grad_gamma = (grad_y * x).sum(dims) * (r / s)  # sum(dL/dy * r z)
         grad_beta = grad_y.sum(dims)
-        psi_b = gamma * grad_gamma / m  # mean(g * z) = gamma * mean(dL/dy * z)
+        psi_b = gamma * grad_gamma / m  # mean(g * z) = gamma * mean(dL/dy * r z)
         with torch.no_grad():
             ctx.psi_buffer.index_copy_(0, ctx.slot.view(1), psi_b.detach().to(ctx.psi_buffer.dtype).view(1, -1))
-            psi_sma = ctx.psi_buffer.sum(0).to(x.dtype) / ctx.filled.to(x.dtype)
+            psi_sma = ctx.psi_buffer.mean(0).to(x.dtype)
         psi = torch.where(ctx.use_batch, psi_b, psi_sma)
-        # (g - z psi) / s  =  dL/dy * gamma / s  -  x * psi / s^2
-        grad_x = torch.addcmul(grad_y * _per_channel(gamma / s, x), x, _per_channel(-psi / (s * s), x))
+        # (g - z psi) / s  =  dL/dy * gamma r / s  -  x * psi / s^2
+        grad_x = torch.addcmul(grad_y * _per_channel(gamma * r / s, x), x, _per_channel(-psi / (s * s), x))
         return grad_x, grad_gamma, grad_beta, None, None, None, None, None
 
 
 class MovingAverageBatchNorm(_RunningStatsNorm):
-    """``mabn``: Moving Average Batch Normalization (Yan et al., ICLR 2020).
+    """``mabn``: Moving Average Batch Normalization (Yan et al., ICLR 2020), as the official ``MABN2d``.
 
     BN's training depends on four batch statistics: mu_B and var_B forward, and g_B = mean(dL/dz) and
     psi_B = mean(z * dL/dz) backward. MABN removes the mean statistics by centring the weights of the
     preceding convolution (:class:`WeightCentredConv2d`, so mu is approximately 0) and normalises with
     the second moment chi only, replacing the remaining batch statistics by simple moving averages (SMA)
-    over the last ``buffer_size`` batches:
+    over the last ``buffer_size`` batches. With t = 1, 2, ... the training step:
 
-        chi_B = mean(x^2)                  chi = SMA of chi_B over the ring buffer (this batch included)
-        s = sqrt(chi + eps)                optionally renorm-clipped: r = clip(sqrt(chi_B + eps) / s, 1/rmax, rmax),
-                                           s = sqrt(chi_B + eps) / r
-        z = x / s ;  y = gamma * z + beta
-        backward: dL/dx = (g - z * psi) / s,  g = dL/dz,  psi = SMA of psi_B = mean(g * z)
-    For the first ``warmup_steps`` steps both statistics are the current batch's (the buffers fill).
-    Inference: y = gamma * x / sqrt(running_var + eps) + beta, where running_var is an exponential moving
-    average (``momentum``) of chi_B -- the second moment, not the variance; running_mean stays zero.
+        chi_B = mean(x^2)                  chi = SMA of chi_B over the ring buffer (this batch included),
+                                           or chi_B while t <= buffer_size or t < warmup_steps
+        s = sqrt(chi + eps) ;  z = x / s
+        r = clip(s / sqrt(running_var + eps), 1/renorm_rmax, renorm_rmax)   once t > max(renorm_after, warmup_steps),
+                                           else 1 (the EMA renormalisation; running_var before this step)
+        y = gamma * r * z + beta ;  running_var <- (1 - momentum) running_var + momentum chi
+        backward: dL/dx = (g - z * psi) / s,  g = r gamma dL/dy,  psi = SMA of psi_B = mean(g * z)
+    Inference: y = gamma * x / sqrt(running_var + eps) + beta, where running_var is the exponential moving
+    average of chi -- the second moment, not the variance; running_mean stays zero.
 
-    Defaults: buffer_size = 16 (the paper's normalisation batch 32 at batch 2), warmup_steps = 100 (the
-    official code's), no clipping (rmax = None). The original study did not include MABN.
+    Defaults are the official code's: momentum 0.02 (its 0.98 on the old value), warmup_steps 100,
+    EMA renormalisation after 1,000 steps clipped to [1/5, 5]. ``buffer_size`` covers the paper's
+    normalisation batch of 32: max(1, 32 // batch size), which the training loop sets from its batch size
+    (see :func:`run_options`); 16 (batch 2) when the layer is built alone. The simpler behaviour of
+    earlier bnlib versions is ``momentum=0.1, buffer_size=16, renorm_after=None``. ``rmax`` optionally clips
+    the SMA normaliser against the batch one, s = sqrt(chi_B + eps) / clip(sqrt(chi_B + eps) / s, 1/rmax, rmax)
+    (not in the paper; off by default). The original study did not include MABN.
     """
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float | None = 0.1,
+        momentum: float | None = 0.02,
         affine: bool = True,
         buffer_size: int = 16,
         warmup_steps: int = 100,
+        renorm_after: int | None = 1000,
+        renorm_rmax: float = 5.0,
         rmax: float | None = None,
     ):
         super().__init__(num_features, eps, momentum, affine)
@@ -433,36 +448,46 @@ class MovingAverageBatchNorm(_RunningStatsNorm):
             raise ValueError(f"MovingAverageBatchNorm: buffer_size must be >= 1, got {buffer_size}")
         if rmax is not None and rmax < 1:
             raise ValueError(f"MovingAverageBatchNorm: rmax must be >= 1, got {rmax}")
+        if renorm_rmax < 1:
+            raise ValueError(f"MovingAverageBatchNorm: renorm_rmax must be >= 1, got {renorm_rmax}")
+        if renorm_after is not None and renorm_after < 0:
+            raise ValueError(f"MovingAverageBatchNorm: renorm_after must be >= 0 or None, got {renorm_after}")
         self.buffer_size, self.warmup_steps, self.rmax = buffer_size, warmup_steps, rmax
+        self.renorm_after, self.renorm_rmax = renorm_after, renorm_rmax
         # Ring buffers of the last `buffer_size` batches' chi_B (forward) and psi_B (backward).
         self.register_buffer("chi_buffer", torch.zeros(buffer_size, num_features))
         self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", buffer_size={self.buffer_size}, warmup_steps={self.warmup_steps}, rmax={self.rmax}"
+        return (super().extra_repr() + f", buffer_size={self.buffer_size}, warmup_steps={self.warmup_steps}, "
+                f"renorm_after={self.renorm_after}, renorm_rmax={self.renorm_rmax}, rmax={self.rmax}")
 
     def _train_forward(self, x: Tensor) -> Tensor:
         gamma, beta = self._affine(x)
-        step = self.num_batches_tracked.clone()
-        slot = step % self.buffer_size
-        filled = torch.clamp(step + 1, max=self.buffer_size)
-        use_batch = step < self.warmup_steps
+        t = self.num_batches_tracked + 1  # the official code's 1-based iteration counter
+        slot = t % self.buffer_size
+        use_batch = (t <= self.buffer_size) | (t < self.warmup_steps)
         with torch.no_grad():
             chi_b = (x * x).mean(dim=_reduce_dims(x))
             self.chi_buffer.index_copy_(0, slot.view(1), chi_b.to(self.chi_buffer.dtype).view(1, -1))
-            chi_sma = self.chi_buffer.sum(0).to(x.dtype) / filled.to(x.dtype)
-            chi = torch.where(use_batch, chi_b, chi_sma)
+            chi = torch.where(use_batch, chi_b, self.chi_buffer.mean(0).to(x.dtype))
             s = torch.sqrt(chi + self.eps)
             if self.rmax is not None:
                 s_b = torch.sqrt(chi_b + self.eps)
                 s = s_b / (s_b / s).clamp(1.0 / self.rmax, self.rmax)
-        y = _MovingAverageNormalise.apply(x, gamma, beta, s, self.psi_buffer, slot, filled, use_batch)
-        self._update_second_moment(chi_b)
+            if self.renorm_after is None:
+                r = torch.ones_like(s)
+            else:
+                r = (s / torch.sqrt(self.running_var.to(x.dtype) + self.eps)).clamp(1.0 / self.renorm_rmax, self.renorm_rmax)
+                r = torch.where(t > max(self.renorm_after, self.warmup_steps), r, torch.ones_like(r))
+        y = _MovingAverageNormalise.apply(x, gamma, beta, s, r, self.psi_buffer, slot, use_batch)
+        self._update_second_moment(chi)
         return y
 
     @torch.no_grad()
-    def _update_second_moment(self, chi_b: Tensor) -> None:
-        self.running_var.lerp_(chi_b.to(self.running_var.dtype), self._next_momentum())
+    def _update_second_moment(self, chi: Tensor) -> None:
+        # the EMA tracks the statistic this step normalised with (the official code's), not chi_B
+        self.running_var.lerp_(chi.to(self.running_var.dtype), self._next_momentum())
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         # gamma * x / sqrt(chi + eps) + beta, with chi the running second moment
@@ -482,6 +507,102 @@ class MovingAverageBatchNorm(_RunningStatsNorm):
     @torch.no_grad()
     def _set_running(self, mean: Tensor, var: Tensor) -> None:
         self.running_var.copy_(var + mean * mean)
+
+
+def _safe_rsqrt(var: Tensor) -> Tensor:
+    """1 / sqrt(var), and 0 where var == 0 (the original study's eps = 0 on a constant channel, where
+    x - mu is 0 too: the normalised value is taken as 0 instead of 0 / 0). The inner ``where`` keeps the
+    gradient finite."""
+    positive = var > 0
+    return torch.where(positive, torch.rsqrt(torch.where(positive, var, torch.ones_like(var))), torch.zeros_like(var))
+
+
+class _OriginalStudyNorm(_RunningStatsNorm):
+    """Shared by the original study's own variants (enhuiz/batchnorms, ``bns.py``): eps = 0, and in training
+    the running statistics are updated with this batch *before* they are used."""
+
+    def __init__(self, num_features: int, eps: float = 0.0, momentum: float | None = 0.1, affine: bool = True):
+        super().__init__(num_features, eps, momentum, affine)
+
+    def _update_first(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean_b, var_b = _batch_stats(x, 1e-30)  # biased; a tiny eps so a constant channel gives var 0, not 0 * inf
+        self._update_running(mean_b, var_b.clamp_min(0), x.numel() // x.shape[1])
+        return mean_b, var_b
+
+    def _running_normalise(self, x: Tensor) -> Tensor:
+        # gamma (x - mu) / sqrt(var + eps) + beta with the (already updated) running statistics, no gradient through them
+        gamma, beta = self._affine(x)
+        with torch.no_grad():
+            inv = _safe_rsqrt(self.running_var.to(x.dtype) + self.eps)
+            shift = -self.running_mean.to(x.dtype) * inv
+        return x * _per_channel(gamma * inv, x) + _per_channel(gamma * shift + beta, x)
+
+    def _eval_forward(self, x: Tensor, copy: bool = False) -> Tensor:
+        return self._running_normalise(x)
+
+    def _standardise(self, x: Tensor) -> Tensor:
+        """(x - mu_B) / sqrt(var_B + eps) with gradient through both, safe at var_B = 0 (torch's fused
+        kernel refuses eps = 0 in training)."""
+        dims = _reduce_dims(x)
+        centred = x - x.mean(dim=dims, keepdim=True)
+        return centred * _safe_rsqrt((centred * centred).mean(dim=dims, keepdim=True) + self.eps)
+
+    def _batch_normalise(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        return self._standardise(x) * _per_channel(gamma, x) + _per_channel(beta, x)
+
+
+class OriginalRunningStatsBatchNorm(_OriginalStudyNorm):
+    """``bnrs_orig``: BNRS exactly as the original study ran it.
+
+    Training:  mu, var <- updated with mu_B, var_B' first (as in BN);
+               y = gamma * (x - mu) / sqrt(var + eps) + beta with the *updated* mu, var (no gradient through them),
+               so the current batch enters its own normalisation. eps = 0.
+    Eval:      the same formula. A channel whose running variance is exactly 0 outputs beta (see ``_safe_rsqrt``);
+    a constant channel in one batch leaves the running variance positive ((1 - momentum) var), so no NaN.
+    """
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        self._update_first(x)
+        return self._running_normalise(x)
+
+
+class OriginalBatchRenorm(_OriginalStudyNorm):
+    """``brn_orig`` / ``brnc_orig``: Batch Renormalization exactly as the original study ran it.
+
+    Training:  mu, var <- updated with mu_B, var_B' first;  sigma_B = sqrt(var_B + eps), sigma = sqrt(var + eps)
+               x_hat = (x - mu_B) / sigma_B                        (gradient through mu_B and sigma_B)
+               r = sg(sigma_B / sigma),  d = sg((mu_B - mu) / sigma)   with the *updated* mu, var;
+               clipped to [1/rmax, rmax] and [-dmax, dmax] for ``brnc_orig`` (rmax 3, dmax 5)
+               y = gamma * (r * x_hat + d) + beta.                  eps = 0.
+    Eval:      y = gamma * (x - mu) / sigma + beta.
+    A channel of one exact value in the whole batch (sigma_B = 0, typically a dead unit's zeros) gets
+    x_hat = 0 and zero gradient through it instead of 0 / 0, so y = gamma * d + beta: the value the formula
+    tends to (the original wrote NaN there). A channel constant up to rounding has a tiny variance of
+    rounding noise, which eps = 0 normalises to unit scale, as the original did.
+    """
+
+    def __init__(self, num_features: int, eps: float = 0.0, momentum: float | None = 0.1, affine: bool = True,
+                 rmax: float | None = None, dmax: float | None = None):
+        super().__init__(num_features, eps, momentum, affine)
+        self.rmax, self.dmax = rmax, dmax
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", rmax={self.rmax}, dmax={self.dmax}" if self.rmax or self.dmax else "")
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        mean_b, var_b = self._update_first(x)
+        x_hat = self._standardise(x)
+        with torch.no_grad():
+            inv_sigma = _safe_rsqrt(self.running_var.to(x.dtype) + self.eps)
+            r = torch.sqrt(var_b.clamp_min(0) + self.eps) * inv_sigma
+            d = (mean_b - self.running_mean.to(x.dtype)) * inv_sigma
+            if self.rmax is not None:
+                r = r.clamp(1.0 / self.rmax, self.rmax)
+            if self.dmax is not None:
+                d = d.clamp(-self.dmax, self.dmax)
+        return x_hat * _per_channel(gamma * r, x) + _per_channel(gamma * d + beta, x)
 
 
 class WeightCentredConv2d(nn.Conv2d):
@@ -582,6 +703,21 @@ class Method:
     factory: Callable[..., nn.Module]
     defaults: dict
     batch_dependent: bool  # whether training output depends on other samples of the batch
+    # options that follow the run, from (steps, batch_size): the authors' settings expressed per run
+    run_options: Callable[[int, int], dict] | None = None
+
+
+def _mabn_run_options(steps: int, batch_size: int) -> dict:
+    # the paper's normalisation batch of 32: buffer = max(1, 32 // batch)
+    return {"buffer_size": max(1, 32 // batch_size)}
+
+
+def _brn_schedule(steps: int, batch_size: int) -> dict:
+    # the paper's 5k / 25k / 40k of a 40k run, scaled to this run: rmax = 1 and dmax = 0 for the first
+    # 1/8 of the steps, dmax reaches 5 at 5/8 and rmax reaches 3 at the end
+    warmup = round(steps / 8)
+    return {"warmup_steps": warmup, "dmax_ramp_steps": max(round(steps * 5 / 8) - warmup, 0),
+            "rmax_ramp_steps": max(steps - warmup, 0)}
 
 
 REGISTRY: dict[str, Method] = {
@@ -591,8 +727,13 @@ REGISTRY: dict[str, Method] = {
         Method("bnrs", "BN, running stats (BNRS)", "#d62728", RunningStatsBatchNorm, {}, True),
         Method("brn", "Batch Renorm (BRN)", "#2ca02c", BatchRenorm, {}, True),
         Method("brnc", "Batch Renorm, clipped (BRNC)", "#98df8a", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
+        Method("brnc_warmup", "BRNC, paper's warm-up", "#17becf", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True,
+               _brn_schedule),
+        Method("bnrs_orig", "BNRS as the original", "#ff9896", OriginalRunningStatsBatchNorm, {}, True),
+        Method("brn_orig", "BRN as the original", "#bcbd22", OriginalBatchRenorm, {}, True),
+        Method("brnc_orig", "BRNC as the original", "#dbdb8d", OriginalBatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
         Method("bnwos", "BN without sync (BNWoS)", "#ff7f0e", UnsyncedBatchNorm, {}, True),
-        Method("mabn", "Moving Average BN (MABN)", "#9467bd", MovingAverageBatchNorm, {}, True),
+        Method("mabn", "Moving Average BN (MABN)", "#9467bd", MovingAverageBatchNorm, {}, True, _mabn_run_options),
         Method("bln", "Batchless Norm (BLN)", "#8c564b", BatchlessNorm, {}, False),
         Method("gn", "GroupNorm (GN)", "#e377c2", _GroupNorm, {}, False),
         Method("none", "No normalisation", "#7f7f7f", _Identity, {}, False),
@@ -614,6 +755,13 @@ def display_name(method: str) -> str:
 
 def colour(method: str) -> str:
     return _method(method).colour
+
+
+def run_options(method: str, steps: int, batch_size: int) -> dict:
+    """The options a method takes from the run it is trained in (MABN's buffer, BRNC's scaled warm-up);
+    the training loop passes them to :func:`make`, under any options the user gives."""
+    spec = _method(method)
+    return spec.run_options(steps, batch_size) if spec.run_options else {}
 
 
 def make(method: str, num_features: int, **options) -> nn.Module:
@@ -702,6 +850,43 @@ def recompute_statistics(model: nn.Module, batches: Iterable) -> int:
             layer._collector = None
         model.train(was_training)
     return seen
+
+
+@torch.no_grad()
+def initialise_statistics(model: nn.Module, batches: Iterable) -> int:
+    """Batchless Normalization's data-dependent start, the authors' ``init_bln_singlePass``: layer by layer in
+    the order the forward pass meets them, each BLN layer's mean and standard deviation become the mean and
+    (biased) standard deviation of its inputs over ``batches``, given the already-initialised layers below.
+    The model runs in eval mode, so nothing else changes. A channel with zero variance gets std sqrt(eps)
+    instead of the authors' log(0). Returns the number of layers initialised."""
+    layers = [m for m in model.modules() if isinstance(m, BatchlessNorm)]
+    if not layers:
+        return 0
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    if not batches:
+        raise ValueError("initialise_statistics: no batches given")
+    was_training = model.training
+    model.eval()
+    order: list[BatchlessNorm] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: order.append(m) if m not in order else None) for m in layers]
+    try:
+        model(batches[0])  # the order the forward pass meets the layers in
+        for h in hooks:
+            h.remove()
+        for layer in order:
+            collector = _StatisticsCollector()
+            hooks = [layer.register_forward_pre_hook(lambda m, args: collector.add(args[0]))]
+            for x in batches:
+                model(x)
+            hooks.pop().remove()
+            mean, var = collector.population()
+            layer.mean.copy_(mean)
+            layer.log_std.copy_(0.5 * torch.log(var.clamp_min(layer.eps)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return len(order)
 
 
 def auxiliary_loss(model: nn.Module) -> Tensor | float:

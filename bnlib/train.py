@@ -41,6 +41,7 @@ class Config:
     sampler: str = "iid"  # iid | noniid
     classes_per_batch: int | None = None  # noniid: classes in every batch (must divide batch_size)
     norm_placement: str = "all"  # all | first | none
+    norm_position: str = "pre"  # pre (norm before the activation, the original) | post (after it, as BLN's authors)
     width: int = 32  # channels of every conv
     depth: int = 4  # conv layers, dilation 1, 2, 4, ...
     steps: int | None = None  # budget in optimiser steps (equal steps: small batches see fewer samples) ...
@@ -55,6 +56,7 @@ class Config:
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
+    init_samples: int = 1000  # training images for Batchless Norm's data-dependent start (its authors'); 0: mean 0, std 1
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
     seed: int = 0  # data order and initial weights
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
@@ -137,6 +139,10 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("sampler", f"unknown sampler; choose one of {', '.join(data_mod.SAMPLERS)}")
     if config.norm_placement not in models.PLACEMENTS:
         fail("norm_placement", f"choose one of {', '.join(models.PLACEMENTS)}")
+    if config.norm_position not in models.POSITIONS:
+        fail("norm_position", f"choose one of {', '.join(models.POSITIONS)}")
+    if not isinstance(config.init_samples, int) or config.init_samples < 0:
+        fail("init_samples", "must be a non-negative integer")
     if config.optimizer not in OPTIMIZERS:
         fail("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
     if not config.lr > 0:
@@ -265,12 +271,23 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     subset = subset[: config.eval_samples or len(subset)].sort().values.to(device)
     x_sub, y_sub = ds.x_test[subset], ds.y_test[subset]
 
+    # A fixed slice of training data, a function of the seed: BLN's initialisation uses its first
+    # init_samples, precise statistics its first recompute_samples (at the training batch size).
+    order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(config.seed))
+    init_idx = order[: config.init_samples].to(device)
+    init_batches = [ds.x_train[init_idx[i: i + EVAL_BATCH.get(device.type, 1024)]]
+                    for i in range(0, len(init_idx), EVAL_BATCH.get(device.type, 1024))]
+
     runs = {}
     for m in config.methods:
         model = models.build(
             m, config.seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
-            norm_placement=config.norm_placement, norm_options=config.norm_options.get(m, {}),
+            norm_placement=config.norm_placement, norm_position=config.norm_position,
+            norm_options={**norms.run_options(m, steps, config.batch_size), **config.norm_options.get(m, {})},
         ).to(device)
+        if init_batches:
+            with autocast(device, config.precision):
+                norms.initialise_statistics(model, init_batches)
         runs[m] = {
             "model": model, "opt": _optimizer(config, model.parameters()), "seconds": 0.0, "steps": 0,
             "loss_sum": torch.zeros((), device=device), "window": 0,
@@ -278,9 +295,7 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
                     "test_acc_recomputed": [], "test_loss_recomputed": [], "diverged": False, "diverged_step": None},
         }
 
-    # A fixed slice of training data for precise statistics, at the training batch size.
-    recompute_idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(config.seed))
-    recompute_idx = recompute_idx[: max(config.batch_size, min(config.recompute_samples, len(recompute_idx)))]
+    recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
     recompute_batches = [ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
                          for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)]
 

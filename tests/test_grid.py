@@ -63,6 +63,10 @@ def test_cell_ids_are_stable_and_distinct(tmp_path):
     b = grid.load(_write(tmp_path, TINY, "copy.yaml"))
     assert [c.id for c in a.cells] == [c.id for c in b.cells]
     assert len({c.id for c in a.cells}) == 4 and a.cells[0].id.startswith("digits-b4-iid-s0-")
+    # the id covers the resolved configuration: a default written out is the same cell, a changed one is not
+    assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "lr": 0.001, "init_samples": 1000})
+    assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, "init_samples": 0})
+    assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "device": "cpu", "data_dir": "/elsewhere"})
 
 
 @pytest.mark.parametrize(

@@ -226,18 +226,19 @@ def test_mabn_function_gradcheck():
     gamma = (torch.rand(3) + 0.5).requires_grad_(True)
     beta = torch.randn(3).requires_grad_(True)
     psi = torch.zeros(1, 3)
+    r = torch.tensor([0.5, 1.0, 2.0])  # the EMA renorm factor: a constant, so the gradient stays exact
 
     def f(x, gamma, beta):
         # s follows x as in the layer: computed without gradient; the Function supplies its gradient
         s = torch.sqrt((x.detach() ** 2).mean([0, 2, 3]) + 1e-5)
-        return norms._MovingAverageNormalise.apply(x, gamma, beta, s, psi, torch.tensor(0), torch.tensor(1), torch.tensor(False))
+        return norms._MovingAverageNormalise.apply(x, gamma, beta, s, r, psi, torch.tensor(0), torch.tensor(True))
 
     assert torch.autograd.gradcheck(f, (x, gamma, beta), eps=1e-6, atol=1e-7)
     # and, as an independent reference, it equals autograd through gamma x / sqrt(mean(x^2) + eps) + beta
     up = _inputs((4, 3, 2, 2), seed=3).detach()
     g1 = torch.autograd.grad((f(x, gamma, beta) * up).sum(), (x, gamma, beta))
     v = lambda t: t.view(1, 3, 1, 1)  # noqa: E731
-    ref = v(gamma) * x / torch.sqrt((x**2).mean([0, 2, 3], keepdim=True) + 1e-5) + v(beta)
+    ref = v(gamma * r) * x / torch.sqrt((x**2).mean([0, 2, 3], keepdim=True) + 1e-5) + v(beta)
     g2 = torch.autograd.grad((ref * up).sum(), (x, gamma, beta))
     for a, b in zip(g1, g2):
         assert_close(a, b, **TIGHT)
@@ -254,39 +255,199 @@ def test_mabn_buffer_of_one_forward_by_hand():
         assert_close(y, expected, **TIGHT)
 
 
-def test_mabn_uses_moving_averages_after_warmup():
-    layer = norms.make("mabn", 5, buffer_size=3, warmup_steps=2, affine=False)
-    xs = [_inputs((4, 5, 2, 2), seed=s) for s in range(5)]
-    chis = [(x.detach() ** 2).mean(dim=(0, 2, 3)) for x in xs]
-    psis = []
-    for t, x in enumerate(xs):
-        xx = x.detach().clone().requires_grad_(True)
-        y = layer(xx)
-        window = chis[max(0, t - 2): t + 1]
-        chi = chis[t] if t < 2 else sum(window) / len(window)
-        z = x.detach() / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1)
-        assert_close(y, z, **TIGHT)
-        g = _inputs((4, 5, 2, 2), seed=20 + t).detach()
-        (gx,) = torch.autograd.grad((y * g).sum(), xx)
-        psis.append((g * z).mean(dim=(0, 2, 3)))
-        pwin = psis[max(0, t - 2): t + 1]
-        psi = psis[t] if t < 2 else sum(pwin) / len(pwin)
-        assert_close(gx, (g - z * psi.view(1, 5, 1, 1)) / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1), **TIGHT)
-    assert int(layer.num_batches_tracked) == 5
+class _OfficialMABN:
+    """A float64 transcription of the official MABN2d / BatchNormFunction (megvii-model/MABN), with its
+    hard-coded 1000 of the renorm start as a parameter; returns output and gradients per step."""
+
+    def __init__(self, channels, buffer_size, warmup, renorm_after=1000, momentum=0.98, eps=1e-5):
+        self.buffer_x2, self.buffer_gz = torch.zeros(buffer_size, channels), torch.zeros(buffer_size, channels)
+        self.running_var = torch.ones(1, channels, 1, 1)
+        self.iters, self.buffer_size, self.warmup, self.renorm_after = 0, buffer_size, warmup, renorm_after
+        self.momentum, self.eps = momentum, eps
+
+    def step(self, x, weight, bias, grad_output):
+        self.iters += 1
+        it, c = self.iters, x.shape[1]
+        x2 = (x * x).mean(dim=3).mean(dim=2).mean(dim=0)
+        self.buffer_x2[it % self.buffer_size] = x2
+        early = it <= self.buffer_size or it < self.warmup
+        var = (x2 if early else self.buffer_x2.mean(dim=0)).view(1, c, 1, 1)
+        z = x / (var + self.eps).sqrt()
+        r = (var + self.eps).sqrt() / (self.running_var + self.eps).sqrt()
+        r = r.clamp(1, 1) if it <= max(self.renorm_after, self.warmup) else r.clamp(1 / 5, 5)
+        self.running_var = self.momentum * self.running_var + (1 - self.momentum) * var
+        y = weight.view(1, c, 1, 1) * r * z + bias.view(1, c, 1, 1)
+        g = grad_output * weight.view(1, c, 1, 1) * r
+        gz = (g * z).mean(dim=3).mean(dim=2).mean(dim=0)
+        self.buffer_gz[it % self.buffer_size] = gz
+        mean_gz = (gz if early else self.buffer_gz.mean(dim=0)).view(1, c, 1, 1)
+        gx = (g - z * mean_gz) / torch.sqrt(var + self.eps)
+        return y, (gx, (grad_output * r * z).sum(dim=(0, 2, 3)), grad_output.sum(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("buffer_size,warmup", [(3, 2), (3, 5), (1, 0)])
+def test_mabn_equals_official_transcription(buffer_size, warmup):
+    """Forward, backward, running buffers and eval mode against the official code's maths, through the
+    warm-up, the moving averages and the EMA renormalisation (clipped at 5 on a batch scaled by 100)."""
+    layer = norms.make("mabn", 5, buffer_size=buffer_size, warmup_steps=warmup, renorm_after=6)
+    _randomise_affine(layer)
+    ref = _OfficialMABN(5, buffer_size, warmup, renorm_after=6)
+    for t in range(12):
+        x, up = _inputs((4, 5, 2, 2), seed=t), _inputs((4, 5, 2, 2), seed=20 + t).detach()
+        if t == 9:
+            x = (x * 100).detach().requires_grad_(True)
+        y, grads = _run(layer, x, up)
+        y_ref, grads_ref = ref.step(x.detach(), layer.weight.detach(), layer.bias.detach(), up)
+        assert_close(y, y_ref, **TIGHT)
+        for a, b in zip(grads, grads_ref):
+            assert_close(a, b, **TIGHT)
+        assert_close(layer.running_var, ref.running_var.flatten(), **TIGHT)
     layer.eval()
-    layer(xs[0])
-    assert int(layer.num_batches_tracked) == 5
+    x = _inputs((4, 5, 2, 2), seed=99)
+    expected = layer.weight.view(1, 5, 1, 1) * x / torch.sqrt(ref.running_var + 1e-5) + layer.bias.view(1, 5, 1, 1)
+    assert_close(layer(x), expected, **TIGHT)
+    assert int(layer.num_batches_tracked) == 12
+
+
+def test_mabn_run_options_follow_the_paper():
+    """Buffer max(1, 32 // batch); the official defaults otherwise."""
+    assert norms.run_options("mabn", steps=100, batch_size=2) == {"buffer_size": 16}
+    assert norms.run_options("mabn", steps=100, batch_size=16) == {"buffer_size": 2}
+    assert norms.run_options("mabn", steps=100, batch_size=128) == {"buffer_size": 1}
+    layer = norms.make("mabn", 5)
+    assert (layer.momentum, layer.warmup_steps, layer.renorm_after, layer.renorm_rmax) == (0.02, 100, 1000, 5.0)
 
 
 def test_mabn_clipping_bounds_normaliser():
     layer = norms.make("mabn", 5, buffer_size=4, warmup_steps=0, rmax=1.5, affine=False)
-    for s in range(3):
+    for s in range(4):  # the official code normalises with the batch until the buffer is full
         layer(_inputs((4, 5, 2, 2), seed=s))
     x = _inputs((4, 5, 2, 2), seed=9) * 100
     y = layer(x)
     ratio = (y / (x / torch.sqrt((x**2).mean(dim=(0, 2, 3), keepdim=True) + 1e-5))).detach()
     assert torch.all(ratio <= 1.5 + 1e-9) and torch.all(ratio >= 1 / 1.5 - 1e-9)
     assert_close(ratio.amax(), torch.tensor(1.5), **TIGHT)
+
+
+class _OriginalStudyBN:
+    """A float64 transcription of the original study's BN / BNRS / BRN / BRNC (enhuiz/batchnorms, bns.py):
+    eps = 0, running statistics updated with the batch before they are used."""
+
+    def __init__(self, kind, channels, momentum=0.1):
+        self.kind, self.momentum = kind, momentum
+        self.running_mean, self.running_var = torch.zeros(channels), torch.ones(channels)
+
+    def __call__(self, x, weight, bias, training=True):
+        xt = x.transpose(0, 1)  # (c, b, ...)
+        dims = list(range(1, xt.dim()))
+        view = lambda v: v.view(-1, *([1] * (xt.dim() - 1)))  # noqa: E731
+        if training:
+            with torch.no_grad():
+                ema = lambda a, b: (1 - self.momentum) * a + self.momentum * b  # noqa: E731
+                self.running_mean = ema(self.running_mean, xt.mean(dim=dims))
+                self.running_var = ema(self.running_var, xt.var(dim=dims, unbiased=True))
+        mu, var = view(self.running_mean), view(self.running_var)
+        if not training or self.kind == "bnrs":
+            out = (xt - mu) / var.sqrt()
+        else:
+            mu_b, var_b = xt.mean(dim=dims, keepdim=True), xt.var(dim=dims, keepdim=True, unbiased=False)
+            x_hat = (xt - mu_b) / var_b.sqrt()
+            with torch.no_grad():
+                r, d = var_b.sqrt() / var.sqrt(), (mu_b - mu) / var.sqrt()
+            if self.kind == "brnc":
+                r, d = r.clamp(1 / 3, 3), d.clamp(-5, 5)
+            out = r * x_hat + d
+        return (view(weight) * out + view(bias)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("method", ["bnrs_orig", "brn_orig", "brnc_orig"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_original_variants_equal_the_original_code(method, shape):
+    """Forward, gradients, running statistics and eval mode against the original study's maths; the
+    batch scaled by 30 at step 2 makes BRNC's clipping bite."""
+    layer = norms.make(method, 5)
+    _randomise_affine(layer)
+    ref = _OriginalStudyBN(method.split("_")[0], 5)
+    for step in range(4):
+        x, up = _inputs(shape, seed=step), _inputs(shape, seed=10 + step).detach()
+        if step == 2:
+            x = (x * 30).detach().requires_grad_(True)
+        y, grads = _run(layer, x, up)
+        xr = x.detach().clone().requires_grad_(True)
+        w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+        y_ref = ref(xr, w, b)
+        grads_ref = torch.autograd.grad((y_ref * up).sum(), (xr, w, b))
+        assert_close(y, y_ref, **TIGHT)
+        for a, g in zip(grads, grads_ref):
+            assert_close(a, g, **TIGHT)
+        assert_close(layer.running_mean, ref.running_mean, **TIGHT)
+        assert_close(layer.running_var, ref.running_var, **TIGHT)
+    layer.eval()
+    x = _inputs(shape, seed=99)
+    assert_close(layer(x), ref(x, layer.weight, layer.bias, training=False), **TIGHT)
+    if method == "brnc_orig":
+        assert (layer.rmax, layer.dmax) == (3.0, 5.0)
+
+
+@pytest.mark.parametrize("method", ["bnrs_orig", "brn_orig", "brnc_orig"])
+def test_original_variants_survive_a_constant_channel(method):
+    """eps = 0 and a channel of zeros in the whole batch (a dead unit): finite output and gradients (the
+    original divided 0 by 0 in BRN); BRN's output there is gamma * d + beta, the value its formula tends to.
+    A channel constant at another value is finite too (its variance is rounding noise, normalised up as the
+    original did)."""
+    layer = norms.make(method, 5)
+    _randomise_affine(layer)
+    x = _inputs((4, 5, 3, 3)).detach().clone()
+    x[:, 2], x[:, 3] = 0.0, 0.7
+    x.requires_grad_(True)
+    y = layer(x)
+    (y * _inputs((4, 5, 3, 3), seed=5).detach()).sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+    if method != "bnrs_orig":
+        with torch.no_grad():
+            mu, sigma = layer.running_mean[2], layer.running_var[2].sqrt()
+            d = ((0.0 - mu) / sigma).clamp(-5, 5) if method == "brnc_orig" else (0.0 - mu) / sigma
+            assert_close(y[:, 2], (layer.weight[2] * d + layer.bias[2]).expand_as(y[:, 2]), **TIGHT)
+
+
+def test_brnc_warmup_schedule_scales_to_the_run():
+    """The paper's 5k / 25k / 40k of 40k steps, scaled: rmax = 1 and dmax = 0 for 1/8 of the run, dmax 5 at
+    5/8, rmax 3 at the end."""
+    options = norms.run_options("brnc_warmup", steps=80, batch_size=16)
+    assert options == {"warmup_steps": 10, "dmax_ramp_steps": 40, "rmax_ramp_steps": 70}
+    layer = norms.make("brnc_warmup", 5, **options)
+    limits = {}
+    for step in range(81):
+        limits[step] = layer.current_limits()
+        layer.num_batches_tracked.add_(1)
+    assert limits[0] == limits[10] == (1.0, 0.0)
+    assert limits[50] == (pytest.approx(1 + 2 * 40 / 70), 5.0) and limits[80] == (3.0, 5.0)
+    assert norms.run_options("brnc", steps=80, batch_size=16) == {}
+
+
+def test_bln_initialise_statistics_matches_each_layers_inputs():
+    """After the pass, every BLN layer's mean and std are those of its own inputs (given the initialised
+    layers below it), as the authors' init_bln_singlePass; the model's mode and other layers are untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), norms.make("bln", 5), nn.GELU(), nn.Conv2d(5, 5, 3),
+                          nn.GELU(), norms.make("bln", 5), nn.Flatten(), nn.LazyLinear(2)).train()
+    batches = [torch.randn(8, 3, 7, 7) * 3 + 1 for _ in range(3)]
+    conv_before = model[0].weight.detach().clone()
+    assert norms.initialise_statistics(model, batches) == 2
+    assert model.training and torch.equal(model[0].weight, conv_before)
+    seen = {1: [], 5: []}
+    hooks = [model[i].register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0])) for i in seen]
+    with torch.no_grad():
+        model.eval()
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    for i, inputs in seen.items():
+        values = torch.cat(inputs).transpose(0, 1).flatten(1)
+        assert_close(model[i].mean.detach(), values.mean(1), **TIGHT)
+        assert_close(model[i].log_std.detach().exp(), values.std(1, unbiased=False), **TIGHT)
+    assert norms.initialise_statistics(nn.Sequential(nn.Linear(2, 2), norms.make("bn", 2)), batches) == 0
 
 
 def test_weight_centred_conv_centres_each_filter():
@@ -352,7 +513,8 @@ def test_bnwos_batch_smaller_than_devices_raises():
         norms.make("bnwos", 5, devices=4)(_inputs((3, 5)))
 
 
-@pytest.mark.parametrize("method", ["bn", "bnrs", "brn", "brnc", "bnwos", "mabn", "bln"])
+@pytest.mark.parametrize("method", ["bn", "bnrs", "brn", "brnc", "brnc_warmup", "bnrs_orig", "brn_orig", "brnc_orig",
+                                    "bnwos", "mabn", "bln"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_keeps_statistics_finite(method, dtype):
     layer = norms.make(method, 5).float()

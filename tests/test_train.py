@@ -41,6 +41,8 @@ def _strip_timings(result):
         ({"norm_placement": "middle"}, "norm_placement"),
         ({"precision": "fp16"}, "precision"),
         ({"eval_samples": 0}, "eval_samples"),
+        ({"norm_position": "middle"}, "norm_position"),
+        ({"init_samples": -1}, "init_samples"),
     ],
 )
 def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
@@ -166,3 +168,51 @@ def test_every_method_stays_finite_in_bf16(batch):
         ref = fp32["methods"][m]
         assert rec["train_loss"] != ref["train_loss"], m
         assert abs(rec["final"]["test_loss"] - ref["final"]["test_loss"]) < 0.1 * ref["final"]["test_loss"], (m, rec["final"], ref["final"])
+
+
+def test_layers_get_their_run_options_and_bln_its_initialisation(monkeypatch):
+    """MABN's buffer follows the batch (32 // batch), BRNC's warm-up the run's steps, and BLN starts from its
+    inputs' statistics (the authors' initialisation) unless init_samples is 0."""
+    from bnlib import norms
+
+    built = {}
+    real_build = models.build
+
+    def spy(method, *args, **kwargs):
+        built[method] = real_build(method, *args, **kwargs)
+        built[method, "options"] = kwargs["norm_options"]
+        return built[method]
+
+    monkeypatch.setattr(models, "build", spy)
+    config = train.Config(methods=["mabn", "brnc_warmup", "bln"], batch_size=8, steps=16, recompute=False,
+                          norm_options={"mabn": {"warmup_steps": 3}})
+    calls = []
+    real_init = norms.initialise_statistics
+    monkeypatch.setattr(norms, "initialise_statistics", lambda model, batches: calls.append(sum(len(b) for b in batches)) or real_init(model, batches))
+    train.train(config, dataset=digits(), progress=False)
+    assert built["mabn", "options"] == {"buffer_size": 4, "warmup_steps": 3}
+    assert built["brnc_warmup", "options"] == {"warmup_steps": 2, "dmax_ramp_steps": 8, "rmax_ramp_steps": 14}
+    assert calls == [1000] * 3  # every model, before its first step (a no-op for those without BLN)
+    calls.clear()
+    train.train(train.Config(**{**config.__dict__, "init_samples": 0}), dataset=digits(), progress=False)
+    assert calls == []
+
+
+def test_bln_initialisation_starts_at_the_data_statistics():
+    from bnlib import norms
+
+    net = models.build("bln", 0, 1, 10, norm_position="post")
+    x = digits().x_train[:500]
+    norms.initialise_statistics(net, [x])
+    layers = [m for m in net.modules() if isinstance(m, norms.BatchlessNorm)]
+    stds = [float(m.log_std.detach().exp().mean()) for m in layers]
+    assert all(s < 0.9 for s in stds), stds  # real activations are far from the default std 1
+    assert any(not torch.allclose(m.mean, torch.zeros_like(m.mean)) for m in layers)
+
+
+def test_norm_position_post_puts_the_norm_after_the_activation():
+    pre, post = models.build("bn", 0, 1, 10), models.build("bn", 0, 1, 10, norm_position="post")
+    kinds = lambda net: [type(m).__name__ for m in net.features]  # noqa: E731
+    assert kinds(pre)[:3] == ["Conv2d", "BatchNorm", "GELU"] and kinds(post)[:3] == ["Conv2d", "GELU", "BatchNorm"]
+    assert pre.features[0].bias is None and post.features[0].bias is not None
+    assert torch.equal(pre.features[0].weight, post.features[0].weight)

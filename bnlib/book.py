@@ -154,6 +154,39 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
+README = ROOT / "README.md"
+README_MARKERS = ("<!-- study-findings:start (written by `bnlib aggregate study --readme`) -->", "<!-- study-findings:end -->")
+
+
+def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int) -> str:
+    """The README's tables of the committed study: per condition, methods x batch sizes, the final accuracy
+    and (for every method but BN) the paired difference against BN and its Holm verdict."""
+    lines = [f"{cells_done} of the grid's {cells_total} cells are committed. Mean final test accuracy in % with its "
+             "Student-t 95% interval; beside every other method, its paired difference against BN in points with "
+             "its interval and the verdict of a paired t-test at 5% after Holm's correction over every comparison "
+             "with BN in the grid (below / above / cannot tell)."]
+    for title, table in summary_tables(standard_placement(summary)):
+        batches = list(dict.fromkeys(c[0] for c in table.columns))
+        lines += ["", f"**{title}**", "", "| method | " + " | ".join(batches) + " |", "|---" * (len(batches) + 1) + "|"]
+        for method, row in table.iterrows():
+            cells = []
+            for b in batches:
+                acc, diff, verdict = row[(b, "accuracy (%)")], row[(b, "vs BN (points)")], row[(b, "verdict (Holm p; wins)")]
+                acc = "–" if pd.isna(acc) else acc
+                cells.append(acc if not isinstance(diff, str) or not diff else f"{acc}: {diff}, {str(verdict).split(' (')[0]}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, readme: Path = README) -> None:
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the tables belong")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total) + "\n" + end + rest.split(end, 1)[1])
+
+
 def runs_table(runs: list[dict]) -> str:
     """The Runs page's table: one row per finished cell, linked to its notebook page (HTML)."""
     import html as html_mod

@@ -94,6 +94,14 @@ def cmd_aggregate(args) -> int:
     written = aggregate(Path(args.results) / g.name)
     for name, path in written.items():
         print(f"wrote {path}")
+    if args.readme:
+        import pandas as pd
+
+        from . import book
+
+        done = len(list((Path(args.results) / g.name / "runs").glob("*.json")))
+        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells))
+        print(f"wrote the findings tables into {book.README}")
     return 0
 
 
@@ -194,6 +202,9 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("aggregate", help="gather a grid's finished cells into results/<grid>/*.csv")
     _grid_arg(a)
+    a.add_argument("--readme", action="store_true",
+                   help="also write the findings tables into README.md between its study-findings markers "
+                        "(for the published grid, before committing its results)")
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")

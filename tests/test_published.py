@@ -66,6 +66,31 @@ def test_committed_study_results_are_intact():
 # --- re-running a grid whose cells are all done, and verify ----------------------------------------
 
 
+def test_readme_findings_match_the_committed_study():
+    """The README's tables are the committed summary's numbers (`bnlib aggregate study --readme`), never typed."""
+    if not HAS_STUDY:
+        pytest.skip("results/study holds no finished cell in this checkout")
+    text = (ROOT / "README.md").read_text()
+    start, end = book.README_MARKERS
+    committed = text.split(start, 1)[1].split(end, 1)[0].strip()
+    done = len(list(STUDY.glob("runs/*.json")))
+    expected = book.readme_findings(pd.read_csv(STUDY / "summary.csv"), done, len(grid.load("study").cells))
+    assert committed == expected.strip(), "README findings are out of date: run `bnlib aggregate study --readme` and commit"
+
+
+def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n" + "\n".join(book.README_MARKERS) + "\nrest\n")
+    summary = pd.read_csv(_copy_grid(smoke_results, tmp_path) / "summary.csv")
+    book.write_readme_findings(summary, 3, 6, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the grid's 6 cells" in text
+    assert "| BN |" in text and ("below" in text or "cannot tell" in text)
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        book.write_readme_findings(summary, 3, 6, readme=readme)
+
+
 def test_run_on_a_finished_grid_does_nothing_and_says_so(smoke_results, tmp_path, capsys):
     folder = _copy_grid(smoke_results, tmp_path)
     def files():  # every result file (the runner's lock is not a result)

@@ -32,7 +32,10 @@ import torch.nn.functional as F
 
 from . import norms
 
-NORM_TARGETS = {"bn": 1.1, "bnrs": 1.5, "brn": 1.5, "brnc": 1.5, "bnwos": 1.5, "bln": 1.5, "mabn": 2.0}
+NORM_TARGETS = {"bn": 1.1, "bnrs": 1.5, "brn": 1.5, "brnc": 1.5, "bnwos": 1.5, "bln": 1.5, "mabn": 2.0,
+                # unfused: the eps = 0 variants, the norm-activation layers, ghost batches, GroupNorm(+WS)
+                "brnc_warmup": 2.0, "bnrs_orig": 3.0, "brn_orig": 4.0, "brnc_orig": 4.0, "gbn": 2.0, "gn": 3.0,
+                "gn_ws": 3.0, "frn": 5.0, "evonorm": 5.0}
 LOOP_TARGETS = {2: 3.0, 128: 1.5}
 
 

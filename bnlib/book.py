@@ -44,6 +44,7 @@ class Tables:
     training_loss: pd.DataFrame
     summary: pd.DataFrame
     summary_recomputed: pd.DataFrame | None
+    summary_batchstats: pd.DataFrame | None
     runs: list[dict]
     cell_log: pd.DataFrame
 
@@ -56,7 +57,7 @@ def tables(grid: str | None = None, folder: Path | None = None) -> Tables:
     read = lambda name: pd.read_csv(folder / f"{name}.csv") if (folder / f"{name}.csv").exists() else None  # noqa: E731
     log = folder / "cells.jsonl"
     cell_log = pd.DataFrame([json.loads(line) for line in log.read_text().splitlines() if line.strip()]) if log.exists() else pd.DataFrame()
-    return Tables(grid, folder, read("evaluations"), read("training_loss"), read("summary"), read("summary_recomputed"),
+    return Tables(grid, folder, read("evaluations"), read("training_loss"), read("summary"), read("summary_recomputed"), read("summary_batchstats"),
                   results.load_runs(folder / "runs"), cell_log)
 
 
@@ -200,7 +201,26 @@ def runs_table(runs: list[dict]) -> str:
                      "placement": cfg.get("norm_placement", "all"), "seed": cfg["seed"],
                      "training (s)": round(r["wall_seconds"], 1), "device": prov.get("device_name"),
                      "commit": (prov.get("git_commit") or "")[:12]})
-    return pd.DataFrame(rows).to_html(index=False, escape=False, classes="table")
+    table = pd.DataFrame(rows).to_html(index=False, escape=False, classes="table bnlib-sortable", table_id="runs-table")
+    return table + SORT_SCRIPT
+
+
+# Click a column header of a .bnlib-sortable table to sort by it (again: reverse); numbers sort as numbers.
+SORT_SCRIPT = """<script>
+document.querySelectorAll("table.bnlib-sortable").forEach(function (table) {
+  table.querySelectorAll("thead th").forEach(function (th, col) {
+    th.style.cursor = "pointer";
+    th.title = "sort by this column";
+    th.addEventListener("click", function () {
+      var body = table.tBodies[0], rows = Array.from(body.rows), up = th.dataset.order !== "up";
+      var key = function (row) { var t = row.cells[col].textContent.trim(), n = parseFloat(t); return isNaN(n) || String(n) !== t && !/^-?[0-9.]+$/.test(t) ? t : n; };
+      rows.sort(function (a, b) { var x = key(a), y = key(b); var c = (typeof x === typeof y) ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === "number" ? -1 : 1); return up ? c : -c; });
+      rows.forEach(function (row) { body.appendChild(row); });
+      th.dataset.order = up ? "up" : "down";
+    });
+  });
+});
+</script>"""
 
 
 def seeds_caption(frame: pd.DataFrame, what: str) -> str:
@@ -297,22 +317,28 @@ def equal_steps(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
-    """Original (one run) beside ours (mean [95% interval], n seeds) per dataset, batch size and method."""
+    """Original (one run) beside ours (mean [95% interval], n seeds) per dataset, batch size and method; for
+    BNRS, BRN and BRNC also our run of the original's own code (``*_orig``: statistics updated before use, eps 0)."""
     ours = equal_steps(summary)
     orig = original_results()
+
+    def ours_cell(dataset: str, ds: str, batch: int, method: str) -> str:
+        if dataset == "cifar100":
+            return "not re-run"
+        hit = ours[(ours["dataset"] == ds) & (ours["batch_size"] == batch) & (ours["method"] == method)]
+        if hit.empty:
+            return "not run yet" if method in norms.REGISTRY else ""
+        h = hit.iloc[0]
+        return f"{_fmt(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
+
     rows = []
     for r in orig.itertuples():
         row = {"original dataset": r.dataset, "batch": r.batch_size, "method": norms.display_name(r.method),
                "original (%)": ("< " if r.relation == "below" else "") + f"{r.final_acc:g}"}
         for ds in ("mnist5k", "fashionmnist"):
-            hit = ours[(ours["dataset"] == ds) & (ours["batch_size"] == r.batch_size) & (ours["method"] == r.method)]
-            if r.dataset == "cifar100":
-                row[f"ours: {ds}"] = "not re-run"
-            elif hit.empty:
-                row[f"ours: {ds}"] = "not run yet"
-            else:
-                h = hit.iloc[0]
-                row[f"ours: {ds}"] = f"{_fmt(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
+            row[f"ours: {ds}"] = ours_cell(r.dataset, ds, r.batch_size, r.method)
+            twin = f"{r.method}_orig"
+            row[f"ours, the original's code: {ds}"] = ours_cell(r.dataset, ds, r.batch_size, twin) if twin in norms.REGISTRY else "same as ours"
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -23,7 +23,8 @@ def cmd_run(args) -> int:
         g = grid_mod.select(g, args.only)
     if args.dry_run:
         runs = grid_mod.runs_dir(args.results, g)
-        todo = [c for c in g.cells if args.force or grid_mod.state(runs, c) != "done"]
+        chosen = set(grid_mod.to_run({c.id: grid_mod.state(runs, c) for c in g.cells}, args.force, args.stale))
+        todo = [c for c in g.cells if c.id in chosen]
         estimates = grid_mod.estimate_seconds(g, args.results, todo)
         jobs = args.jobs or grid_mod.default_jobs()[0]
         for c in todo:
@@ -39,7 +40,11 @@ def cmd_run(args) -> int:
         executor = SlurmExecutor.from_options(g, args.results, args)
     else:
         executor = grid_mod.LocalExecutor(args.jobs, args.threads)
-    report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress, wait=args.wait)
+    report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress, wait=args.wait,
+                          stale=args.stale)
+    if report.stale_kept:  # never mixed silently
+        print(f"grid {g.name}: keeping {report.stale_kept} stale cells (done with other training code than the "
+              "current; `bnlib status -v` lists them, `bnlib run --stale` redoes them)")
     if report.skipped == report.total and not args.force:
         # e.g. a clone with the published results committed: nothing is executed, rewritten or re-aggregated
         print(f"grid {g.name}: all {report.total} cells are done; nothing to run (their results are kept; "
@@ -68,7 +73,7 @@ def cmd_status(args) -> int:
     except ImportError:
         pass
     print(f"grid {g.name} ({g.path}): {len(g.cells)} cells")
-    for key in ("done", "corrupt", "failed", "started", "pending"):
+    for key in ("done", "stale", "corrupt", "failed", "started", "pending"):
         print(f"  {key:8s} {len(st[key])}")
     if extra:
         for key, cells in extra.items():
@@ -79,8 +84,10 @@ def cmd_status(args) -> int:
     for cell in st["failed"]:
         first = (runs / f"{cell}.error").read_text().splitlines()[:1]
         print(f"  failed: {cell}: {first[0] if first else ''}")
+    if st["stale"]:
+        print(f"  {len(st['stale'])} stale: done with training code other than the current; kept, `bnlib run --stale` redoes them")
     if args.verbose:
-        for key in ("done", "started", "pending"):
+        for key in ("done", "stale", "started", "pending"):
             for cell in st[key]:
                 print(f"  {key}: {cell}")
     return 0
@@ -176,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--jobs", type=int, default=None, help="cells in parallel (default: one per GPU, else one per CPU core)")
     r.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU cores / jobs)")
     r.add_argument("--force", action="store_true", help="redo cells that are already done")
+    r.add_argument("--stale", action="store_true", help="redo stale cells: done with training code (bnlib's data, "
+                   "models, norms, train and the cell notebook) other than the current; kept otherwise")
     r.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the cells with this setting (repeatable, all must match), e.g. --only dataset=mnist5k")
     r.add_argument("--dry-run", action="store_true", help="list the cells that would run, with times estimated from "

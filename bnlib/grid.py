@@ -92,6 +92,9 @@ def resolve(grid: str | Path) -> Path:
 
 # Keys that say where a cell runs or finds its data, not what it computes: left out of the cell id.
 LOCAL_KEYS = ("device", "data_dir", "download")
+# Keys added after grids were run, left out of the id while at the value that reproduces the earlier
+# results (adding an option must not orphan finished cells); any other value is hashed as usual.
+ID_NEUTRAL = {"eval_batch_stats": False}
 
 
 def cell_id(parameters: dict) -> str:
@@ -99,7 +102,8 @@ def cell_id(parameters: dict) -> str:
     changing a default gives new cells instead of silently counting old results as done); stable across
     runs and machines."""
     config = train.Config.from_dict(parameters)
-    resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}
+    resolved = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in LOCAL_KEYS and not (k in ID_NEUTRAL and v == ID_NEUTRAL[k])}
     canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
     p = parameters
@@ -243,16 +247,19 @@ def runs_dir(results: Path, grid: Grid) -> Path:
 
 
 def state(runs: Path, cell: Cell) -> str:
-    """done (a valid metrics file), corrupt (a metrics file that does not parse, lacks keys or names another
-    cell), failed (error recorded), started (notebook only) or pending."""
-    from .results import CorruptRun, read_run
+    """done (a valid metrics file), stale (done, by training code other than the current: its recorded
+    ``training_code_sha256`` differs; files written before that field existed count as done), corrupt (a
+    metrics file that does not parse, lacks keys or names another cell), failed (error recorded), started
+    (notebook only) or pending."""
+    from .results import TRAINING_SHA256, CorruptRun, read_run
 
     if (runs / f"{cell.id}.json").exists():
         try:
-            read_run(runs / f"{cell.id}.json")
+            run = read_run(runs / f"{cell.id}.json")
         except CorruptRun:
             return "corrupt"
-        return "done"
+        recorded = run.get("provenance", {}).get("training_code_sha256")
+        return "stale" if recorded and recorded != TRAINING_SHA256 else "done"
     if (runs / f"{cell.id}.error").exists():
         return "failed"
     if (runs / f"{cell.id}.ipynb").exists():
@@ -407,6 +414,7 @@ class Report:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    stale_kept: int = 0  # done with other training code, kept (not redone without --stale)
 
     @property
     def ok(self) -> bool:
@@ -452,21 +460,29 @@ def runner_lock(folder: Path, wait: bool = False):
 
 
 def run(grid: Grid, results: Path, executor=None, force: bool = False, progress: bool = True, notebook: Path = NOTEBOOK,
-        wait: bool = False) -> Report:
-    """Run the grid's cells that are not done (all with ``force``); finished cells are never redone.
+        wait: bool = False, stale: bool = False) -> Report:
+    """Run the grid's cells that are not done (all with ``force``; stale ones too with ``stale``); finished
+    cells are never redone otherwise (stale ones are kept and counted in the report).
     Holds the grid's :func:`runner_lock` throughout (``wait``: wait for another runner instead of refusing)."""
     with runner_lock(Path(results) / grid.name, wait):
-        return _run(grid, results, executor, force, progress, notebook)
+        return _run(grid, results, executor, force, progress, notebook, stale)
 
 
-def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, notebook: Path) -> Report:
+def to_run(states: dict[str, str], force: bool = False, stale: bool = False) -> list[str]:
+    """The cell ids to execute, given each cell's :func:`state`."""
+    keep = {"done"} if stale else {"done", "stale"}
+    return [cid for cid, s in states.items() if force or s not in keep]
+
+
+def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, notebook: Path, stale: bool = False) -> Report:
     from tqdm.auto import tqdm
 
     _INTERRUPTED.clear()  # a Ctrl-C of an earlier run in this process is not this run's
     check_notebook(grid, notebook)
     runs = runs_dir(results, grid)
     states = {c.id: state(runs, c) for c in grid.cells}
-    todo = [c for c in grid.cells if force or states[c.id] != "done"]
+    chosen = set(to_run(states, force, stale))
+    todo = [c for c in grid.cells if c.id in chosen]
     for c in todo:  # a corrupt marker is redone; the file is kept aside for inspection, never deleted
         if states[c.id] == "corrupt":
             os.replace(runs / f"{c.id}.json", runs / f"{c.id}.json.corrupt")
@@ -474,6 +490,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
         check_datasets(Grid(grid.name, grid.path, grid.description, todo, grid.slurm))
     runs.mkdir(parents=True, exist_ok=True)
     report = Report(grid.name, len(grid.cells), len(grid.cells) - len(todo))
+    report.stale_kept = sum(1 for c in grid.cells if states[c.id] == "stale" and c.id not in chosen)
     executor = executor or LocalExecutor()
     started = time.perf_counter()
     log = Path(results) / grid.name / "cells.jsonl"
@@ -497,7 +514,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
 
 def status(grid: Grid, results: Path) -> dict[str, list[str]]:
     runs = runs_dir(results, grid)
-    out: dict[str, list[str]] = {"done": [], "corrupt": [], "failed": [], "started": [], "pending": []}
+    out: dict[str, list[str]] = {"done": [], "stale": [], "corrupt": [], "failed": [], "started": [], "pending": []}
     for cell in grid.cells:
         out[state(runs, cell)].append(cell.id)
     return out

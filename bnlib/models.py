@@ -9,8 +9,10 @@
 only: can fewer BN layers be better?) or ``none``. A conv followed by a norm has no bias (the norm's beta
 replaces it); one without a norm keeps its bias. That depends on the placement only, so for a given seed
 every method starts from identical weights. With ``mabn`` the convs followed by a norm centre their
-weights (:class:`bnlib.norms.WeightCentredConv2d`, same parameters, same initial values). With the norm
-after the activation every conv keeps its bias (beta no longer replaces it).
+weights (:class:`bnlib.norms.WeightCentredConv2d`), with ``gn_ws`` they standardise them
+(:class:`bnlib.norms.WeightStandardisedConv2d`); same parameters, same initial values. With the norm
+after the activation every conv keeps its bias (beta no longer replaces it). Methods that include their
+activation (``frn``, ``evonorm``) replace the GELU after every conv they follow.
 """
 
 from __future__ import annotations
@@ -47,12 +49,16 @@ class Net(nn.Module):
         channels = in_channels
         for i in range(depth):
             normed = norm_placement == "all" or (norm_placement == "first" and i == 0)
-            conv_cls = norms.WeightCentredConv2d if normed and method == "mabn" else nn.Conv2d
+            spec = norms.spec(method)
+            conv_cls = spec.conv if normed and spec.conv else nn.Conv2d
             dilation = 2**i
             layers.append(conv_cls(channels, width, 3, padding=dilation, dilation=dilation,
                                    bias=not normed or norm_position == "post"))
             norm = [norms.make(method, width, **(norm_options or {}))] if normed else []
-            layers.extend([*norm, nn.GELU()] if norm_position == "pre" else [nn.GELU(), *norm])
+            if normed and spec.includes_activation:  # FRN, EvoNorm: the norm is the activation
+                layers.extend(norm)
+            else:
+                layers.extend([*norm, nn.GELU()] if norm_position == "pre" else [nn.GELU(), *norm])
             channels = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_classes)

@@ -27,6 +27,7 @@ model, :func:`recompute_statistics` for precise population statistics after trai
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -47,11 +48,16 @@ __all__ = [
     "UnsyncedBatchNorm",
     "MovingAverageBatchNorm",
     "WeightCentredConv2d",
+    "WeightStandardisedConv2d",
+    "GhostBatchNorm",
+    "FilterResponseNorm",
+    "EvoNormS0",
     "BatchlessNorm",
     "make",
     "run_options",
     "convert",
     "recompute_statistics",
+    "batch_statistics",
     "auxiliary_loss",
     "initialise_statistics",
     "display_name",
@@ -660,6 +666,98 @@ class BatchlessNorm(_Norm):
                 self.log_std.copy_(0.5 * torch.log(var + self.eps))
 
 
+class GhostBatchNorm(_RunningStatsNorm):
+    """``gbn``: Ghost Batch Normalization (Hoffer et al. 2017): BN over virtual batches.
+
+    Training: the batch is cut along N into virtual batches of ``virtual_batch`` samples (the last may be
+    smaller); each is normalised with its own statistics, y_k = gamma (x_k - mu_Bk) / sqrt(var_Bk + eps) + beta,
+    and the running statistics are updated from *every* virtual batch in turn (unlike ``bnwos``, which keeps
+    only the first device's). Eval: as BN. With ``virtual_batch`` >= the batch size it is BN exactly.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 virtual_batch: int = 16):
+        super().__init__(num_features, eps, momentum, affine)
+        if virtual_batch < 2:
+            raise ValueError(f"GhostBatchNorm: virtual_batch must be >= 2, got {virtual_batch}")
+        self.virtual_batch = virtual_batch
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch={self.virtual_batch}"
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        parts = [F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
+                              self._next_momentum(), self.eps)
+                 for chunk in torch.split(x, self.virtual_batch, dim=0)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class FilterResponseNorm(_Norm):
+    """``frn``: Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan, CVPR 2020).
+
+    Per sample and channel, over the spatial positions (no batch statistic, no mean subtraction):
+        nu2 = mean(x^2),  y = max(gamma * x / sqrt(nu2 + eps) + beta, tau)
+    with a learned threshold tau per channel (initialised at 0). It includes its activation: the model adds
+    no GELU after it. The paper's eps is 1e-6 (learned only for 1x1 inputs, which this study does not have).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, momentum: float | None = None, affine: bool = True):
+        super().__init__(num_features, eps, momentum, affine)
+        self.tau = nn.Parameter(torch.zeros(num_features))
+
+    def _dispatch(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        nu2 = (x * x).mean(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else x * x
+        y = x * torch.rsqrt(nu2 + self.eps) * _per_channel(gamma, x) + _per_channel(beta, x)
+        return torch.maximum(y, _per_channel(self.tau, x))
+
+    def _load_from(self, other: nn.Module) -> None:
+        _copy_affine(self, other)
+
+
+class EvoNormS0(_Norm):
+    """``evonorm``: EvoNorm-S0 (Liu et al., NeurIPS 2020), a batch-independent norm-activation layer:
+        y = x * sigmoid(v * x) / group_std(x) * gamma + beta,
+        group_std = sqrt(var + eps) over each sample's group of channels and all positions,
+    with ``num_groups`` groups (8, as this study's GroupNorm; the largest count <= 8 dividing the channels)
+    and v learned per channel (initialised at 1). It includes its activation: the model adds no GELU after it.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True,
+                 num_groups: int = 8):
+        super().__init__(num_features, eps, momentum, affine)
+        self.groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
+        self.v = nn.Parameter(torch.ones(num_features))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", groups={self.groups}"
+
+    def _dispatch(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        n, c = x.shape[:2]
+        grouped = x.reshape(n, self.groups, -1)
+        std = torch.sqrt(grouped.var(dim=-1, unbiased=False, keepdim=True) + self.eps)
+        std = std.expand(n, self.groups, c // self.groups).reshape(n, c, *([1] * (x.dim() - 2)))
+        return x * torch.sigmoid(_per_channel(self.v, x) * x) / std * _per_channel(gamma, x) + _per_channel(beta, x)
+
+    def _load_from(self, other: nn.Module) -> None:
+        _copy_affine(self, other)
+
+
+class WeightStandardisedConv2d(nn.Conv2d):
+    """The convolution GroupNorm + Weight Standardisation pairs with (Qiao et al. 2019): each output filter's
+    weights are standardised before use,
+
+        W_hat[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)     (over input channels and kernel positions),
+
+    with eps 1e-5. The stored parameter is the raw W, so initial weights are identical to an ``nn.Conv2d``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), unbiased=False, keepdim=True)
+        return self._conv_forward(x, (self.weight - mean) / torch.sqrt(var + 1e-5), self.bias)
+
+
 class _GroupNorm(nn.GroupNorm):
     """``gn``: GroupNorm with PyTorch's BN-style constructor (num_features first; eps, affine)."""
 
@@ -705,6 +803,8 @@ class Method:
     batch_dependent: bool  # whether training output depends on other samples of the batch
     # options that follow the run, from (steps, batch_size): the authors' settings expressed per run
     run_options: Callable[[int, int], dict] | None = None
+    conv: type | None = None  # the convolution the method pairs with (MABN: centred, GN+WS: standardised weights)
+    includes_activation: bool = False  # a norm-activation layer (FRN, EvoNorm): the model adds no activation
 
 
 def _mabn_run_options(steps: int, batch_size: int) -> dict:
@@ -733,9 +833,14 @@ REGISTRY: dict[str, Method] = {
         Method("brn_orig", "BRN as the original", "#bcbd22", OriginalBatchRenorm, {}, True),
         Method("brnc_orig", "BRNC as the original", "#dbdb8d", OriginalBatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
         Method("bnwos", "BN without sync (BNWoS)", "#ff7f0e", UnsyncedBatchNorm, {}, True),
-        Method("mabn", "Moving Average BN (MABN)", "#9467bd", MovingAverageBatchNorm, {}, True, _mabn_run_options),
+        Method("gbn", "Ghost BN (16 per ghost batch)", "#aec7e8", GhostBatchNorm, {}, True),
+        Method("mabn", "Moving Average BN (MABN)", "#9467bd", MovingAverageBatchNorm, {}, True, _mabn_run_options,
+               conv=WeightCentredConv2d),
         Method("bln", "Batchless Norm (BLN)", "#8c564b", BatchlessNorm, {}, False),
         Method("gn", "GroupNorm (GN)", "#e377c2", _GroupNorm, {}, False),
+        Method("gn_ws", "GN + Weight Std (GN+WS)", "#f7b6d2", _GroupNorm, {}, False, conv=WeightStandardisedConv2d),
+        Method("frn", "Filter Response Norm (FRN)", "#c5b0d5", FilterResponseNorm, {}, False, includes_activation=True),
+        Method("evonorm", "EvoNorm-S0", "#c49c94", EvoNormS0, {}, False, includes_activation=True),
         Method("none", "No normalisation", "#7f7f7f", _Identity, {}, False),
     ]
 }
@@ -747,6 +852,11 @@ def _method(method: str) -> Method:
         return REGISTRY[method]
     except KeyError:
         raise ValueError(f"unknown normalisation method {method!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def spec(method: str) -> Method:
+    """The registry entry of a method (its layer, conv pairing, whether it includes its activation)."""
+    return _method(method)
 
 
 def display_name(method: str) -> str:
@@ -817,6 +927,28 @@ class _StatisticsCollector:
     def population(self) -> tuple[Tensor, Tensor]:
         mean = self.sum / self.count
         return mean, (self.sum_sq / self.count - mean * mean).clamp_min(0.0)
+
+
+class _Discard:
+    """A collector that keeps nothing: the layer only normalises with the batch's statistics."""
+
+    def add(self, x: Tensor) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Within the block, every layer that keeps running statistics normalises each input with that input's
+    own statistics (its training-mode normalisation) in eval mode too, and updates nothing: evaluation with
+    batch statistics at test time (Wu & Johnson 2021)."""
+    layers = [m for m in model.modules() if isinstance(m, _RunningStatsNorm)]
+    for layer in layers:
+        layer._collector = _Discard()
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._collector = None
 
 
 @torch.no_grad()

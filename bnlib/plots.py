@@ -13,6 +13,13 @@ from . import norms, stats
 sns.set_theme(context="notebook", style="whitegrid")
 
 
+def vector_figures() -> None:
+    """Book pages show figures as SVG (sharp at any width; each lands in _build/html/_images, downloadable)."""
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    set_matplotlib_formats("svg")
+
+
 def palette(methods) -> dict[str, str]:
     return {m: norms.colour(m) for m in methods}
 

@@ -59,14 +59,20 @@ def _git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
-def code_fingerprint() -> str:
-    """sha256 of the code a cell runs: every ``bnlib/*.py`` and the cell notebook (what git's dirty flag
-    cannot tell apart). Recorded in every metrics file, so results of other code can be found later."""
+# The modules a cell's numbers depend on (with the cell notebook): a change to them makes finished cells stale.
+TRAINING_CODE = ("data.py", "models.py", "norms.py", "train.py")
+
+
+def code_fingerprint(modules: tuple[str, ...] | None = None) -> str:
+    """sha256 of the code a cell runs: ``modules`` of bnlib (default: every ``bnlib/*.py``) and the cell
+    notebook (what git's dirty flag cannot tell apart). Recorded in every metrics file, so results of other
+    code can be found later."""
     import hashlib
 
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(root.glob("*.py")) + [root.parent / "book" / "notebooks" / "run.ipynb"]:
+    files = sorted(root.glob("*.py")) if modules is None else [root / m for m in sorted(modules)]
+    for path in files + [root.parent / "book" / "notebooks" / "run.ipynb"]:
         if path.exists():
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -75,6 +81,7 @@ def code_fingerprint() -> str:
 # Taken when the module is imported (a cell's kernel imports it before training), not when the metrics
 # file is written: an edit to bnlib during a long cell must not be credited to that cell.
 CODE_SHA256 = code_fingerprint()
+TRAINING_SHA256 = code_fingerprint(TRAINING_CODE)
 
 
 def device_name(device: str) -> str:
@@ -106,6 +113,7 @@ def provenance(device: str = "cpu") -> dict:
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
         "code_sha256": CODE_SHA256,
+        "training_code_sha256": TRAINING_SHA256,  # the cell is stale when this differs from the current code's
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "device": device,
@@ -178,10 +186,14 @@ def evaluations(runs: list[dict]) -> pd.DataFrame:
                 rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"], "eval_size": sizes[i],
                              "test_acc": rec["test_acc"][i], "test_loss": rec["test_loss"][i],
                              "test_acc_recomputed": rec["test_acc_recomputed"][i],
-                             "test_loss_recomputed": rec["test_loss_recomputed"][i], "final": i == n - 1 and not rec["diverged"]})
+                             "test_loss_recomputed": rec["test_loss_recomputed"][i],
+                             # batch statistics at test time (absent from metrics files written before it existed)
+                             "test_acc_batchstats": (rec.get("test_acc_batchstats") or [None] * n)[i],
+                             "final": i == n - 1 and not rec["diverged"]})
             if rec["diverged"] or n == 0:  # a row that says the run ended without a final evaluation
                 rows.append({**common, "step": rec["diverged_step"], "samples_seen": None, "eval_size": None, "test_acc": None, "test_loss": None,
-                             "test_acc_recomputed": None, "test_loss_recomputed": None, "final": True})
+                             "test_acc_recomputed": None, "test_loss_recomputed": None, "test_acc_batchstats": None,
+                             "final": True})
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame["classes_per_batch"] = frame["classes_per_batch"].astype("Int64")
@@ -253,6 +265,8 @@ def aggregate(grid_dir: str | Path) -> dict[str, Path]:
     tables = {"evaluations": table, "training_loss": training_losses(runs), "summary": summarise(table)}
     if table["test_acc_recomputed"].notna().any():
         tables["summary_recomputed"] = summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
+    if table["test_acc_batchstats"].notna().any():
+        tables["summary_batchstats"] = summarise(table[table["test_acc_batchstats"].notna() | table["diverged"]], "test_acc_batchstats")
     for name, frame in tables.items():
         path = grid_dir / f"{name}.csv"
         tmp = path.with_suffix(".csv.tmp")

@@ -55,6 +55,7 @@ class Config:
     log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 100 over the run)
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
+    eval_batch_stats: bool = False  # also evaluate with batch statistics at test time (test batches of batch_size)
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
     init_samples: int = 1000  # training images for Batchless Norm's data-dependent start (its authors'); 0: mean 0, std 1
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
@@ -245,6 +246,22 @@ def evaluate_recomputed(model: torch.nn.Module, batches: list[torch.Tensor], x: 
                 buf.copy_(saved[name])
 
 
+def evaluate_batch_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                              precision: str = "fp32") -> tuple[float, float]:
+    """:func:`evaluate` with batch statistics at test time: the test set in batches of the training batch size
+    (a smaller last one), each normalised with its own statistics; no state changes."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.inference_mode(), autocast(x.device, precision), norms.batch_statistics(model):
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i: i + batch_size]).float()
+            loss += float(F.cross_entropy(logits, y[i: i + batch_size], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i: i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(x), loss / len(x)
+
+
 def _keeps_running_statistics(model: torch.nn.Module) -> bool:
     return any(isinstance(m, norms._RunningStatsNorm) for m in model.modules())
 
@@ -292,7 +309,8 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
             "model": model, "opt": _optimizer(config, model.parameters()), "seconds": 0.0, "steps": 0,
             "loss_sum": torch.zeros((), device=device), "window": 0,
             "rec": {"train_step": [], "train_loss": [], "eval_step": [], "eval_size": [], "test_acc": [], "test_loss": [],
-                    "test_acc_recomputed": [], "test_loss_recomputed": [], "diverged": False, "diverged_step": None},
+                    "test_acc_recomputed": [], "test_loss_recomputed": [], "test_acc_batchstats": [],
+                    "test_loss_batchstats": [], "diverged": False, "diverged_step": None},
         }
 
     recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
@@ -355,6 +373,12 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
                     acc_r, loss_r = None, None
                 rec["test_acc_recomputed"].append(acc_r)
                 rec["test_loss_recomputed"].append(loss_r)
+                if config.eval_batch_stats and _keeps_running_statistics(model):
+                    acc_b, loss_b = evaluate_batch_statistics(model, x_eval, y_eval, config.batch_size, config.precision)
+                else:
+                    acc_b, loss_b = None, None
+                rec["test_acc_batchstats"].append(acc_b)
+                rec["test_loss_batchstats"].append(loss_b)
             live = {m: r["rec"]["test_acc"][-1] for m, r in runs.items() if r["rec"]["test_acc"] and not r["rec"]["diverged"]}
             bar.set_postfix({m: f"{a:.3f}" for m, a in live.items()}, refresh=False)
             eval_seconds += time.perf_counter() - t_eval
@@ -371,6 +395,7 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
         rec["samples_per_second"] = run["steps"] * config.batch_size / run["seconds"] if run["seconds"] else None
         last = lambda key: rec[key][-1] if rec[key] and not rec["diverged"] else None  # noqa: E731
         rec["final"] = {"test_acc": last("test_acc"), "test_loss": last("test_loss"),
-                        "test_acc_recomputed": last("test_acc_recomputed"), "train_loss": last("train_loss")}
+                        "test_acc_recomputed": last("test_acc_recomputed"),
+                        "test_acc_batchstats": last("test_acc_batchstats"), "train_loss": last("train_loss")}
         out["methods"][m] = rec
     return out

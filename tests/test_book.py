@@ -76,9 +76,10 @@ def _chromium() -> str | None:
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+needs_chromium = pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
+@needs_chromium
 def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp_path):
     for page in ("summary", "results"):
         source = site / "book" / f"{page}.html"
@@ -105,7 +106,7 @@ def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp
             probe.unlink(missing_ok=True)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
+@needs_chromium
 def test_equations_typeset_offline(site, tmp_path):
     """MathJax ships with the site (no CDN): the methods page's equations are typeset without a network."""
     dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
@@ -123,3 +124,39 @@ def test_citations_link_to_the_references_page(site):
     text = _text(site / "book" / "references.html")
     for needle in ("Ioffe", "Batch renormalization", "Group normalization", "Batchless", "enhuiz/batchnorms"):
         assert needle.lower() in text.lower(), needle
+
+
+def _probe(site: Path, page: str, script: str, tmp_path: Path, width: int = 1280) -> str:
+    """Load ``page`` in headless chromium with ``script`` run after load; returns the title it sets."""
+    source = site / page
+    probe = source.with_name("_probe_" + source.name)
+    probe.write_text(source.read_text().replace("</body>", f"<script>window.addEventListener('load',()=>{{{script}}});</script></body>"))
+    try:
+        dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},2000",
+                              "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        probe.unlink(missing_ok=True)
+    title = re.search(r"<title>PROBE ([^<]*)</title>", dom)
+    assert title, dom[:500]
+    return html.unescape(title.group(1))
+
+
+@needs_chromium
+def test_runs_table_sorts_by_a_clicked_column(site, tmp_path):
+    script = ("const t=document.querySelector('table.bnlib-sortable');const hs=[...t.querySelectorAll('thead th')];"
+              "const col=hs.findIndex(h=>h.textContent.trim()==='seed');"
+              "const seeds=()=>[...t.tBodies[0].rows].map(r=>r.cells[col].textContent.trim()).join(',');"
+              "hs[col].click();const up=seeds();hs[col].click();document.title='PROBE '+up+' | '+seeds();")
+    up, down = _probe(site, "book/runs/index.html", script, tmp_path).split(" | ")
+    up, down = [int(v) for v in up.split(",")], [int(v) for v in down.split(",")]
+    assert up == sorted(up) and down == sorted(up, reverse=True) and len(set(up)) > 1
+
+
+@needs_chromium
+def test_result_figures_fill_the_content_column(site, tmp_path):
+    script = ("const main=document.querySelector('main article')||document.querySelector('article');"
+              "const w=main.getBoundingClientRect().width;"
+              "const figs=[...document.images].filter(i=>i.naturalWidth>600);"
+              "document.title='PROBE '+figs.map(i=>(i.getBoundingClientRect().width/w).toFixed(3)).join(',');")
+    ratios = [float(v) for v in _probe(site, "book/results.html", script, tmp_path).split(",") if v]
+    assert ratios and min(ratios) >= 0.9, ratios

@@ -67,6 +67,9 @@ def test_cell_ids_are_stable_and_distinct(tmp_path):
     assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "lr": 0.001, "init_samples": 1000})
     assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, "init_samples": 0})
     assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "device": "cpu", "data_dir": "/elsewhere"})
+    # an option added later keeps old ids at its neutral value only
+    assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "eval_batch_stats": False})
+    assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, "eval_batch_stats": True})
 
 
 @pytest.mark.parametrize(
@@ -306,6 +309,32 @@ def test_a_truncated_metrics_file_is_corrupt_named_and_redone(tmp_path, capsys):
     assert "1 cells run, 3 already done" in capsys.readouterr().out
     assert victim.with_suffix(".json.corrupt").read_text() == good[: len(good) // 2]  # kept aside
     assert json.loads(victim.read_text())["cell"] == victim.stem  # redone
+
+
+def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    res = tmp_path / "res"
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "-j", "2"]) == 0
+    runs = res / "tiny" / "runs"
+    payload = json.loads(sorted(runs.glob("*.json"))[0].read_text())
+    assert payload["provenance"]["training_code_sha256"] == results.TRAINING_SHA256
+    old = sorted(runs.glob("*.json"))[1]
+    run = json.loads(old.read_text())
+    run["provenance"]["training_code_sha256"] = "0" * 64  # as if trained by an earlier norms.py
+    old.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert cli.main(["status", str(path), "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"stale\s+1", out) and re.search(r"done\s+3", out)
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "keeping 1 stale cells" in out and "nothing to run" in out  # kept, and said so
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "--stale"]) == 0
+    assert "1 cells run, 3 already done" in capsys.readouterr().out
+    assert json.loads(old.read_text())["provenance"]["training_code_sha256"] == results.TRAINING_SHA256
+    # the fingerprint covers the training modules and the notebook, not the book or the runner
+    assert results.code_fingerprint(results.TRAINING_CODE) == results.TRAINING_SHA256
+    assert "book.py" not in results.TRAINING_CODE and "grid.py" not in results.TRAINING_CODE
 
 
 def test_dry_run_and_only_select_cells_without_running(tmp_path, capsys):

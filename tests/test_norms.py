@@ -450,6 +450,79 @@ def test_bln_initialise_statistics_matches_each_layers_inputs():
     assert norms.initialise_statistics(nn.Sequential(nn.Linear(2, 2), norms.make("bn", 2)), batches) == 0
 
 
+@pytest.mark.parametrize("n,virtual", [(8, 4), (10, 4), (6, 16)])
+def test_ghost_bn_equals_torch_bn_per_virtual_batch(n, virtual):
+    """Each virtual batch normalised by torch's BN with its own statistics, the running statistics updated
+    by every virtual batch in turn; gradients included. A virtual batch >= the batch is plain BN."""
+    ours, ref = norms.make("gbn", 5, virtual_batch=virtual), nn.BatchNorm2d(5)
+    _randomise_affine(ours, ref)
+    for step in range(3):
+        x, up = _inputs((n, 5, 2, 2), seed=step), _inputs((n, 5, 2, 2), seed=10 + step).detach()
+        y, grads = _run(ours, x, up)
+        xr = x.detach().clone().requires_grad_(True)
+        y_ref = torch.cat([ref(c) for c in torch.split(xr, virtual)])
+        grads_ref = torch.autograd.grad((y_ref * up).sum(), (xr, ref.weight, ref.bias))
+        assert_close(y, y_ref, **TIGHT)
+        for a, b in zip(grads, grads_ref):
+            assert_close(a, b, **TIGHT)
+        assert_close(ours.running_mean, ref.running_mean, **TIGHT)
+        assert_close(ours.running_var, ref.running_var, **TIGHT)
+    ours.eval(), ref.eval()
+    x = _inputs((n, 5, 2, 2), seed=50)
+    assert_close(ours(x), ref(x), **TIGHT)
+
+
+def test_frn_is_the_papers_equation_per_sample():
+    layer = norms.make("frn", 5)
+    _randomise_affine(layer)
+    with torch.no_grad():
+        layer.tau.copy_(torch.linspace(-0.5, 0.5, 5))
+    x, up = _inputs((4, 5, 3, 3)), _inputs((4, 5, 3, 3), seed=7).detach()
+    y, grads = _run(layer, x, up)
+    xr = x.detach().clone().requires_grad_(True)
+    w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    nu2 = xr.pow(2).flatten(2).mean(-1)[:, :, None, None]  # mean over H, W of each sample and channel
+    y_ref = torch.max(w[None, :, None, None] * xr / torch.sqrt(nu2 + 1e-6) + b[None, :, None, None], layer.tau[None, :, None, None])
+    assert_close(y, y_ref, **TIGHT)
+    for a, g in zip(grads, torch.autograd.grad((y_ref * up).sum(), (xr, w, b))):
+        assert_close(a, g, **TIGHT)
+    assert_close(layer(x[:1]), y[:1], **TIGHT)  # batch independent
+
+
+def test_evonorm_s0_is_the_papers_equation():
+    layer = norms.make("evonorm", 8, num_groups=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(8, generator=g) + 0.5), layer.bias.copy_(torch.randn(8, generator=g))
+        layer.v.copy_(torch.randn(8, generator=g))
+    x = (torch.randn(3, 8, 2, 2, generator=g) * 2).requires_grad_(True)
+    up = torch.randn(3, 8, 2, 2, generator=g)
+    y = layer(x)
+    gx = torch.autograd.grad((y * up).sum(), x)[0]
+    xr = x.detach().clone().requires_grad_(True)
+    out = torch.empty_like(xr)
+    parts = []
+    for n in range(3):
+        for grp in range(4):
+            ch = slice(2 * grp, 2 * grp + 2)  # 8 channels in 4 groups of 2
+            std = torch.sqrt(xr[n, ch].var(unbiased=False) + 1e-5)
+            v, w, b = layer.v[ch, None, None], layer.weight[ch, None, None], layer.bias[ch, None, None]
+            parts.append((n, ch, xr[n, ch] * torch.sigmoid(v * xr[n, ch]) / std * w + b))
+    out = torch.stack([torch.cat([p for (m, _, p) in parts if m == n]) for n in range(3)])
+    assert_close(y, out, **TIGHT)
+    assert_close(gx, torch.autograd.grad((out * up).sum(), xr)[0], **TIGHT)
+
+
+def test_weight_standardised_conv_standardises_each_filter():
+    torch.manual_seed(0)
+    conv = norms.WeightStandardisedConv2d(3, 4, 3, padding=1, bias=False)
+    w = conv.weight.detach()
+    flat = w.flatten(1)
+    standardised = ((flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)).view_as(w)
+    x = torch.randn(2, 3, 5, 5)
+    assert_close(conv(x), torch.nn.functional.conv2d(x, standardised, padding=1), **TIGHT)
+
+
 def test_weight_centred_conv_centres_each_filter():
     torch.manual_seed(0)
     conv = norms.WeightCentredConv2d(3, 4, 3, padding=1, bias=False)
@@ -496,11 +569,11 @@ def test_one_value_per_channel_raises_and_leaves_state_clean(method):
     layer = norms.make(method, 5)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = _inputs((1, 5))
-    if method in ("bln", "none"):
-        layer(x)  # batch independent: fine
-        return
-    if method == "gn":
+    if method in ("gn", "gn_ws"):
         layer(_inputs((1, 5, 2, 2)))
+        return
+    if not norms.spec(method).batch_dependent:
+        layer(x)  # batch independent: fine
         return
     with pytest.raises(ValueError, match=r"\(1, 5\)"):
         layer(x)

@@ -216,3 +216,49 @@ def test_norm_position_post_puts_the_norm_after_the_activation():
     assert kinds(pre)[:3] == ["Conv2d", "BatchNorm", "GELU"] and kinds(post)[:3] == ["Conv2d", "GELU", "BatchNorm"]
     assert pre.features[0].bias is None and post.features[0].bias is not None
     assert torch.equal(pre.features[0].weight, post.features[0].weight)
+
+
+def test_batch_statistics_at_test_time_normalise_each_test_batch_and_change_nothing():
+    from bnlib import norms
+
+    ds = digits()
+    net = models.build("bn", 0, 1, 10)
+    with torch.no_grad():
+        for _ in range(3):
+            net(ds.x_train[:64])  # running statistics away from their initial values
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = ds.x_test[:32], ds.y_test[:32]
+    acc, loss = train.evaluate_batch_statistics(net, x, y, batch_size=16)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.training
+    # the reference: each batch of 16 through a copy of the net in training mode (BN with batch statistics)
+    import copy
+
+    ref = copy.deepcopy(net).train()
+    with torch.no_grad():
+        logits = torch.cat([ref(x[:16]), ref(x[16:])])
+    assert acc == (logits.argmax(1) == y).float().mean().item()
+    assert abs(loss - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
+    assert acc != train.evaluate(net, x, y)[0] or loss != train.evaluate(net, x, y)[1]  # not the running statistics
+    with norms.batch_statistics(net) as n:
+        assert n == 4
+
+
+def test_eval_batch_stats_is_recorded_for_running_statistics_methods_only():
+    config = train.Config(methods=["bn", "gn"], batch_size=8, steps=6, eval_every=3, eval_batch_stats=True)
+    result = train.train(config, dataset=digits(), progress=False)
+    assert all(v is not None for v in result["methods"]["bn"]["test_acc_batchstats"])
+    assert result["methods"]["gn"]["test_acc_batchstats"] == [None, None]
+    off = train.train(train.Config(**{**config.__dict__, "eval_batch_stats": False}), dataset=digits(), progress=False)
+    assert off["methods"]["bn"]["test_acc_batchstats"] == [None, None]
+    assert off["methods"]["bn"]["test_acc"] == result["methods"]["bn"]["test_acc"]
+
+
+def test_norm_activation_layers_replace_the_activation_and_paired_convs():
+    from bnlib import norms
+
+    frn, evo, gnws = (models.build(m, 0, 1, 10) for m in ("frn", "evonorm", "gn_ws"))
+    assert not any(isinstance(m, torch.nn.GELU) for m in frn.modules()) and not any(isinstance(m, torch.nn.GELU) for m in evo.modules())
+    assert all(isinstance(m, norms.WeightStandardisedConv2d) for m in gnws.features if isinstance(m, torch.nn.Conv2d))
+    assert isinstance(models.build("mabn", 0, 1, 10).features[0], norms.WeightCentredConv2d)
+    first = models.build("frn", 0, 1, 10, norm_placement="first")
+    assert sum(isinstance(m, torch.nn.GELU) for m in first.modules()) == 3  # the convs without a norm keep theirs

@@ -18,7 +18,7 @@ def cmd_run(args) -> int:
     from . import grid as grid_mod
     from .results import aggregate
 
-    g = grid_mod.load(args.grid)
+    g = grid_mod.load(args.grid, grid_mod.parse_overrides(args.set))
     if args.only:
         g = grid_mod.select(g, args.only)
     if args.dry_run:
@@ -63,7 +63,7 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from . import grid as grid_mod
 
-    g = grid_mod.load(args.grid)
+    g = grid_mod.load(args.grid, grid_mod.parse_overrides(args.set))
     st = grid_mod.status(g, args.results)
     extra = {}
     try:
@@ -94,10 +94,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_aggregate(args) -> int:
-    from .grid import load
+    from .grid import load, parse_overrides
     from .results import aggregate
 
-    g = load(args.grid)
+    g = load(args.grid, parse_overrides(args.set))
     written = aggregate(Path(args.results) / g.name)
     for name, path in written.items():
         print(f"wrote {path}")
@@ -185,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="redo cells that are already done")
     r.add_argument("--stale", action="store_true", help="redo stale cells: done with training code (bnlib's data, "
                    "models, norms, train and the cell notebook) other than the current; kept otherwise")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting in every cell for this run, e.g. --set lr=3e-4 (repeatable; the cells "
+                        "get the ids of the values that run, so they never mix with the grid's own)")
     r.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the cells with this setting (repeatable, all must match), e.g. --only dataset=mnist5k")
     r.add_argument("--dry-run", action="store_true", help="list the cells that would run, with times estimated from "
@@ -207,10 +210,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="how many cells of a grid are done, failed, running or pending")
     _grid_arg(s)
     s.add_argument("-v", "--verbose", action="store_true", help="list every cell")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the cells of `bnlib run --set KEY=VALUE`")
     s.set_defaults(func=cmd_status)
 
     a = sub.add_parser("aggregate", help="gather a grid's finished cells into results/<grid>/*.csv")
     _grid_arg(a)
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the cells of `bnlib run --set KEY=VALUE`")
     a.add_argument("--readme", action="store_true",
                    help="also write the findings tables into README.md between its study-findings markers "
                         "(for the published grid, before committing its results)")

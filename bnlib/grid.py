@@ -113,8 +113,21 @@ def cell_id(parameters: dict) -> str:
     return f"{prefix}-s{p.get('seed', 0)}-{digest}"
 
 
-def load(grid: str | Path) -> Grid:
-    """Read and check a grid file; every cell is validated before anything runs."""
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as a settings mapping (VALUE read as YAML: ``lr=3e-4``, ``recompute=false``)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in CONFIG_KEYS:
+            raise GridError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(CONFIG_KEYS))}")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def load(grid: str | Path, overrides: dict | None = None) -> Grid:
+    """Read and check a grid file; every cell is validated before anything runs. ``overrides`` (from
+    ``--set``) replace a setting in every cell, axes included, so the cell ids follow the values that run,
+    and name the grid ``<grid>+KEY=VALUE``: its results go to their own folder."""
     path = resolve(grid)
     try:
         spec = yaml.safe_load(path.read_text()) or {}
@@ -159,6 +172,7 @@ def load(grid: str | Path) -> Grid:
             params["methods"] = list(methods)
         for part in combo:
             params.update(part)
+        params.update(overrides or {})
         try:
             config = train.Config.from_dict(params, source=str(path))
             train.validate(config)
@@ -172,7 +186,11 @@ def load(grid: str | Path) -> Grid:
     slurm = spec.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise GridError(f"{path}: 'slurm' must be a mapping")
-    return Grid(path.stem, path, spec.get("description", ""), cells, slurm)
+    # an overridden grid keeps its results apart (results/<grid>+lr=0.0003/): aggregation never mixes them
+    typed = cells[0].parameters if cells else {}
+    name = path.stem + "".join(f"+{k}={json.dumps(typed.get(k, v), separators=(',', ':')).strip(chr(34))}"
+                               for k, v in sorted((overrides or {}).items()))
+    return Grid(name, path, spec.get("description", ""), cells, slurm)
 
 
 def select(grid: Grid, only: list[str]) -> Grid:

@@ -69,6 +69,8 @@ def test_cell_ids_are_stable_and_distinct(tmp_path):
     assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "device": "cpu", "data_dir": "/elsewhere"})
     # an option added later keeps old ids at its neutral value only
     assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, "eval_batch_stats": False})
+    # pinned: the same id on every machine and in every process (update it only with a deliberate Config change)
+    assert grid.cell_id({"steps": 5}) == "digits-b16-iid-s0-575b0a071e"
     assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, "eval_batch_stats": True})
 
 
@@ -113,9 +115,13 @@ def test_grid_key_missing_from_notebook_is_an_error(tmp_path):
 def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    out = capsys.readouterr().out
-    for command in ("run", "status", "aggregate", "bench", "book"):
-        assert command in out
+    capsys.readouterr()
+    subcommands = next(a for a in cli.parser()._actions if a.dest == "command").choices
+    assert {"run", "status", "aggregate", "bench", "book", "verify"} <= set(subcommands)
+    for command in subcommands:  # every verb has its own help
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0 and f"usage: bnlib {command}" in capsys.readouterr().out
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -335,6 +341,25 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     # the fingerprint covers the training modules and the notebook, not the book or the runner
     assert results.code_fingerprint(results.TRAINING_CODE) == results.TRAINING_SHA256
     assert "book.py" not in results.TRAINING_CODE and "grid.py" not in results.TRAINING_CODE
+
+
+def test_set_overrides_a_setting_with_its_own_ids_and_folder(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    plain, tuned = grid.load(path), grid.load(path, grid.parse_overrides(["lr=3e-4", "eval_every=3"]))
+    assert tuned.name == "tiny+eval_every=3+lr=0.0003" and len(tuned.cells) == len(plain.cells)
+    assert all(c.parameters["lr"] == 0.0003 and c.parameters["eval_every"] == 3 for c in tuned.cells)
+    assert not {c.id for c in tuned.cells} & {c.id for c in plain.cells}
+    res = tmp_path / "res"
+    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "--set", "lr=3e-4", "--only", "seed=0",
+                     "--only", "batch_size=4"]) == 0
+    assert len(list((res / "tiny+lr=0.0003" / "runs").glob("*.json"))) == 1 and not (res / "tiny").exists()
+    capsys.readouterr()
+    assert cli.main(["status", str(path), "--results", str(res), "--set", "lr=3e-4"]) == 0
+    assert re.search(r"done\s+1", capsys.readouterr().out)
+    with pytest.raises(grid.GridError, match="--set 'learning_rate=1'"):
+        grid.parse_overrides(["learning_rate=1"])
+    with pytest.raises(grid.GridError, match="lr='fast' must be a number"):
+        grid.load(path, grid.parse_overrides(["lr=fast"]))
 
 
 def test_dry_run_and_only_select_cells_without_running(tmp_path, capsys):

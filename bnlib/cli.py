@@ -202,6 +202,8 @@ def parser() -> argparse.ArgumentParser:
     slurm.add_argument("--cpus-per-task", type=int, help="CPU cores per cell")
     slurm.add_argument("--mem-gb", type=float, help="memory per cell in GB")
     slurm.add_argument("--time-min", type=int, help="time limit per cell in minutes")
+    slurm.add_argument("--retries", type=int, help="requeue a cell up to N times when it reaches its time limit; preempted "
+                       "cells are always requeued, cells on a failed node by Slurm (default: 0)")
     slurm.add_argument("--array-parallelism", type=int, help="array tasks running at once")
     slurm.add_argument("--poll-s", type=float, default=15.0, help="seconds between sacct polls while waiting (default: 15)")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option, repeatable (e.g. --sbatch account=abc)")

@@ -1,4 +1,5 @@
-"""Figures: one colour and one display name per method across the whole book (from bnlib.norms)."""
+"""Figures: one colour and one display name per method across the whole book (from bnlib.norms), and one
+line style per family of methods, so a figure with many methods reads by family first."""
 
 from __future__ import annotations
 
@@ -20,13 +21,53 @@ def vector_figures() -> None:
     set_matplotlib_formats("svg")
 
 
+# Families of methods, in the order legends list them: members, dash pattern (matplotlib on/off lengths in
+# points; () is a solid line) and the pattern's name for the key under the figures.
+FAMILIES = {
+    "batch statistics in training": (("bn", "bnwos", "gbn"), (), "solid"),
+    "running statistics in training": (("bnrs", "brn", "brnc", "brnc_warmup", "mabn", "bln"), (5, 2), "dashed"),
+    "running statistics, the original's code": (("bnrs_orig", "brn_orig", "brnc_orig"), (6, 2, 1.5, 2), "dash-dot"),
+    "batch-independent": (("gn", "gn_ws", "frn", "evonorm"), (1.5, 1.5), "dotted"),
+    "no normalisation": (("none",), (9, 3), "long dashes"),
+}
+_FAMILY_OF = {m: family for family, (members, _, _) in FAMILIES.items() for m in members}
+
+
+def family(method: str) -> str:
+    return _FAMILY_OF[method]
+
+
+def dashes(method: str) -> tuple:
+    """The method's family's dash pattern (seaborn's ``dashes`` form)."""
+    return FAMILIES[family(method)][1]
+
+
+def linestyle(method: str):
+    """The same pattern as a matplotlib ``linestyle``."""
+    pattern = dashes(method)
+    return (0, pattern) if pattern else "-"
+
+
+def style_key() -> str:
+    """The line-style legend of every figure, as a Markdown list (the book's Results page shows it)."""
+    return "\n".join(f"- {style}: {family} ({'; '.join(norms.display_name(m) for m in members)})"
+                     for family, (members, _, style) in FAMILIES.items())
+
+
 def palette(methods) -> dict[str, str]:
     return {m: norms.colour(m) for m in methods}
 
 
 def _order(methods) -> list[str]:
+    """Family by family, in registry order within a family."""
     present = set(methods)
-    return [m for m in norms.METHODS if m in present]
+    return [m for members, _, _ in FAMILIES.values() for m in norms.METHODS if m in members and m in present]
+
+
+def _styled(methods) -> dict:
+    """relplot keywords: colour per method, dash pattern per family, one legend entry per method."""
+    return {"hue": "method", "hue_order": methods, "palette": palette(methods), "style": "method", "style_order": methods,
+            "dashes": {m: dashes(m) for m in methods}}
 
 
 def _legend_names(ax) -> None:
@@ -39,8 +80,8 @@ def cell_curves(result: dict):
     """One cell: training loss and test accuracy over steps, a line per method."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
     for m, rec in result["methods"].items():
-        ax_loss.plot(rec["train_step"], rec["train_loss"], color=norms.colour(m), label=m, lw=1.2)
-        ax_acc.plot(rec["eval_step"], rec["test_acc"], color=norms.colour(m), label=m, marker="o", ms=3, lw=1.2)
+        ax_loss.plot(rec["train_step"], rec["train_loss"], color=norms.colour(m), ls=linestyle(m), label=m, lw=1.2)
+        ax_acc.plot(rec["eval_step"], rec["test_acc"], color=norms.colour(m), ls=linestyle(m), label=m, marker="o", ms=3, lw=1.2)
         if rec["diverged"]:
             ax_acc.axvline(rec["diverged_step"], color=norms.colour(m), ls=":", lw=1)
     ax_loss.set(xlabel="step", ylabel="training loss (window mean)", yscale="log", title="Training loss")
@@ -65,9 +106,8 @@ def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str
     """The original study's figure with statistics: mean test accuracy over seeds, Student-t 95% band."""
     data = evals[evals[column].notna()]
     methods = _order(data["method"].unique())
-    grid = sns.relplot(data=data, x=x, y=column, hue="method", hue_order=methods, palette=palette(methods), col=col, row=row,
-                       kind="line", errorbar=stats.t_interval, height=3.2, aspect=1.15,
-                       facet_kws={"sharex": False, "sharey": True}, legend="full")
+    grid = sns.relplot(data=data, x=x, y=column, **_styled(methods), col=col, row=row, kind="line",
+                       errorbar=stats.t_interval, height=3.2, aspect=1.15, facet_kws={"sharex": False, "sharey": True}, legend="full")
     grid.set_axis_labels("samples seen" if x == "samples_seen" else x, "test accuracy")
     _rename_legend(grid)
     return grid
@@ -75,9 +115,8 @@ def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str
 
 def loss_over_training(losses: pd.DataFrame, col: str = "batch_size", row: str | None = None):
     methods = _order(losses["method"].unique())
-    grid = sns.relplot(data=losses, x="samples_seen", y="train_loss", hue="method", hue_order=methods, palette=palette(methods),
-                       col=col, row=row, kind="line", errorbar=stats.t_interval, height=3.2, aspect=1.15,
-                       facet_kws={"sharex": False, "sharey": True})
+    grid = sns.relplot(data=losses, x="samples_seen", y="train_loss", **_styled(methods), col=col, row=row, kind="line",
+                       errorbar=stats.t_interval, height=3.2, aspect=1.15, facet_kws={"sharex": False, "sharey": True})
     grid.set(yscale="log")
     grid.set_axis_labels("samples seen", "training loss")
     _rename_legend(grid)
@@ -103,7 +142,7 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | Non
                 g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
                 xs = [p * (1 + 0.03 * (k - len(methods) / 2)) for p in sizes]  # dodge overlapping bars
                 err = [(g[value] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g[value]).clip(lower=0).fillna(0)]
-                ax.errorbar(xs, g[value], yerr=err, color=norms.colour(m), label=m, marker="o", ms=4, capsize=2, lw=1.2)
+                ax.errorbar(xs, g[value], yerr=err, color=norms.colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(s) for s in sizes])
             ax.set(xlabel="batch size", ylabel="final test accuracy" if j == 0 else "",
@@ -132,7 +171,7 @@ def seeds_needed(halfwidths: pd.DataFrame):
         return fig
     for m in _order(halfwidths["method"].unique()):
         g = halfwidths[halfwidths["method"] == m].groupby("n_seeds")["halfwidth_points"].median()
-        ax.plot(g.index, g.values, marker="o", color=norms.colour(m), label=norms.display_name(m), lw=1.5)
+        ax.plot(g.index, g.values, marker="o", color=norms.colour(m), ls=linestyle(m), label=norms.display_name(m), lw=1.5)
     ax.set_xlabel("seeds")
     ax.set_ylabel("half-width of the 95% interval (points)")
     ax.set_yscale("log")

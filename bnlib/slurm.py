@@ -6,24 +6,48 @@ grid logic (cell ids, skipping done cells, failures, aggregation) is the runner'
 Slurm ends without a result (cancelled, time limit, out of memory, node failure) is recorded as a failed
 cell with Slurm's state; the runner polls ``sacct`` and never waits on it forever.
 
+Requeueing (``retries``, ``--retries N``): each task is a submitit ``Checkpointable``, so a task that Slurm
+preempts is requeued (always) and one that reaches its time limit is requeued up to N times (Slurm warns it
+``signal_delay_s`` seconds before the limit; submitit then runs ``scontrol requeue``); with N > 0 the tasks are
+also submitted with ``--requeue``, so Slurm requeues them when their node fails. A requeued task keeps its
+array task id and starts its cell again from step 0 (cells do not checkpoint inside themselves yet).
+
+Re-running while an earlier submission is still alive (its runner was interrupted; the tasks keep running):
+cells whose task ``sacct`` reports pending or running are not submitted again; the runner waits for those
+tasks and records their outcome like its own.
+
 Logs of every task: ``results/<grid>/slurm/<job id>_<task>_log.{out,err}``; the submitted job ids:
 ``results/<grid>/slurm/jobs.json`` (read by ``bnlib status``).
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import submitit
+
 from . import grid as grid_mod
 from .results import write_json_atomic
 
 DEFAULTS = {"partition": None, "gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 4.0, "time_min": 60,
-            "array_parallelism": 64, "sbatch": {}}
+            "array_parallelism": 64, "retries": 0, "signal_delay_s": 90, "sbatch": {}}
 OPTION_KEYS = set(DEFAULTS)
+# sacct states of a task that may still write its cell's result
+LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+               "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+class CellTask(submitit.helpers.Checkpointable):
+    """One cell as a requeueable array task: on preemption or at the time limit submitit calls
+    ``checkpoint`` (inherited: the same call again) and requeues the task."""
+
+    def __call__(self, cell, runs, threads, device, notebook):
+        return grid_mod.execute_cell(cell, runs, threads, device, notebook)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -35,7 +59,7 @@ def _merge_options(grid_options: dict, args) -> dict:
     if unknown:
         raise grid_mod.GridError(f"slurm: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OPTION_KEYS))}")
     options = {**DEFAULTS, **grid_options}
-    for key in ("partition", "gpus_per_task", "cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
+    for key in ("partition", "gpus_per_task", "cpus_per_task", "mem_gb", "time_min", "array_parallelism", "retries"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -46,6 +70,8 @@ def _merge_options(grid_options: dict, args) -> dict:
         key, value = item.split("=", 1)
         extra[key.strip().lstrip("-")] = value
     options["sbatch"] = extra
+    if int(options["retries"]) < 0:
+        raise grid_mod.GridError(f"slurm: retries must be 0 or more, got {options['retries']}")
     return options
 
 
@@ -53,8 +79,8 @@ class SlurmExecutor:
     """Submits the cells as one job array (``map_array``) and waits for them, polling ``sacct``."""
 
     def __init__(self, folder: Path, options: dict, poll_s: float = 15.0):
-        if shutil.which("sbatch") is None or shutil.which("sacct") is None:
-            raise SlurmUnavailable("--executor slurm needs Slurm's sbatch and sacct on PATH (and SLURM_CONF if the "
+        if any(shutil.which(tool) is None for tool in ("sbatch", "sacct", "squeue")):
+            raise SlurmUnavailable("--executor slurm needs Slurm's sbatch, squeue and sacct on PATH (and SLURM_CONF if the "
                                    "configuration is not in its default place)")
         self.folder = Path(folder)
         self.options = options
@@ -65,13 +91,14 @@ class SlurmExecutor:
         return cls(Path(results) / grid.name / "slurm", _merge_options(grid.slurm, args), poll_s=getattr(args, "poll_s", 15.0) or 15.0)
 
     def _executor(self):
-        import submitit
-
-        ex = submitit.SlurmExecutor(folder=str(self.folder / "%j"), max_num_timeout=0)
         o = self.options
+        ex = submitit.SlurmExecutor(folder=str(self.folder / "%j"), max_num_timeout=int(o["retries"]))
+        extra = dict(o["sbatch"])
+        if int(o["retries"]) > 0:
+            extra.setdefault("requeue", True)  # Slurm requeues the task when its node fails
         params = {"cpus_per_task": int(o["cpus_per_task"]), "time": int(o["time_min"]), "mem": f"{int(float(o['mem_gb']) * 1024)}M",
                   "array_parallelism": int(o["array_parallelism"]), "job_name": "bnlib",
-                  "additional_parameters": dict(o["sbatch"])}
+                  "signal_delay_s": int(o["signal_delay_s"]), "additional_parameters": extra}
         if o["partition"]:
             params["partition"] = o["partition"]
         if o["gpus_per_task"]:
@@ -79,20 +106,44 @@ class SlurmExecutor:
         ex.update_parameters(**params)
         return ex
 
+    def _job(self, job_id: str):
+        return submitit.SlurmJob(folder=str(self.folder / "%j"), job_id=job_id)
+
+    def _live(self, cells: list[grid_mod.Cell]) -> dict[str, str]:
+        """{cell id: job id} of the cells whose task from an earlier submission is still pending or running."""
+        record = _read_record(self.folder / "jobs.json")
+        wanted = {record[c.id]: c.id for c in cells if c.id in record}
+        if not wanted:
+            return {}
+        # squeue asks slurmctld itself: sacct reads the accounting database, which may not list a task yet
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True,
+                             timeout=60).stdout
+        states = dict(line.partition("|")[::2] for line in out.splitlines() if "|" in line)
+        return {cell: job for job, cell in wanted.items() if states.get(job, "") in LIVE_STATES}
+
     def run(self, cells: list[grid_mod.Cell], runs: Path, on_done, notebook: Path = grid_mod.NOTEBOOK) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        ex = self._executor()
-        n = len(cells)
-        threads = int(self.options["cpus_per_task"])
-        # GPUs: the task sees only its own (Slurm sets CUDA_VISIBLE_DEVICES), so device stays "auto".
-        jobs = ex.map_array(grid_mod.execute_cell, cells, [runs] * n, [threads] * n, [None] * n, [notebook] * n)
-        record = {"submitted_at": time.time(), "cells": {c.id: j.job_id for c, j in zip(cells, jobs)}}
-        write_json_atomic(self.folder / "jobs.json", record)
-        print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {n} tasks; logs in {self.folder}", flush=True)
-        pending = dict(zip(jobs, cells))
+        live = self._live(cells)
+        submitted = {**_read_record(self.folder / "jobs.json"), **live}
+        pending = {self._job(live[c.id]): c for c in cells if c.id in live}
+        if live:
+            arrays = ", ".join(sorted({j.split("_")[0] for j in live.values()}))
+            print(f"{len(live)} cells are still pending or running in Slurm from an earlier submission (array {arrays}): "
+                  "not submitted again; waiting for them", flush=True)
+        fresh = [c for c in cells if c.id not in live]
+        if fresh:
+            ex = self._executor()
+            n = len(fresh)
+            threads = int(self.options["cpus_per_task"])
+            # GPUs: the task sees only its own (Slurm sets CUDA_VISIBLE_DEVICES), so device stays "auto".
+            jobs = ex.map_array(CellTask(), fresh, [runs] * n, [threads] * n, [None] * n, [notebook] * n)
+            submitted.update({c.id: j.job_id for c, j in zip(fresh, jobs)})
+            pending.update(zip(jobs, fresh))
+            print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {n} tasks; logs in {self.folder}", flush=True)
+        write_json_atomic(self.folder / "jobs.json", {"submitted_at": time.time(), "cells": submitted})
         try:
             while pending:
-                jobs[0].watcher.update()  # one sacct call for every job
+                next(iter(pending)).watcher.update()  # one sacct call for every job
                 for job in list(pending):
                     if not job.done():
                         continue
@@ -101,8 +152,9 @@ class SlurmExecutor:
                 if pending:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
-            print(f"\nthe Slurm tasks keep running; `bnlib status` shows them, `scancel {jobs[0].job_id.split('_')[0]}` stops them",
-                  flush=True)
+            arrays = " ".join(sorted({j.job_id.split("_")[0] for j in pending}))
+            print(f"\nthe Slurm tasks keep running; `bnlib status` shows them, `scancel {arrays}` stops them; "
+                  "`bnlib run` again waits for them instead of submitting them twice", flush=True)
             raise
 
     @staticmethod
@@ -125,27 +177,38 @@ class SlurmExecutor:
         return outcome
 
 
+def _read_record(path: Path) -> dict[str, str]:
+    """{cell id: job id} of every submission recorded in ``jobs.json`` (empty if none)."""
+    return json.loads(path.read_text())["cells"] if path.exists() else {}
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """sacct's state of each array task ``<array>_<task>``; a pending array often shows as one line
+    ``<array>_[0-9]``, whose tasks are reported PENDING."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    arrays = sorted({job.split("_")[0] for job in job_ids})
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(arrays)],
+                         capture_output=True, text=True, timeout=60).stdout
+    rows = dict(line.partition("|")[::2] for line in out.splitlines() if "|" in line)
+    states = {}
+    for job in job_ids:
+        if job in rows:
+            states[job] = rows[job]
+        elif any(j.startswith(job.split("_")[0] + "_[") for j in rows):
+            states[job] = "PENDING"
+    return states
+
+
 def slurm_states(grid_folder: Path) -> dict[str, list[str]]:
     """Slurm's state of each submitted cell that is not done: {'PENDING': [...], 'RUNNING': [...], ...}."""
-    record = Path(grid_folder) / "slurm" / "jobs.json"
-    if not record.exists() or shutil.which("sacct") is None:
-        return {}
-    cells = json.loads(record.read_text())["cells"]
+    cells = _read_record(Path(grid_folder) / "slurm" / "jobs.json")
     runs = Path(grid_folder) / "runs"
     open_cells = {job: cell for cell, job in cells.items() if not (runs / f"{cell}.json").exists()}
-    if not open_cells:
+    known = sacct_states(list(open_cells))
+    if not known and shutil.which("sacct") is None:
         return {}
-    array_ids = sorted({job.split("_")[0] for job in open_cells})
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(array_ids)],
-                         capture_output=True, text=True, timeout=60).stdout
     states: dict[str, list[str]] = {}
-    seen = set()
-    for line in out.splitlines():
-        job, _, state = line.partition("|")
-        if job in open_cells:
-            states.setdefault(state.split()[0], []).append(open_cells[job])
-            seen.add(job)
-    for job in set(open_cells) - seen:  # a pending array often shows as one line "123_[0-9]"
-        states.setdefault("PENDING" if any(line.startswith(job.split("_")[0] + "_[") for line in out.splitlines()) else "UNKNOWN",
-                          []).append(open_cells[job])
+    for job, cell in open_cells.items():
+        states.setdefault(known.get(job, "UNKNOWN").split(" ")[0], []).append(cell)
     return states

@@ -160,3 +160,32 @@ def test_result_figures_fill_the_content_column(site, tmp_path):
               "document.title='PROBE '+figs.map(i=>(i.getBoundingClientRect().width/w).toFixed(3)).join(',');")
     ratios = [float(v) for v in _probe(site, "book/results.html", script, tmp_path).split(",") if v]
     assert ratios and min(ratios) >= 0.9, ratios
+
+
+def test_every_method_has_one_family_and_figures_draw_each_family_in_its_own_line_style():
+    import numpy as np
+    import pandas as pd
+
+    from bnlib import norms, plots
+
+    members = [m for ms, _, _ in plots.FAMILIES.values() for m in ms]
+    assert sorted(members) == sorted(norms.METHODS)  # every method in exactly one family
+    assert len({p for _, p, _ in plots.FAMILIES.values()}) == len(plots.FAMILIES)  # a pattern per family
+    assert plots.style_key().count("\n- ") == len(plots.FAMILIES) - 1 and "dash-dot: running statistics, the original" in plots.style_key()
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([{"method": m, "samples_seen": x, "test_acc": rng.random(), "seed": s, "batch_size": b}
+                          for m in norms.METHODS for x in (1, 2) for s in (0, 1) for b in (2, 16)])
+    legend = plots.accuracy_over_training(frame).legend
+    by_name = {norms.display_name(m): m for m in norms.METHODS}
+    drawn = {by_name[t.get_text()]: h for t, h in zip(legend.texts, legend.legend_handles)}
+    assert list(drawn) == plots._order(norms.METHODS)  # listed family by family
+    for m, handle in drawn.items():
+        assert handle.get_color() == norms.colour(m)
+        pattern = handle._unscaled_dash_pattern[1]  # matplotlib keeps the on/off lengths as given
+        assert tuple(pattern or ()) == plots.dashes(m), m
+    summary = pd.DataFrame([{"method": m, "batch_size": b, "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+                            for m in norms.METHODS for b in (2, 16)])
+    containers = plots.final_vs_batch(summary).axes[0].containers  # one errorbar per method
+    assert sorted(c.get_label() for c in containers) == sorted(norms.METHODS)
+    for c in containers:
+        assert tuple(c.lines[0]._unscaled_dash_pattern[1] or ()) == plots.dashes(c.get_label()), c.get_label()

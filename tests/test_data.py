@@ -78,7 +78,13 @@ def test_torchvision_cifar_format(tmp_path, monkeypatch, name, n_classes, label_
     ds = data.load(name, tmp_path, download=False)
     assert ds.x_train.shape == (n_train, 3, 32, 32) and ds.x_test.shape == (6, 3, 32, 32)
     assert ds.num_classes == n_classes
-    assert torch.allclose(ds.x_train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    # labels and pixels as torchvision reads the same files (rows of 3072 bytes: channel planes, row-major)
+    ref_train, ref_test = cls(str(tmp_path), train=True), cls(str(tmp_path), train=False)
+    assert ds.y_train.tolist() == list(ref_train.targets) and ds.y_test.tolist() == list(ref_test.targets)
+    raw = torch.from_numpy(ref_train.data).permute(0, 3, 1, 2).double() / 255  # HWC uint8 -> CHW in [0, 1]
+    mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
+    restored = ds.x_train.double() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert torch.allclose(restored, raw, atol=1e-3), "pixels differ from torchvision's after undoing the standardisation"
 
 
 def test_missing_dataset_offline_names_folder_and_files(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,10 +106,13 @@ def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, 
     runs = tmp_path / "res" / "tiny" / "runs"
     assert (runs / f"{failed}.ipynb").exists() and not (runs / f"{failed}.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    jobs_file = tmp_path / "res" / "tiny" / "slurm" / "jobs.json"
+    first = json.loads(jobs_file.read_text())["cells"]
     again = grid.run(g, tmp_path / "res", ex, progress=False)
     assert again.ok and again.finished == [failed] and again.skipped == 3
-    submitted = json.loads((tmp_path / "res" / "tiny" / "slurm" / "jobs.json").read_text())["cells"]
-    assert list(submitted) == [failed]  # only the missing cell went out
+    second = json.loads(jobs_file.read_text())["cells"]  # every cell's latest task
+    changed = {c for c in second if second[c] != first[c]}
+    assert changed == {failed} and second[failed].split("_")[0] != first[failed].split("_")[0]  # only it went out, in a new array
     assert all((runs / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
 
 
@@ -149,3 +153,90 @@ def test_cancelled_task_is_recorded_as_failed_in_bounded_time(cluster, tmp_path)
     assert "CANCELLED" in error.read_text()
     status = _bnlib(["status", str(path), "--results", str(tmp_path / "res")], cluster)
     assert "failed   1" in status.stdout
+
+
+def _wait_running(job, env, deadline):
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+        if state == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"Slurm task {job} never ran")
+
+
+def test_rerun_while_tasks_live_waits_for_them_instead_of_submitting_again(cluster, tmp_path):
+    slow = TINY.replace("steps: 10", "steps: 100000").replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]")
+    path = _write(tmp_path, slow)
+    args = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "--executor", "slurm",
+            "--poll-s", "1", "--no-progress"]
+    env = {**cluster, "PYTHONUNBUFFERED": "1"}
+    # Ctrl-C must reach the runner even when these tests run in a background job (whose shell ignores SIGINT)
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    jobs_file = tmp_path / "res" / "tiny" / "slurm" / "jobs.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not jobs_file.exists():
+        time.sleep(0.5)
+    (job,) = json.loads(jobs_file.read_text())["cells"].values()
+    second = None
+    try:
+        _wait_running(job, cluster, deadline)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: the runner stops, its task keeps running
+        out, _ = first.communicate(timeout=60)
+        assert "keep running" in out and "waits for them" in out, out
+        second = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(8)  # long enough to have submitted, had it been going to
+        subprocess.run(["scancel", job], check=True, env=cluster)
+        out, _ = second.communicate(timeout=180)
+        assert "still pending or running in Slurm" in out and "submitted Slurm job array" not in out, out
+        assert json.loads(jobs_file.read_text())["cells"] == {grid.load(path).cells[0].id: job}  # the same task, not a second one
+        assert second.returncode == 1 and "CANCELLED" in out, out  # its outcome is recorded like the runner's own
+    finally:  # a failed assertion must not leave the task (and its kernel) running
+        subprocess.run(["scancel", job], env=cluster)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    status = _bnlib(["status", str(path), "--results", str(tmp_path / "res")], cluster)
+    assert "failed   1" in status.stdout
+
+
+def test_cell_at_its_time_limit_is_requeued_with_retries_and_finishes(cluster, tmp_path):
+    """The first attempt sleeps past the point where Slurm warns of the time limit; submitit requeues the task
+    (--retries 1); the second attempt runs the cell to the end."""
+    from bnlib.slurm import SlurmExecutor, _merge_options
+
+    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "train.train(" in c.source)
+    nb.cells.insert(index, nbformat.v4.new_code_cell(
+        "import pathlib, time\n"
+        "attempt = pathlib.Path(output_path).with_suffix('.attempt')\n"
+        "if not attempt.exists():\n"
+        "    attempt.write_text('1')\n"
+        "    time.sleep(600)"))
+    notebook = tmp_path / "slow_once.ipynb"
+    nbformat.write(nb, notebook)
+    g = grid.load(_write(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]")))
+    # time limit 3 min, warned 110 s before: the first attempt is signalled ~70 s in (slurmctld checks every
+    # ~30 s; earlier, the signal could land before submitit's handler is installed) and requeued
+    options = _merge_options({"time_min": 3, "signal_delay_s": 110, "retries": 1}, None)
+    ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", options, poll_s=1)
+    started = time.time()
+    report = grid.run(g, tmp_path / "res", ex, progress=False, notebook=notebook)
+    assert report.ok and report.finished == [g.cells[0].id], report.failed
+    runs = tmp_path / "res" / "tiny" / "runs"
+    assert (runs / f"{g.cells[0].id}.attempt").exists() and (runs / f"{g.cells[0].id}.json").exists()
+    (job,) = json.loads((tmp_path / "res" / "tiny" / "slurm" / "jobs.json").read_text())["cells"].values()
+    log = "".join(p.read_text() for p in (tmp_path / "res" / "tiny" / "slurm").rglob("*_log.err"))
+    assert "timed-out" in log and "requeu" in log.lower(), log[-3000:]
+    print(f"\nrequeued after the time limit warning and finished in {time.time() - started:.0f} s")
+
+
+def test_retries_option_is_checked_and_reaches_sbatch(tmp_path):
+    from bnlib.slurm import SlurmExecutor, _merge_options
+
+    with pytest.raises(grid.GridError, match="retries"):
+        _merge_options({"retries": -1}, None)
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not installed")
+    ex = SlurmExecutor(tmp_path, _merge_options({"retries": 2}, None))._executor()
+    assert ex.max_num_timeout == 2 and ex.parameters["additional_parameters"]["requeue"] is True

@@ -37,6 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from . import train
@@ -209,22 +210,51 @@ def select(grid: Grid, only: list[str]) -> Grid:
 
 def estimate_seconds(grid: Grid, results: Path, cells: list[Cell]) -> dict[str, float | None]:
     """Expected seconds per cell from this grid's history (cells.jsonl): the mean of finished cells with the
-    same dataset, batch size and budget, else of all finished cells, else None."""
+    same dataset, batch size and budget; else a linear model fitted to the dataset's finished cells, seconds =
+    fixed (evaluation, start-up) + per step x steps + per sample x samples trained (or without the per-step term
+    while the finished cells cannot tell the two apart); else the mean of all finished cells; else None."""
     log = Path(results) / grid.name / "cells.jsonl"
     history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    seconds = {h["cell"]: h["seconds"] for h in history if h.get("ok")}
+    seconds = {h["cell"]: h["seconds"] for h in history if h.get("ok") and h.get("seconds")}
     by_id = {c.id: c for c in grid.cells}
 
     def kind(c: Cell):
         cfg = c.config()
         return cfg.dataset, cfg.batch_size, cfg.steps, cfg.epochs, cfg.samples
 
+    def features(c: Cell) -> list[float] | None:  # epochs budgets need the dataset's size: left to the other estimates
+        cfg = c.config()
+        if cfg.epochs is not None:
+            return None
+        steps = train.total_steps(cfg, 0)
+        return [1.0, float(steps), float(steps * cfg.batch_size)]
+
     groups: dict = {}
+    points: dict = {}
     for cid, sec in seconds.items():
         if cid in by_id:
             groups.setdefault(kind(by_id[cid]), []).append(sec)
+            if features(by_id[cid]) is not None:
+                points.setdefault(by_id[cid].config().dataset, []).append((features(by_id[cid]), sec))
+    models = {}
+    for dataset, pts in points.items():
+        design, target = np.array([f for f, _ in pts]), np.array([t for _, t in pts])
+        for columns in ([0, 1, 2], [0, 2]):  # the fullest model the finished cells determine
+            if np.linalg.matrix_rank(design[:, columns]) == len(columns):
+                models[dataset] = (columns, np.linalg.lstsq(design[:, columns], target, rcond=None)[0])
+                break
     overall = sum(seconds.values()) / len(seconds) if seconds else None
-    return {c.id: (sum(groups[kind(c)]) / len(groups[kind(c)]) if kind(c) in groups else overall) for c in cells}
+
+    def estimate(c: Cell) -> float | None:
+        if kind(c) in groups:
+            return sum(groups[kind(c)]) / len(groups[kind(c)])
+        model = models.get(c.config().dataset)
+        if model and features(c) is not None:
+            columns, coef = model
+            return max(1.0, float(np.array(features(c))[columns] @ coef))
+        return overall
+
+    return {c.id: estimate(c) for c in cells}
 
 
 def notebook_parameters(notebook: Path = NOTEBOOK) -> set[str]:

@@ -382,3 +382,33 @@ def test_dry_run_and_only_select_cells_without_running(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 of 4 cells would run" in out and "min)" in out  # estimated from the finished cell
     assert cli.main(["run", str(path), "--results", str(res), "--dry-run", "--only", "seed=7"]) == 2
+
+
+def test_time_estimates_follow_the_steps_and_samples_a_cell_trains(tmp_path):
+    """Same kind of cell: its mean; another budget or batch size of the same dataset: the fitted linear model."""
+    path = _write(tmp_path, """
+methods: [bn]
+settings: {dataset: digits}
+axes:
+  budget: [{steps: 10}, {steps: 20}, {steps: 40}, {samples: 160}]
+  batch_size: [4, 8]
+""")
+    g = grid.load(path)
+    cell = {(grid.train.total_steps(c.config(), 0), c.config().batch_size, c.config().samples): c for c in g.cells}
+    log = tmp_path / "res" / g.name / "cells.jsonl"
+    log.parent.mkdir(parents=True)
+
+    def truth(steps, batch):  # 10 s fixed + 0.2 s per step + 0.5 s per sample
+        return 10 + 0.2 * steps + 0.5 * steps * batch
+
+    log.write_text("\n".join(json.dumps({"cell": cell[(n, 4, None)].id, "ok": True, "seconds": truth(n, 4)}) for n in (10, 20)))
+    est = grid.estimate_seconds(g, tmp_path / "res", g.cells)
+    assert est[cell[(10, 4, None)].id] == pytest.approx(truth(10, 4))  # its own kind
+    # one batch size so far: steps and samples go together, the model is fixed + per sample
+    assert est[cell[(40, 4, None)].id] == pytest.approx(truth(40, 4))
+    assert est[cell[(40, 4, 160)].id] == pytest.approx(truth(40, 4))  # a samples budget lands on the same line
+    with log.open("a") as f:  # a second batch size separates the cost per step from the cost per sample
+        f.write("\n" + json.dumps({"cell": cell[(10, 8, None)].id, "ok": True, "seconds": truth(10, 8)}))
+    est = grid.estimate_seconds(g, tmp_path / "res", g.cells)
+    assert est[cell[(40, 8, None)].id] == pytest.approx(truth(40, 8))
+    assert est[cell[(20, 8, 160)].id] == pytest.approx(truth(20, 8))

@@ -24,7 +24,10 @@ def cmd_run(args) -> int:
     if args.dry_run:
         runs = grid_mod.runs_dir(args.results, g)
         chosen = set(grid_mod.to_run({c.id: grid_mod.state(runs, c) for c in g.cells}, args.force, args.stale))
-        todo = [c for c in g.cells if c.id in chosen]
+        todo = [c for c in g.cells if c.id in chosen and c.same_as is None]
+        for c in g.cells:
+            if c.id in chosen and c.same_as is not None:
+                print(f"  would copy {c.id}  (trains what {c.same_as} trains)")
         estimates = grid_mod.estimate_seconds(g, args.results, todo)
         jobs = args.jobs or grid_mod.default_jobs()[0]
         for c in todo:
@@ -45,6 +48,9 @@ def cmd_run(args) -> int:
     if report.stale_kept:  # never mixed silently
         print(f"grid {g.name}: keeping {report.stale_kept} stale cells (done with other training code than the "
               "current; `bnlib status -v` lists them, `bnlib run --stale` redoes them)")
+    if report.copied:
+        print(f"grid {g.name}: {len(report.copied)} cells train exactly what another cell trains; given its results: "
+              + ", ".join(report.copied))
     if report.skipped == report.total and not args.force:
         # e.g. a clone with the published results committed: nothing is executed, rewritten or re-aggregated
         print(f"grid {g.name}: all {report.total} cells are done; nothing to run (their results are kept; "

@@ -63,6 +63,9 @@ class GridError(ValueError):
 class Cell:
     id: str
     parameters: dict  # training-config keys only
+    # another cell of the grid that trains exactly the same models (e.g. 50 steps at batch 128 and 6,400
+    # samples at batch 128): this cell is not executed, its results are copied from that one
+    same_as: str | None = None
 
     def config(self) -> train.Config:
         return train.Config.from_dict(self.parameters)
@@ -112,6 +115,17 @@ def cell_id(parameters: dict) -> str:
     if p.get("norm_placement", "all") != "all":
         prefix += f"-{p['norm_placement']}"
     return f"{prefix}-s{p.get('seed', 0)}-{digest}"
+
+
+def training_key(parameters: dict) -> str:
+    """What a cell trains: its resolved configuration with the budget as a number of steps, so two cells
+    whose budgets name the same steps differently (``steps: 50`` and ``samples: 6400`` at batch 128) share
+    it. Budgets in epochs depend on the dataset's size and are kept as given."""
+    config = train.Config.from_dict(parameters)
+    resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}
+    if config.epochs is None:
+        resolved.update(steps=train.total_steps(config, 0), samples=None)
+    return json.dumps(resolved, sort_keys=True, separators=(",", ":"))
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -184,6 +198,13 @@ def load(grid: str | Path, overrides: dict | None = None) -> Grid:
         if cid not in seen:
             seen.add(cid)
             cells.append(Cell(cid, params))
+    first_of: dict[str, str] = {}
+    for cell in cells:  # the first cell of each training runs; later ones take its results
+        key = training_key(cell.parameters)
+        if key in first_of:
+            cell.same_as = first_of[key]
+        else:
+            first_of[key] = cell.id
     slurm = spec.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise GridError(f"{path}: 'slurm' must be a mapping")
@@ -205,6 +226,9 @@ def select(grid: Grid, only: list[str]) -> Grid:
         keep = [c for c in keep if c.config().__dict__[key] == value]
     if not keep:
         raise GridError(f"{grid.path}: no cell matches {' and '.join(only)}")
+    kept = {c.id for c in keep}
+    # a selected cell whose twin is not selected trains itself
+    keep = [c if c.same_as in kept or c.same_as is None else dataclasses.replace(c, same_as=None) for c in keep]
     return Grid(grid.name, grid.path, grid.description, keep, grid.slurm)
 
 
@@ -463,6 +487,7 @@ class Report:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     stale_kept: int = 0  # done with other training code, kept (not redone without --stale)
+    copied: list[str] = field(default_factory=list)  # cells given the results of the cell they train the same as
 
     @property
     def ok(self) -> bool:
@@ -530,7 +555,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
     runs = runs_dir(results, grid)
     states = {c.id: state(runs, c) for c in grid.cells}
     chosen = set(to_run(states, force, stale))
-    todo = [c for c in grid.cells if c.id in chosen]
+    todo = [c for c in grid.cells if c.id in chosen and c.same_as is None]
     for c in todo:  # a corrupt marker is redone; the file is kept aside for inspection, never deleted
         if states[c.id] == "corrupt":
             os.replace(runs / f"{c.id}.json", runs / f"{c.id}.json.corrupt")
@@ -556,8 +581,48 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
 
         if todo:
             executor.run(todo, runs, on_done, notebook)
+    report.copied = copy_shared_results(grid, runs)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def copy_shared_results(grid: Grid, runs: Path) -> list[str]:
+    """Give every cell that trains the same as another (``same_as``) that cell's results, once it has them:
+    the metrics file with this cell's own id, parameters and config (so it is aggregated under its own
+    budget) and ``same_training_as``, and the notebook with a note on top. Rewritten only when they differ,
+    so a finished cell's files never change unless its twin was re-run. Returns the cells written."""
+    import nbformat
+
+    from .results import CorruptRun, read_run, write_json_atomic
+
+    written = []
+    for cell in grid.cells:
+        if cell.same_as is None or not (runs / f"{cell.same_as}.json").exists():
+            continue
+        try:
+            source = read_run(runs / f"{cell.same_as}.json")
+        except CorruptRun:
+            continue  # its twin is redone first
+        config = train.Config.from_dict(cell.parameters)
+        budget = {k: getattr(config, k) for k in ("steps", "epochs", "samples")}
+        payload = {**source, "cell": cell.id, "same_training_as": cell.same_as,
+                   "parameters": {**source["parameters"], **budget}, "config": {**source["config"], **budget}}
+        target = runs / f"{cell.id}.json"
+        if target.exists() and "same_training_as" not in target.read_text():
+            continue  # it ran itself (e.g. before its twin was in the grid): its own results stay
+        if target.exists() and json.dumps(json.loads(target.read_text()), sort_keys=True) == json.dumps(payload, sort_keys=True):
+            continue  # compared as text: NaN never equals itself
+        nb = nbformat.read(runs / f"{cell.same_as}.ipynb", as_version=4)
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+            f"**Cell `{cell.id}` trains exactly what cell `{cell.same_as}` trains** (the same resolved configuration; "
+            f"its budget, {', '.join(f'{k}={v}' for k, v in budget.items() if v is not None)}, is the same number of "
+            f"steps). The runner ran that cell once and copied its results here; below is its notebook as it ran."))
+        tmp = runs / f"{cell.id}.ipynb.tmp"
+        nbformat.write(nb, tmp)
+        os.replace(tmp, runs / f"{cell.id}.ipynb")
+        write_json_atomic(target, payload)  # last: the done marker
+        written.append(cell.id)
+    return written
 
 
 def status(grid: Grid, results: Path) -> dict[str, list[str]]:

@@ -412,3 +412,36 @@ axes:
     est = grid.estimate_seconds(g, tmp_path / "res", g.cells)
     assert est[cell[(40, 8, None)].id] == pytest.approx(truth(40, 8))
     assert est[cell[(20, 8, 160)].id] == pytest.approx(truth(20, 8))
+
+
+@pytest.mark.slow
+def test_cells_that_train_the_same_run_once_and_share_the_results(tmp_path):
+    """12 steps at batch 4 and 48 samples at batch 4 are one training: run once, aggregated under both budgets."""
+    path = _write(tmp_path, """
+methods: [bn, brn]
+settings: {dataset: digits, eval_every: 6, log_every: 3}
+axes:
+  budget: [{samples: 48}, {steps: 12}]
+  batch_size: [4, 8]
+""")
+    g = grid.load(path)
+    twins = {c.id: c.same_as for c in g.cells if c.same_as}
+    (alias, primary), = twins.items()  # only batch 4: 12 steps x 4 = 48 samples; at batch 8, 48 samples are 6 steps
+    assert g.cells[0].id == primary and grid.cell_id(next(c for c in g.cells if c.id == alias).parameters) == alias
+    report = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=1, threads=1), progress=False)
+    assert report.ok and sorted(report.finished) == sorted(c.id for c in g.cells if c.id != alias) and report.copied == [alias]
+    runs = tmp_path / "res" / "tiny" / "runs"
+    a, p = (json.loads((runs / f"{c}.json").read_text()) for c in (alias, primary))
+    assert a["cell"] == alias and a["same_training_as"] == primary and a["methods"] == p["methods"]
+    assert a["config"]["steps"] == 12 and a["config"]["samples"] is None and p["config"]["samples"] == 48
+    assert "trains exactly what cell" in nbformat.read(runs / f"{alias}.ipynb", as_version=4).cells[0].source
+    assert grid.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
+    summary = pd.read_csv(results.aggregate(tmp_path / "res" / "tiny")["summary"])
+    at4 = summary[summary["batch_size"] == 4]
+    assert set(at4["budget"]) == {"48 samples", "12 steps"}  # counted under both budgets
+    before = (runs / f"{alias}.json").stat().st_mtime_ns
+    again = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=1, threads=1), progress=False)
+    assert not again.finished and not again.copied and (runs / f"{alias}.json").stat().st_mtime_ns == before
+    # selected without its twin, a cell trains itself
+    (solo,) = grid.select(g, ["steps=12", "batch_size=4"]).cells
+    assert solo.id == alias and solo.same_as is None

@@ -13,11 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 import pandas as pd
+import yaml
 
 from . import norms, results
 
@@ -275,10 +277,34 @@ def gather_runs(folder: Path) -> int:
     return count
 
 
+def repository_url() -> str | None:
+    """Where the book's source lives, for its repository, Binder and Colab buttons: ``$BNLIB_REPOSITORY_URL``;
+    else, in GitHub Actions, the repository being built (``$GITHUB_SERVER_URL/$GITHUB_REPOSITORY``, so a fork
+    publishes buttons that open the fork); else ``repository.url`` in _config.yml; else None (no buttons)."""
+    if os.environ.get("BNLIB_REPOSITORY_URL"):
+        return os.environ["BNLIB_REPOSITORY_URL"].rstrip("/")
+    if os.environ.get("GITHUB_REPOSITORY"):
+        return f"{os.environ.get('GITHUB_SERVER_URL', 'https://github.com')}/{os.environ['GITHUB_REPOSITORY']}"
+    return (yaml.safe_load((ROOT / "_config.yml").read_text()).get("repository") or {}).get("url")
+
+
+def _config_with_buttons(url: str, folder: Path) -> Path:
+    """_config.yml with the repository and launch buttons turned on for ``url`` (written into ``folder``)."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config["repository"] = {**(config.get("repository") or {}), "url": url, "path_to_book": "", "branch": "main"}
+    config["html"] = {**config.get("html", {}), "use_repository_button": True, "use_issues_button": True}
+    config["launch_buttons"] = {"notebook_interface": "jupyterlab", "binderhub_url": "https://mybinder.org",
+                                "colab_url": "https://colab.research.google.com"}
+    path = folder / "_config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", strict: bool = True,
           output: str | Path = ROOT) -> Path:
     """Aggregate the grid and build the book offline (warnings as errors) into ``output``/_build/html;
-    the build gathers the notebooks."""
+    the build gathers the notebooks. With a :func:`repository_url`, the pages get repository, Binder and
+    Colab buttons."""
     folder = Path(results_root).resolve() / grid
     if not any((folder / "runs").glob("*.json")):
         raise FileNotFoundError(f"no finished cells in {folder / 'runs'}: run `bnlib run {grid}` first")
@@ -291,7 +317,11 @@ def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", stri
         cmd += ["-W", "-n", "--keep-going"]
     html_dir = Path(output) / "_build" / "html"
     shutil.rmtree(html_dir, ignore_errors=True)  # no page of an earlier build survives
-    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = repository_url()
+        if url:
+            cmd += ["--config", str(_config_with_buttons(url, Path(tmp)))]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}); see the messages above")
     return html_dir / "index.html"

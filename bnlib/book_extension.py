@@ -1,6 +1,7 @@
 """A Sphinx extension of the book: before the table of contents is read, copy the shown grid's finished
 cell notebooks into ``book/runs/cells/``, so that a plain ``jupyter-book build .`` lists them on the Runs
-page (the grid and results folder as in :mod:`bnlib.book`: ``study`` from ``results/`` by default)."""
+page (the grid and results folder as in :mod:`bnlib.book`: ``study`` from ``results/`` by default); and
+point the launch buttons at notebooks that exist in the repository."""
 
 from __future__ import annotations
 
@@ -11,7 +12,26 @@ def _gather(app, config) -> None:
     book.gather_runs(book.results_dir() / book.grid_name())
 
 
+def _launch_committed_notebooks(app, pagename, templatename, context, doctree) -> None:
+    """Binder and Colab open notebooks from the repository: a cell page's notebook is committed under
+    ``results/<grid>/runs/`` (``book/runs/cells/`` is a build-time copy), and a MyST page is no notebook
+    to them (Colab cannot open it, Binder would show its text), so MyST pages get no launch buttons."""
+    buttons = context.get("header_buttons") or []
+    for group in buttons:
+        if group.get("label") != "launch-buttons":
+            continue
+        if pagename.startswith("book/runs/cells/"):
+            committed = f"results/{book.grid_name()}/runs/{pagename.rsplit('/', 1)[1]}.ipynb"
+            for button in group["buttons"]:
+                button["url"] = button["url"].replace(f"{pagename}.ipynb", committed)
+        elif context.get("page_source_suffix") != ".ipynb":
+            group["buttons"] = []
+    context["header_buttons"] = [g for g in buttons if g.get("label") != "launch-buttons" or g["buttons"]]
+
+
 def setup(app):
     # sphinx-external-toc resolves the toc's globs at priority 900; the notebooks must be there before
     app.connect("config-inited", _gather, priority=100)
+    # after sphinx-book-theme adds its launch buttons (priority 501), before the page is rendered
+    app.connect("html-page-context", _launch_committed_notebooks, priority=502)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,6 +1,7 @@
 """The book builds from the smoke grid's results, its numbers match summary.csv, and it renders in a browser."""
 
 import html
+import os
 import re
 import shutil
 import subprocess
@@ -14,10 +15,19 @@ from bnlib import book, grid
 pytestmark = pytest.mark.slow
 
 
+REPOSITORY = "https://github.com/example-org/bnlib"  # as a fork's CI would set it
+
+
 @pytest.fixture(scope="module")
 def site(smoke_results, tmp_path_factory) -> Path:
-    # -W: any warning fails the build; into a temporary folder, never over the user's _build/
-    index = book.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
+    # -W: any warning fails the build; into a temporary folder, never over the user's _build/;
+    # with a repository URL, so the launch and repository buttons are built too
+    old = os.environ.get("BNLIB_REPOSITORY_URL")
+    os.environ["BNLIB_REPOSITORY_URL"] = REPOSITORY
+    try:
+        index = book.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
+    finally:
+        os.environ.pop("BNLIB_REPOSITORY_URL") if old is None else os.environ.__setitem__("BNLIB_REPOSITORY_URL", old)
     assert index.exists()
     return index.parent
 
@@ -160,6 +170,39 @@ def test_result_figures_fill_the_content_column(site, tmp_path):
               "document.title='PROBE '+figs.map(i=>(i.getBoundingClientRect().width/w).toFixed(3)).join(',');")
     ratios = [float(v) for v in _probe(site, "book/results.html", script, tmp_path).split(",") if v]
     assert ratios and min(ratios) >= 0.9, ratios
+
+
+def test_pages_offer_their_source_and_cell_pages_their_notebook_for_download(site):
+    """The theme's download menu: every computed page its MyST source, every cell page its executed .ipynb."""
+    for page in [site / "book" / "results.html", *sorted((site / "book" / "runs" / "cells").glob("*.html"))[:2]]:
+        links = re.findall(r'href="([^"]*_sources/[^"]*)"[^>]*>', page.read_text())
+        assert links, f"{page.name}: no download link"
+        target = (page.parent / links[0]).resolve()
+        assert target.exists() and target.stat().st_size > 0, target
+        if "cells" in page.parts:
+            assert target.suffix == ".ipynb" and '"outputs"' in target.read_text()  # the notebook as it ran
+
+
+def test_cell_pages_launch_their_committed_notebook_on_binder_and_colab(site):
+    cell = sorted((site / "book" / "runs" / "cells").glob("*.html"))[0]
+    committed = f"results/smoke/runs/{cell.stem}.ipynb"  # book/runs/cells/ is a build-time copy, not in git
+    page = cell.read_text()
+    assert f"https://mybinder.org/v2/gh/example-org/bnlib/main?urlpath=lab/tree/{committed}" in page
+    assert f"https://colab.research.google.com/github/example-org/bnlib/blob/main/{committed}" in page
+    results_page = (site / "book" / "results.html").read_text()
+    assert f'href="{REPOSITORY}"' in results_page  # the repository button
+    assert "colab.research.google.com" not in results_page and "mybinder.org" not in results_page  # a MyST page is no notebook to them
+    assert "download-notebook-button" in results_page  # but it can be downloaded as one
+
+
+def test_repository_url_comes_from_one_place_at_a_time(monkeypatch):
+    for var in ("BNLIB_REPOSITORY_URL", "GITHUB_REPOSITORY", "GITHUB_SERVER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    assert book.repository_url() is None  # _config.yml names none: a local build has no buttons
+    monkeypatch.setenv("GITHUB_REPOSITORY", "someone/fork")
+    assert book.repository_url() == "https://github.com/someone/fork"  # a fork's Actions build opens the fork
+    monkeypatch.setenv("BNLIB_REPOSITORY_URL", "https://gitlab.com/x/y/")
+    assert book.repository_url() == "https://gitlab.com/x/y"
 
 
 def test_every_method_has_one_family_and_figures_draw_each_family_in_its_own_line_style():

@@ -107,3 +107,17 @@ def test_an_invalid_citation_file_is_caught(tmp_path):
     bad = tmp_path / "CITATION.cff"
     bad.write_text((ROOT / "CITATION.cff").read_text().replace("cff-version: 1.2.0", "cff-version: one"))
     assert _check("--schemafile", schema, bad).returncode != 0
+
+
+def test_binder_registers_the_kernel_the_cell_notebooks_name():
+    import os
+
+    import nbformat
+
+    from bnlib import grid
+
+    post = ROOT / "postBuild"
+    assert os.access(post, os.X_OK), "Binder runs postBuild only when it is executable"
+    kernel = nbformat.read(grid.NOTEBOOK, as_version=4).metadata["kernelspec"]["name"]
+    assert kernel == grid.KERNEL and f"--name {kernel}" in post.read_text()
+    assert "-e ." in (ROOT / "environment.yml").read_text()  # Binder installs bnlib itself from environment.yml

@@ -562,6 +562,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
     if todo:  # loading (or downloading) the data is only worth it when a cell will run
         check_datasets(Grid(grid.name, grid.path, grid.description, todo, grid.slurm))
     runs.mkdir(parents=True, exist_ok=True)
+    copied = copy_shared_results(grid, runs)  # twins of cells finished earlier need no wait
     report = Report(grid.name, len(grid.cells), len(grid.cells) - len(todo))
     report.stale_kept = sum(1 for c in grid.cells if states[c.id] == "stale" and c.id not in chosen)
     executor = executor or LocalExecutor()
@@ -581,7 +582,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
 
         if todo:
             executor.run(todo, runs, on_done, notebook)
-    report.copied = copy_shared_results(grid, runs)
+    report.copied = copied + copy_shared_results(grid, runs)
     report.seconds = time.perf_counter() - started
     return report
 

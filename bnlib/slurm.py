@@ -13,7 +13,7 @@ also submitted with ``--requeue``, so Slurm requeues them when their node fails.
 array task id and starts its cell again from step 0 (cells do not checkpoint inside themselves yet).
 
 Re-running while an earlier submission is still alive (its runner was interrupted; the tasks keep running):
-cells whose task ``sacct`` reports pending or running are not submitted again; the runner waits for those
+cells whose task ``squeue`` lists as pending or running are not submitted again; the runner waits for those
 tasks and records their outcome like its own.
 
 Logs of every task: ``results/<grid>/slurm/<job id>_<task>_log.{out,err}``; the submitted job ids:
@@ -37,7 +37,7 @@ from .results import write_json_atomic
 DEFAULTS = {"partition": None, "gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 4.0, "time_min": 60,
             "array_parallelism": 64, "retries": 0, "signal_delay_s": 90, "sbatch": {}}
 OPTION_KEYS = set(DEFAULTS)
-# sacct states of a task that may still write its cell's result
+# Slurm states of a task that may still write its cell's result
 LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
 
@@ -109,9 +109,9 @@ class SlurmExecutor:
     def _job(self, job_id: str):
         return submitit.SlurmJob(folder=str(self.folder / "%j"), job_id=job_id)
 
-    def _live(self, cells: list[grid_mod.Cell]) -> dict[str, str]:
+    @staticmethod
+    def _live(cells: list[grid_mod.Cell], record: dict[str, str]) -> dict[str, str]:
         """{cell id: job id} of the cells whose task from an earlier submission is still pending or running."""
-        record = _read_record(self.folder / "jobs.json")
         wanted = {record[c.id]: c.id for c in cells if c.id in record}
         if not wanted:
             return {}
@@ -123,8 +123,8 @@ class SlurmExecutor:
 
     def run(self, cells: list[grid_mod.Cell], runs: Path, on_done, notebook: Path = grid_mod.NOTEBOOK) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        live = self._live(cells)
-        submitted = {**_read_record(self.folder / "jobs.json"), **live}
+        submitted = _read_record(self.folder / "jobs.json")  # every cell's latest task, updated below
+        live = self._live(cells, submitted)
         pending = {self._job(live[c.id]): c for c in cells if c.id in live}
         if live:
             arrays = ", ".join(sorted({j.split("_")[0] for j in live.values()}))

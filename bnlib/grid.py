@@ -101,13 +101,17 @@ LOCAL_KEYS = ("device", "data_dir", "download")
 ID_NEUTRAL = {"eval_batch_stats": False}
 
 
+def _resolved(config: train.Config) -> dict:
+    """Every setting of a cell, defaults included, less the ones about where it runs."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}
+
+
 def cell_id(parameters: dict) -> str:
     """Readable prefix + hash of the full resolved configuration (``train.Config``'s defaults included, so
     changing a default gives new cells instead of silently counting old results as done); stable across
     runs and machines."""
-    config = train.Config.from_dict(parameters)
-    resolved = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in LOCAL_KEYS and not (k in ID_NEUTRAL and v == ID_NEUTRAL[k])}
+    resolved = {k: v for k, v in _resolved(train.Config.from_dict(parameters)).items()
+                if not (k in ID_NEUTRAL and v == ID_NEUTRAL[k])}
     canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
     p = parameters
@@ -122,7 +126,7 @@ def training_key(parameters: dict) -> str:
     whose budgets name the same steps differently (``steps: 50`` and ``samples: 6400`` at batch 128) share
     it. Budgets in epochs depend on the dataset's size and are kept as given."""
     config = train.Config.from_dict(parameters)
-    resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}
+    resolved = _resolved(config)
     if config.epochs is None:
         resolved.update(steps=train.total_steps(config, 0), samples=None)
     return json.dumps(resolved, sort_keys=True, separators=(",", ":"))

@@ -92,10 +92,14 @@ def cmd_status(args) -> int:
         print(f"  failed: {cell}: {first[0] if first else ''}")
     if st["stale"]:
         print(f"  {len(st['stale'])} stale: done with training code other than the current; kept, `bnlib run --stale` redoes them")
+    twins = {c.id: c.same_as for c in g.cells if c.same_as}
+    waiting = [c for c in st["pending"] if c in twins]
+    if waiting:
+        print(f"  {len(waiting)} of the pending cells train what another cell trains; `bnlib run` copies its results once it is done")
     if args.verbose:
         for key in ("done", "stale", "started", "pending"):
             for cell in st[key]:
-                print(f"  {key}: {cell}")
+                print(f"  {key}: {cell}" + (f" (same training as {twins[cell]})" if cell in twins else ""))
     return 0
 
 

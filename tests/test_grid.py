@@ -415,7 +415,7 @@ axes:
 
 
 @pytest.mark.slow
-def test_cells_that_train_the_same_run_once_and_share_the_results(tmp_path):
+def test_cells_that_train_the_same_run_once_and_share_the_results(tmp_path, capsys):
     """12 steps at batch 4 and 48 samples at batch 4 are one training: run once, aggregated under both budgets."""
     path = _write(tmp_path, """
 methods: [bn, brn]
@@ -428,6 +428,9 @@ axes:
     twins = {c.id: c.same_as for c in g.cells if c.same_as}
     (alias, primary), = twins.items()  # only batch 4: 12 steps x 4 = 48 samples; at batch 8, 48 samples are 6 steps
     assert g.cells[0].id == primary and grid.cell_id(next(c for c in g.cells if c.id == alias).parameters) == alias
+    assert cli.main(["status", str(path), "--results", str(tmp_path / "res"), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of the pending cells train what another cell trains" in out and f"pending: {alias} (same training as {primary})" in out
     report = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=1, threads=1), progress=False)
     assert report.ok and sorted(report.finished) == sorted(c.id for c in g.cells if c.id != alias) and report.copied == [alias]
     runs = tmp_path / "res" / "tiny" / "runs"

@@ -305,10 +305,17 @@ def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", stri
     """Aggregate the grid and build the book offline (warnings as errors) into ``output``/_build/html;
     the build gathers the notebooks. With a :func:`repository_url`, the pages get repository, Binder and
     Colab buttons."""
+    from . import grid as grid_mod
+
     folder = Path(results_root).resolve() / grid
     if not any((folder / "runs").glob("*.json")):
         raise FileNotFoundError(f"no finished cells in {folder / 'runs'}: run `bnlib run {grid}` first")
-    results.aggregate(folder)
+    try:  # the grid file's cells only ("default+lr=0.0003": the default grid with that override)
+        base, *overrides = grid.split("+")
+        cells = {c.id for c in grid_mod.load(base, grid_mod.parse_overrides(overrides)).cells}
+    except grid_mod.GridError:
+        cells = None  # no grid file of that name here: every finished cell
+    results.aggregate(folder, cells)
     env = {**os.environ, "BNLIB_BOOK_GRID": grid, "BNLIB_RESULTS": str(Path(results_root).resolve())}
     exe = Path(sys.executable).with_name("jupyter-book")
     # --all: the pages read results/, which Sphinx cannot see change; never serve numbers from its cache

@@ -19,6 +19,7 @@ def cmd_run(args) -> int:
     from .results import aggregate
 
     g = grid_mod.load(args.grid, grid_mod.parse_overrides(args.set))
+    every_cell = {c.id for c in g.cells}  # aggregation covers the whole grid, whatever --only ran
     if args.only:
         g = grid_mod.select(g, args.only)
     if args.dry_run:
@@ -61,7 +62,7 @@ def cmd_run(args) -> int:
     for cell, error in report.failed.items():
         print(f"  FAILED {cell}: {error}\n         notebook: {grid_mod.runs_dir(args.results, g) / (cell + '.ipynb')}")
     if report.finished or report.skipped:
-        written = aggregate(Path(args.results) / g.name)
+        written = aggregate(Path(args.results) / g.name, every_cell)
         print(f"aggregated: {written['summary']}")
     return 0 if report.ok else 1
 
@@ -108,7 +109,7 @@ def cmd_aggregate(args) -> int:
     from .results import aggregate
 
     g = load(args.grid, parse_overrides(args.set))
-    written = aggregate(Path(args.results) / g.name)
+    written = aggregate(Path(args.results) / g.name, {c.id for c in g.cells})
     for name, path in written.items():
         print(f"wrote {path}")
     if args.readme:
@@ -116,7 +117,7 @@ def cmd_aggregate(args) -> int:
 
         from . import book
 
-        done = len(list((Path(args.results) / g.name / "runs").glob("*.json")))
+        done = len({p.stem for p in (Path(args.results) / g.name / "runs").glob("*.json")} & {c.id for c in g.cells})
         book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells))
         print(f"wrote the findings tables into {book.README}")
     return 0

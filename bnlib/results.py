@@ -254,10 +254,18 @@ def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
     return out.sort_values(keys + ["method"]).reset_index(drop=True)
 
 
-def aggregate(grid_dir: str | Path) -> dict[str, Path]:
-    """Read every finished cell of ``results/<grid>/`` and write the tables the book reads."""
+def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, Path]:
+    """Read every finished cell of ``results/<grid>/`` and write the tables the book reads. With ``cells``
+    (the grid file's cell ids), metrics files of other cells - left from an earlier version of the grid file -
+    are left out and named, so changed settings never mix into one condition."""
     grid_dir = Path(grid_dir)
     runs = load_runs(grid_dir / "runs")
+    if cells is not None:
+        others = sorted(r["cell"] for r in runs if r["cell"] not in cells)
+        if others:
+            print(f"aggregate: left out {len(others)} finished cells that {grid_dir.name}'s grid file no longer has "
+                  f"(settings changed since they ran): {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
+        runs = [r for r in runs if r["cell"] in cells]
     if not runs:
         raise FileNotFoundError(f"no finished cells in {grid_dir / 'runs'}: run the grid first (bnlib run ...)")
     written = {}

@@ -448,3 +448,20 @@ axes:
     # selected without its twin, a cell trains itself
     (solo,) = grid.select(g, ["steps=12", "batch_size=4"]).cells
     assert solo.id == alias and solo.same_as is None
+
+
+def test_aggregate_leaves_out_cells_the_grid_file_no_longer_has(tmp_path, capsys):
+    """Results of an earlier version of a grid file (other settings, other ids) never mix into its tables."""
+    path = _write(tmp_path, TINY)
+    g = grid.load(path)
+    runs = tmp_path / "res" / g.name / "runs"
+    for c in g.cells:
+        results.write_json_atomic(runs / f"{c.id}.json", _fake_run(c.id, c.parameters["seed"], c.parameters["batch_size"], {"bn": 0.9, "brn": 0.8}))
+    old = "digits-b4-iid-s0-0123456789"  # a cell of the file before its settings changed: same condition, seed 0
+    results.write_json_atomic(runs / f"{old}.json", _fake_run(old, 0, 4, {"bn": 0.1, "brn": 0.1}))
+    assert cli.main(["aggregate", str(path), "--results", str(tmp_path / "res")]) == 0
+    assert "left out 1 finished cells" in capsys.readouterr().out
+    summary = pd.read_csv(tmp_path / "res" / g.name / "summary.csv")
+    assert (summary["n_seeds"] == 2).all() and summary["mean"].min() > 0.5  # the old cell is in no mean
+    everything = pd.read_csv(results.aggregate(tmp_path / "res" / g.name)["summary"])  # without the grid: all files
+    assert everything.loc[everything["batch_size"] == 4, "n_seeds"].max() == 3

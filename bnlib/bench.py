@@ -15,6 +15,9 @@ samples, in fp32 and bf16: time, GFLOP/s (the conv and linear FLOPs of forward a
 ``torch.utils.flop_counter``) and the fraction of the same-precision peak. Every variant of one input
 size and batch is interleaved in random order within each repeat; medians are reported.
 
+``seeds``: the seeds of one condition as one stacked model against one run per seed (see
+:func:`bench_seeds`). Target: >= 2.5x for three seeds at 8x8, batch 2.
+
 ``cell``: a whole grid cell (every method, recomputed statistics, 10 evaluations) with every evaluation
 on the full test set, as before ``eval_samples`` existed, against the default (a fixed test subset in
 training, the full set at the end), interleaved; the final numbers must be identical.
@@ -274,6 +277,43 @@ def bench_cell(device: str = "cpu", dataset: str = "fashionmnist", batch_size: i
         rows.append({"variant": name, "dataset": dataset, "N": batch_size, "steps": steps, "wall_s": wall,
                      "eval_s": statistics.median(e for _, e in ts), "speedup": ref / wall,
                      "same_final": finals[name] == finals[ref_name]})
+    return rows
+
+
+def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 16), seeds=(0, 1, 2), steps: int = 300,
+                methods=("bn", "brnc", "mabn", "bln", "gn"), repeats: int = 1) -> list[dict]:
+    """The seeds of one condition trained as one stacked model (``train.train_seeds``) against one run per
+    seed (``train.train``, as one grid cell per seed does today), interleaved; recomputed statistics and
+    two evaluations as in a cell. Reports both walls, the training time alone, the speed-up, and the
+    largest difference of a final accuracy between the two (float rounding: a stacked seed is its solo run
+    to float tolerance)."""
+    from . import data, train
+
+    rows = []
+    for name in datasets:
+        ds = data.load(name)
+        for n in sizes:
+            cfg = train.Config(dataset=name, methods=list(methods), batch_size=n, steps=steps, evals=2, recompute=True,
+                               recompute_samples=256, eval_samples=500, device=device)
+            times: dict[str, list[tuple[float, float]]] = {"solo": [], "stacked": []}
+            finals: dict[str, list] = {}
+            for r in range(repeats):
+                for variant in (("solo", "stacked") if r % 2 == 0 else ("stacked", "solo")):
+                    t0 = time.perf_counter()
+                    if variant == "stacked":
+                        outs = train.train_seeds(cfg, list(seeds), ds, progress=False)
+                    else:
+                        outs = [train.train(train.Config(**{**cfg.__dict__, "seed": s}), ds, progress=False) for s in seeds]
+                    wall = time.perf_counter() - t0
+                    training = sum(r["train_seconds"] for o in outs for r in o["methods"].values())
+                    times[variant].append((wall, training))
+                    finals[variant] = [r["final"]["test_acc"] for o in outs for r in o["methods"].values()]
+            solo, stacked = (statistics.median(w for w, _ in times[v]) for v in ("solo", "stacked"))
+            solo_train, stacked_train = (statistics.median(t for _, t in times[v]) for v in ("solo", "stacked"))
+            diffs = [abs(a - b) for a, b in zip(finals["solo"], finals["stacked"]) if a is not None and b is not None]
+            rows.append({"dataset": name, "N": n, "seeds": len(seeds), "methods": len(methods), "steps": steps,
+                         "solo_s": solo, "stacked_s": stacked, "speedup": solo / stacked,
+                         "train_speedup": solo_train / stacked_train, "max_final_diff_points": 100 * max(diffs, default=0.0)})
     return rows
 
 

@@ -143,6 +143,9 @@ def cmd_bench(args) -> int:
             header = f"{device_name(device)}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
             bench.save_step(rows, header)
             print(f"saved: {bench.SAVED_STEP} and the table in {bench.README}")
+    if args.what in ("seeds", "all"):
+        print(f"\n# seeds: three seeds as one stacked model vs one run per seed (training + 2 evaluations), {device}")
+        print(bench.format_table(bench.bench_seeds(device, repeats=max(1, args.repeats // 3))))
     if args.what in ("cell", "all"):
         print(f"\n# cell: a whole cell, every evaluation on the full test set vs the default test subset in training, {device}")
         print(bench.format_table(bench.bench_cell(device)))
@@ -235,8 +238,9 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
-    b.add_argument("what", nargs="?", choices=["step", "cell", "norms", "loop", "all"], default="all",
-                   help="step: training step and evaluation vs the matrix-product peak; cell: a whole cell, old vs new "
+    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "norms", "loop", "all"], default="all",
+                   help="step: training step and evaluation vs the matrix-product peak; seeds: three seeds as one stacked "
+                   "model vs one run each; cell: a whole cell, old vs new "
                    "evaluation; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop (default: all)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -94,8 +94,7 @@ def resolve(grid: str | Path) -> Path:
     return path
 
 
-# Keys that say where a cell runs or finds its data, not what it computes: left out of the cell id.
-LOCAL_KEYS = ("device", "data_dir", "download")
+LOCAL_KEYS = train.LOCAL_KEYS  # where a cell runs, not what it computes: left out of the cell id
 # Keys added after grids were run, left out of the id while at the value that reproduces the earlier
 # results (adding an option must not orphan finished cells); any other value is hashed as usual.
 ID_NEUTRAL = {"eval_batch_stats": False}
@@ -324,18 +323,18 @@ def runs_dir(results: Path, grid: Grid) -> Path:
 
 def state(runs: Path, cell: Cell) -> str:
     """done (a valid metrics file), stale (done, by training code other than the current: its recorded
-    ``training_code_sha256`` differs; files written before that field existed count as done), corrupt (a
+    ``training_code_sha256`` differs and is not one the current code reproduces, see
+    :data:`bnlib.results.REPRODUCED_TRAINING_CODE`; files written before that field existed count as done), corrupt (a
     metrics file that does not parse, lacks keys or names another cell), failed (error recorded), started
     (notebook only) or pending."""
-    from .results import TRAINING_SHA256, CorruptRun, read_run
+    from .results import CorruptRun, is_current, read_run
 
     if (runs / f"{cell.id}.json").exists():
         try:
             run = read_run(runs / f"{cell.id}.json")
         except CorruptRun:
             return "corrupt"
-        recorded = run.get("provenance", {}).get("training_code_sha256")
-        return "stale" if recorded and recorded != TRAINING_SHA256 else "done"
+        return "done" if is_current(run.get("provenance", {}).get("training_code_sha256")) else "stale"
     if (runs / f"{cell.id}.error").exists():
         return "failed"
     if (runs / f"{cell.id}.ipynb").exists():
@@ -392,7 +391,9 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     params = {**dataclasses.asdict(train.Config()), **cell.parameters}
     if device is not None and params.get("device", "auto") == "auto":
         params["device"] = device
-    params.update(cell_id=cell.id, output_path=str((runs / f"{cell.id}.json").resolve()), threads=threads)
+    checkpoint = runs / f"{cell.id}.ckpt"  # a killed cell resumes from it; removed once the cell is done
+    params.update(cell_id=cell.id, output_path=str((runs / f"{cell.id}.json").resolve()), threads=threads,
+                  checkpoint_path=str(checkpoint.resolve()))
     started = time.perf_counter()
     error = None
     try:
@@ -402,6 +403,8 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
         )
         if not (runs / f"{cell.id}.json").exists():
             error = "the notebook finished without writing its metrics file"
+        else:
+            checkpoint.unlink(missing_ok=True)
     except Exception as err:  # noqa: BLE001 - a failed cell is a result; the others go on
         if hasattr(err, "ename"):  # papermill: the exception raised inside the notebook
             error = f"{err.ename}: {err.evalue} (notebook cell [{err.exec_count}])\n{err}"

@@ -44,7 +44,8 @@ LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", 
 
 class CellTask(submitit.helpers.Checkpointable):
     """One cell as a requeueable array task: on preemption or at the time limit submitit calls
-    ``checkpoint`` (inherited: the same call again) and requeues the task."""
+    ``checkpoint`` (inherited: the same call again) and requeues the task, which resumes the cell from
+    the checkpoint its training loop saves every ``checkpoint_minutes`` (``<cell>.ckpt``)."""
 
     def __call__(self, cell, runs, threads, device, notebook):
         return grid_mod.execute_cell(cell, runs, threads, device, notebook)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import models, norms
+from . import stacked as stacked_mod
 
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -26,6 +29,9 @@ PRECISIONS = ("fp32", "bf16")
 # Test samples per forward pass. On a CPU a batch whose activations fit the caches wins (28x28, one thread:
 # 1.1 ms per sample at 128, 2.2 ms at 512 or more; `bnlib bench step` measures it); a GPU wants large batches.
 EVAL_BATCH = {"cpu": 128, "cuda": 2048}
+# Config keys that say where a cell runs, finds its data or saves its checkpoints, not what it computes:
+# left out of cell ids and checkpoint keys.
+LOCAL_KEYS = ("device", "data_dir", "download", "checkpoint_minutes")
 EVAL_SUBSET_SEED = 1234  # the fixed test subset of in-training evaluations; never changes with the run's seed
 
 
@@ -61,6 +67,7 @@ class Config:
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
     seed: int = 0  # data order and initial weights
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    checkpoint_minutes: float = 10  # minutes between checkpoints of a cell that has a checkpoint file (0: every step)
     precision: str = "fp32"  # fp32 | bf16 (autocast for convs and linear layers; norm statistics stay in fp32)
     data_dir: str | None = None  # torchvision datasets (default $BNLIB_DATA or data/)
     download: bool = True  # fetch missing torchvision datasets
@@ -163,6 +170,8 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             fail(key, "must be a positive integer")
+    if not config.checkpoint_minutes >= 0:
+        fail("checkpoint_minutes", "must be 0 (every step) or more")
     if config.width < 1 or config.depth < 1:
         fail("width" if config.width < 1 else "depth", "must be positive")
     uses_batch = [m for m in config.methods if norms.REGISTRY[m].batch_dependent] if config.norm_placement != "none" else []
@@ -266,19 +275,101 @@ def _keeps_running_statistics(model: torch.nn.Module) -> bool:
     return any(isinstance(m, norms._RunningStatsNorm) for m in model.modules())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _StepClock:
+    """Training time of one method. On a CPU the wall clock around each step; on a GPU a pair of CUDA events
+    per step, read once per log window (where the loss is read anyway), so no step waits for the device."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self._pending, self._t0 = 0.0, [], None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._t0, end))
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def read(self) -> float:
+        """Seconds so far (on a GPU this waits for the window's last step)."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self._pending) / 1000
+            self._pending.clear()
+        return self.seconds
 
 
-def train(config: Config, dataset: data_mod.Dataset | None = None, progress: bool = True) -> dict:
-    """Train ``config.methods`` in lockstep; returns JSON-ready records (see the keys below)."""
+# --- checkpoints: a cell killed mid-run resumes where its last checkpoint left it, to the same numbers -----
+
+
+def _checkpoint_key(config: Config, seeds: list[int]) -> dict:
+    """What a checkpoint must match to be resumed: the training settings (not where the cell runs), the
+    seeds and the training code."""
+    from .results import TRAINING_SHA256  # results imports this module
+
+    return {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}, "seeds": list(seeds),
+            "training_code_sha256": TRAINING_SHA256}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, key: dict) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this configuration, seeds and code (``key``), else None
+    (with the reason printed, and the file left for the next run to overwrite)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint costs the time since the start, not the cell
+        print(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); starting from step 0")
+        return None
+    if state.get("key") != key:
+        print(f"checkpoint {path} was written for other settings or training code; starting from step 0")
+        return None
+    return state
+
+
+def train(config: Config, dataset: data_mod.Dataset | None = None, progress: bool = True,
+          checkpoint: str | Path | None = None) -> dict:
+    """Train ``config.methods`` in lockstep; returns JSON-ready records (see the keys below).
+
+    With ``checkpoint`` (a file path), the state of the run -- models, optimisers, norm buffers, the
+    random state, the step reached and the records so far -- is saved there every
+    ``config.checkpoint_minutes``, and a run that finds a checkpoint of its own configuration resumes from it:
+    the batch stream is a function of the seed, replayed to the step, so the result is the same as without
+    the interruption (`tests/test_train.py` checks it bit for bit).
+    """
+    return train_seeds(config, [config.seed], dataset, progress, checkpoint)[0]
+
+
+def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | None = None, progress: bool = True,
+                checkpoint: str | Path | None = None) -> list[dict]:
+    """:func:`train` for each of ``seeds`` (``config.seed`` aside), the seeds of a method trained as one stacked
+    model (:mod:`bnlib.stacked`): one kernel per layer serves every seed. Each seed keeps its own batches,
+    initial weights and evaluation, and its result equals ``train`` with that seed to float tolerance; its
+    ``train_seconds`` is the stacked model's time shared out equally. One seed is exactly :func:`train`."""
     validate(config)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) for x in seeds):
+        raise ConfigError(f"seeds={seeds!r}: give distinct integer seeds")
     if dataset is None:
         dataset = data_mod.load(config.dataset, config.data_dir, config.download)
     validate(config, num_train=len(dataset.y_train), num_classes=dataset.num_classes)
     device = resolve_device(config.device)
     ds = dataset.to(device)
+    stacked = len(seeds) > 1
     steps = total_steps(config, len(ds.y_train))
     eval_every = config.eval_every or math.ceil(steps / config.evals)  # exactly `evals`, the last at the last step
     log_every = config.log_every or max(1, steps // 100)
@@ -290,112 +381,171 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
 
     # A fixed slice of training data, a function of the seed: BLN's initialisation uses its first
     # init_samples, precise statistics its first recompute_samples (at the training batch size).
-    order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(config.seed))
-    init_idx = order[: config.init_samples].to(device)
-    init_batches = [ds.x_train[init_idx[i: i + EVAL_BATCH.get(device.type, 1024)]]
-                    for i in range(0, len(init_idx), EVAL_BATCH.get(device.type, 1024))]
+    eval_batch = EVAL_BATCH.get(device.type, 1024)
+    init_batches, recompute_batches = [], []
+    for seed in seeds:
+        order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
+        init_idx = order[: config.init_samples].to(device)
+        init_batches.append([ds.x_train[init_idx[i: i + eval_batch]] for i in range(0, len(init_idx), eval_batch)])
+        recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
+        recompute_batches.append([ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
+                                  for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)])
 
     runs = {}
     for m in config.methods:
-        model = models.build(
-            m, config.seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
-            norm_placement=config.norm_placement, norm_position=config.norm_position,
-            norm_options={**norms.run_options(m, steps, config.batch_size), **config.norm_options.get(m, {})},
-        ).to(device)
-        if init_batches:
-            with autocast(device, config.precision):
-                norms.initialise_statistics(model, init_batches)
+        nets = []  # every seed's own network: trained directly (one seed) or stacked, and evaluated
+        for k, seed in enumerate(seeds):
+            net = models.build(
+                m, seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
+                norm_placement=config.norm_placement, norm_position=config.norm_position,
+                norm_options={**norms.run_options(m, steps, config.batch_size), **config.norm_options.get(m, {})},
+            ).to(device)
+            if init_batches[k]:
+                with autocast(device, config.precision):
+                    norms.initialise_statistics(net, init_batches[k])
+            nets.append(net)
+        model = stacked_mod.StackedNet(nets) if stacked else nets[0]
         runs[m] = {
-            "model": model, "opt": _optimizer(config, model.parameters()), "seconds": 0.0, "steps": 0,
-            "loss_sum": torch.zeros((), device=device), "window": 0,
-            "rec": {"train_step": [], "train_loss": [], "eval_step": [], "eval_size": [], "test_acc": [], "test_loss": [],
-                    "test_acc_recomputed": [], "test_loss_recomputed": [], "test_acc_batchstats": [],
-                    "test_loss_batchstats": [], "diverged": False, "diverged_step": None},
+            "nets": nets, "model": model, "opt": _optimizer(config, model.parameters()), "clock": _StepClock(device),
+            "steps": 0, "loss_sum": torch.zeros(len(seeds) if stacked else (), device=device), "window": 0,
+            "recs": [{"train_step": [], "train_loss": [], "eval_step": [], "eval_size": [], "test_acc": [], "test_loss": [],
+                      "test_acc_recomputed": [], "test_loss_recomputed": [], "test_acc_batchstats": [],
+                      "test_loss_batchstats": [], "diverged": False, "diverged_step": None} for _ in seeds],
         }
+    live = lambda run: not all(rec["diverged"] for rec in run["recs"])  # noqa: E731
 
-    recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
-    recompute_batches = [ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
-                         for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)]
-
-    eval_seconds = 0.0
-    stream = data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, config.seed, config.classes_per_batch)
-    started = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
-    for step in range(1, steps + 1):
-        idx = next(stream).to(device, non_blocking=True)
-        x, y = ds.x_train[idx], ds.y_train[idx]
+    eval_seconds, elapsed, done, resumed = 0.0, 0.0, 0, []
+    streams = [data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, seed, config.classes_per_batch)
+               for seed in seeds]
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    key = _checkpoint_key(config, seeds)
+    state = load_checkpoint(checkpoint, key) if checkpoint is not None else None
+    if state is not None:
+        done, eval_seconds, elapsed, resumed = state["step"], state["eval_seconds"], state["elapsed"], state["resumed"] + [state["step"]]
+        for m, run in runs.items():
+            saved = state["runs"][m]
+            run["model"].load_state_dict(saved["model"])
+            run["opt"].load_state_dict(saved["opt"])
+            run["loss_sum"].copy_(saved["loss_sum"])
+            run["clock"].seconds, run["steps"], run["window"], run["recs"] = saved["seconds"], saved["steps"], saved["window"], saved["recs"]
+        torch.set_rng_state(state["rng"])
+        for stream in streams:  # the stream is a function of the seed: replay it to where the run stopped
+            for _ in range(done):
+                next(stream)
+        print(f"resumed from {checkpoint} at step {done} of {steps}")
+    started = time.perf_counter() - elapsed
+    saved_at = time.perf_counter()
+    bar = tqdm(total=steps, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
+    for step in range(done + 1, steps + 1):
+        idx = [next(stream).to(device, non_blocking=True) for stream in streams]
+        if stacked:  # seed k's images in input channels k*C ... (k+1)*C, its labels in column k
+            x, y = torch.cat([ds.x_train[i] for i in idx], 1), torch.stack([ds.y_train[i] for i in idx], 1)
+        else:
+            x, y = ds.x_train[idx[0]], ds.y_train[idx[0]]
         for run in runs.values():
-            if run["rec"]["diverged"]:
+            if not live(run):  # a diverged seed of a stacked model trains on (NaN stays in its own channels)
                 continue
             model, opt = run["model"], run["opt"]
-            t0 = time.perf_counter()
+            run["clock"].start()
             with autocast(device, config.precision):
-                loss = F.cross_entropy(model(x).float(), y)
-                total = loss + config.aux_weight * norms.auxiliary_loss(model)
+                if stacked:  # per seed, the mean over its batch; the seeds' losses summed keep their gradients apart
+                    loss = F.cross_entropy(model(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
+                    total = loss.sum() + config.aux_weight * stacked_mod.auxiliary_loss(model)
+                else:
+                    loss = F.cross_entropy(model(x).float(), y)
+                    total = loss + config.aux_weight * norms.auxiliary_loss(model)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             run["loss_sum"] += loss.detach()
-            _sync(device)
-            run["seconds"] += time.perf_counter() - t0
+            run["clock"].stop()
             run["steps"] += 1
             run["window"] += 1
         if step % log_every == 0 or step == steps:
             for run in runs.values():
-                if run["rec"]["diverged"] or run["window"] == 0:
+                if not live(run) or run["window"] == 0:
                     continue
-                mean_loss = float(run["loss_sum"]) / run["window"]
+                run["clock"].read()
+                sums = run["loss_sum"].reshape(-1).tolist()
+                for rec, loss_sum in zip(run["recs"], sums):
+                    mean_loss = loss_sum / run["window"]
+                    if rec["diverged"]:
+                        continue
+                    if not math.isfinite(mean_loss):  # diverged: stop this method, keep what it recorded
+                        rec["diverged"], rec["diverged_step"] = True, step
+                        continue
+                    rec["train_step"].append(step)
+                    rec["train_loss"].append(mean_loss)
                 run["loss_sum"].zero_()
                 run["window"] = 0
-                if not math.isfinite(mean_loss):  # diverged: stop this method, keep what it recorded
-                    run["rec"]["diverged"], run["rec"]["diverged_step"] = True, step
-                    continue
-                run["rec"]["train_step"].append(step)
-                run["rec"]["train_loss"].append(mean_loss)
         if step in eval_steps:
             t_eval = time.perf_counter()
             x_eval, y_eval = (ds.x_test, ds.y_test) if step == steps else (x_sub, y_sub)
             for run in runs.values():
-                if run["rec"]["diverged"]:
+                if not live(run):
                     continue
-                rec, model = run["rec"], run["model"]
-                acc, loss_value = evaluate(model, x_eval, y_eval, config.precision)
-                if not math.isfinite(loss_value):
-                    rec["diverged"], rec["diverged_step"] = True, step
-                    continue
-                rec["eval_step"].append(step)
-                rec["eval_size"].append(len(y_eval))
-                rec["test_acc"].append(acc)
-                rec["test_loss"].append(loss_value)
-                if config.recompute and _keeps_running_statistics(model):
-                    acc_r, loss_r = evaluate_recomputed(model, recompute_batches, x_eval, y_eval, config.precision)
-                else:
-                    acc_r, loss_r = None, None
-                rec["test_acc_recomputed"].append(acc_r)
-                rec["test_loss_recomputed"].append(loss_r)
-                if config.eval_batch_stats and _keeps_running_statistics(model):
-                    acc_b, loss_b = evaluate_batch_statistics(model, x_eval, y_eval, config.batch_size, config.precision)
-                else:
-                    acc_b, loss_b = None, None
-                rec["test_acc_batchstats"].append(acc_b)
-                rec["test_loss_batchstats"].append(loss_b)
-            live = {m: r["rec"]["test_acc"][-1] for m, r in runs.items() if r["rec"]["test_acc"] and not r["rec"]["diverged"]}
-            bar.set_postfix({m: f"{a:.3f}" for m, a in live.items()}, refresh=False)
+                if stacked:
+                    run["model"].unstack_into(run["nets"])
+                for k, (rec, net) in enumerate(zip(run["recs"], run["nets"])):
+                    if not rec["diverged"]:
+                        _evaluate_into(rec, net, step, x_eval, y_eval, recompute_batches[k], config)
+            accs = {m: r["recs"][0]["test_acc"][-1] for m, r in runs.items() if r["recs"][0]["test_acc"] and not r["recs"][0]["diverged"]}
+            bar.set_postfix({m: f"{a:.3f}" for m, a in accs.items()}, refresh=False)
             eval_seconds += time.perf_counter() - t_eval
         bar.update(1)
+        if checkpoint is not None and step < steps and time.perf_counter() - saved_at >= 60 * config.checkpoint_minutes:
+            save_checkpoint(checkpoint, {
+                "key": key, "step": step, "eval_seconds": eval_seconds, "resumed": resumed,
+                "elapsed": time.perf_counter() - started, "rng": torch.get_rng_state(),
+                "runs": {m: {"model": r["model"].state_dict(), "opt": r["opt"].state_dict(), "loss_sum": r["loss_sum"],
+                             "seconds": r["clock"].read(), "steps": r["steps"], "window": r["window"], "recs": r["recs"]}
+                         for m, r in runs.items()}})
+            saved_at = time.perf_counter()
     bar.close()
 
-    out = {"config": dataclasses.asdict(config), "device": str(device), "steps": steps,
-           "samples_per_step": config.batch_size, "train_size": len(ds.y_train), "test_size": len(ds.y_test),
-           "num_classes": ds.num_classes, "wall_seconds": time.perf_counter() - started,
-           "eval_seconds": eval_seconds, "methods": {}}
-    for m, run in runs.items():
-        rec = run["rec"]
-        rec["train_seconds"] = run["seconds"]
-        rec["samples_per_second"] = run["steps"] * config.batch_size / run["seconds"] if run["seconds"] else None
-        last = lambda key: rec[key][-1] if rec[key] and not rec["diverged"] else None  # noqa: E731
-        rec["final"] = {"test_acc": last("test_acc"), "test_loss": last("test_loss"),
-                        "test_acc_recomputed": last("test_acc_recomputed"),
-                        "test_acc_batchstats": last("test_acc_batchstats"), "train_loss": last("train_loss")}
-        out["methods"][m] = rec
-    return out
+    outs = []
+    for k, seed in enumerate(seeds):
+        out = {"config": {**dataclasses.asdict(config), "seed": seed}, "device": str(device), "steps": steps,
+               "samples_per_step": config.batch_size, "train_size": len(ds.y_train), "test_size": len(ds.y_test),
+               "num_classes": ds.num_classes, "wall_seconds": time.perf_counter() - started,
+               "eval_seconds": eval_seconds, "methods": {}}
+        if stacked:
+            out["stacked_seeds"] = list(seeds)
+        if resumed:
+            out["resumed_at_steps"] = resumed
+        for m, run in runs.items():
+            rec = run["recs"][k]
+            rec["train_seconds"] = seconds = run["clock"].read() / len(seeds)
+            rec["samples_per_second"] = run["steps"] * config.batch_size / seconds if seconds else None
+            last = lambda key: rec[key][-1] if rec[key] and not rec["diverged"] else None  # noqa: E731
+            rec["final"] = {"test_acc": last("test_acc"), "test_loss": last("test_loss"),
+                            "test_acc_recomputed": last("test_acc_recomputed"),
+                            "test_acc_batchstats": last("test_acc_batchstats"), "train_loss": last("train_loss")}
+            out["methods"][m] = rec
+        outs.append(out)
+    return outs
+
+
+def _evaluate_into(rec: dict, model: torch.nn.Module, step: int, x_eval: torch.Tensor, y_eval: torch.Tensor,
+                   recompute_batches: list[torch.Tensor], config: Config) -> None:
+    """One evaluation of one seed's network, appended to its records (or its divergence recorded)."""
+    acc, loss_value = evaluate(model, x_eval, y_eval, config.precision)
+    if not math.isfinite(loss_value):
+        rec["diverged"], rec["diverged_step"] = True, step
+        return
+    rec["eval_step"].append(step)
+    rec["eval_size"].append(len(y_eval))
+    rec["test_acc"].append(acc)
+    rec["test_loss"].append(loss_value)
+    if config.recompute and _keeps_running_statistics(model):
+        acc_r, loss_r = evaluate_recomputed(model, recompute_batches, x_eval, y_eval, config.precision)
+    else:
+        acc_r, loss_r = None, None
+    rec["test_acc_recomputed"].append(acc_r)
+    rec["test_loss_recomputed"].append(loss_r)
+    if config.eval_batch_stats and _keeps_running_statistics(model):
+        acc_b, loss_b = evaluate_batch_statistics(model, x_eval, y_eval, config.batch_size, config.precision)
+    else:
+        acc_b, loss_b = None, None
+    rec["test_acc_batchstats"].append(acc_b)
+    rec["test_loss_batchstats"].append(loss_b)

@@ -63,7 +63,8 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
     """Re-execute the chosen committed cells of ``grid`` into a temporary folder; their comparisons."""
     runs = grid_mod.runs_dir(results, grid)
     by_id = {c.id: c for c in grid.cells}
-    done = [c.id for c in grid.cells if grid_mod.state(runs, c) == "done"]
+    # stale cells too: whether the current code still reproduces them is what one wants to know
+    done = [c.id for c in grid.cells if grid_mod.state(runs, c) in ("done", "stale")]
     if cells:
         unknown = [c for c in cells if c not in by_id]
         if unknown:
@@ -89,7 +90,24 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
                 raise RuntimeError(f"re-executing {cid} failed: {outcome['error']}")
             rerun = json.loads((Path(tmp) / f"{cid}.json").read_text())
             comparisons += compare(committed, rerun)
+            if progress:
+                differ = differing_curves(committed, rerun)
+                print(f"  every recorded curve of {cid}: " + (f"{len(differ)} differ ({', '.join(differ[:6])}"
+                      f"{', ...' if len(differ) > 6 else ''})" if differ else "identical"), flush=True)
     return comparisons
+
+
+TIMINGS = ("train_seconds", "samples_per_second")
+
+
+def differing_curves(committed: dict, rerun: dict) -> list[str]:
+    """``method: key`` of every per-method record (training loss, every evaluation, divergence...) that is not
+    exactly the committed one; timings aside."""
+    out = []
+    for method, rec in committed["methods"].items():
+        new = rerun["methods"].get(method, {})
+        out += [f"{method}: {key}" for key in sorted(set(rec) | set(new)) if key not in TIMINGS and rec.get(key) != new.get(key)]
+    return out
 
 
 def report(comparisons: list[Comparison], tolerance: float = TOLERANCE_POINTS) -> tuple[str, bool]:

@@ -36,3 +36,11 @@ def test_saved_table_replaces_the_readme_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         bench.save_step(rows, "a machine", tmp_path / "bench.csv", readme)
+
+
+def test_seeds_rows_compare_stacked_and_solo_runs_of_the_same_condition():
+    (row,) = bench.bench_seeds("cpu", datasets=("digits",), sizes=(4,), seeds=(0, 1), steps=12, methods=("bn", "gn"))
+    assert row["seeds"] == 2 and row["methods"] == 2 and row["N"] == 4
+    assert row["speedup"] == pytest.approx(row["solo_s"] / row["stacked_s"])
+    assert row["solo_s"] > 0 and row["stacked_s"] > 0 and row["train_speedup"] > 0
+    assert row["max_final_diff_points"] < 0.5  # the same runs, up to float rounding

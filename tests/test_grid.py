@@ -198,6 +198,45 @@ def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path):
     assert len(after) == 4 and all(after[name] == mtime for name, mtime in done.items())
 
 
+@pytest.mark.slow
+def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
+    """kill -9 of the runner and its kernel in the middle of a cell; the re-run resumes the cell from its
+    checkpoint and writes the metrics of an uninterrupted run (timings aside); the checkpoint is then removed."""
+    text = """
+methods: [bn, brnc, mabn]
+settings: {dataset: digits, steps: 600, evals: 3, log_every: 50, recompute: true, recompute_samples: 64, checkpoint_minutes: 0}
+axes:
+  batch_size: [4]
+"""
+    path = _write(tmp_path, text)
+    g = grid.load(path)
+    (cell,) = g.cells
+    runs = tmp_path / "res" / "tiny" / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1",
+           "--threads", "1", "--no-progress"]  # one thread, as the uninterrupted run below: the same reductions
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = runs / f"{cell.id}.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.2)
+    time.sleep(1.0)  # some steps in
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (runs / f"{cell.id}.json").exists(), "the kill came too late: make the cell longer"
+    completed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    resumed = json.loads((runs / f"{cell.id}.json").read_text())
+    assert resumed["resumed_at_steps"] and 0 < resumed["resumed_at_steps"][0] < 600
+    assert not ckpt.exists()
+    grid.run(g, tmp_path / "whole", grid.LocalExecutor(jobs=1, threads=1), progress=False)
+    whole = json.loads((tmp_path / "whole" / "tiny" / "runs" / f"{cell.id}.json").read_text())
+    timing = ("train_seconds", "samples_per_second")
+    for m in cell.parameters["methods"]:
+        assert {k: v for k, v in resumed["methods"][m].items() if k not in timing} == \
+            {k: v for k, v in whole["methods"][m].items() if k not in timing}, m
+
+
 # --- statistics --------------------------------------------------------------------------------------
 
 
@@ -245,7 +284,7 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_ctrl_c_stops_promptly_and_resumes(tmp_path):
     path = _write(tmp_path, TINY.replace("steps: 12", "steps: 400"))
     runs = tmp_path / "res" / "tiny" / "runs"
-    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1", "--threads", "1", "--no-progress"]
     # a new session, with SIGINT's default restored (a background shell running the tests ignores it)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -324,7 +363,7 @@ def test_a_truncated_metrics_file_is_corrupt_named_and_redone(tmp_path, capsys):
     assert json.loads(victim.read_text())["cell"] == victim.stem  # redone
 
 
-def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_path, capsys):
+def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_path, capsys, monkeypatch):
     path = _write(tmp_path, TINY)
     res = tmp_path / "res"
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "-j", "2"]) == 0
@@ -339,6 +378,10 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     assert cli.main(["status", str(path), "--results", str(res)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"stale\s+1", out) and re.search(r"done\s+3", out)
+    # earlier code that the current code is registered to reproduce exactly is not stale
+    monkeypatch.setitem(results.REPRODUCED_TRAINING_CODE, "0" * 64, "reproduced (a test)")
+    assert grid.status(grid.load(path), res)["stale"] == []
+    monkeypatch.delitem(results.REPRODUCED_TRAINING_CODE, "0" * 64)
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "keeping 1 stale cells" in out and "nothing to run" in out  # kept, and said so

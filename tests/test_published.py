@@ -122,6 +122,28 @@ def test_verify_reexecutes_a_committed_cell_bit_identically_and_catches_a_change
     assert "differ by more than 0.5 points" in out and re.search(r"bn\s+test_acc\s", out)
 
 
+@pytest.mark.slow
+def test_the_current_code_reproduces_the_cheapest_committed_study_cell(tmp_path):
+    """The committed study counts as run by the current code only while the current code reproduces it
+    (``results.REPRODUCED_TRAINING_CODE``): re-execute its cheapest cell. On the CPU model that ran it every
+    recorded curve must be identical; on another CPU the final numbers within verify's tolerance."""
+    if not HAS_STUDY:
+        pytest.skip("results/study holds no finished cell in this checkout")
+    g = grid.load("study")
+    runs = STUDY / "runs"
+    done = [c for c in g.cells if grid.state(runs, c) == "done" and "same_training_as" not in json.loads((runs / f"{c.id}.json").read_text())]
+    assert done, "no committed study cell counts as run by the current code: re-run them or register a verified fingerprint"
+    cell = min(done, key=lambda c: json.loads((runs / f"{c.id}.json").read_text())["wall_seconds"])
+    committed = json.loads((runs / f"{cell.id}.json").read_text())
+    outcome = grid.execute_cell(cell, tmp_path, threads=committed["provenance"]["torch_threads"])
+    assert outcome["ok"], outcome["error"]
+    rerun = json.loads((tmp_path / f"{cell.id}.json").read_text())
+    if committed["provenance"]["device_name"] == results.device_name("cpu"):
+        assert verify.differing_curves(committed, rerun) == [], cell.id
+    else:
+        assert all(abs(c.difference) <= verify.TOLERANCE_POINTS for c in verify.compare(committed, rerun)), cell.id
+
+
 # --- the original study's claims -----------------------------------------------------------------
 
 

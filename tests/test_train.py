@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bnlib import data, models, train
+from bnlib import data, models, norms, train
 
 DIGITS = None
 
@@ -43,6 +43,7 @@ def _strip_timings(result):
         ({"eval_samples": 0}, "eval_samples"),
         ({"norm_position": "middle"}, "norm_position"),
         ({"init_samples": -1}, "init_samples"),
+        ({"checkpoint_minutes": -1}, "checkpoint_minutes"),
     ],
 )
 def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
@@ -76,6 +77,118 @@ def test_same_seed_same_numbers():
     assert _strip_timings(a) == _strip_timings(b)
     other = train.train(train.Config(**{**config.__dict__, "seed": 1}), dataset=digits(), progress=False)
     assert other["methods"]["bn"]["train_loss"] != a["methods"]["bn"]["train_loss"]
+
+
+class _Killed(BaseException):
+    """Stands in for kill -9: nothing after it runs (not an Exception, so no handler in the loop catches it)."""
+
+
+@pytest.mark.parametrize("sampler,methods", [("iid", list(norms.METHODS)), ("noniid", ["bn", "brnc", "mabn", "bln"])])
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_numbers(sampler, methods, tmp_path, monkeypatch):
+    """Every method (running statistics, MABN's buffers, BLN's auxiliary loss...) killed in the middle of a log
+    window after an evaluation, resumed: bit for bit the uninterrupted run, i.i.d. and non-i.i.d. streams."""
+    config = train.Config(methods=methods, batch_size=4, steps=20, evals=2, log_every=4, recompute=True,
+                          recompute_samples=16, sampler=sampler, classes_per_batch=2 if sampler == "noniid" else None,
+                          checkpoint_minutes=0)
+    whole = train.train(config, dataset=digits(), progress=False)
+    ckpt = tmp_path / "cell.ckpt"
+    save = train.save_checkpoint
+    saved_steps = []
+
+    def killed_after_step_13(path, state):
+        save(path, state)
+        saved_steps.append(state["step"])
+        if state["step"] == 13:
+            raise _Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_13)
+    with pytest.raises(_Killed):
+        train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    assert saved_steps == list(range(1, 14)) and ckpt.exists()
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    resumed = train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    assert resumed.pop("resumed_at_steps") == [13]
+    assert _strip_timings(resumed) == _strip_timings(whole)
+    assert resumed["methods"]["bn"]["train_seconds"] > 0
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
+    config = train.Config(methods=["bn"], batch_size=4, steps=6, evals=1, checkpoint_minutes=0)
+    ckpt = tmp_path / "cell.ckpt"
+    train.save_checkpoint(ckpt, {"key": train._checkpoint_key(train.Config(**{**config.__dict__, "lr": 0.1}), [0]), "step": 3})
+    result = train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    assert "other settings or training code; starting from step 0" in capsys.readouterr().out
+    assert "resumed_at_steps" not in result
+    ckpt.write_bytes(b"half a file")
+    train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    assert "is unreadable" in capsys.readouterr().out
+
+
+def _close(a, b, rel=1e-5):
+    """Equal, or both finite numbers within ``rel`` of each other (None and lists compared element by element)."""
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
+    return a == b
+
+
+@pytest.mark.parametrize("sampler,methods", [("iid", list(norms.METHODS)), ("noniid", ["bn", "gn", "bln", "mabn"])])
+def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods):
+    """Three seeds trained as one stacked model: every seed's batches, initial weights (BLN's data start too),
+    curves and evaluations (recomputed and batch statistics included) are its solo run's, to float tolerance."""
+    config = train.Config(methods=methods, batch_size=4, steps=24, evals=2, log_every=4, recompute=True,
+                          recompute_samples=16, eval_batch_stats=True, sampler=sampler,
+                          classes_per_batch=2 if sampler == "noniid" else None)
+    seeds = [3, 0, 5]
+    stacked = train.train_seeds(config, seeds, dataset=digits(), progress=False)
+    for seed, result in zip(seeds, stacked):
+        solo = train.train(train.Config(**{**config.__dict__, "seed": seed}), dataset=digits(), progress=False)
+        assert result["config"]["seed"] == seed and result.pop("stacked_seeds") == seeds
+        a, b = _strip_timings(result), _strip_timings(solo)
+        assert a.keys() == b.keys()
+        for m in config.methods:
+            for key, value in b["methods"][m].items():
+                if key == "final":
+                    assert all(_close(a["methods"][m][key][k], v) for k, v in value.items()), (seed, m, key)
+                else:
+                    assert _close(a["methods"][m][key], value), (seed, m, key)
+        assert {k: v for k, v in a.items() if k != "methods"} == {k: v for k, v in b.items() if k != "methods"}
+
+
+def test_a_diverged_stacked_seed_leaves_the_others_untouched(monkeypatch):
+    """NaN in one seed's channels stays there: that seed is recorded as diverged at the end of the log window
+    where it happened (as a solo run is), the other seeds finish with their solo numbers."""
+    stack = train.stacked_mod.StackedNet
+
+    class Poisoned(stack):
+        calls = 0
+
+        def forward(self, x):
+            out = super().forward(x)
+            Poisoned.calls += self.training
+            if Poisoned.calls > 12:  # seed index 1's logits become NaN from the 13th training step on
+                out = out.clone()
+                out[:, 1] = float("nan")
+            return out
+
+    monkeypatch.setattr(train.stacked_mod, "StackedNet", Poisoned)
+    config = train.Config(methods=["bn"], batch_size=8, steps=40, eval_every=10, log_every=5)
+    outs = train.train_seeds(config, [0, 1, 2], dataset=digits(), progress=False)
+    bad = outs[1]["methods"]["bn"]
+    assert bad["diverged"] and bad["diverged_step"] == 15 and bad["final"]["test_acc"] is None
+    assert bad["train_step"] == [5, 10] and bad["eval_step"] == [10]
+    others = outs
+    for k in (0, 2):
+        solo = train.train(train.Config(**{**config.__dict__, "seed": k}), dataset=digits(), progress=False)
+        assert not others[k]["methods"]["bn"]["diverged"]
+        assert _close(others[k]["methods"]["bn"]["train_loss"], solo["methods"]["bn"]["train_loss"])
+        assert others[k]["methods"]["bn"]["eval_step"] == [10, 20, 30, 40]
+
+
+def test_seeds_must_be_distinct_integers():
+    with pytest.raises(train.ConfigError, match="seeds"):
+        train.train_seeds(train.Config(steps=2), [1, 1], dataset=digits(), progress=False)
 
 
 def test_epoch_budget_equalises_samples():

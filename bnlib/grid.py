@@ -48,7 +48,7 @@ NOTEBOOK = ROOT / "book" / "notebooks" / "run.ipynb"
 KERNEL = "bnlib"
 TOP_KEYS = {"description", "methods", "settings", "axes", "slurm"}
 CONFIG_KEYS = {f for f in train.Config.__dataclass_fields__}
-RUNNER_PARAMETERS = ("cell_id", "output_path", "threads")  # filled in by the runner, not by grid files
+RUNNER_PARAMETERS = ("cell_id", "output_path", "threads", "checkpoint_path")  # filled in by the runner, not by grid files
 # Kernels of this process, so Ctrl-C can stop them (jupyter starts kernels in their own session: the
 # terminal's SIGINT never reaches them), and whether the user interrupted.
 _KERNEL_PIDS: set[int] = set()

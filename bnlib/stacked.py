@@ -11,7 +11,9 @@ each seed's update. Scalar state (a BN layer's step counter) is the same for all
 The stacked model is built from the S seeds' own networks (their initial weights and, for BLN, their
 data-dependent start) and unstacked back into them for evaluation, so evaluation is the one of a single
 run. Grouped and plain convolutions round differently in the last bits: a stacked seed equals its solo run
-to float tolerance, not bit for bit (``tests/test_train.py`` checks every method).
+to float tolerance, not bit for bit (``tests/test_train.py`` checks every method). Over long runs an
+ill-conditioned layer amplifies those bits as it would another CPU's (FRN at batch 2 drifts apart after a
+few hundred steps), so a stacked cell is re-executed stacked to be reproduced exactly.
 """
 
 from __future__ import annotations

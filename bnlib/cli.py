@@ -252,7 +252,9 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-execute committed cells and compare their final numbers",
                        description="Re-execute N finished cells of GRID (chosen with a fixed seed, or named with --cell) "
                        "through the same notebook into a temporary folder, and compare every method's final test accuracy "
-                       "with the committed one. Exits 1 when a difference exceeds the tolerance. Results are not touched.")
+                       "with the committed one, and say per cell whether every recorded curve is identical. Exits 1 when a "
+                       "difference of a final accuracy exceeds the tolerance. Stale cells can be verified too. Results are "
+                       "not touched.")
     _grid_arg(v)
     v.add_argument("--cells", type=int, default=1, help="how many cells to re-execute (default: 1)")
     v.add_argument("--cell", action="append", default=None, metavar="ID", help="re-execute this cell (repeatable; overrides --cells)")

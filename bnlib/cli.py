@@ -93,6 +93,9 @@ def cmd_status(args) -> int:
         print(f"  failed: {cell}: {first[0] if first else ''}")
     if st["stale"]:
         print(f"  {len(st['stale'])} stale: done with training code other than the current; kept, `bnlib run --stale` redoes them")
+    resumable = [c for c in st["started"] + st["failed"] if (runs / f"{c}.ckpt").exists()]
+    if resumable:
+        print(f"  {len(resumable)} unfinished cells have a checkpoint; `bnlib run` resumes them from it")
     twins = {c.id: c.same_as for c in g.cells if c.same_as}
     waiting = [c for c in st["pending"] if c in twins]
     if waiting:
@@ -100,7 +103,8 @@ def cmd_status(args) -> int:
     if args.verbose:
         for key in ("done", "stale", "started", "pending"):
             for cell in st[key]:
-                print(f"  {key}: {cell}" + (f" (same training as {twins[cell]})" if cell in twins else ""))
+                print(f"  {key}: {cell}" + (f" (same training as {twins[cell]})" if cell in twins else "")
+                      + (" (has a checkpoint)" if cell in resumable else ""))
     return 0
 
 

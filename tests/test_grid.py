@@ -224,6 +224,9 @@ axes:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (runs / f"{cell.id}.json").exists(), "the kill came too late: make the cell longer"
+    status = subprocess.run([sys.executable, "-m", "bnlib.cli", "status", str(path), "--results", str(tmp_path / "res"), "-v"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "1 unfinished cells have a checkpoint" in status and f"started: {cell.id} (has a checkpoint)" in status
     completed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     resumed = json.loads((runs / f"{cell.id}.json").read_text())

@@ -110,10 +110,12 @@ class SlurmExecutor:
     def _job(self, job_id: str):
         return submitit.SlurmJob(folder=str(self.folder / "%j"), job_id=job_id)
 
-    @staticmethod
-    def _live(cells: list[grid_mod.Cell], record: dict[str, str]) -> dict[str, str]:
+    def _live(self, cells: list[grid_mod.Cell], record: dict[str, str]) -> dict[str, str]:
         """{cell id: job id} of the cells whose task from an earlier submission is still pending or running."""
-        wanted = {record[c.id]: c.id for c in cells if c.id in record}
+        # A task that has written its result can write nothing more, even while squeue still lists it
+        # (COMPLETING, on a busy node for seconds): it is over, and its cell is submitted again if unfinished.
+        wanted = {record[c.id]: c.id for c in cells
+                  if c.id in record and not self._job(record[c.id]).paths.result_pickle.exists()}
         if not wanted:
             return {}
         # squeue asks slurmctld itself: sacct reads the accounting database, which may not list a task yet

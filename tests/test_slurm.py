@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -114,6 +115,22 @@ def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, 
     changed = {c for c in second if second[c] != first[c]}
     assert changed == {failed} and second[failed].split("_")[0] != first[failed].split("_")[0]  # only it went out, in a new array
     assert all((runs / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+
+
+def test_a_task_that_wrote_its_result_is_not_live_while_squeue_still_lists_it(tmp_path, monkeypatch):
+    # Seen on a busy machine: a re-run found the failed cell's finished task still COMPLETING in squeue,
+    # waited for it and reported its old failure instead of submitting the cell again.
+    from bnlib import slurm
+
+    ex = object.__new__(slurm.SlurmExecutor)  # no cluster needed: squeue is faked
+    ex.folder = tmp_path / "slurm"
+    first, second = grid.load(_write(tmp_path, TINY)).cells[:2]
+    record = {first.id: "7_0", second.id: "7_1"}
+    result = ex._job("7_0").paths.result_pickle
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="7_0|COMPLETING\n7_1|COMPLETING\n"))
+    assert ex._live([first, second], record) == {second.id: "7_1"}
 
 
 def _write(tmp_path, text):

@@ -396,6 +396,15 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     assert "book.py" not in results.TRAINING_CODE and "grid.py" not in results.TRAINING_CODE
 
 
+def test_provenance_names_the_gpu_a_cuda_cell_ran_on(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device.index}")
+    assert results.device_name("cuda:1") == "Fake GPU 1"
+    assert results.device_name("cpu") != "Fake GPU 1"
+
+
 def test_set_overrides_a_setting_with_its_own_ids_and_folder(tmp_path, capsys):
     path = _write(tmp_path, TINY)
     plain, tuned = grid.load(path), grid.load(path, grid.parse_overrides(["lr=3e-4", "eval_every=3"]))

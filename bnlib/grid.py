@@ -12,10 +12,17 @@ A grid file (YAML, ``grids/<name>.yaml``)::
         - {batch_size: 2, sampler: iid}
         - {batch_size: 16, sampler: noniid, classes_per_batch: 2}
     slurm: {partition: gpu, gpus_per_task: 1}   # optional, for --executor slurm
+    stack_seeds: true                 # optional: the cells that differ only in seed train as one model
 
 Every cell gets a stable id from its parameters. Its notebook is written to
 ``results/<grid>/runs/<cell>.ipynb``; its metrics file ``<cell>.json``, written last by atomic rename by
 the notebook itself, is the done marker. A failed cell leaves ``<cell>.error`` beside its partial notebook.
+
+With ``stack_seeds``, the pending cells that differ only in their seed run as one notebook execution
+(:func:`bnlib.train.train_seeds`: the seeds as one stacked model, several times faster at small batches):
+the notebook of the group's first cell writes every member's metrics file, and each member gets a copy of
+that notebook with a note on top. Each seed's numbers equal its solo run to float tolerance, not bit for
+bit, so ``bnlib verify`` re-runs a stacked cell in its stack; the metrics file records ``stacked_seeds``.
 """
 
 from __future__ import annotations
@@ -46,9 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 GRIDS_DIR = ROOT / "grids"
 NOTEBOOK = ROOT / "book" / "notebooks" / "run.ipynb"
 KERNEL = "bnlib"
-TOP_KEYS = {"description", "methods", "settings", "axes", "slurm"}
+TOP_KEYS = {"description", "methods", "settings", "axes", "slurm", "stack_seeds"}
 CONFIG_KEYS = {f for f in train.Config.__dataclass_fields__}
-RUNNER_PARAMETERS = ("cell_id", "output_path", "threads", "checkpoint_path")  # filled in by the runner, not by grid files
+RUNNER_PARAMETERS = ("cell_id", "output_path", "threads", "checkpoint_path", "stack")  # filled in by the runner, not by grid files
 # Kernels of this process, so Ctrl-C can stop them (jupyter starts kernels in their own session: the
 # terminal's SIGINT never reaches them), and whether the user interrupted.
 _KERNEL_PIDS: set[int] = set()
@@ -78,6 +85,7 @@ class Grid:
     description: str
     cells: list[Cell]
     slurm: dict = field(default_factory=dict)
+    stack_seeds: bool = False  # run the cells that differ only in seed as one stacked model
 
 
 def resolve(grid: str | Path) -> Path:
@@ -215,7 +223,10 @@ def load(grid: str | Path, overrides: dict | None = None) -> Grid:
     typed = cells[0].parameters if cells else {}
     name = path.stem + "".join(f"+{k}={json.dumps(typed.get(k, v), separators=(',', ':')).strip(chr(34))}"
                                for k, v in sorted((overrides or {}).items()))
-    return Grid(name, path, spec.get("description", ""), cells, slurm)
+    stack_seeds = spec.get("stack_seeds", False)
+    if not isinstance(stack_seeds, bool):
+        raise GridError(f"{path}: 'stack_seeds' must be true or false, not {stack_seeds!r}")
+    return Grid(name, path, spec.get("description", ""), cells, slurm, stack_seeds)
 
 
 def select(grid: Grid, only: list[str]) -> Grid:
@@ -232,7 +243,7 @@ def select(grid: Grid, only: list[str]) -> Grid:
     kept = {c.id for c in keep}
     # a selected cell whose twin is not selected trains itself
     keep = [c if c.same_as in kept or c.same_as is None else dataclasses.replace(c, same_as=None) for c in keep]
-    return Grid(grid.name, grid.path, grid.description, keep, grid.slurm)
+    return dataclasses.replace(grid, cells=keep)
 
 
 def estimate_seconds(grid: Grid, results: Path, cells: list[Cell]) -> dict[str, float | None]:
@@ -317,6 +328,23 @@ def check_datasets(grid: Grid) -> None:
 # --- cell states on disk ------------------------------------------------------------------------
 
 
+def groups(cells: list[Cell], stack_seeds: bool) -> list[list[Cell]]:
+    """The units the runner executes: one cell each, or with ``stack_seeds`` the cells that differ only in
+    their seed together (in grid order, the first cell leading)."""
+    if not stack_seeds:
+        return [[c] for c in cells]
+    out: dict[str, list[Cell]] = {}
+    for c in cells:
+        out.setdefault(condition_key(c), []).append(c)
+    return list(out.values())
+
+
+def condition_key(cell: Cell) -> str:
+    """A cell's resolved configuration less its seed: the cells sharing it can be stacked."""
+    key = {k: v for k, v in _resolved(cell.config()).items() if k != "seed"}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
 def runs_dir(results: Path, grid: Grid) -> Path:
     return Path(results) / grid.name / "runs"
 
@@ -382,27 +410,41 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     The notebook writes ``<cell>.json`` as its last act; a cell whose notebook raised, or that ended
     without writing it, is failed and its error goes to ``<cell>.error``.
     """
+    return execute_group([cell], runs, threads, device, notebook)[0]
+
+
+def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str | None = None,
+                  notebook: Path = NOTEBOOK) -> list[dict]:
+    """Run cells that differ only in their seed as ONE notebook execution, the seeds stacked into one model
+    (see :func:`groups`); one cell is :func:`execute_cell`. The first cell leads: its notebook trains every
+    seed and writes every member's metrics file; each member gets a copy of the notebook. Returns each
+    cell's outcome."""
     import papermill
 
+    lead = cells[0]
     runs.mkdir(parents=True, exist_ok=True)
-    (runs / f"{cell.id}.error").unlink(missing_ok=True)
-    (runs / f"{cell.id}.kernel.log").unlink(missing_ok=True)
+    for c in cells:
+        (runs / f"{c.id}.error").unlink(missing_ok=True)
+    (runs / f"{lead.id}.kernel.log").unlink(missing_ok=True)
     # Every config key, defaults included, so the notebook's interactive defaults never leak into a cell.
-    params = {**dataclasses.asdict(train.Config()), **cell.parameters}
+    params = {**dataclasses.asdict(train.Config()), **lead.parameters}
     if device is not None and params.get("device", "auto") == "auto":
         params["device"] = device
-    checkpoint = runs / f"{cell.id}.ckpt"  # a killed cell resumes from it; removed once the cell is done
-    params.update(cell_id=cell.id, output_path=str((runs / f"{cell.id}.json").resolve()), threads=threads,
-                  checkpoint_path=str(checkpoint.resolve()))
+    checkpoint = runs / f"{lead.id}.ckpt"  # a killed cell resumes from it; removed once the cell is done
+    params.update(cell_id=lead.id, output_path=str((runs / f"{lead.id}.json").resolve()), threads=threads,
+                  checkpoint_path=str(checkpoint.resolve()),
+                  stack={c.id: {"seed": c.config().seed, "output_path": str((runs / f"{c.id}.json").resolve())}
+                         for c in cells[1:]})
     started = time.perf_counter()
     error = None
     try:
         papermill.execute_notebook(
-            str(notebook), str(runs / f"{cell.id}.ipynb"), parameters=params, kernel_name=KERNEL,
-            progress_bar=False, cwd=str(ROOT), kernel_manager_class=_kernel_manager_class(runs / f"{cell.id}.kernel.log"),
+            str(notebook), str(runs / f"{lead.id}.ipynb"), parameters=params, kernel_name=KERNEL,
+            progress_bar=False, cwd=str(ROOT), kernel_manager_class=_kernel_manager_class(runs / f"{lead.id}.kernel.log"),
         )
-        if not (runs / f"{cell.id}.json").exists():
-            error = "the notebook finished without writing its metrics file"
+        missing = [c.id for c in cells if not (runs / f"{c.id}.json").exists()]
+        if missing:
+            error = f"the notebook finished without writing the metrics file of {', '.join(missing)}"
         else:
             checkpoint.unlink(missing_ok=True)
     except Exception as err:  # noqa: BLE001 - a failed cell is a result; the others go on
@@ -411,11 +453,52 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
         else:
             error = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     seconds = time.perf_counter() - started
-    if error is not None and _INTERRUPTED.is_set():
-        return {"cell": cell.id, "ok": False, "seconds": seconds, "error": "interrupted"}  # stays 'started', not failed
-    if error is not None:
-        write_error(runs, cell.id, error)
-    return {"cell": cell.id, "ok": error is None, "seconds": seconds, "error": error}
+    copy_stacked_notebooks(cells, runs)
+    outcomes = []
+    for c in cells:
+        ok = (runs / f"{c.id}.json").exists()  # written last by the notebook: done, whatever failed after it
+        if not ok and _INTERRUPTED.is_set():
+            outcomes.append({"cell": c.id, "ok": False, "seconds": seconds, "error": "interrupted"})  # stays 'started'
+            continue
+        if not ok:
+            write_error(runs, c.id, error)
+        outcomes.append({"cell": c.id, "ok": ok, "seconds": seconds, "error": None if ok else error})
+    return outcomes
+
+
+def copy_stacked_notebooks(cells: list[Cell], runs: Path) -> list[str]:
+    """Give each finished cell that was trained in another cell's stack (its metrics file's ``stacked_in``) a
+    copy of that cell's notebook, with a note on top, unless it has it. Runs after every group and at the
+    start of every run, so a runner killed between the two still leaves every finished cell its notebook."""
+    import nbformat
+
+    written = []
+    for cell in cells:
+        metrics = runs / f"{cell.id}.json"
+        if not metrics.exists():
+            continue
+        try:
+            payload = json.loads(metrics.read_text())
+        except ValueError:
+            continue  # corrupt: redone by the runner
+        lead = payload.get("stacked_in")
+        if not lead or lead == cell.id or not (runs / f"{lead}.ipynb").exists():
+            continue
+        target = runs / f"{cell.id}.ipynb"
+        nb = nbformat.read(runs / f"{lead}.ipynb", as_version=4)
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+            f"**Cell `{cell.id}` (seed {payload['config']['seed']}) was trained in one stacked model with seeds "
+            f"{', '.join(map(str, payload.get('stacked_seeds', [])))}**, in the notebook of cell `{lead}`, which wrote this "
+            f"cell's metrics file. Below is that notebook as it ran: the curves are seed "
+            f"{payload.get('stacked_seeds', ['?'])[0]}'s, the last table has every seed's final numbers."))
+        text = nbformat.writes(nb) + "\n"
+        if target.exists() and target.read_text() == text:
+            continue  # written earlier: a finished cell's files never change
+        tmp = runs / f"{cell.id}.ipynb.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        written.append(cell.id)
+    return written
 
 
 def write_error(runs: Path, cell_id: str, error: str) -> None:
@@ -449,7 +532,8 @@ class LocalExecutor:
             threads = default_t if jobs is None else max(1, (os.cpu_count() or 1) // self.jobs)
         self.threads = threads
 
-    def run(self, cells: list[Cell], runs: Path, on_done, notebook: Path = NOTEBOOK) -> None:
+    def run(self, groups: list[list[Cell]], runs: Path, on_done, notebook: Path = NOTEBOOK) -> None:
+        """Execute each group (:func:`groups`: one cell, or cells stacked), calling ``on_done`` per cell."""
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -457,22 +541,23 @@ class LocalExecutor:
         for i in range(self.jobs):
             slots.put(i)
 
-        def task(cell: Cell) -> dict:
+        def task(group: list[Cell]) -> list[dict]:
             slot = slots.get()
             try:
                 device = f"cuda:{slot % gpus}" if gpus > 1 else None
-                return execute_cell(cell, runs, self.threads, device, notebook)
+                return execute_group(group, runs, self.threads, device, notebook)
             finally:
                 slots.put(slot)
 
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures: dict[Future, Cell] = {pool.submit(task, c): c for c in cells}
+            futures: dict[Future, list[Cell]] = {pool.submit(task, g): g for g in groups}
             try:
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     for f in done:
-                        on_done(f.result())
+                        for outcome in f.result():
+                            on_done(outcome)
             except KeyboardInterrupt:
                 _INTERRUPTED.set()
                 for f in futures:
@@ -567,8 +652,9 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
         if states[c.id] == "corrupt":
             os.replace(runs / f"{c.id}.json", runs / f"{c.id}.json.corrupt")
     if todo:  # loading (or downloading) the data is only worth it when a cell will run
-        check_datasets(Grid(grid.name, grid.path, grid.description, todo, grid.slurm))
+        check_datasets(dataclasses.replace(grid, cells=todo))
     runs.mkdir(parents=True, exist_ok=True)
+    copy_stacked_notebooks(grid.cells, runs)  # a runner killed after a stack wrote its metrics, before the copies
     copied = copy_shared_results(grid, runs)  # twins of cells finished earlier need no wait
     report = Report(grid.name, len(grid.cells), len(grid.cells) - len(todo))
     report.stale_kept = sum(1 for c in grid.cells if states[c.id] == "stale" and c.id not in chosen)
@@ -588,7 +674,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
             bar.update(1)
 
         if todo:
-            executor.run(todo, runs, on_done, notebook)
+            executor.run(groups(todo, grid.stack_seeds), runs, on_done, notebook)
     report.copied = copied + copy_shared_results(grid, runs)
     report.seconds = time.perf_counter() - started
     return report

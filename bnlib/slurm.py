@@ -1,6 +1,7 @@
 """The Slurm executor: a grid's pending cells as ONE Slurm job array, through submitit.
 
-Each array task runs :func:`bnlib.grid.execute_cell` on the cluster, so it writes the same notebook, metrics
+Each array task runs :func:`bnlib.grid.execute_group` (one cell, or the cells of a ``stack_seeds`` group) on
+the cluster, so it writes the same notebook, metrics
 file (the done marker, by atomic rename) and error file into the shared results folder as a local run; the
 grid logic (cell ids, skipping done cells, failures, aggregation) is the runner's, unchanged. A task that
 Slurm ends without a result (cancelled, time limit, out of memory, node failure) is recorded as a failed
@@ -10,7 +11,8 @@ Requeueing (``retries``, ``--retries N``): each task is a submitit ``Checkpointa
 preempts is requeued (always) and one that reaches its time limit is requeued up to N times (Slurm warns it
 ``signal_delay_s`` seconds before the limit; submitit then runs ``scontrol requeue``); with N > 0 the tasks are
 also submitted with ``--requeue``, so Slurm requeues them when their node fails. A requeued task keeps its
-array task id and starts its cell again from step 0 (cells do not checkpoint inside themselves yet).
+array task id and resumes its cell from the checkpoint the training loop saved (``<cell>.ckpt``, every
+``checkpoint_minutes``).
 
 Re-running while an earlier submission is still alive (its runner was interrupted; the tasks keep running):
 cells whose task ``squeue`` lists as pending or running are not submitted again; the runner waits for those
@@ -47,8 +49,8 @@ class CellTask(submitit.helpers.Checkpointable):
     ``checkpoint`` (inherited: the same call again) and requeues the task, which resumes the cell from
     the checkpoint its training loop saves every ``checkpoint_minutes`` (``<cell>.ckpt``)."""
 
-    def __call__(self, cell, runs, threads, device, notebook):
-        return grid_mod.execute_cell(cell, runs, threads, device, notebook)
+    def __call__(self, cells, runs, threads, device, notebook):
+        return grid_mod.execute_group(cells, runs, threads, device, notebook)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -114,7 +116,7 @@ class SlurmExecutor:
         """{cell id: job id} of the cells whose task from an earlier submission is still pending or running."""
         # A task that has written its result can write nothing more, even while squeue still lists it
         # (COMPLETING, on a busy node for seconds): it is over, and its cell is submitted again if unfinished.
-        wanted = {record[c.id]: c.id for c in cells
+        wanted = {c.id: record[c.id] for c in cells
                   if c.id in record and not self._job(record[c.id]).paths.result_pickle.exists()}
         if not wanted:
             return {}
@@ -122,25 +124,29 @@ class SlurmExecutor:
         out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True,
                              timeout=60).stdout
         states = dict(line.partition("|")[::2] for line in out.splitlines() if "|" in line)
-        return {cell: job for job, cell in wanted.items() if states.get(job, "") in LIVE_STATES}
+        return {cell: job for cell, job in wanted.items() if states.get(job, "") in LIVE_STATES}
 
-    def run(self, cells: list[grid_mod.Cell], runs: Path, on_done, notebook: Path = grid_mod.NOTEBOOK) -> None:
+    def run(self, groups: list[list[grid_mod.Cell]], runs: Path, on_done, notebook: Path = grid_mod.NOTEBOOK) -> None:
+        """One array task per group (:func:`bnlib.grid.groups`), ``on_done`` per cell."""
         self.folder.mkdir(parents=True, exist_ok=True)
         submitted = _read_record(self.folder / "jobs.json")  # every cell's latest task, updated below
-        live = self._live(cells, submitted)
-        pending = {self._job(live[c.id]): c for c in cells if c.id in live}
+        live = self._live([c for g in groups for c in g], submitted)
+        pending: dict = {}  # task -> the cells it runs
+        for cell, job in live.items():  # a live task is waited for with every cell it runs
+            pending.setdefault(job, []).append(next(c for g in groups for c in g if c.id == cell))
+        pending = {self._job(job): cells for job, cells in pending.items()}
         if live:
             arrays = ", ".join(sorted({j.split("_")[0] for j in live.values()}))
             print(f"{len(live)} cells are still pending or running in Slurm from an earlier submission (array {arrays}): "
                   "not submitted again; waiting for them", flush=True)
-        fresh = [c for c in cells if c.id not in live]
+        fresh = [kept for g in groups if (kept := [c for c in g if c.id not in live])]
         if fresh:
             ex = self._executor()
             n = len(fresh)
             threads = int(self.options["cpus_per_task"])
             # GPUs: the task sees only its own (Slurm sets CUDA_VISIBLE_DEVICES), so device stays "auto".
             jobs = ex.map_array(CellTask(), fresh, [runs] * n, [threads] * n, [None] * n, [notebook] * n)
-            submitted.update({c.id: j.job_id for c, j in zip(fresh, jobs)})
+            submitted.update({c.id: j.job_id for g, j in zip(fresh, jobs) for c in g})
             pending.update(zip(jobs, fresh))
             print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {n} tasks; logs in {self.folder}", flush=True)
         write_json_atomic(self.folder / "jobs.json", {"submitted_at": time.time(), "cells": submitted})
@@ -150,8 +156,8 @@ class SlurmExecutor:
                 for job in list(pending):
                     if not job.done():
                         continue
-                    cell = pending.pop(job)
-                    on_done(self._outcome(job, cell, runs))
+                    for outcome in self._outcomes(job, pending.pop(job), runs):
+                        on_done(outcome)
                 if pending:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
@@ -161,23 +167,26 @@ class SlurmExecutor:
             raise
 
     @staticmethod
-    def _outcome(job, cell: grid_mod.Cell, runs: Path) -> dict:
+    def _outcomes(job, cells: list[grid_mod.Cell], runs: Path) -> list[dict]:
         try:
-            outcome = job.result()
+            by_cell = {o["cell"]: o for o in job.result()}
+            outcomes = [by_cell[c.id] for c in cells]
         except Exception as err:  # noqa: BLE001 - Slurm ended the task without a result: record why, keep going
-            if (runs / f"{cell.id}.json").exists():  # it finished its work before Slurm ended it
-                return {"cell": cell.id, "ok": True, "seconds": None, "error": None}
-            outcome = {"cell": cell.id, "ok": False, "seconds": None,
-                       "error": f"{type(err).__name__} without a result; log: {job.paths.stdout}"}
-        if outcome["ok"]:
-            return outcome
+            why = f"{type(err).__name__} without a result; log: {job.paths.stdout}"
+            # a cell whose metrics file exists finished its work before Slurm ended the task
+            outcomes = [{"cell": c.id, "ok": (runs / f"{c.id}.json").exists(), "seconds": None,
+                         "error": None if (runs / f"{c.id}.json").exists() else why} for c in cells]
+        if all(o["ok"] for o in outcomes):
+            return outcomes
         # A task that Slurm cancels or kills often still returns a result (its kernel died first): say so.
         job.watcher.update()
         state = job.state
         if state.split()[0] not in ("COMPLETED", "RUNNING", "COMPLETING"):
-            outcome["error"] = f"Slurm task {job.job_id} ended with state {state}: {outcome['error']}"
-            grid_mod.write_error(runs, cell.id, outcome["error"])
-        return outcome
+            for o in outcomes:
+                if not o["ok"]:
+                    o["error"] = f"Slurm task {job.job_id} ended with state {state}: {o['error']}"
+                    grid_mod.write_error(runs, o["cell"], o["error"])
+        return outcomes
 
 
 def _read_record(path: Path) -> dict[str, str]:
@@ -207,11 +216,11 @@ def slurm_states(grid_folder: Path) -> dict[str, list[str]]:
     """Slurm's state of each submitted cell that is not done: {'PENDING': [...], 'RUNNING': [...], ...}."""
     cells = _read_record(Path(grid_folder) / "slurm" / "jobs.json")
     runs = Path(grid_folder) / "runs"
-    open_cells = {job: cell for cell, job in cells.items() if not (runs / f"{cell}.json").exists()}
-    known = sacct_states(list(open_cells))
+    open_cells = {cell: job for cell, job in cells.items() if not (runs / f"{cell}.json").exists()}
+    known = sacct_states(sorted(set(open_cells.values())))
     if not known and shutil.which("sacct") is None:
         return {}
     states: dict[str, list[str]] = {}
-    for job, cell in open_cells.items():
+    for cell, job in open_cells.items():
         states.setdefault(known.get(job, "UNKNOWN").split(" ")[0], []).append(cell)
     return states

@@ -3,7 +3,8 @@
 ``bnlib verify GRID --cells N`` picks N finished cells (a fixed seed, so everyone re-runs the same ones),
 runs each through the same papermill notebook into a temporary folder -- with the torch thread count the
 committed cell recorded, since the order of floating-point reductions depends on it -- and prints, per cell
-and method, the committed and the re-executed final test accuracy and their difference.
+and method, the committed and the re-executed final test accuracy and their difference. A cell trained with
+stacked seeds (``stack_seeds``) is re-executed in the same stack.
 
 Tolerance: on the same machine type and software the re-execution is bit-identical (every operation is
 seeded and deterministic on the CPU), so any difference there is a real change. On another CPU, oneDNN
@@ -85,9 +86,12 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
             threads = committed.get("provenance", {}).get("torch_threads") or 1
             if progress:
                 print(f"[{i}/{len(chosen)}] re-executing {cid} ({threads} thread(s)) ...", flush=True)
-            outcome = grid_mod.execute_cell(by_id[cid], Path(tmp), threads=threads)
-            if not outcome["ok"]:
-                raise RuntimeError(f"re-executing {cid} failed: {outcome['error']}")
+            stack = _stack_of(grid, by_id[cid], committed)
+            if len(stack) > 1 and progress:
+                print(f"  it was trained stacked with seeds {committed['stacked_seeds']}: re-executing that stack", flush=True)
+            outcomes = {o["cell"]: o for o in grid_mod.execute_group(stack, Path(tmp), threads=threads)}
+            if not outcomes[cid]["ok"]:
+                raise RuntimeError(f"re-executing {cid} failed: {outcomes[cid]['error']}")
             rerun = json.loads((Path(tmp) / f"{cid}.json").read_text())
             comparisons += compare(committed, rerun)
             if progress:
@@ -95,6 +99,21 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
                 print(f"  every recorded curve of {cid}: " + (f"{len(differ)} differ ({', '.join(differ[:6])}"
                       f"{', ...' if len(differ) > 6 else ''})" if differ else "identical"), flush=True)
     return comparisons
+
+
+def _stack_of(grid: grid_mod.Grid, cell: grid_mod.Cell, committed: dict) -> list[grid_mod.Cell]:
+    """The cells ``cell`` was trained with, in their stack's order (a stacked seed equals its solo run to float
+    tolerance only, so it is re-executed in the same stack); just the cell when it was trained alone."""
+    seeds = committed.get("stacked_seeds") or []
+    if len(seeds) < 2:
+        return [cell]
+    key = grid_mod.condition_key(cell)
+    by_seed = {c.config().seed: c for c in grid.cells if grid_mod.condition_key(c) == key}
+    missing = [s for s in seeds if s not in by_seed]
+    if missing:
+        raise grid_mod.GridError(f"{cell.id} was trained stacked with seeds {seeds}, but {grid.path} has no cell of seed "
+                                 f"{', '.join(map(str, missing))} for it; put the seeds back to re-execute it")
+    return [by_seed[s] for s in seeds]
 
 
 TIMINGS = ("train_seconds", "samples_per_second")

@@ -157,7 +157,7 @@ def test_smoke_grid_end_to_end(smoke_results):
 @pytest.mark.slow
 def test_failing_cell_is_isolated(tmp_path):
     nb = nbformat.read(grid.NOTEBOOK, as_version=4)
-    index = next(i for i, c in enumerate(nb.cells) if "train.train(" in c.source)  # after papermill's injected parameters
+    index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)  # after papermill's injected parameters
     nb.cells.insert(index, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")'))
     path = tmp_path / "failing.ipynb"
     nbformat.write(nb, path)
@@ -503,6 +503,44 @@ axes:
     # selected without its twin, a cell trains itself
     (solo,) = grid.select(g, ["steps=12", "batch_size=4"]).cells
     assert solo.id == alias and solo.same_as is None
+
+
+def test_stacked_seeds_run_as_one_notebook_with_each_cell_its_files(tmp_path, capsys):
+    """stack_seeds: the cells differing only in seed are one notebook execution (one stacked model); every cell
+    still gets its own metrics file (its solo numbers to float tolerance), its notebook and its place in the grid."""
+    import math
+
+    from bnlib import verify
+
+    path = _write(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0, 1, 2]") + "stack_seeds: true\n")
+    g = grid.load(path)
+    assert g.stack_seeds and [len(x) for x in grid.groups(g.cells, True)] == [3, 3]
+    assert cli.main(["run", str(path), "--results", str(tmp_path / "res"), "--no-progress", "-j", "1", "--threads", "1"]) == 0
+    runs = tmp_path / "res" / "tiny" / "runs"
+    assert len(list(runs.glob("*.kernel.log"))) == 2  # two notebook executions, not six
+    assert grid.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
+    for group in grid.groups(g.cells, True):
+        lead = group[0]
+        for cell in group:
+            payload = json.loads((runs / f"{cell.id}.json").read_text())
+            assert payload["stacked_seeds"] == [0, 1, 2] and payload["stacked_in"] == lead.id
+            assert payload["config"]["seed"] == payload["parameters"]["seed"] == cell.config().seed
+            solo = train.train(train.Config.from_dict({**cell.parameters}), progress=False)
+            for m, rec in solo["methods"].items():
+                assert math.isclose(payload["methods"][m]["final"]["test_acc"], rec["final"]["test_acc"], abs_tol=1e-9)
+                assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(payload["methods"][m]["train_loss"], rec["train_loss"]))
+            if cell is not lead:
+                nb = nbformat.read(runs / f"{cell.id}.ipynb", as_version=4)
+                assert f"in the notebook of cell `{lead.id}`" in nb.cells[0].source and len(nb.cells) == 1 + len(nbformat.read(runs / f"{lead.id}.ipynb", as_version=4).cells)
+    # a runner killed between the stack's metrics files and the notebook copies: the next run makes the copies
+    member = grid.groups(g.cells, True)[0][2]
+    (runs / f"{member.id}.ipynb").unlink()
+    capsys.readouterr()
+    assert cli.main(["run", str(path), "--results", str(tmp_path / "res"), "--no-progress"]) == 0
+    assert "nothing to run" in capsys.readouterr().out and (runs / f"{member.id}.ipynb").exists()
+    # verify re-executes a stacked cell in its stack: bit-identical
+    comparisons = verify.verify(g, tmp_path / "res", cells=[member.id], progress=False)
+    assert comparisons and all(c.committed == c.rerun for c in comparisons)
 
 
 def test_aggregate_leaves_out_cells_the_grid_file_no_longer_has(tmp_path, capsys):

@@ -88,7 +88,7 @@ def test_smoke_grid_runs_as_an_array_with_results_like_a_local_run(cluster, tmp_
 
 def _failing_notebook(tmp_path, condition):
     nb = nbformat.read(grid.NOTEBOOK, as_version=4)
-    index = next(i for i, c in enumerate(nb.cells) if "train.train(" in c.source)
+    index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)
     nb.cells.insert(index, nbformat.v4.new_code_cell(f'if {condition}:\n    raise RuntimeError("boom on the cluster")'))
     path = tmp_path / "failing.ipynb"
     nbformat.write(nb, path)
@@ -131,6 +131,22 @@ def test_a_task_that_wrote_its_result_is_not_live_while_squeue_still_lists_it(tm
     result.write_bytes(b"")
     monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="7_0|COMPLETING\n7_1|COMPLETING\n"))
     assert ex._live([first, second], record) == {second.id: "7_1"}
+
+
+def test_stacked_seeds_are_one_array_task_writing_every_cell(cluster, tmp_path):
+    from bnlib.slurm import SlurmExecutor, _merge_options
+
+    g = grid.load(_write(tmp_path, TINY + "stack_seeds: true\n"))
+    ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", _merge_options({}, None), poll_s=1)
+    report = grid.run(g, tmp_path / "res", ex, progress=False)
+    assert report.ok and sorted(report.finished) == sorted(c.id for c in g.cells)
+    tasks = json.loads((tmp_path / "res" / "tiny" / "slurm" / "jobs.json").read_text())["cells"]
+    assert len(set(tasks.values())) == 2  # batch 4 and batch 8, each with seeds 0 and 1 stacked
+    for group in grid.groups(g.cells, True):
+        assert len({tasks[c.id] for c in group}) == 1
+        for c in group:
+            payload = json.loads((tmp_path / "res" / "tiny" / "runs" / f"{c.id}.json").read_text())
+            assert payload["stacked_seeds"] == [0, 1] and payload["stacked_in"] == group[0].id
 
 
 def _write(tmp_path, text):
@@ -202,10 +218,14 @@ def test_rerun_while_tasks_live_waits_for_them_instead_of_submitting_again(clust
         out, _ = first.communicate(timeout=60)
         assert "keep running" in out and "waits for them" in out, out
         second = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(8)  # long enough to have submitted, had it been going to
+        said = second.stdout.readline()  # it waits for the live task or submits: either way it says so first
+        # (cancelling after a fixed sleep raced with a slow start on a busy machine: the task was gone before
+        # the second runner looked, so it rightly submitted the cell again)
+        assert "still pending or running in Slurm" in said, said
         subprocess.run(["scancel", job], check=True, env=cluster)
         out, _ = second.communicate(timeout=180)
-        assert "still pending or running in Slurm" in out and "submitted Slurm job array" not in out, out
+        out = said + out
+        assert "submitted Slurm job array" not in out, out
         assert json.loads(jobs_file.read_text())["cells"] == {grid.load(path).cells[0].id: job}  # the same task, not a second one
         assert second.returncode == 1 and "CANCELLED" in out, out  # its outcome is recorded like the runner's own
     finally:  # a failed assertion must not leave the task (and its kernel) running
@@ -223,7 +243,7 @@ def test_cell_at_its_time_limit_is_requeued_with_retries_and_finishes(cluster, t
     from bnlib.slurm import SlurmExecutor, _merge_options
 
     nb = nbformat.read(grid.NOTEBOOK, as_version=4)
-    index = next(i for i, c in enumerate(nb.cells) if "train.train(" in c.source)
+    index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)
     nb.cells.insert(index, nbformat.v4.new_code_cell(
         "import pathlib, time\n"
         "attempt = pathlib.Path(output_path).with_suffix('.attempt')\n"

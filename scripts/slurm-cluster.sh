@@ -15,6 +15,14 @@ dir=$(realpath -m "${2:?usage: slurm-cluster.sh start|stop DIR}")
 stop() {
     [[ -f $dir/pids ]] || return 0
     trap - ERR
+    # cancel this cluster's jobs first: a task's processes (a kernel training for hours) must not outlive it
+    if [[ -f $dir/slurm.conf ]]; then
+        SLURM_CONF=$dir/slurm.conf scancel -u "$(id -un)" 2>/dev/null || true
+        for _ in $(seq 100); do
+            [[ -z $(SLURM_CONF=$dir/slurm.conf squeue -h 2>/dev/null) ]] && break
+            sleep 0.2
+        done
+    fi
     # reverse order of start: slurmd, slurmctld, slurmdbd, mariadbd, munged
     tac "$dir/pids" | while read -r name pid; do
         kill "$pid" 2>/dev/null || true

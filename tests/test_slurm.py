@@ -228,8 +228,8 @@ def test_rerun_while_tasks_live_waits_for_them_instead_of_submitting_again(clust
         assert "submitted Slurm job array" not in out, out
         assert json.loads(jobs_file.read_text())["cells"] == {grid.load(path).cells[0].id: job}  # the same task, not a second one
         assert second.returncode == 1 and "CANCELLED" in out, out  # its outcome is recorded like the runner's own
-    finally:  # a failed assertion must not leave the task (and its kernel) running
-        subprocess.run(["scancel", job], env=cluster)
+    finally:  # a failed assertion must not leave a task (and its kernel) running: every recorded one goes
+        subprocess.run(["scancel", *set(json.loads(jobs_file.read_text())["cells"].values()), job], env=cluster)
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
                 proc.kill()

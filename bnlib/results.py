@@ -93,7 +93,13 @@ REPRODUCED_TRAINING_CODE = {
         "the study's code (c94e3a1). Added after it, changing no number of a one-seed run: checkpoints inside a "
         "cell, CUDA-event timing, stacked seeds (`train_seeds`; one seed is the old loop). Checked 2026-11-23 with "
         "`bnlib verify study --cell mnist5k-b2-iid-s0-0fc833a067 --cell mnist5k-b16-noniid-s0-31a959e14e`: "
-        "bit-identical, every recorded curve, on the 2-core AMD EPYC that ran the study",
+        "bit-identical, every recorded curve, on the 2-core AMD EPYC that ran the study; the grid runner's stacked "
+        "seeds (notebook calls `train_seeds`) are held to it by tests/test_published.py's re-execution in CI",
+    "bbbe5a9fb78c2a3acd64963d5b3f15809b956b55062effeb9ddab8a7ba617d93":
+        "the code of 2d0fb17 (checkpoints, stacked seeds in `train`), which ran the later Fashion-MNIST cells. "
+        "Changed after it, no number of a one-seed run: the cell notebook calls `train_seeds` (one seed is `train`) "
+        "and can write stacked members' files. Checked 2026-11-23 with `bnlib verify study --cell "
+        "fashionmnist-b16-iid-s3-6a68aaede8`: bit-identical, every recorded curve, on the 2-core AMD EPYC that ran it",
 }
 
 

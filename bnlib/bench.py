@@ -21,6 +21,11 @@ size and batch is interleaved in random order within each repeat; medians are re
 ``cell``: a whole grid cell (every method, recomputed statistics, 10 evaluations) with every evaluation
 on the full test set, as before ``eval_samples`` existed, against the default (a fixed test subset in
 training, the full set at the end), interleaved; the final numbers must be identical.
+
+``fusion``: one model's training step at 28x28, batch 128 -- eager, channels-last, ``torch.compile`` (which
+fuses the memory-bound norm and activation work) and both -- against the same step without norm layers
+(convolutions + GELU: the ceiling no fusion of the norm can pass), interleaved, with the seconds each
+compilation took; see :func:`bench_fusion`.
 """
 
 from __future__ import annotations
@@ -164,6 +169,19 @@ def bench_loop(device: str = "cpu", sizes=(2, 16, 128), steps: int | None = None
     return rows
 
 
+def _interleaved(variants: dict, device, repeats: int, seed: int, inner) -> dict[object, list[float]]:
+    """Seconds per call of every variant, ``repeats`` times, in a fresh random order each time: drifting load
+    and clock speed hit every variant alike. ``inner(key)``: calls per timed block."""
+    times = {k: [] for k in variants}
+    order = list(variants)
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for key in order:
+            times[key].append(_time(variants[key], device, 1, inner(key)))
+    return times
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n x n matrix product in ``dtype``: the ceiling the training step is compared with."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -235,13 +253,7 @@ def bench_step(device: str = "cpu", sides=(8, 28), sizes=(2, 16, 128), methods=N
                 flops[("lockstep", "all", p)] = sum(flops[("step", m, p)] for m in methods)
                 flops[("eval 1000", "bn", p)] = _flops(variants[("eval 1000", "bn", p)])
             inner = max(1, 64 // n) if side == 28 else max(2, 256 // n)
-            times = {k: [] for k in variants}
-            order = list(variants)
-            rng = random.Random(side * 1000 + n)
-            for _ in range(repeats):
-                rng.shuffle(order)  # interleaved: drifting load and clock speed hit every variant alike
-                for key in order:
-                    times[key].append(_time(variants[key], dev, 1, 1 if key[0].startswith("eval") else inner))
+            times = _interleaved(variants, dev, repeats, side * 1000 + n, lambda key: 1 if key[0].startswith("eval") else inner)
             for (what, m, p), ts in times.items():
                 t = statistics.median(ts)
                 rows.append({"what": what, "method": m, "precision": p, "side": side, "N": n, "ms": t * 1e3,
@@ -280,6 +292,75 @@ def bench_cell(device: str = "cpu", dataset: str = "fashionmnist", batch_size: i
     return rows
 
 
+def bench_fusion(device: str = "cpu", side: int = 28, batch_size: int = 128, methods=("bn",), repeats: int = 5,
+                 compile: bool = True) -> list[dict]:
+    """Can the training step at batch 128 reach the matrix-product peak? One model per method, forward +
+    backward + Adam, in four layouts: eager (as every cell trains), channels-last, ``torch.compile`` and
+    compile + channels-last; and the same network without norm layers (``norm_placement: none``: convs and
+    GELU only), eager and compiled, whose fraction of the peak bounds what fusing the norm could reach.
+    ``compile_s`` is the first two calls less two steady calls: the compilation a cell would pay per model
+    (inductor caches it on disk, so a second process pays less). Where compilation fails (no C++ compiler
+    for inductor on a CPU), its rows say why instead of a time."""
+    from . import models
+
+    dev = torch.device(device)
+    peak = matmul_peak(dev, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 1, side, side, generator=gen).to(dev)
+    y = torch.randint(0, 10, (batch_size,), generator=gen).to(dev)
+
+    def step(method: str, placement: str, channels_last: bool, compiled: bool):
+        net = models.build(method, 0, 1, 10, norm_placement=placement).to(dev)
+        inp = x
+        if channels_last:
+            net, inp = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
+        forward = torch.compile(net) if compiled else net
+
+        def fn():
+            loss = F.cross_entropy(forward(inp), y) + norms.auxiliary_loss(net)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return fn
+
+    layouts = {"eager": (False, False), "channels-last": (True, False), "compile": (False, True),
+               "compile + channels-last": (True, True)}
+    specs = {(m, name): (m, "all", *flags) for m in methods for name, flags in layouts.items()}
+    specs |= {("no norm", "eager"): (methods[0], "none", False, False), ("no norm", "compile"): (methods[0], "none", False, True)}
+    if not compile:
+        specs = {k: v for k, v in specs.items() if not v[3]}
+    variants, flops, compile_s, errors = {}, {}, {}, {}
+    for key, (method, placement, channels_last, compiled) in specs.items():
+        fn = step(method, placement, channels_last, compiled)
+        flops[key] = _flops(step(method, placement, False, False))  # the same FLOPs in every layout
+        try:
+            t0 = time.perf_counter()
+            fn(), fn()
+            _sync(dev)
+            first_two = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001 - e.g. inductor without a C++ compiler: reported, not fatal
+            errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]
+            continue
+        variants[key] = fn
+        compile_s[key] = first_two
+    times = _interleaved(variants, dev, repeats, side * 1000 + batch_size, lambda key: 1)
+    rows = [{"net": "matmul 2048", "layout": "", "ms": float("nan"), "GFLOP/s": peak / 1e9, "of_peak": 1.0,
+             "vs_eager": float("nan"), "compile_s": float("nan"), "error": ""}]
+    for key in specs:
+        net, layout = key
+        if key in errors:
+            rows.append({"net": net, "layout": layout, "ms": float("nan"), "GFLOP/s": float("nan"), "of_peak": float("nan"),
+                         "vs_eager": float("nan"), "compile_s": float("nan"), "error": errors[key]})
+            continue
+        t = statistics.median(times[key])
+        eager = statistics.median(times[(net, "eager")])
+        rows.append({"net": net, "layout": layout, "ms": 1e3 * t, "GFLOP/s": flops[key] / t / 1e9,
+                     "of_peak": flops[key] / t / peak, "vs_eager": eager / t,
+                     "compile_s": max(0.0, compile_s[key] - 2 * t) if specs[key][3] else float("nan"), "error": ""})
+    return rows
+
+
 def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 16), seeds=(0, 1, 2), steps: int = 300,
                 methods=("bn", "brnc", "mabn", "bln", "gn"), repeats: int = 1) -> list[dict]:
     """The seeds of one condition trained as one stacked model (``train.train_seeds``) against one run per
@@ -294,7 +375,7 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
         ds = data.load(name)
         for n in sizes:
             cfg = train.Config(dataset=name, methods=list(methods), batch_size=n, steps=steps, evals=2, recompute=True,
-                               recompute_samples=256, eval_samples=500, device=device)
+                               recompute_samples=256, eval_samples=500, eval_batch_stats=True, device=device)
             times: dict[str, list[tuple[float, float]]] = {"solo": [], "stacked": []}
             finals: dict[str, list] = {}
             for r in range(repeats):
@@ -318,24 +399,50 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
 
 
 SAVED_STEP = Path(__file__).resolve().parent.parent / "book" / "data" / "bench_step.csv"
+SAVED_FUSION = SAVED_STEP.parent / "bench_fusion.csv"
 README = SAVED_STEP.parent.parent.parent / "README.md"
 README_MARKERS = ("<!-- bench-step:start (written by `bnlib bench step --save`) -->", "<!-- bench-step:end -->")
+FUSION_MARKERS = ("<!-- bench-fusion:start (written by `bnlib bench fusion --save`) -->", "<!-- bench-fusion:end -->")
 
 
 def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP, readme: Path = README) -> None:
     """Keep a ``bench step`` run: the CSV the Reproducibility page shows, and the README's table between its markers."""
+    _save(rows, header, csv_path, readme, README_MARKERS, step_markdown)
+
+
+def save_fusion(rows: list[dict], header: str, csv_path: Path = SAVED_FUSION, readme: Path = README) -> None:
+    """Keep a ``bench fusion`` run, as :func:`save_step` does."""
+    _save(rows, header, csv_path, readme, FUSION_MARKERS, fusion_markdown)
+
+
+def _save(rows, header, csv_path, readme, markers, markdown) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
     frame.insert(0, "machine", header)
-    frame.to_csv(csv_path, index=False)
     text = readme.read_text()
-    start, end = README_MARKERS
+    start, end = markers
     if start not in text or end not in text:
         raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the table belongs")
-    table = step_markdown(frame)
+    frame.to_csv(csv_path, index=False)
     head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    readme.write_text(head + start + "\n" + markdown(frame) + "\n" + end + rest.split(end, 1)[1])
+
+
+def fusion_markdown(frame) -> str:
+    """A ``bench fusion`` table as markdown."""
+    import pandas as pd
+
+    num = lambda v, fmt: "" if pd.isna(v) else format(v, fmt)  # noqa: E731 - empty cells read back from the CSV are NaN
+    txt = lambda v: "" if pd.isna(v) else str(v)  # noqa: E731
+    cols = ["net", "layout", "ms", "GFLOP/s", "of peak", "vs eager", "compile s", "error"]
+    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame.iterrows():
+        cells = [txt(r["net"]), txt(r["layout"]), num(r["ms"], ".1f"), num(r["GFLOP/s"], ".1f"),
+                 "" if pd.isna(r["of_peak"]) else f"{100 * r['of_peak']:.0f}%", num(r["vs_eager"], ".2f") + ("x" if not pd.isna(r["vs_eager"]) else ""),
+                 num(r["compile_s"], ".1f"), txt(r["error"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def step_markdown(frame) -> str:

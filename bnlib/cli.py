@@ -127,9 +127,22 @@ def cmd_aggregate(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def _report(rows: list[dict], save, device: str) -> None:
+    """Print a benchmark's table; with ``save`` (bench.save_step or save_fusion) keep it with where and when it ran."""
     import time
 
+    import torch
+
+    from . import bench
+    from .results import device_name
+
+    print(bench.format_table(rows))
+    if save:
+        save(rows, f"{device_name(device)}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        print("saved: the table in book/data/ (shown on the Reproducibility page) and in README.md")
+
+
+def cmd_bench(args) -> int:
     import torch
 
     from . import bench
@@ -141,18 +154,16 @@ def cmd_bench(args) -> int:
     print(f"# {torch.get_num_threads()} torch thread(s); {device_name(device)}")
     if args.what in ("step", "all"):
         print(f"# step: training step (forward+backward+Adam) and evaluation vs this machine's matrix-product peak, {device} (median of {args.repeats})")
-        rows = bench.bench_step(device, repeats=args.repeats)
-        print(bench.format_table(rows))
-        if args.save:
-            header = f"{device_name(device)}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-            bench.save_step(rows, header)
-            print(f"saved: {bench.SAVED_STEP} and the table in {bench.README}")
+        _report(bench.bench_step(device, repeats=args.repeats), args.save and bench.save_step, device)
     if args.what in ("seeds", "all"):
         print(f"\n# seeds: three seeds as one stacked model vs one run per seed (training + 2 evaluations), {device}")
         print(bench.format_table(bench.bench_seeds(device, repeats=max(1, args.repeats // 3))))
     if args.what in ("cell", "all"):
         print(f"\n# cell: a whole cell, every evaluation on the full test set vs the default test subset in training, {device}")
         print(bench.format_table(bench.bench_cell(device)))
+    if args.what in ("fusion", "all"):
+        print(f"\n# fusion: one model's step at 28x28, batch 128: eager, channels-last, torch.compile, and without norms, {device}")
+        _report(bench.bench_fusion(device, repeats=args.repeats), args.save and bench.save_fusion, device)
     if args.what in ("norms", "all"):
         print(f"# norms: forward+backward vs torch.nn.BatchNorm2d, C=32, 28x28, {device} (median of {args.repeats})")
         print(bench.format_table(bench.bench_norms(device, repeats=args.repeats)))
@@ -242,15 +253,15 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
-    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "norms", "loop", "all"], default="all",
+    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "all"], default="all",
                    help="step: training step and evaluation vs the matrix-product peak; seeds: three seeds as one stacked "
                    "model vs one run each; cell: a whole cell, old vs new "
-                   "evaluation; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop (default: all)")
+                   "evaluation; fusion: batch 128 eager vs channels-last vs torch.compile vs no norms; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop (default: all)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
-    b.add_argument("--save", action="store_true", help="step: keep the table (book/data/bench_step.csv, shown on the "
-                   "Reproducibility page, and the README's table)")
+    b.add_argument("--save", action="store_true", help="step, fusion: keep the table (book/data/bench_step.csv, "
+                   "bench_fusion.csv, shown on the Reproducibility page, and the README's table)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("verify", help="re-execute committed cells and compare their final numbers",

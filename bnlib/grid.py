@@ -478,8 +478,11 @@ def copy_stacked_notebooks(cells: list[Cell], runs: Path) -> list[str]:
         metrics = runs / f"{cell.id}.json"
         if not metrics.exists():
             continue
+        raw = metrics.read_text()
+        if '"stacked_in"' not in raw:  # most cells: skip the parse (the study's metrics files are ~30 MB in all)
+            continue
         try:
-            payload = json.loads(metrics.read_text())
+            payload = json.loads(raw)
         except ValueError:
             continue  # corrupt: redone by the runner
         lead = payload.get("stacked_in")

@@ -100,6 +100,11 @@ REPRODUCED_TRAINING_CODE = {
         "Changed after it, no number of a one-seed run: the cell notebook calls `train_seeds` (one seed is `train`) "
         "and can write stacked members' files. Checked 2026-11-23 with `bnlib verify study --cell "
         "fashionmnist-b16-iid-s3-6a68aaede8`: bit-identical, every recorded curve, on the 2-core AMD EPYC that ran it",
+    "9a0791587ffeaf7cf04cfc063b365924c3b308e24692edfba811df03eacb6920":
+        "the code of 4ca398a, which ran the Fashion-MNIST cells of 2026-11-23's fifth sitting. Changed after it, no "
+        "number of a one-seed run: stacked seeds are evaluated stacked (`evaluate_stacked`). Checked 2026-11-23 with "
+        "`bnlib verify study --cell fashionmnist-b2-noniid-s2-8965eaad3b`: bit-identical, every recorded curve, on "
+        "the 2-core AMD EPYC that ran it",
 }
 
 

@@ -9,9 +9,9 @@ one kernel per layer instead of S. Adam is elementwise, so one optimiser over th
 each seed's update. Scalar state (a BN layer's step counter) is the same for all seeds, who step together.
 
 The stacked model is built from the S seeds' own networks (their initial weights and, for BLN, their
-data-dependent start) and unstacked back into them for evaluation, so evaluation is the one of a single
-run. Grouped and plain convolutions round differently in the last bits: a stacked seed equals its solo run
-to float tolerance, not bit for bit (``tests/test_train.py`` checks every method). Over long runs an
+data-dependent start) and evaluated stacked too (:func:`bnlib.train.evaluate_stacked`: the test images
+enter every seed's input channels). Grouped and plain convolutions round differently in the last bits: a
+stacked seed equals its solo run to float tolerance, not bit for bit (``tests/test_train.py`` checks every method). Over long runs an
 ill-conditioned layer amplifies those bits as it would another CPU's (FRN at batch 2 drifts apart after a
 few hundred steps), so a stacked cell is re-executed stacked to be reproduced exactly.
 """
@@ -56,36 +56,12 @@ class StackedNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
-    def unstack_into(self, nets: list[models.Net]) -> None:
-        """Copy every seed's slice of the parameters and buffers into its own network (for evaluation)."""
-        with torch.no_grad():
-            for i, layer in enumerate(self.features):
-                for s, net in enumerate(nets):
-                    for name, value in net.features[i].state_dict(keep_vars=True).items():
-                        value.copy_(_slice(_get(layer, name), value, s))
-            for s, net in enumerate(nets):
-                net.classifier.weight.copy_(self.classifier.weight[s])
-                net.classifier.bias.copy_(self.classifier.bias[s])
-
-
-def _get(module: nn.Module, name: str) -> Tensor:
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module
-
 
 def _channel_dim(solo: Tensor, width: int) -> int | None:
     """The dimension of a layer's tensor that runs over its channels: the last one of size ``width``
     (``[C]``, MABN's ``[buffer, C]``, a conv's ``[C_out, ...]``); None for scalar state."""
     dims = [d for d in range(solo.dim()) if solo.shape[d] == width]
     return dims[-1] if dims else None
-
-
-def _slice(stacked: Tensor, solo: Tensor, s: int) -> Tensor:
-    if solo.dim() == 0:
-        return stacked
-    dim = next(d for d in range(solo.dim()) if stacked.shape[d] != solo.shape[d])
-    return stacked.narrow(dim, s * solo.shape[dim], solo.shape[dim])
 
 
 def _stack_layer(layers: list[nn.Module]) -> nn.Module:

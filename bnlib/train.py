@@ -271,6 +271,53 @@ def evaluate_batch_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.
     return correct / len(x), loss / len(x)
 
 
+# --- the seeds of a stacked model evaluated together: one forward pass serves every seed ----------------
+
+
+def _stacked_scores(model: stacked_mod.StackedNet, x: torch.Tensor, y: torch.Tensor, size: int,
+                    precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every seed's (correct predictions, summed cross-entropy) on (x, y) in batches of ``size``: the test
+    images enter every seed's input channels, logits come out per seed. The model's mode is the caller's."""
+    correct = torch.zeros(model.seeds, dtype=torch.long, device=x.device)
+    loss = torch.zeros(model.seeds, dtype=torch.float64, device=x.device)
+    with torch.inference_mode(), autocast(x.device, precision):
+        for i in range(0, len(x), size):
+            logits = model(x[i: i + size].repeat(1, model.seeds, 1, 1)).float()  # [n, S, classes]
+            labels = y[i: i + size].unsqueeze(1).expand(-1, model.seeds)
+            loss += F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none").sum(0).double()
+            correct += (logits.argmax(2) == labels).sum(0)
+    return correct, loss
+
+
+def _per_seed(correct: torch.Tensor, loss: torch.Tensor, n: int) -> list[tuple[float, float]]:
+    return [(c / n, v / n) for c, v in zip(correct.tolist(), loss.tolist())]  # one host sync
+
+
+def evaluate_stacked(model: stacked_mod.StackedNet, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32",
+                     recompute_batches: list[torch.Tensor] | None = None,
+                     batch_stats_size: int | None = None) -> list[tuple[float, float]]:
+    """Per seed, what :func:`evaluate` gives for its own network; with ``recompute_batches`` (every seed's
+    batches side by side along the channels, as in training) :func:`evaluate_recomputed`'s, with
+    ``batch_stats_size`` :func:`evaluate_batch_statistics`'s. The model's state is left as it was."""
+    was_training = model.training
+    saved = {name: buf.clone() for name, buf in model.named_buffers()} if recompute_batches is not None else None
+    try:
+        if recompute_batches is not None:
+            with autocast(x.device, precision):
+                norms.recompute_statistics(model, recompute_batches)
+        model.eval()
+        if batch_stats_size is not None:
+            with norms.batch_statistics(model):
+                return _per_seed(*_stacked_scores(model, x, y, batch_stats_size, precision), len(x))
+        return _per_seed(*_stacked_scores(model, x, y, EVAL_BATCH.get(x.device.type, 1024), precision), len(x))
+    finally:
+        model.train(was_training)
+        if saved is not None:
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    buf.copy_(saved[name])
+
+
 def _keeps_running_statistics(model: torch.nn.Module) -> bool:
     return any(isinstance(m, norms._RunningStatsNorm) for m in model.modules())
 
@@ -391,9 +438,12 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
         recompute_batches.append([ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
                                   for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)])
 
+    # Stacked: seed k's recompute batches in input channels k*C ... (k+1)*C, as its training batches.
+    recompute_stacked = [torch.cat(group, 1) for group in zip(*recompute_batches)] if stacked else None
+
     runs = {}
     for m in config.methods:
-        nets = []  # every seed's own network: trained directly (one seed) or stacked, and evaluated
+        nets = []  # every seed's own network: trained directly (one seed) or stacked
         for k, seed in enumerate(seeds):
             net = models.build(
                 m, seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
@@ -406,7 +456,7 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
             nets.append(net)
         model = stacked_mod.StackedNet(nets) if stacked else nets[0]
         runs[m] = {
-            "nets": nets, "model": model, "opt": _optimizer(config, model.parameters()), "clock": _StepClock(device),
+            "model": model, "opt": _optimizer(config, model.parameters()), "clock": _StepClock(device),
             "steps": 0, "loss_sum": torch.zeros(len(seeds) if stacked else (), device=device), "window": 0,
             "recs": [{"train_step": [], "train_loss": [], "eval_step": [], "eval_size": [], "test_acc": [], "test_loss": [],
                       "test_acc_recomputed": [], "test_loss_recomputed": [], "test_acc_batchstats": [],
@@ -485,10 +535,10 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
                 if not live(run):
                     continue
                 if stacked:
-                    run["model"].unstack_into(run["nets"])
-                for k, (rec, net) in enumerate(zip(run["recs"], run["nets"])):
-                    if not rec["diverged"]:
-                        _evaluate_into(rec, net, step, x_eval, y_eval, recompute_batches[k], config)
+                    _evaluate_stacked_into(run["recs"], run["model"], step, x_eval, y_eval, recompute_stacked, config)
+                    continue
+                if not run["recs"][0]["diverged"]:
+                    _evaluate_into(run["recs"][0], run["model"], step, x_eval, y_eval, recompute_batches[0], config)
             accs = {m: r["recs"][0]["test_acc"][-1] for m, r in runs.items() if r["recs"][0]["test_acc"] and not r["recs"][0]["diverged"]}
             bar.set_postfix({m: f"{a:.3f}" for m, a in accs.items()}, refresh=False)
             eval_seconds += time.perf_counter() - t_eval
@@ -526,26 +576,46 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     return outs
 
 
+def _evaluate_stacked_into(recs: list[dict], model: stacked_mod.StackedNet, step: int, x_eval: torch.Tensor,
+                           y_eval: torch.Tensor, recompute_batches: list[torch.Tensor], config: Config) -> None:
+    """:func:`_evaluate_into` for every seed of a stacked model, each evaluation one pass for all seeds. A
+    diverged seed is evaluated along (its NaNs stay in its own channels) and its records left alone."""
+    plain = evaluate_stacked(model, x_eval, y_eval, config.precision)
+    running = _keeps_running_statistics(model)
+    recomputed = (evaluate_stacked(model, x_eval, y_eval, config.precision, recompute_batches=recompute_batches)
+                  if config.recompute and running else [(None, None)] * len(recs))
+    batch_stats = (evaluate_stacked(model, x_eval, y_eval, config.precision, batch_stats_size=config.batch_size)
+                   if config.eval_batch_stats and running else [(None, None)] * len(recs))
+    for rec, (acc, loss_value), (acc_r, loss_r), (acc_b, loss_b) in zip(recs, plain, recomputed, batch_stats):
+        if rec["diverged"]:
+            continue
+        if not math.isfinite(loss_value):
+            rec["diverged"], rec["diverged_step"] = True, step
+            continue
+        _append_evaluation(rec, step, len(y_eval), (acc, loss_value), (acc_r, loss_r), (acc_b, loss_b))
+
+
+def _append_evaluation(rec: dict, step: int, size: int, plain: tuple, recomputed: tuple, batch_stats: tuple) -> None:
+    rec["eval_step"].append(step)
+    rec["eval_size"].append(size)
+    rec["test_acc"].append(plain[0])
+    rec["test_loss"].append(plain[1])
+    rec["test_acc_recomputed"].append(recomputed[0])
+    rec["test_loss_recomputed"].append(recomputed[1])
+    rec["test_acc_batchstats"].append(batch_stats[0])
+    rec["test_loss_batchstats"].append(batch_stats[1])
+
+
 def _evaluate_into(rec: dict, model: torch.nn.Module, step: int, x_eval: torch.Tensor, y_eval: torch.Tensor,
                    recompute_batches: list[torch.Tensor], config: Config) -> None:
     """One evaluation of one seed's network, appended to its records (or its divergence recorded)."""
-    acc, loss_value = evaluate(model, x_eval, y_eval, config.precision)
-    if not math.isfinite(loss_value):
+    plain = evaluate(model, x_eval, y_eval, config.precision)
+    if not math.isfinite(plain[1]):
         rec["diverged"], rec["diverged_step"] = True, step
         return
-    rec["eval_step"].append(step)
-    rec["eval_size"].append(len(y_eval))
-    rec["test_acc"].append(acc)
-    rec["test_loss"].append(loss_value)
-    if config.recompute and _keeps_running_statistics(model):
-        acc_r, loss_r = evaluate_recomputed(model, recompute_batches, x_eval, y_eval, config.precision)
-    else:
-        acc_r, loss_r = None, None
-    rec["test_acc_recomputed"].append(acc_r)
-    rec["test_loss_recomputed"].append(loss_r)
-    if config.eval_batch_stats and _keeps_running_statistics(model):
-        acc_b, loss_b = evaluate_batch_statistics(model, x_eval, y_eval, config.batch_size, config.precision)
-    else:
-        acc_b, loss_b = None, None
-    rec["test_acc_batchstats"].append(acc_b)
-    rec["test_loss_batchstats"].append(loss_b)
+    running = _keeps_running_statistics(model)
+    recomputed = (evaluate_recomputed(model, recompute_batches, x_eval, y_eval, config.precision)
+                  if config.recompute and running else (None, None))
+    batch_stats = (evaluate_batch_statistics(model, x_eval, y_eval, config.batch_size, config.precision)
+                   if config.eval_batch_stats and running else (None, None))
+    _append_evaluation(rec, step, len(y_eval), plain, recomputed, batch_stats)

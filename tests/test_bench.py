@@ -44,3 +44,42 @@ def test_seeds_rows_compare_stacked_and_solo_runs_of_the_same_condition():
     assert row["speedup"] == pytest.approx(row["solo_s"] / row["stacked_s"])
     assert row["solo_s"] > 0 and row["stacked_s"] > 0 and row["train_speedup"] > 0
     assert row["max_final_diff_points"] < 0.5  # the same runs, up to float rounding
+
+
+def test_fusion_rows_compare_layouts_with_the_net_without_norms():
+    frame = pd.DataFrame(bench.bench_fusion("cpu", side=8, batch_size=4, repeats=1, compile=False))
+    assert list(frame["net"]) == ["matmul 2048", "bn", "bn", "no norm"]
+    assert list(frame["layout"]) == ["", "eager", "channels-last", "eager"]
+    rows = frame.iloc[1:]
+    assert (rows["error"] == "").all() and (rows["ms"] > 0).all() and (rows["of_peak"] > 0).all()
+    assert rows.loc[rows["layout"] == "eager", "vs_eager"].tolist() == [1.0, 1.0]
+    # the same network's FLOPs in both layouts: FLOP/s x time agree
+    bn = rows[rows["net"] == "bn"]
+    assert (bn["GFLOP/s"] * bn["ms"]).iloc[0] == pytest.approx((bn["GFLOP/s"] * bn["ms"]).iloc[1], rel=1e-9)
+
+
+def test_fusion_reports_a_failed_compilation_instead_of_crashing(monkeypatch):
+    def no_compiler(model):
+        def fails(*args):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(bench.torch, "compile", no_compiler)
+    frame = pd.DataFrame(bench.bench_fusion("cpu", side=8, batch_size=4, repeats=1))
+    failed = frame[frame["layout"].str.startswith("compile")]
+    assert len(failed) == 3 and failed["error"].str.contains("no C\\+\\+ compiler").all() and failed["ms"].isna().all()
+    assert (frame.loc[frame["layout"] == "eager", "ms"] > 0).all()  # the rest is still measured
+
+
+def test_saved_fusion_table_goes_between_its_own_markers(tmp_path):
+    rows = bench.bench_fusion("cpu", side=8, batch_size=4, repeats=1, compile=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n" + "\n".join(bench.README_MARKERS) + "\n" + "\n".join(bench.FUSION_MARKERS) + "\nrest\n")
+    bench.save_fusion(rows, "a machine", tmp_path / "fusion.csv", readme)
+    text = readme.read_text()
+    block = text.split(bench.FUSION_MARKERS[0])[1].split(bench.FUSION_MARKERS[1])[0]
+    assert "| bn | channels-last |" in block and "| no norm | eager |" in block and "Measured on: a machine" in block
+    assert text.endswith(f"{bench.FUSION_MARKERS[1]}\nrest\n") and "\n".join(bench.README_MARKERS) in text  # the step block untouched
+    # the book page reads the CSV back into the same table
+    saved = pd.read_csv(tmp_path / "fusion.csv")
+    assert bench.fusion_markdown(saved) == block.strip("\n")

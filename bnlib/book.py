@@ -161,13 +161,31 @@ README = ROOT / "README.md"
 README_MARKERS = ("<!-- study-findings:start (written by `bnlib aggregate study --readme`) -->", "<!-- study-findings:end -->")
 
 
-def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int) -> str:
-    """The README's tables of the committed study: per condition, methods x batch sizes, the final accuracy
+def run_commits(runs_dir: Path) -> list[str]:
+    """The short git commits whose code ran a grid's finished cells, in the order they first finished."""
+    runs = sorted(results.load_runs(runs_dir), key=lambda r: r["provenance"].get("finished_at") or "")
+    return list(dict.fromkeys((r["provenance"].get("git_commit") or "unknown")[:7] for r in runs))
+
+
+def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, commits: list[str] = ()) -> str:
+    """The README's account of the committed study: the original study's four claims judged on every dataset
+    under its equal-steps budget, then per condition a table of methods x batch sizes with the final accuracy
     and (for every method but BN) the paired difference against BN and its Holm verdict."""
-    lines = [f"{cells_done} of the grid's {cells_total} cells are committed. Mean final test accuracy in % with its "
-             "Student-t 95% interval; beside every other method, its paired difference against BN in points with "
-             "its interval and the verdict of a paired t-test at 5% after Holm's correction over every comparison "
-             "with BN in the grid (below / above / cannot tell)."]
+    ran = f" (run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)})" if commits else ""
+    lines = [f"{cells_done} of the grid's {cells_total} cells are committed{ran}; everything below is computed "
+             "from `results/study/summary.csv`."]
+    datasets = [d for d in ("mnist5k", "fashionmnist") if d in set(equal_steps(summary)["dataset"])]
+    if datasets:
+        verdicts = {d: original_claims(summary, d) for d in datasets}
+        lines += ["", "**The original study's claims**, judged from our paired 95% intervals against BN under its budget "
+                  "(the same number of steps at every batch size, i.i.d. batches):", "",
+                  "| claim | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+        for i, claim in enumerate(verdicts[datasets[0]]):
+            lines.append(f"| {claim['claim']} | " + " | ".join(verdicts[d][i]["verdict"] for d in datasets) + " |")
+    lines += ["", "Mean final test accuracy in % with its "
+              "Student-t 95% interval; beside every other method, its paired difference against BN in points with "
+              "its interval and the verdict of a paired t-test at 5% after Holm's correction over every comparison "
+              "with BN in the grid (below / above / cannot tell)."]
     for title, table in summary_tables(standard_placement(summary)):
         batches = list(dict.fromkeys(c[0] for c in table.columns))
         lines += ["", f"**{title}**", "", "| method | " + " | ".join(batches) + " |", "|---" * (len(batches) + 1) + "|"]
@@ -181,13 +199,14 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int) ->
     return "\n".join(lines)
 
 
-def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, readme: Path = README) -> None:
+def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, readme: Path = README,
+                          commits: list[str] = ()) -> None:
     text = readme.read_text()
     start, end = README_MARKERS
     if start not in text or end not in text:
         raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the tables belong")
     head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total) + "\n" + end + rest.split(end, 1)[1])
+    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits) + "\n" + end + rest.split(end, 1)[1])
 
 
 def runs_table(runs: list[dict]) -> str:

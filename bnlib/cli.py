@@ -122,7 +122,8 @@ def cmd_aggregate(args) -> int:
         from . import book
 
         done = len({p.stem for p in (Path(args.results) / g.name / "runs").glob("*.json")} & {c.id for c in g.cells})
-        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells))
+        commits = book.run_commits(Path(args.results) / g.name / "runs")
+        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells), commits=commits)
         print(f"wrote the findings tables into {book.README}")
     return 0
 

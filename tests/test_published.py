@@ -74,7 +74,8 @@ def test_readme_findings_match_the_committed_study():
     start, end = book.README_MARKERS
     committed = text.split(start, 1)[1].split(end, 1)[0].strip()
     done = len(list(STUDY.glob("runs/*.json")))
-    expected = book.readme_findings(pd.read_csv(STUDY / "summary.csv"), done, len(grid.load("study").cells))
+    expected = book.readme_findings(pd.read_csv(STUDY / "summary.csv"), done, len(grid.load("study").cells),
+                                    book.run_commits(STUDY / "runs"))
     assert committed == expected.strip(), "README findings are out of date: run `bnlib aggregate study --readme` and commit"
 
 
@@ -82,9 +83,10 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n" + "\n".join(book.README_MARKERS) + "\nrest\n")
     summary = pd.read_csv(_copy_grid(smoke_results, tmp_path) / "summary.csv")
-    book.write_readme_findings(summary, 3, 6, readme=readme)
+    book.write_readme_findings(summary, 3, 6, readme=readme, commits=["abc1234"])
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the grid's 6 cells" in text
+    assert "code of commit abc1234" in text
     assert "| BN |" in text and ("below" in text or "cannot tell" in text)
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):

@@ -105,6 +105,11 @@ REPRODUCED_TRAINING_CODE = {
         "number of a one-seed run: stacked seeds are evaluated stacked (`evaluate_stacked`). Checked 2026-11-23 with "
         "`bnlib verify study --cell fashionmnist-b2-noniid-s2-8965eaad3b`: bit-identical, every recorded curve, on "
         "the 2-core AMD EPYC that ran it",
+    "940f41d95dd2923cd019343f000f7242a8b317ae411dc265eec5f423e68db8e9":
+        "the code of 67e6c06, which ran the last Fashion-MNIST cells (at aebd85a). Changed after it, no number of a "
+        "one-seed run: a stacked model's large-batch evaluation passes go through each seed's own network "
+        "(`StackedNet.seed_networks`). Checked 2026-11-23 with `bnlib verify study --cell "
+        "fashionmnist-b16-noniid-s1-25f9a7fcfe`: bit-identical, every recorded curve, on the 2-core AMD EPYC that ran it",
 }
 
 

@@ -133,11 +133,14 @@ def _close(a, b, rel=1e-5):
     return a == b
 
 
-@pytest.mark.parametrize("sampler,methods", [("iid", list(norms.METHODS)), ("noniid", ["bn", "gn", "bln", "mabn"])])
-def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods):
+@pytest.mark.parametrize("sampler,methods,batch_size", [("iid", list(norms.METHODS), 4), ("noniid", ["bn", "gn", "bln", "mabn"], 4),
+                                                        ("iid", ["bn", "mabn", "frn"], 64)])
+def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods, batch_size):
     """Three seeds trained as one stacked model: every seed's batches, initial weights (BLN's data start too),
-    curves and evaluations (recomputed and batch statistics included) are its solo run's, to float tolerance."""
-    config = train.Config(methods=methods, batch_size=4, steps=24, evals=2, log_every=4, recompute=True,
+    curves and evaluations (recomputed and batch statistics included) are its solo run's, to float tolerance.
+    At batch 4 the batch-statistics evaluation runs stacked, at 64 through the seeds' own networks."""
+    assert 4 <= train.STACKED_EVAL_MAX_BATCH["cpu"] < 64
+    config = train.Config(methods=methods, batch_size=batch_size, steps=24, evals=2, log_every=4, recompute=True,
                           recompute_samples=16, eval_batch_stats=True, sampler=sampler,
                           classes_per_batch=2 if sampler == "noniid" else None)
     seeds = [3, 0, 5]

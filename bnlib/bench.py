@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import norms
+from . import norms, paths
 
 NORM_TARGETS = {"bn": 1.1, "bnrs": 1.5, "brn": 1.5, "brnc": 1.5, "bnwos": 1.5, "bln": 1.5, "mabn": 2.0,
                 # unfused: the eps = 0 variants, the norm-activation layers, ghost batches, GroupNorm(+WS)
@@ -205,7 +205,7 @@ def bench_step(device: str = "cpu", sides=(8, 28), sizes=(2, 16, 128), methods=N
     bf16 variants run only where the bf16 matrix product is at least as fast as fp32's: a CPU without
     bf16 instructions (AVX2 only) emulates it at a few percent of the fp32 speed.
     """
-    from . import models, train
+    from . import evaluate, models
 
     dev = torch.device(device)
     methods = list(methods or norms.METHODS)
@@ -226,7 +226,7 @@ def bench_step(device: str = "cpu", sides=(8, 28), sizes=(2, 16, 128), methods=N
 
             def step(m, precision):
                 def fn():
-                    with train.autocast(dev, precision):
+                    with evaluate.autocast(dev, precision):
                         loss = F.cross_entropy(nets[m](x).float(), y) + norms.auxiliary_loss(nets[m])
                     opts[m].zero_grad(set_to_none=True)
                     loss.backward()
@@ -238,7 +238,7 @@ def bench_step(device: str = "cpu", sides=(8, 28), sizes=(2, 16, 128), methods=N
                 return lambda: [f() for f in fns]
 
             def evaluation(precision):
-                return lambda: train.evaluate(nets["bn"], x_eval, y_eval, precision)
+                return lambda: evaluate.evaluate(nets["bn"], x_eval, y_eval, precision)
 
             variants, flops = {}, {}
             for p in precisions:
@@ -279,8 +279,8 @@ def bench_cell(device: str = "cpu", dataset: str = "fashionmnist", batch_size: i
     for _ in range(repeats):
         for name, cfg in variants.items():
             out = train.train(cfg, ds, progress=False)
-            times[name].append((out["wall_seconds"], out["eval_seconds"]))
-            finals[name] = {m: r["final"]["test_acc"] for m, r in out["methods"].items()}
+            times[name].append((out.wall_seconds, out.eval_seconds))
+            finals[name] = {m: r.final.test_acc for m, r in out.methods.items()}
     ref_name = next(iter(variants))
     ref = statistics.median(t for t, _ in times[ref_name])
     rows = []
@@ -386,9 +386,9 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
                     else:
                         outs = [train.train(train.Config(**{**cfg.__dict__, "seed": s}), ds, progress=False) for s in seeds]
                     wall = time.perf_counter() - t0
-                    training = sum(r["train_seconds"] for o in outs for r in o["methods"].values())
+                    training = sum(r.train_seconds for o in outs for r in o.methods.values())
                     times[variant].append((wall, training))
-                    finals[variant] = [r["final"]["test_acc"] for o in outs for r in o["methods"].values()]
+                    finals[variant] = [r.final.test_acc for o in outs for r in o.methods.values()]
             solo, stacked = (statistics.median(w for w, _ in times[v]) for v in ("solo", "stacked"))
             solo_train, stacked_train = (statistics.median(t for _, t in times[v]) for v in ("solo", "stacked"))
             diffs = [abs(a - b) for a, b in zip(finals["solo"], finals["stacked"]) if a is not None and b is not None]
@@ -398,35 +398,28 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
     return rows
 
 
-SAVED_STEP = Path(__file__).resolve().parent.parent / "book" / "data" / "bench_step.csv"
-SAVED_FUSION = SAVED_STEP.parent / "bench_fusion.csv"
-README = SAVED_STEP.parent.parent.parent / "README.md"
-README_MARKERS = ("<!-- bench-step:start (written by `bnlib bench step --save`) -->", "<!-- bench-step:end -->")
-FUSION_MARKERS = ("<!-- bench-fusion:start (written by `bnlib bench fusion --save`) -->", "<!-- bench-fusion:end -->")
+SAVED_STEP = paths.BOOK_DATA / "bench_step.csv"
+SAVED_FUSION = paths.BOOK_DATA / "bench_fusion.csv"
 
 
-def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP, readme: Path = README) -> None:
-    """Keep a ``bench step`` run: the CSV the Reproducibility page shows, and the README's table between its markers."""
-    _save(rows, header, csv_path, readme, README_MARKERS, step_markdown)
+def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP) -> Path:
+    """Keep a ``bench step`` run: the CSV the book's Reproducibility page shows as a table (:func:`step_markdown`)."""
+    return _save(rows, header, csv_path)
 
 
-def save_fusion(rows: list[dict], header: str, csv_path: Path = SAVED_FUSION, readme: Path = README) -> None:
-    """Keep a ``bench fusion`` run, as :func:`save_step` does."""
-    _save(rows, header, csv_path, readme, FUSION_MARKERS, fusion_markdown)
+def save_fusion(rows: list[dict], header: str, csv_path: Path = SAVED_FUSION) -> Path:
+    """Keep a ``bench fusion`` run, as :func:`save_step` does (:func:`fusion_markdown`)."""
+    return _save(rows, header, csv_path)
 
 
-def _save(rows, header, csv_path, readme, markers, markdown) -> None:
+def _save(rows, header, csv_path) -> Path:
     import pandas as pd
+
+    from .record import atomic_write
 
     frame = pd.DataFrame(rows)
     frame.insert(0, "machine", header)
-    text = readme.read_text()
-    start, end = markers
-    if start not in text or end not in text:
-        raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the table belongs")
-    frame.to_csv(csv_path, index=False)
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + markdown(frame) + "\n" + end + rest.split(end, 1)[1])
+    return atomic_write(csv_path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def fusion_markdown(frame) -> str:

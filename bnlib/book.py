@@ -1,7 +1,7 @@
 """The book: what its pages compute from ``results/<grid>/``, and the offline build.
 
 Pages call :func:`tables` for the grid being shown (``BNLIB_BOOK_GRID``, default ``study``, the published
-grid whose results are committed; results in ``BNLIB_RESULTS``, default ``results/``) and glue every number
+grid whose results are committed; results in ``BNLIB_RESULTS``, default the repository's ``results/``) and glue every number
 they print, so no number is typed. A plain ``jupyter-book build .`` therefore builds the published book from
 the committed ``results/study/`` without training; ``bnlib book --grid default`` builds a quick-start grid's.
 """
@@ -21,10 +21,13 @@ import nbformat
 import pandas as pd
 import yaml
 
-from . import norms, results
+from . import norms, paths, stats
+from . import tables as tables_mod
+from .plots import display_name
+from .record import RunRecord, load_runs
 
-ROOT = Path(__file__).resolve().parent.parent
-CELLS_DIR = ROOT / "book" / "runs" / "cells"
+
+CELLS_DIR = paths.BOOK_CELLS
 
 
 PUBLISHED_GRID = "study"
@@ -35,7 +38,7 @@ def grid_name() -> str:
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get("BNLIB_RESULTS", ROOT / "results")).resolve()
+    return paths.results_root()
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Tables:
     summary: pd.DataFrame
     summary_recomputed: pd.DataFrame | None
     summary_batchstats: pd.DataFrame | None
-    runs: list[dict]
+    runs: list[RunRecord]
     cell_log: pd.DataFrame
 
 
@@ -60,7 +63,7 @@ def tables(grid: str | None = None, folder: Path | None = None) -> Tables:
     log = folder / "cells.jsonl"
     cell_log = pd.DataFrame([json.loads(line) for line in log.read_text().splitlines() if line.strip()]) if log.exists() else pd.DataFrame()
     return Tables(grid, folder, read("evaluations"), read("training_loss"), read("summary"), read("summary_recomputed"), read("summary_batchstats"),
-                  results.load_runs(folder / "runs"), cell_log)
+                  load_runs(folder / "runs"), cell_log)
 
 
 # --- numbers for the prose ------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def headline(summary: pd.DataFrame) -> dict:
             facts[f"{m}_{tag}_wins"] = f"{int(rows.loc[m, 'wins'])} of {int(rows.loc[m, 'n_pairs'])}" if "wins" in rows else "–"
             facts[f"{m}_{tag}_mean"] = pp(rows.loc[m, "mean"])
         best = rows["mean"].astype(float).idxmax()
-        facts[f"best_{tag}"], facts[f"best_{tag}_acc"] = norms.display_name(best), pp(rows.loc[best, "mean"])
+        facts[f"best_{tag}"], facts[f"best_{tag}_acc"] = display_name(best), pp(rows.loc[best, "mean"])
     return facts
 
 
@@ -147,8 +150,8 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                     row[(f"batch {r.batch_size}", "accuracy (%)")] += f" n={int(r.n_seeds)}"
                 if r.diverged:
                     row[(f"batch {r.batch_size}", "accuracy (%)")] += f" ({r.diverged} diverged)"
-            rows[norms.display_name(m)] = row
-        order = [norms.display_name(m) for m in norms.METHODS if norms.display_name(m) in rows]
+            rows[display_name(m)] = row
+        order = [display_name(m) for m in norms.METHODS if display_name(m) in rows]
         table = pd.DataFrame(rows).T.loc[order]
         table.columns = pd.MultiIndex.from_tuples(table.columns)
         order_within = {"accuracy (%)": 0, "vs BN (points)": 1, "verdict (Holm p; wins)": 2}
@@ -157,23 +160,41 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-README = ROOT / "README.md"
+README = paths.README
 README_MARKERS = ("<!-- study-findings:start (written by `bnlib aggregate study --readme`) -->", "<!-- study-findings:end -->")
 
 
 def run_commits(runs_dir: Path) -> list[str]:
     """The short git commits whose code ran a grid's finished cells, in the order they first finished."""
-    runs = sorted(results.load_runs(runs_dir), key=lambda r: r["provenance"].get("finished_at") or "")
-    return list(dict.fromkeys((r["provenance"].get("git_commit") or "unknown")[:7] for r in runs))
+    runs = sorted(load_runs(runs_dir), key=lambda r: r.provenance.finished_at or "")
+    return list(dict.fromkeys((r.provenance.git_commit or "unknown")[:7] for r in runs))
 
 
 def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, commits: list[str] = ()) -> str:
-    """The README's account of the committed study: the original study's four claims judged on every dataset
-    under its equal-steps budget, then per condition a table of methods x batch sizes with the final accuracy
-    and (for every method but BN) the paired difference against BN and its Holm verdict."""
-    ran = f" (run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)})" if commits else ""
-    lines = [f"{cells_done} of the grid's {cells_total} cells are committed{ran}; everything below is computed "
-             "from `results/study/summary.csv`."]
+    """The README's first screen: the answer so far in a few sentences from the committed summary (the
+    headline condition's paired differences against BN with their intervals and Holm verdicts), then the
+    original study's four claims judged on every dataset under its equal-steps budget."""
+    ran = f", run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
+    f = headline(summary)
+    small, large = f["small"], f["large"]
+
+    def diffs(m: str) -> str:
+        parts = [f"{f[f'{m}_{t}_diff']:+.1f} [{f[f'{m}_{t}_low']:+.1f}, {f[f'{m}_{t}_high']:+.1f}] points at batch {b} "
+                 f"({f[f'{m}_{t}_verdict']})" for t, b in (("small", small), ("large", large)) if f"{m}_{t}_diff" in f]
+        return " and ".join(parts)
+
+    compared = [m for m in ("bnrs", "brn", "bnwos") if f"{m}_small_diff" in f or f"{m}_large_diff" in f]
+    lines = [f"**The answer so far** ({cells_done} of the study grid's {cells_total} cells committed{ran}; computed from "
+             "`results/study/summary.csv`). On "
+             f"{f['dataset']} with i.i.d. batches and a budget of {f['budget']} ({f['n_seeds']} seeds), BN ends at "
+             f"{f['bn_small']:.1f}% [{f['bn_small_low']:.1f}, {f['bn_small_high']:.1f}] at batch {small} and "
+             f"{f['bn_large']:.1f}% [{f['bn_large_low']:.1f}, {f['bn_large_high']:.1f}] at batch {large}. Against it, paired "
+             "by seed: " + "; ".join(f"{display_name(m)} {diffs(m)}" for m in compared) + ". "
+             f"Intervals are Student-t 95%; a verdict is a paired t-test at 5% after Holm's correction over all "
+             f"{f['family']} comparisons with BN in the grid, so at {f['n_seeds']} seeds many read \"cannot tell\". "
+             "These networks were not trained to a plateau: the numbers describe training under a short budget, "
+             "and a re-run to a plateau under a pre-registered analysis plan is planned. The book's Summary page has every "
+             "method and condition."]
     datasets = [d for d in ("mnist5k", "fashionmnist") if d in set(equal_steps(summary)["dataset"])]
     if datasets:
         verdicts = {d: original_claims(summary, d) for d in datasets}
@@ -182,20 +203,6 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
                   "| claim | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
         for i, claim in enumerate(verdicts[datasets[0]]):
             lines.append(f"| {claim['claim']} | " + " | ".join(verdicts[d][i]["verdict"] for d in datasets) + " |")
-    lines += ["", "Mean final test accuracy in % with its "
-              "Student-t 95% interval; beside every other method, its paired difference against BN in points with "
-              "its interval and the verdict of a paired t-test at 5% after Holm's correction over every comparison "
-              "with BN in the grid (below / above / cannot tell)."]
-    for title, table in summary_tables(standard_placement(summary)):
-        batches = list(dict.fromkeys(c[0] for c in table.columns))
-        lines += ["", f"**{title}**", "", "| method | " + " | ".join(batches) + " |", "|---" * (len(batches) + 1) + "|"]
-        for method, row in table.iterrows():
-            cells = []
-            for b in batches:
-                acc, diff, verdict = row[(b, "accuracy (%)")], row[(b, "vs BN (points)")], row[(b, "verdict (Holm p; wins)")]
-                acc = "–" if pd.isna(acc) else acc
-                cells.append(acc if not isinstance(diff, str) or not diff else f"{acc}: {diff}, {str(verdict).split(' (')[0]}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -209,19 +216,19 @@ def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: i
     readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits) + "\n" + end + rest.split(end, 1)[1])
 
 
-def runs_table(runs: list[dict]) -> str:
+def runs_table(runs: list[RunRecord]) -> str:
     """The Runs page's table: one row per finished cell, linked to its notebook page (HTML)."""
     import html as html_mod
 
     rows = []
-    for r in sorted(runs, key=lambda r: r["cell"]):
-        cfg, prov = r["config"], r["provenance"]
-        rows.append({"cell": f'<a href="cells/{r["cell"]}.html">{html_mod.escape(r["cell"])}</a>',
-                     "dataset": cfg["dataset"], "budget": results.budget_label(cfg), "batch": cfg["batch_size"],
+    for r in sorted(runs, key=lambda r: r.cell):
+        cfg, prov = r.config, r.provenance
+        rows.append({"cell": f'<a href="cells/{r.cell}.html">{html_mod.escape(r.cell)}</a>',
+                     "dataset": cfg["dataset"], "budget": tables_mod.budget_label(cfg), "batch": cfg["batch_size"],
                      "sampler": cfg["sampler"] + (f" ({cfg['classes_per_batch']} classes)" if cfg.get("classes_per_batch") else ""),
                      "placement": cfg.get("norm_placement", "all"), "seed": cfg["seed"],
-                     "training (s)": round(r["wall_seconds"], 1), "device": prov.get("device_name"),
-                     "commit": (prov.get("git_commit") or "")[:12]})
+                     "training (s)": round(r.wall_seconds, 1), "device": prov.device_name,
+                     "commit": (prov.git_commit or "")[:12]})
     table = pd.DataFrame(rows).to_html(index=False, escape=False, classes="table bnlib-sortable", table_id="runs-table")
     return table + SORT_SCRIPT
 
@@ -258,11 +265,9 @@ def seeds_caption(frame: pd.DataFrame, what: str) -> str:
 
 def seed_halfwidths(evaluations: pd.DataFrame) -> pd.DataFrame:
     """Half-width of the paired interval against BN by number of seeds, for every comparison of the grid."""
-    from . import stats
-
-    final = results.final_scores(evaluations)
+    final = stats.final_scores(evaluations)
     final = final[final["score"].notna()]
-    keys = [k for k in results.CONDITION_KEYS if k in final]
+    keys = [k for k in stats.CONDITION_KEYS if k in final]
     return stats.halfwidth_by_seeds(final, keys)
 
 
@@ -270,7 +275,7 @@ def diverged_runs(evaluations: pd.DataFrame) -> pd.DataFrame:
     """Every diverged run by cell (it counts as chance accuracy in the statistics)."""
     div = evaluations[evaluations["diverged"].astype(bool) & evaluations["final"].astype(bool)]
     cols = [c for c in ("cell", "method", "dataset", "budget", "batch_size", "sampler", "seed", "diverged_step") if c in div]
-    return div[cols].assign(method=div["method"].map(norms.display_name)).reset_index(drop=True)
+    return div[cols].assign(method=div["method"].map(display_name)).reset_index(drop=True)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -304,12 +309,12 @@ def repository_url() -> str | None:
         return os.environ["BNLIB_REPOSITORY_URL"].rstrip("/")
     if os.environ.get("GITHUB_REPOSITORY"):
         return f"{os.environ.get('GITHUB_SERVER_URL', 'https://github.com')}/{os.environ['GITHUB_REPOSITORY']}"
-    return (yaml.safe_load((ROOT / "_config.yml").read_text()).get("repository") or {}).get("url")
+    return (yaml.safe_load(paths.BOOK_CONFIG.read_text()).get("repository") or {}).get("url")
 
 
 def _config_with_buttons(url: str, folder: Path) -> Path:
     """_config.yml with the repository and launch buttons turned on for ``url`` (written into ``folder``)."""
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config = yaml.safe_load(paths.BOOK_CONFIG.read_text())
     config["repository"] = {**(config.get("repository") or {}), "url": url, "path_to_book": "", "branch": "main"}
     config["html"] = {**config.get("html", {}), "use_repository_button": True, "use_issues_button": True}
     config["launch_buttons"] = {"notebook_interface": "jupyterlab", "binderhub_url": "https://mybinder.org",
@@ -319,14 +324,15 @@ def _config_with_buttons(url: str, folder: Path) -> Path:
     return path
 
 
-def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", strict: bool = True,
-          output: str | Path = ROOT) -> Path:
+def build(grid: str = PUBLISHED_GRID, results_root: str | Path | None = None, strict: bool = True,
+          output: str | Path = paths.ROOT) -> Path:
     """Aggregate the grid and build the book offline (warnings as errors) into ``output``/_build/html;
     the build gathers the notebooks. With a :func:`repository_url`, the pages get repository, Binder and
     Colab buttons."""
     from . import grid as grid_mod
 
-    folder = Path(results_root).resolve() / grid
+    results_root = paths.results_root(results_root)
+    folder = results_root / grid
     if not any((folder / "runs").glob("*.json")):
         raise FileNotFoundError(f"no finished cells in {folder / 'runs'}: run `bnlib run {grid}` first")
     try:  # the grid file's cells only ("default+lr=0.0003": the default grid with that override)
@@ -334,11 +340,11 @@ def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", stri
         cells = {c.id for c in grid_mod.load(base, grid_mod.parse_overrides(overrides)).cells}
     except grid_mod.GridError:
         cells = None  # no grid file of that name here: every finished cell
-    results.aggregate(folder, cells)
-    env = {**os.environ, "BNLIB_BOOK_GRID": grid, "BNLIB_RESULTS": str(Path(results_root).resolve())}
+    tables_mod.aggregate(folder, cells)
+    env = {**os.environ, "BNLIB_BOOK_GRID": grid, "BNLIB_RESULTS": str(results_root)}
     exe = Path(sys.executable).with_name("jupyter-book")
     # --all: the pages read results/, which Sphinx cannot see change; never serve numbers from its cache
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(ROOT), "--path-output", str(output), "--all"]
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(paths.ROOT), "--path-output", str(output), "--all"]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     html_dir = Path(output) / "_build" / "html"
@@ -347,7 +353,7 @@ def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", stri
         url = repository_url()
         if url:
             cmd += ["--config", str(_config_with_buttons(url, Path(tmp)))]
-        proc = subprocess.run(cmd, env=env, cwd=ROOT)
+        proc = subprocess.run(cmd, env=env, cwd=paths.ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}); see the messages above")
     return html_dir / "index.html"
@@ -355,7 +361,7 @@ def build(grid: str = PUBLISHED_GRID, results_root: str | Path = "results", stri
 
 # --- the original study, side by side -------------------------------------------------------------
 
-ORIGINAL_CSV = ROOT / "book" / "data" / "original_study.csv"
+ORIGINAL_CSV = paths.BOOK_DATA / "original_study.csv"
 ORIGINAL_DATASETS = {"mnist": ("mnist5k", "fashionmnist"), "cifar100": ()}  # ours that stand in for theirs
 EQUIVALENCE_POINTS = 1.0  # "matches BN": the paired 95% interval lies within +-1 point of BN
 
@@ -389,7 +395,7 @@ def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for r in orig.itertuples():
-        row = {"original dataset": r.dataset, "batch": r.batch_size, "method": norms.display_name(r.method),
+        row = {"original dataset": r.dataset, "batch": r.batch_size, "method": display_name(r.method),
                "original (%)": ("< " if r.relation == "below" else "") + f"{r.final_acc:g}"}
         for ds in ("mnist5k", "fashionmnist"):
             row[f"ours: {ds}"] = ours_cell(r.dataset, ds, r.batch_size, r.method)

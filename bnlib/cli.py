@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
-DEFAULT_RESULTS = Path("results")
+from . import paths
+
+RESULTS_HELP = ("results folder (default: $BNLIB_RESULTS, else the repository's results/, wherever the command is typed; "
+                "a relative path is taken from the working folder)")
 
 
 def _grid_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("grid", help="a grid name (grids/<name>.yaml: smoke, default, paper) or a path to a grid file")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+    p.add_argument("grid", help="a grid name (grids/<name>.yaml: smoke, default, study, paper) or a path to a grid file")
+    p.add_argument("--results", type=paths.results_root, default=None, help=RESULTS_HELP)
 
 
 def cmd_run(args) -> int:
     from . import grid as grid_mod
-    from .results import aggregate
+    from . import runner
+    from .tables import aggregate
 
+    args.results = paths.results_root(args.results)
     g = grid_mod.load(args.grid, grid_mod.parse_overrides(args.set))
     every_cell = {c.id for c in g.cells}  # aggregation covers the whole grid, whatever --only ran
     if args.only:
         g = grid_mod.select(g, args.only)
     if args.dry_run:
-        runs = grid_mod.runs_dir(args.results, g)
-        chosen = set(grid_mod.to_run({c.id: grid_mod.state(runs, c) for c in g.cells}, args.force, args.stale))
+        runs = runner.runs_dir(args.results, g)
+        chosen = set(runner.to_run({c.id: runner.state(runs, c) for c in g.cells}, args.force, args.stale))
         todo = [c for c in g.cells if c.id in chosen and c.same_as is None]
         for c in g.cells:
             if c.id in chosen and c.same_as is not None:
                 print(f"  would copy {c.id}  (trains what {c.same_as} trains)")
-        estimates = grid_mod.estimate_seconds(g, args.results, todo)
-        jobs = args.jobs or grid_mod.default_jobs()[0]
+        estimates = runner.estimate_seconds(g, args.results, todo)
+        jobs = args.jobs or runner.default_jobs()[0]
         for c in todo:
             est = estimates[c.id]
             print(f"  would run {c.id}" + (f"  (~{est / 60:.1f} min)" if est is not None else ""))
@@ -43,8 +48,8 @@ def cmd_run(args) -> int:
 
         executor = SlurmExecutor.from_options(g, args.results, args)
     else:
-        executor = grid_mod.LocalExecutor(args.jobs, args.threads)
-    report = grid_mod.run(g, args.results, executor, force=args.force, progress=not args.no_progress, wait=args.wait,
+        executor = runner.LocalExecutor(args.jobs, args.threads)
+    report = runner.run(g, args.results, executor, force=args.force, progress=not args.no_progress, wait=args.wait,
                           stale=args.stale)
     if report.stale_kept:  # never mixed silently
         print(f"grid {g.name}: keeping {report.stale_kept} stale cells (done with other training code than the "
@@ -60,23 +65,24 @@ def cmd_run(args) -> int:
     print(f"grid {g.name}: {len(report.finished)} cells run, {report.skipped} already done, "
           f"{len(report.failed)} failed, in {report.seconds:.0f} s")
     for cell, error in report.failed.items():
-        print(f"  FAILED {cell}: {error}\n         notebook: {grid_mod.runs_dir(args.results, g) / (cell + '.ipynb')}")
+        print(f"  FAILED {cell}: {error}\n         notebook: {runner.runs_dir(args.results, g) / (cell + '.ipynb')}")
     if report.finished or report.skipped:
-        written = aggregate(Path(args.results) / g.name, every_cell)
+        written = aggregate(paths.grid_results(g.name, args.results), every_cell)
         print(f"aggregated: {written['summary']}")
     return 0 if report.ok else 1
 
 
 def cmd_status(args) -> int:
     from . import grid as grid_mod
+    from . import runner
 
     g = grid_mod.load(args.grid, grid_mod.parse_overrides(args.set))
-    st = grid_mod.status(g, args.results)
+    st = runner.status(g, args.results)
     extra = {}
     try:
         from .slurm import slurm_states
 
-        extra = slurm_states(Path(args.results) / g.name)
+        extra = slurm_states(paths.grid_results(g.name, args.results))
     except ImportError:
         pass
     print(f"grid {g.name} ({g.path}): {len(g.cells)} cells")
@@ -85,7 +91,7 @@ def cmd_status(args) -> int:
     if extra:
         for key, cells in extra.items():
             print(f"  slurm {key:8s} {len(cells)}")
-    runs = grid_mod.runs_dir(args.results, g)
+    runs = runner.runs_dir(args.results, g)
     for cell in st["corrupt"]:
         print(f"  corrupt: {runs / (cell + '.json')} (unreadable or not this cell's; `bnlib run` redoes it, keeping the file as .json.corrupt)")
     for cell in st["failed"]:
@@ -110,10 +116,11 @@ def cmd_status(args) -> int:
 
 def cmd_aggregate(args) -> int:
     from .grid import load, parse_overrides
-    from .results import aggregate
+    from .tables import aggregate
 
     g = load(args.grid, parse_overrides(args.set))
-    written = aggregate(Path(args.results) / g.name, {c.id for c in g.cells})
+    folder = paths.grid_results(g.name, args.results)
+    written = aggregate(folder, {c.id for c in g.cells})
     for name, path in written.items():
         print(f"wrote {path}")
     if args.readme:
@@ -121,8 +128,8 @@ def cmd_aggregate(args) -> int:
 
         from . import book
 
-        done = len({p.stem for p in (Path(args.results) / g.name / "runs").glob("*.json")} & {c.id for c in g.cells})
-        commits = book.run_commits(Path(args.results) / g.name / "runs")
+        done = len({p.stem for p in (folder / "runs").glob("*.json")} & {c.id for c in g.cells})
+        commits = book.run_commits(folder / "runs")
         book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells), commits=commits)
         print(f"wrote the findings tables into {book.README}")
     return 0
@@ -135,19 +142,19 @@ def _report(rows: list[dict], save, device: str) -> None:
     import torch
 
     from . import bench
-    from .results import device_name
+    from .provenance import device_name
 
     print(bench.format_table(rows))
     if save:
         save(rows, f"{device_name(device)}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-        print("saved: the table in book/data/ (shown on the Reproducibility page) and in README.md")
+        print("saved: the table in book/data/ (shown on the book's Reproducibility page)")
 
 
 def cmd_bench(args) -> int:
     import torch
 
     from . import bench
-    from .results import device_name
+    from .provenance import device_name
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -262,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
     b.add_argument("--save", action="store_true", help="step, fusion: keep the table (book/data/bench_step.csv, "
-                   "bench_fusion.csv, shown on the Reproducibility page, and the README's table)")
+                   "bench_fusion.csv, shown on the book's Reproducibility page)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("verify", help="re-execute committed cells and compare their final numbers",
@@ -281,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("book", help="build the Jupyter Book from a grid's results (offline, warnings as errors)")
     k.add_argument("--grid", default="study", help="whose results the book shows (default: study, the published grid)")
-    k.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+    k.add_argument("--results", type=paths.results_root, default=None, help=RESULTS_HELP)
     k.add_argument("--no-strict", action="store_true", help="do not turn warnings into errors")
     k.set_defaults(func=cmd_book)
     return p
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .data import DatasetUnavailable
     from .grid import GridError
-    from .results import CorruptRun
+    from .record import CorruptRun
     from .slurm import SlurmUnavailable
     from .train import ConfigError
 
@@ -303,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nbnlib {args.command}: interrupted. Finished cells are kept; run the same command again to resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bnlib status study | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not raise again
+        return 0
 
 
 if __name__ == "__main__":

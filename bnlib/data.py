@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import paths
+
 EMBEDDED = ("digits", "mnist5k")
 DOWNLOADABLE = ("mnist", "fashionmnist", "cifar10", "cifar100")
 DATASETS = EMBEDDED + DOWNLOADABLE
@@ -61,7 +63,7 @@ class Dataset:
 def default_data_dir() -> Path:
     """$BNLIB_DATA, else data/ at the repository root (not the working directory: the runner and the
     notebooks it starts must agree wherever the command was typed)."""
-    return Path(os.environ.get("BNLIB_DATA", Path(__file__).resolve().parent.parent / "data"))
+    return paths.data_root()
 
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:

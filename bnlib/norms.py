@@ -28,6 +28,7 @@ model, :func:`recompute_statistics` for precise population statistics after trai
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -60,8 +61,7 @@ __all__ = [
     "batch_statistics",
     "auxiliary_loss",
     "initialise_statistics",
-    "display_name",
-    "colour",
+    "keeps_running_statistics",
 ]
 
 
@@ -790,14 +790,12 @@ def _copy_affine(dst: nn.Module, src: nn.Module) -> None:
                 d.copy_(s)
 
 
-# --- the registry: one id, display name, colour and constructor per method, in display order ---
+# --- the registry: one id, constructor and needs per method, in display order (names, colours: bnlib.plots) ---
 
 
 @dataclass(frozen=True)
 class Method:
     id: str
-    display: str
-    colour: str
     factory: Callable[..., nn.Module]
     defaults: dict
     batch_dependent: bool  # whether training output depends on other samples of the batch
@@ -805,6 +803,22 @@ class Method:
     run_options: Callable[[int, int], dict] | None = None
     conv: type | None = None  # the convolution the method pairs with (MABN: centred, GN+WS: standardised weights)
     includes_activation: bool = False  # a norm-activation layer (FRN, EvoNorm): the model adds no activation
+    split_option: str | None = None  # the layer option that splits every batch into that many parts (BNWoS's devices)
+
+    @property
+    def keeps_running_stats(self) -> bool:
+        """Whether its layers keep running (population) statistics, which evaluation can recompute or bypass."""
+        return isinstance(self.factory, type) and issubclass(self.factory, _RunningStatsNorm)
+
+    def min_batch(self, options: dict | None = None) -> tuple[int, str]:
+        """The smallest training batch the method works with under ``options``, and why."""
+        if self.split_option is not None:
+            default = inspect.signature(self.factory).parameters[self.split_option].default
+            parts = {**self.defaults, **(options or {})}.get(self.split_option, default)
+            return parts, f"splits every batch over {parts} {self.split_option}"
+        if self.batch_dependent:
+            return 2, "needs batch statistics"
+        return 1, "trains on any batch"
 
 
 def _mabn_run_options(steps: int, batch_size: int) -> dict:
@@ -823,25 +837,25 @@ def _brn_schedule(steps: int, batch_size: int) -> dict:
 REGISTRY: dict[str, Method] = {
     m.id: m
     for m in [
-        Method("bn", "BN", "#1f77b4", BatchNorm, {}, True),
-        Method("bnrs", "BN, running stats (BNRS)", "#d62728", RunningStatsBatchNorm, {}, True),
-        Method("brn", "Batch Renorm (BRN)", "#2ca02c", BatchRenorm, {}, True),
-        Method("brnc", "Batch Renorm, clipped (BRNC)", "#98df8a", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
-        Method("brnc_warmup", "BRNC, paper's warm-up", "#17becf", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True,
+        Method("bn", BatchNorm, {}, True),
+        Method("bnrs", RunningStatsBatchNorm, {}, True),
+        Method("brn", BatchRenorm, {}, True),
+        Method("brnc", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
+        Method("brnc_warmup", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True,
                _brn_schedule),
-        Method("bnrs_orig", "BNRS as the original", "#ff9896", OriginalRunningStatsBatchNorm, {}, True),
-        Method("brn_orig", "BRN as the original", "#bcbd22", OriginalBatchRenorm, {}, True),
-        Method("brnc_orig", "BRNC as the original", "#dbdb8d", OriginalBatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
-        Method("bnwos", "BN without sync (BNWoS)", "#ff7f0e", UnsyncedBatchNorm, {}, True),
-        Method("gbn", "Ghost BN (16 per ghost batch)", "#aec7e8", GhostBatchNorm, {}, True),
-        Method("mabn", "Moving Average BN (MABN)", "#9467bd", MovingAverageBatchNorm, {}, True, _mabn_run_options,
+        Method("bnrs_orig", OriginalRunningStatsBatchNorm, {}, True),
+        Method("brn_orig", OriginalBatchRenorm, {}, True),
+        Method("brnc_orig", OriginalBatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
+        Method("bnwos", UnsyncedBatchNorm, {}, True, split_option="devices"),
+        Method("gbn", GhostBatchNorm, {}, True),
+        Method("mabn", MovingAverageBatchNorm, {}, True, _mabn_run_options,
                conv=WeightCentredConv2d),
-        Method("bln", "Batchless Norm (BLN)", "#8c564b", BatchlessNorm, {}, False),
-        Method("gn", "GroupNorm (GN)", "#e377c2", _GroupNorm, {}, False),
-        Method("gn_ws", "GN + Weight Std (GN+WS)", "#f7b6d2", _GroupNorm, {}, False, conv=WeightStandardisedConv2d),
-        Method("frn", "Filter Response Norm (FRN)", "#c5b0d5", FilterResponseNorm, {}, False, includes_activation=True),
-        Method("evonorm", "EvoNorm-S0", "#c49c94", EvoNormS0, {}, False, includes_activation=True),
-        Method("none", "No normalisation", "#7f7f7f", _Identity, {}, False),
+        Method("bln", BatchlessNorm, {}, False),
+        Method("gn", _GroupNorm, {}, False),
+        Method("gn_ws", _GroupNorm, {}, False, conv=WeightStandardisedConv2d),
+        Method("frn", FilterResponseNorm, {}, False, includes_activation=True),
+        Method("evonorm", EvoNormS0, {}, False, includes_activation=True),
+        Method("none", _Identity, {}, False),
     ]
 }
 METHODS: tuple[str, ...] = tuple(REGISTRY)
@@ -857,14 +871,6 @@ def _method(method: str) -> Method:
 def spec(method: str) -> Method:
     """The registry entry of a method (its layer, conv pairing, whether it includes its activation)."""
     return _method(method)
-
-
-def display_name(method: str) -> str:
-    return _method(method).display
-
-
-def colour(method: str) -> str:
-    return _method(method).colour
 
 
 def run_options(method: str, steps: int, batch_size: int) -> dict:
@@ -1019,6 +1025,11 @@ def initialise_statistics(model: nn.Module, batches: Iterable) -> int:
             h.remove()
         model.train(was_training)
     return len(order)
+
+
+def keeps_running_statistics(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` keeps running statistics (see :attr:`Method.keeps_running_stats`)."""
+    return any(isinstance(m, _RunningStatsNorm) for m in model.modules())
 
 
 def auxiliary_loss(model: nn.Module) -> Tensor | float:

@@ -1,5 +1,6 @@
-"""Figures: one colour and one display name per method across the whole book (from bnlib.norms), and one
-line style per family of methods, so a figure with many methods reads by family first."""
+"""Figures, and how methods look in them: one display name and one colour per method across the whole book, and
+one line style per family of methods, so a figure with many methods reads by family first. Every method of
+:data:`bnlib.norms.REGISTRY` has its style here (tests/test_book.py checks)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 import seaborn as sns
 
 from . import norms, stats
+from .record import RunRecord
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -19,6 +21,37 @@ def vector_figures() -> None:
     from matplotlib_inline.backend_inline import set_matplotlib_formats
 
     set_matplotlib_formats("svg")
+
+
+# Per method id: its display name and its colour, in the registry's order.
+STYLES = {
+    "bn": ("BN", "#1f77b4"),
+    "bnrs": ("BN, running stats (BNRS)", "#d62728"),
+    "brn": ("Batch Renorm (BRN)", "#2ca02c"),
+    "brnc": ("Batch Renorm, clipped (BRNC)", "#98df8a"),
+    "brnc_warmup": ("BRNC, paper's warm-up", "#17becf"),
+    "bnrs_orig": ("BNRS as the original", "#ff9896"),
+    "brn_orig": ("BRN as the original", "#bcbd22"),
+    "brnc_orig": ("BRNC as the original", "#dbdb8d"),
+    "bnwos": ("BN without sync (BNWoS)", "#ff7f0e"),
+    "gbn": ("Ghost BN (16 per ghost batch)", "#aec7e8"),
+    "mabn": ("Moving Average BN (MABN)", "#9467bd"),
+    "bln": ("Batchless Norm (BLN)", "#8c564b"),
+    "gn": ("GroupNorm (GN)", "#e377c2"),
+    "gn_ws": ("GN + Weight Std (GN+WS)", "#f7b6d2"),
+    "frn": ("Filter Response Norm (FRN)", "#c5b0d5"),
+    "evonorm": ("EvoNorm-S0", "#c49c94"),
+    "none": ("No normalisation", "#7f7f7f"),
+}
+
+
+def display_name(method: str) -> str:
+    """The method's name in tables, legends and prose (an unknown id is shown as it is)."""
+    return STYLES[method][0] if method in STYLES else method
+
+
+def colour(method: str) -> str:
+    return STYLES[method][1]
 
 
 # Families of methods, in the order legends list them: members, dash pattern (matplotlib on/off lengths in
@@ -50,12 +83,12 @@ def linestyle(method: str):
 
 def style_key() -> str:
     """The line-style legend of every figure, as a Markdown list (the book's Results page shows it)."""
-    return "\n".join(f"- {style}: {family} ({'; '.join(norms.display_name(m) for m in members)})"
+    return "\n".join(f"- {style}: {family} ({'; '.join(display_name(m) for m in members)})"
                      for family, (members, _, style) in FAMILIES.items())
 
 
 def palette(methods) -> dict[str, str]:
-    return {m: norms.colour(m) for m in methods}
+    return {m: colour(m) for m in methods}
 
 
 def _order(methods) -> list[str]:
@@ -73,17 +106,17 @@ def _styled(methods) -> dict:
 def _legend_names(ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, [norms.display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels], fontsize="small")
+        ax.legend(handles, [display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels], fontsize="small")
 
 
-def cell_curves(result: dict):
+def cell_curves(result: RunRecord):
     """One cell: training loss and test accuracy over steps, a line per method."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for m, rec in result["methods"].items():
-        ax_loss.plot(rec["train_step"], rec["train_loss"], color=norms.colour(m), ls=linestyle(m), label=m, lw=1.2)
-        ax_acc.plot(rec["eval_step"], rec["test_acc"], color=norms.colour(m), ls=linestyle(m), label=m, marker="o", ms=3, lw=1.2)
-        if rec["diverged"]:
-            ax_acc.axvline(rec["diverged_step"], color=norms.colour(m), ls=":", lw=1)
+    for m, rec in result.methods.items():
+        ax_loss.plot(rec.train_step, rec.train_loss, color=colour(m), ls=linestyle(m), label=m, lw=1.2)
+        ax_acc.plot(rec.eval_step, rec.test_acc, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=3, lw=1.2)
+        if rec.diverged:
+            ax_acc.axvline(rec.diverged_step, color=colour(m), ls=":", lw=1)
     ax_loss.set(xlabel="step", ylabel="training loss (window mean)", yscale="log", title="Training loss")
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy (eval mode)")
     _legend_names(ax_acc)
@@ -91,13 +124,13 @@ def cell_curves(result: dict):
     return fig
 
 
-def final_table(result: dict) -> pd.DataFrame:
+def final_table(result: RunRecord) -> pd.DataFrame:
     """One cell: the final numbers per method."""
     rows = []
-    for m, rec in result["methods"].items():
-        rows.append({"method": norms.display_name(m), "final test acc": rec["final"]["test_acc"],
-                     "with recomputed stats": rec["final"]["test_acc_recomputed"], "final train loss": rec["final"]["train_loss"],
-                     "diverged at step": rec["diverged_step"], "samples / s": rec["samples_per_second"]})
+    for m, rec in result.methods.items():
+        rows.append({"method": display_name(m), "final test acc": rec.final.test_acc,
+                     "with recomputed stats": rec.final.test_acc_recomputed, "final train loss": rec.final.train_loss,
+                     "diverged at step": rec.diverged_step, "samples / s": rec.samples_per_second})
     return pd.DataFrame(rows).set_index("method")
 
 
@@ -142,13 +175,13 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | Non
                 g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
                 xs = [p * (1 + 0.03 * (k - len(methods) / 2)) for p in sizes]  # dodge overlapping bars
                 err = [(g[value] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g[value]).clip(lower=0).fillna(0)]
-                ax.errorbar(xs, g[value], yerr=err, color=norms.colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4)
+                ax.errorbar(xs, g[value], yerr=err, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(s) for s in sizes])
             ax.set(xlabel="batch size", ylabel="final test accuracy" if j == 0 else "",
                    title=" / ".join(str(v) for v in (rv, cv) if v is not None))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, [norms.display_name(lbl) for lbl in labels], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+    fig.legend(handles, [display_name(lbl) for lbl in labels], loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(5, len(labels)), frameon=False)
     fig.tight_layout()
     return fig
@@ -159,7 +192,7 @@ def _rename_legend(grid) -> None:
     if grid.legend is not None:
         for text in grid.legend.texts:
             if text.get_text() in norms.REGISTRY:
-                text.set_text(norms.display_name(text.get_text()))
+                text.set_text(display_name(text.get_text()))
         sns.move_legend(grid, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(grid.legend.texts)), title=None, frameon=False)
 
 
@@ -171,7 +204,7 @@ def seeds_needed(halfwidths: pd.DataFrame):
         return fig
     for m in _order(halfwidths["method"].unique()):
         g = halfwidths[halfwidths["method"] == m].groupby("n_seeds")["halfwidth_points"].median()
-        ax.plot(g.index, g.values, marker="o", color=norms.colour(m), ls=linestyle(m), label=norms.display_name(m), lw=1.5)
+        ax.plot(g.index, g.values, marker="o", color=colour(m), ls=linestyle(m), label=display_name(m), lw=1.5)
     ax.set_xlabel("seeds")
     ax.set_ylabel("half-width of the 95% interval (points)")
     ax.set_yscale("log")

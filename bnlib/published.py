@@ -13,7 +13,8 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from . import results
+from . import tables
+from .record import CorruptRun, read_run
 
 TABLES = ("evaluations", "training_loss", "summary")
 
@@ -31,8 +32,8 @@ def check(grid_dir: str | Path) -> int:
         raise PublishedError(f"{runs}: no committed metrics files")
     for path in metrics:
         try:
-            results.read_run(path)
-        except results.CorruptRun as err:
+            read_run(path)
+        except CorruptRun as err:
             raise PublishedError(f"{err}; restore it from git or re-run its cell") from None
         notebook = path.with_suffix(".ipynb")
         if not notebook.exists():
@@ -49,7 +50,7 @@ def check(grid_dir: str | Path) -> int:
         (fresh / "runs").mkdir(parents=True)
         for path in metrics:
             (fresh / "runs" / path.name).symlink_to(path.resolve())
-        written = results.aggregate(fresh)
+        written = tables.aggregate(fresh)
         for name, path in written.items():
             committed = grid_dir / path.name
             if not committed.exists():

@@ -1,6 +1,6 @@
 """The Slurm executor: a grid's pending cells as ONE Slurm job array, through submitit.
 
-Each array task runs :func:`bnlib.grid.execute_group` (one cell, or the cells of a ``stack_seeds`` group) on
+Each array task runs :func:`bnlib.runner.execute_group` (one cell, or the cells of a ``stack_seeds`` group) on
 the cluster, so it writes the same notebook, metrics
 file (the done marker, by atomic rename) and error file into the shared results folder as a local run; the
 grid logic (cell ids, skipping done cells, failures, aggregation) is the runner's, unchanged. A task that
@@ -34,7 +34,8 @@ from pathlib import Path
 import submitit
 
 from . import grid as grid_mod
-from .results import write_json_atomic
+from . import paths, runner
+from .record import write_json
 
 DEFAULTS = {"partition": None, "gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 4.0, "time_min": 60,
             "array_parallelism": 64, "retries": 0, "signal_delay_s": 90, "sbatch": {}}
@@ -50,7 +51,7 @@ class CellTask(submitit.helpers.Checkpointable):
     the checkpoint its training loop saves every ``checkpoint_minutes`` (``<cell>.ckpt``)."""
 
     def __call__(self, cells, runs, threads, device, notebook):
-        return grid_mod.execute_group(cells, runs, threads, device, notebook)
+        return runner.execute_group(cells, runs, threads, device, notebook)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -91,7 +92,7 @@ class SlurmExecutor:
 
     @classmethod
     def from_options(cls, grid: grid_mod.Grid, results: Path, args) -> "SlurmExecutor":
-        return cls(Path(results) / grid.name / "slurm", _merge_options(grid.slurm, args), poll_s=getattr(args, "poll_s", 15.0) or 15.0)
+        return cls(paths.grid_results(grid.name, results) / "slurm", _merge_options(grid.slurm, args), poll_s=getattr(args, "poll_s", 15.0) or 15.0)
 
     def _executor(self):
         o = self.options
@@ -126,7 +127,7 @@ class SlurmExecutor:
         states = dict(line.partition("|")[::2] for line in out.splitlines() if "|" in line)
         return {cell: job for cell, job in wanted.items() if states.get(job, "") in LIVE_STATES}
 
-    def run(self, groups: list[list[grid_mod.Cell]], runs: Path, on_done, notebook: Path = grid_mod.NOTEBOOK) -> None:
+    def run(self, groups: list[list[grid_mod.Cell]], runs: Path, on_done, notebook: Path = runner.NOTEBOOK) -> None:
         """One array task per group (:func:`bnlib.grid.groups`), ``on_done`` per cell."""
         self.folder.mkdir(parents=True, exist_ok=True)
         submitted = _read_record(self.folder / "jobs.json")  # every cell's latest task, updated below
@@ -149,7 +150,7 @@ class SlurmExecutor:
             submitted.update({c.id: j.job_id for g, j in zip(fresh, jobs) for c in g})
             pending.update(zip(jobs, fresh))
             print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {n} tasks; logs in {self.folder}", flush=True)
-        write_json_atomic(self.folder / "jobs.json", {"submitted_at": time.time(), "cells": submitted})
+        write_json(self.folder / "jobs.json", {"submitted_at": time.time(), "cells": submitted})
         try:
             while pending:
                 next(iter(pending)).watcher.update()  # one sacct call for every job
@@ -185,7 +186,7 @@ class SlurmExecutor:
             for o in outcomes:
                 if not o["ok"]:
                     o["error"] = f"Slurm task {job.job_id} ended with state {state}: {o['error']}"
-                    grid_mod.write_error(runs, o["cell"], o["error"])
+                    runner.write_error(runs, o["cell"], o["error"])
         return outcomes
 
 

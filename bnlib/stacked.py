@@ -9,7 +9,7 @@ one kernel per layer instead of S. Adam is elementwise, so one optimiser over th
 each seed's update. Scalar state (a BN layer's step counter) is the same for all seeds, who step together.
 
 The stacked model is built from the S seeds' own networks (their initial weights and, for BLN, their
-data-dependent start). Its small-batch passes are evaluated stacked too (:func:`bnlib.train.evaluate_stacked`:
+data-dependent start). Its small-batch passes are evaluated stacked too (:func:`bnlib.evaluate.evaluate_stacked`:
 the test images enter every seed's input channels), its large-batch passes by each seed's own network
 (:meth:`StackedNet.seed_networks`), whichever is faster. Grouped and plain convolutions round differently in the last bits: a
 stacked seed equals its solo run to float tolerance, not bit for bit (``tests/test_train.py`` checks every method). Over long runs an

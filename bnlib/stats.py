@@ -10,6 +10,9 @@
 - Verdict words come from the t-test p-values after Holm's step-down correction (statsmodels) across the
   family of comparisons a page states -- here every method-vs-BN comparison of the grid -- at level 5%:
   "above" / "below" BN when the corrected p < 0.05, otherwise "cannot tell".
+- :func:`summarise` reduces a grid's tidy table (:mod:`bnlib.tables`) to one row per condition and method.
+  A diverged run counts as chance accuracy (1 / number of classes): a network whose weights are NaN predicts
+  nothing. The ``diverged`` column says how many runs that was.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from scipy import stats as sps
 CONFIDENCE = 0.95
 ALPHA = 0.05
 CORRECTION = "Holm"
+REFERENCE = "bn"  # every method is compared with it
+# Condition columns that identify a comparison (everything a grid may vary except the seed).
+CONDITION_KEYS = ("dataset", "batch_size", "sampler", "classes_per_batch", "norm_placement", "budget", "width", "depth", "optimizer", "lr")
 
 
 def t_interval(values) -> tuple[float, float]:
@@ -89,3 +95,45 @@ def halfwidth_by_seeds(final: pd.DataFrame, keys: list[str], reference: str = "b
                 rows.append({**dict(zip(keys, cond if isinstance(cond, tuple) else (cond,))), "method": method,
                              "n_seeds": n, "halfwidth_points": 100 * (high - low) / 2})
     return pd.DataFrame(rows)
+
+
+def final_scores(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
+    """One row per cell x method with its final score; a diverged run scores chance (1 / classes)."""
+    final = table[table["final"]].copy()
+    chance = 1.0 / final["num_classes"]
+    final["score"] = final[column].where(~final["diverged"], chance).astype(float)
+    return final
+
+
+def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
+    """Per condition x method: mean final score over seeds with a t interval, and the paired difference
+    against BN (same condition, same seed: identical batches and initial weights) with its t interval, a
+    paired t-test and a verdict after Holm's correction across every comparison of the table."""
+    final = final_scores(table, column)
+    final = final[final["score"].notna()]
+    keys = [k for k in CONDITION_KEYS if k in final]
+    rows = []
+    for cond, group in final.groupby(keys, dropna=False, sort=True):
+        cond = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
+        ref = group[group["method"] == REFERENCE].set_index("seed")["score"]
+        for method, g in group.groupby("method", sort=False):
+            scores = g.set_index("seed")["score"]
+            low, high = t_interval(scores.values)
+            row = {**cond, "method": method, "n_seeds": len(scores), "diverged": int(g["diverged"].sum()),
+                   "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else float("nan"),
+                   "ci_low": low, "ci_high": high}
+            common = scores.index.intersection(ref.index)
+            if method != REFERENCE and len(common):
+                diff = scores[common] - ref[common]
+                d_low, d_high = t_interval(diff.values)
+                row.update({"diff_vs_bn": diff.mean(), "diff_ci_low": d_low, "diff_ci_high": d_high, "n_pairs": len(common),
+                            "wins": int((diff > 0).sum()), "p_value": paired_test(diff.values)})
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out = add_verdicts(out)
+    from .norms import METHODS
+
+    out["method"] = pd.Categorical(out["method"], categories=[m for m in METHODS if m in set(out["method"])], ordered=True)
+    return out.sort_values(keys + ["method"]).reset_index(drop=True)

@@ -1,15 +1,17 @@
-"""The seeded lockstep training loop: every method on identical batches from identical initial weights.
+"""The configuration of a run and the seeded lockstep training loop: every method on identical batches from
+identical initial weights.
 
 One model per method, one optimiser per model (the original study summed the losses under one Adam;
 with disjoint parameters that is the same update, and separate optimisers let a diverged method drop
 out). Each step draws one batch -- a function of the seed only -- and trains every live method on it.
+Evaluation is :mod:`bnlib.evaluate`, checkpoints :mod:`bnlib.checkpoint`, the result a
+:class:`bnlib.record.RunRecord`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 import typing
 from dataclasses import dataclass, field
@@ -19,16 +21,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import checkpoint as checkpoint_mod
 from . import data as data_mod
+from . import evaluate as evaluate_mod
 from . import models, norms
 from . import stacked as stacked_mod
+from .evaluate import autocast
+from .record import ABSENT, Final, MethodRecord, RunRecord
 
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
-# Test samples per forward pass. On a CPU a batch whose activations fit the caches wins (28x28, one thread:
-# 1.1 ms per sample at 128, 2.2 ms at 512 or more; `bnlib bench step` measures it); a GPU wants large batches.
-EVAL_BATCH = {"cpu": 128, "cuda": 2048}
 # Config keys that say where a cell runs, finds its data or saves its checkpoints, not what it computes:
 # left out of cell ids and checkpoint keys.
 LOCAL_KEYS = ("device", "data_dir", "download", "checkpoint_minutes")
@@ -41,9 +44,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
+    """Everything a run computes from, one field per knob with its comment (the cell notebook's parameters cell
+    is generated from these lines: :func:`bnlib.runner.parameters_cell`)."""
+
     dataset: str = "digits"  # digits | mnist5k (embedded) | mnist | fashionmnist | cifar10 | cifar100
     methods: list[str] = field(default_factory=lambda: list(ORIGINAL_METHODS))  # trained in lockstep
-    batch_size: int = 16
+    batch_size: int = 16  # samples per training batch
     sampler: str = "iid"  # iid | noniid
     classes_per_batch: int | None = None  # noniid: classes in every batch (must divide batch_size)
     norm_placement: str = "all"  # all | first | none
@@ -54,7 +60,7 @@ class Config:
     epochs: float | None = None  # ... or in epochs (equal samples seen at every batch size) ...
     samples: int | None = None  # ... or in training samples (equal samples, the same number on every dataset); exactly one
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
-    lr: float = 1e-3
+    lr: float = 1e-3  # learning rate
     eval_every: int | None = None  # steps between test evaluations (default: `evals` over the run)
     evals: int = 10  # evaluations over the run when eval_every is not given (the last at the last step)
     eval_samples: int | None = 2000  # test samples of every evaluation before the last (a fixed subset; None: all); the last uses all
@@ -174,15 +180,13 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("checkpoint_minutes", "must be 0 (every step) or more")
     if config.width < 1 or config.depth < 1:
         fail("width" if config.width < 1 else "depth", "must be positive")
-    uses_batch = [m for m in config.methods if norms.REGISTRY[m].batch_dependent] if config.norm_placement != "none" else []
-    if uses_batch and config.batch_size < 2:
-        fail("batch_size", f"{', '.join(uses_batch)} need batch statistics: use a batch of at least 2")
     if config.batch_size < 1:
         fail("batch_size", "must be positive")
-    if "bnwos" in config.methods and config.norm_placement != "none":
-        devices = config.norm_options.get("bnwos", {}).get("devices", 2)
-        if config.batch_size < devices:
-            fail("batch_size", f"bnwos splits every batch over {devices} devices: use a batch of at least {devices}")
+    if config.norm_placement != "none":  # without norm layers every method trains at any batch size
+        for m in config.methods:
+            need, why = norms.REGISTRY[m].min_batch(config.norm_options.get(m, {}))
+            if config.batch_size < need:
+                fail("batch_size", f"{m} {why}: use a batch of at least {need}")
     if config.sampler == "noniid":
         if config.classes_per_batch is None or config.classes_per_batch < 1:
             fail("classes_per_batch", "sampler 'noniid' needs a positive classes_per_batch")
@@ -219,123 +223,6 @@ def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
 
 
-def autocast(device: torch.device, precision: str):
-    """The precision context of every forward pass: bf16 autocast, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the whole set, in eval mode, without autograd bookkeeping."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    size = EVAL_BATCH.get(x.device.type, 1024)
-    with torch.inference_mode(), autocast(x.device, precision):
-        for i in range(0, len(x), size):
-            logits = model(x[i: i + size]).float()
-            loss += F.cross_entropy(logits, y[i: i + size], reduction="sum").double()
-            correct += (logits.argmax(1) == y[i: i + size]).sum()
-    model.train(was_training)
-    return int(correct) / len(x), float(loss) / len(x)  # one host sync per evaluation
-
-
-def evaluate_recomputed(model: torch.nn.Module, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        precision: str = "fp32") -> tuple[float, float]:
-    """:func:`evaluate` after recomputing population statistics from ``batches`` (precise BN); the
-    model's own buffers are restored afterwards, so training goes on from exactly where it was."""
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    try:
-        with autocast(x.device, precision):
-            norms.recompute_statistics(model, batches)
-        return evaluate(model, x, y, precision)
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
-
-
-def evaluate_batch_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                              precision: str = "fp32") -> tuple[float, float]:
-    """:func:`evaluate` with batch statistics at test time: the test set in batches of the training batch size
-    (a smaller last one), each normalised with its own statistics; no state changes."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    with torch.inference_mode(), autocast(x.device, precision), norms.batch_statistics(model):
-        for i in range(0, len(x), batch_size):
-            logits = model(x[i: i + batch_size]).float()
-            loss += float(F.cross_entropy(logits, y[i: i + batch_size], reduction="sum"))
-            correct += int((logits.argmax(1) == y[i: i + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(x), loss / len(x)
-
-
-# --- the seeds of a stacked model evaluated together: one forward pass serves every seed ----------------
-
-
-def _stacked_scores(model: stacked_mod.StackedNet, x: torch.Tensor, y: torch.Tensor, size: int,
-                    precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every seed's (correct predictions, summed cross-entropy) on (x, y) in batches of ``size``: the test
-    images enter every seed's input channels, logits come out per seed. The model's mode is the caller's."""
-    correct = torch.zeros(model.seeds, dtype=torch.long, device=x.device)
-    loss = torch.zeros(model.seeds, dtype=torch.float64, device=x.device)
-    with torch.inference_mode(), autocast(x.device, precision):
-        for i in range(0, len(x), size):
-            logits = model(x[i: i + size].repeat(1, model.seeds, 1, 1)).float()  # [n, S, classes]
-            labels = y[i: i + size].unsqueeze(1).expand(-1, model.seeds)
-            loss += F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none").sum(0).double()
-            correct += (logits.argmax(2) == labels).sum(0)
-    return correct, loss
-
-
-def _per_seed(correct: torch.Tensor, loss: torch.Tensor, n: int) -> list[tuple[float, float]]:
-    return [(c / n, v / n) for c, v in zip(correct.tolist(), loss.tolist())]  # one host sync
-
-
-# Largest batch whose stacked pass beats the seeds' own networks on a CPU: grouped convolutions pay at small
-# batches, where every kernel is overhead, and lose at large ones (three BN seeds, 360 8x8 digits, one thread:
-# stacked 2.0x at batch 2, 1.25x at 16, 1.1x at 32, 1.0x at 64, 0.75x at 128). On a GPU always stacked.
-STACKED_EVAL_MAX_BATCH = {"cpu": 32}
-
-
-def evaluate_stacked(model: stacked_mod.StackedNet, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32",
-                     recompute_batches: list[torch.Tensor] | None = None,
-                     batch_stats_size: int | None = None) -> list[tuple[float, float]]:
-    """Per seed, what :func:`evaluate` gives for its own network; with ``recompute_batches`` (every seed's
-    batches side by side along the channels, as in training) :func:`evaluate_recomputed`'s, with
-    ``batch_stats_size`` :func:`evaluate_batch_statistics`'s. Passes of at most ``STACKED_EVAL_MAX_BATCH``
-    samples run stacked (one pass for every seed), larger ones through each seed's own network. The model's
-    state is left as it was."""
-    was_training = model.training
-    saved = {name: buf.clone() for name, buf in model.named_buffers()} if recompute_batches is not None else None
-    stacked_max = STACKED_EVAL_MAX_BATCH.get(x.device.type, 1 << 30)
-    try:
-        if recompute_batches is not None:
-            with autocast(x.device, precision):
-                norms.recompute_statistics(model, recompute_batches)
-        model.eval()
-        if batch_stats_size is not None:
-            if batch_stats_size > stacked_max:
-                return [evaluate_batch_statistics(net, x, y, batch_stats_size, precision) for net in model.seed_networks()]
-            with norms.batch_statistics(model):
-                return _per_seed(*_stacked_scores(model, x, y, batch_stats_size, precision), len(x))
-        size = EVAL_BATCH.get(x.device.type, 1024)
-        if min(size, len(x)) > stacked_max:
-            return [evaluate(net, x, y, precision) for net in model.seed_networks()]
-        return _per_seed(*_stacked_scores(model, x, y, size, precision), len(x))
-    finally:
-        model.train(was_training)
-        if saved is not None:
-            with torch.no_grad():
-                for name, buf in model.named_buffers():
-                    buf.copy_(saved[name])
-
-
-def _keeps_running_statistics(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, norms._RunningStatsNorm) for m in model.modules())
-
-
 class _StepClock:
     """Training time of one method. On a CPU the wall clock around each step; on a GPU a pair of CUDA events
     per step, read once per log window (where the loss is read anyway), so no step waits for the device."""
@@ -368,44 +255,136 @@ class _StepClock:
         return self.seconds
 
 
-# --- checkpoints: a cell killed mid-run resumes where its last checkpoint left it, to the same numbers -----
+@dataclass
+class _Plan:
+    """The schedule of a run: its length, when it logs the training loss and when it evaluates."""
+
+    steps: int
+    log_every: int
+    eval_steps: set[int]
+
+    @classmethod
+    def of(cls, config: Config, num_train: int) -> "_Plan":
+        steps = total_steps(config, num_train)
+        eval_every = config.eval_every or math.ceil(steps / config.evals)  # exactly `evals`, the last at the last step
+        return cls(steps, config.log_every or max(1, steps // 100),
+                   set(range(eval_every, steps + 1, eval_every)) | {steps})
 
 
-def _checkpoint_key(config: Config, seeds: list[int]) -> dict:
-    """What a checkpoint must match to be resumed: the training settings (not where the cell runs), the
-    seeds and the training code."""
-    from .results import TRAINING_SHA256  # results imports this module
+class MethodRun:
+    """One method in the lockstep run: its model (one seed's network, or every seed stacked), optimiser, clock,
+    the open training-loss window, and one :class:`~bnlib.record.MethodRecord` per seed."""
 
-    return {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in LOCAL_KEYS}, "seeds": list(seeds),
-            "training_code_sha256": TRAINING_SHA256}
+    def __init__(self, model: torch.nn.Module, config: Config, seeds: list[int], device: torch.device):
+        self.model, self.config, self.stacked = model, config, len(seeds) > 1
+        self.opt = _optimizer(config, model.parameters())
+        self.clock = _StepClock(device)
+        self.steps, self.window = 0, 0  # steps trained; steps in the open loss window
+        self.loss_sum = torch.zeros(len(seeds) if self.stacked else (), device=device)
+        self.recs = [MethodRecord() for _ in seeds]
 
+    @property
+    def live(self) -> bool:
+        """Not every seed diverged (a diverged seed of a stacked model trains on: NaN stays in its own channels)."""
+        return not all(rec.diverged for rec in self.recs)
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+        """One optimiser step on the batch (per seed, the mean loss over its batch; the seeds' losses summed keep
+        their gradients apart)."""
+        config = self.config
+        self.clock.start()
+        with autocast(device, config.precision):
+            if self.stacked:
+                loss = F.cross_entropy(self.model(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
+                total = loss.sum() + config.aux_weight * stacked_mod.auxiliary_loss(self.model)
+            else:
+                loss = F.cross_entropy(self.model(x).float(), y)
+                total = loss + config.aux_weight * norms.auxiliary_loss(self.model)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach()
+        self.clock.stop()
+        self.steps += 1
+        self.window += 1
 
+    def close_window(self, step: int) -> None:
+        """Record the window's mean training loss per seed; a non-finite one marks the seed diverged."""
+        if self.window == 0:
+            return
+        self.clock.read()
+        for rec, loss_sum in zip(self.recs, self.loss_sum.reshape(-1).tolist()):
+            mean_loss = loss_sum / self.window
+            if rec.diverged:
+                continue
+            if not math.isfinite(mean_loss):  # diverged: stop this method, keep what it recorded
+                rec.mark_diverged(step)
+                continue
+            rec.train_step.append(step)
+            rec.train_loss.append(mean_loss)
+        self.loss_sum.zero_()
+        self.window = 0
 
-def load_checkpoint(path: Path, key: dict) -> dict | None:
-    """The checkpoint at ``path`` if it belongs to this configuration, seeds and code (``key``), else None
-    (with the reason printed, and the file left for the next run to overwrite)."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint costs the time since the start, not the cell
-        print(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); starting from step 0")
-        return None
-    if state.get("key") != key:
-        print(f"checkpoint {path} was written for other settings or training code; starting from step 0")
-        return None
-    return state
+    def evaluate(self, step: int, x: torch.Tensor, y: torch.Tensor, recompute_batches) -> None:
+        """One evaluation of every seed, appended to its record (or its divergence recorded)."""
+        config = self.config
+        running = norms.keeps_running_statistics(self.model)
+        recompute, batch_stats = config.recompute and running, config.eval_batch_stats and running
+        if self.stacked:  # one pass for every seed; a diverged seed is evaluated along and its record left alone
+            nothing = [(None, None)] * len(self.recs)
+            plain = evaluate_mod.evaluate_stacked(self.model, x, y, config.precision)
+            recomputed = (evaluate_mod.evaluate_stacked(self.model, x, y, config.precision, recompute_batches=recompute_batches)
+                          if recompute else nothing)
+            batch = (evaluate_mod.evaluate_stacked(self.model, x, y, config.precision, batch_stats_size=config.batch_size)
+                     if batch_stats else nothing)
+            for rec, p, r, b in zip(self.recs, plain, recomputed, batch):
+                if rec.diverged:
+                    continue
+                if not math.isfinite(p[1]):
+                    rec.mark_diverged(step)
+                    continue
+                rec.append_evaluation(step, len(y), p, r, b)
+            return
+        rec = self.recs[0]
+        if rec.diverged:
+            return
+        plain = evaluate_mod.evaluate(self.model, x, y, config.precision)
+        if not math.isfinite(plain[1]):
+            rec.mark_diverged(step)
+            return
+        recomputed = (evaluate_mod.evaluate_recomputed(self.model, recompute_batches, x, y, config.precision)
+                      if recompute else (None, None))
+        batch = (evaluate_mod.evaluate_batch_statistics(self.model, x, y, config.batch_size, config.precision)
+                 if batch_stats else (None, None))
+        rec.append_evaluation(step, len(y), plain, recomputed, batch)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "loss_sum": self.loss_sum,
+                "seconds": self.clock.read(), "steps": self.steps, "window": self.window,
+                "recs": [rec.to_dict() for rec in self.recs]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["opt"])
+        self.loss_sum.copy_(saved["loss_sum"])
+        self.clock.seconds, self.steps, self.window = saved["seconds"], saved["steps"], saved["window"]
+        self.recs = [MethodRecord.from_dict(r) for r in saved["recs"]]
+
+    def finish(self, seeds: int, batch_size: int) -> list[MethodRecord]:
+        """Every seed's record with its timings and final numbers (the last evaluation; None when it diverged)."""
+        for rec in self.recs:
+            rec.train_seconds = seconds = self.clock.read() / seeds
+            rec.samples_per_second = self.steps * batch_size / seconds if seconds else None
+            last = lambda values: values[-1] if values and not rec.diverged else None  # noqa: E731
+            rec.final = Final(test_acc=last(rec.test_acc), test_loss=last(rec.test_loss),
+                              test_acc_recomputed=last(rec.test_acc_recomputed),
+                              test_acc_batchstats=last(rec.test_acc_batchstats), train_loss=last(rec.train_loss))
+        return self.recs
 
 
 def train(config: Config, dataset: data_mod.Dataset | None = None, progress: bool = True,
-          checkpoint: str | Path | None = None) -> dict:
-    """Train ``config.methods`` in lockstep; returns JSON-ready records (see the keys below).
+          checkpoint: str | Path | None = None) -> RunRecord:
+    """Train ``config.methods`` in lockstep; returns the run's record (:class:`bnlib.record.RunRecord`).
 
     With ``checkpoint`` (a file path), the state of the run -- models, optimisers, norm buffers, the
     random state, the step reached and the records so far -- is saved there every
@@ -416,8 +395,38 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     return train_seeds(config, [config.seed], dataset, progress, checkpoint)[0]
 
 
+def _fixed_batches(ds: data_mod.Dataset, config: Config, seed: int, device: torch.device) -> tuple[list, list]:
+    """A fixed slice of training data, a function of the seed: BLN's initialisation uses its first
+    init_samples (in evaluation batches), precise statistics its first recompute_samples (at the training batch size)."""
+    eval_batch = evaluate_mod.eval_batch(device)
+    order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
+    init_idx = order[: config.init_samples].to(device)
+    init = [ds.x_train[init_idx[i: i + eval_batch]] for i in range(0, len(init_idx), eval_batch)]
+    recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
+    recompute = [ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
+                 for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)]
+    return init, recompute
+
+
+def _build(method: str, config: Config, seeds: list[int], ds: data_mod.Dataset, steps: int, device: torch.device,
+           init_batches: list[list]) -> MethodRun:
+    """Every seed's network of one method (its data-dependent start done), stacked when there are several seeds."""
+    nets = []
+    for seed, init in zip(seeds, init_batches):
+        net = models.build(
+            method, seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
+            norm_placement=config.norm_placement, norm_position=config.norm_position,
+            norm_options={**norms.run_options(method, steps, config.batch_size), **config.norm_options.get(method, {})},
+        ).to(device)
+        if init:
+            with autocast(device, config.precision):
+                norms.initialise_statistics(net, init)
+        nets.append(net)
+    return MethodRun(stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device)
+
+
 def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | None = None, progress: bool = True,
-                checkpoint: str | Path | None = None) -> list[dict]:
+                checkpoint: str | Path | None = None) -> list[RunRecord]:
     """:func:`train` for each of ``seeds`` (``config.seed`` aside), the seeds of a method trained as one stacked
     model (:mod:`bnlib.stacked`): one kernel per layer serves every seed. Each seed keeps its own batches,
     initial weights and evaluation, and its result equals ``train`` with that seed to float tolerance; its
@@ -431,205 +440,72 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     device = resolve_device(config.device)
     ds = dataset.to(device)
     stacked = len(seeds) > 1
-    steps = total_steps(config, len(ds.y_train))
-    eval_every = config.eval_every or math.ceil(steps / config.evals)  # exactly `evals`, the last at the last step
-    log_every = config.log_every or max(1, steps // 100)
-    eval_steps = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps})
+    plan = _Plan.of(config, len(ds.y_train))
+
     # In-training evaluations on a fixed test subset (the same for every seed and method); the last on all.
     subset = torch.randperm(len(ds.y_test), generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
     subset = subset[: config.eval_samples or len(subset)].sort().values.to(device)
     x_sub, y_sub = ds.x_test[subset], ds.y_test[subset]
-
-    # A fixed slice of training data, a function of the seed: BLN's initialisation uses its first
-    # init_samples, precise statistics its first recompute_samples (at the training batch size).
-    eval_batch = EVAL_BATCH.get(device.type, 1024)
-    init_batches, recompute_batches = [], []
-    for seed in seeds:
-        order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
-        init_idx = order[: config.init_samples].to(device)
-        init_batches.append([ds.x_train[init_idx[i: i + eval_batch]] for i in range(0, len(init_idx), eval_batch)])
-        recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
-        recompute_batches.append([ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
-                                  for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)])
-
+    init_batches, recompute_batches = zip(*(_fixed_batches(ds, config, seed, device) for seed in seeds))
     # Stacked: seed k's recompute batches in input channels k*C ... (k+1)*C, as its training batches.
-    recompute_stacked = [torch.cat(group, 1) for group in zip(*recompute_batches)] if stacked else None
+    recompute = [torch.cat(group, 1) for group in zip(*recompute_batches)] if stacked else recompute_batches[0]
+    runs = {m: _build(m, config, seeds, ds, plan.steps, device, init_batches) for m in config.methods}
 
-    runs = {}
-    for m in config.methods:
-        nets = []  # every seed's own network: trained directly (one seed) or stacked
-        for k, seed in enumerate(seeds):
-            net = models.build(
-                m, seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
-                norm_placement=config.norm_placement, norm_position=config.norm_position,
-                norm_options={**norms.run_options(m, steps, config.batch_size), **config.norm_options.get(m, {})},
-            ).to(device)
-            if init_batches[k]:
-                with autocast(device, config.precision):
-                    norms.initialise_statistics(net, init_batches[k])
-            nets.append(net)
-        model = stacked_mod.StackedNet(nets) if stacked else nets[0]
-        runs[m] = {
-            "model": model, "opt": _optimizer(config, model.parameters()), "clock": _StepClock(device),
-            "steps": 0, "loss_sum": torch.zeros(len(seeds) if stacked else (), device=device), "window": 0,
-            "recs": [{"train_step": [], "train_loss": [], "eval_step": [], "eval_size": [], "test_acc": [], "test_loss": [],
-                      "test_acc_recomputed": [], "test_loss_recomputed": [], "test_acc_batchstats": [],
-                      "test_loss_batchstats": [], "diverged": False, "diverged_step": None} for _ in seeds],
-        }
-    live = lambda run: not all(rec["diverged"] for rec in run["recs"])  # noqa: E731
-
-    eval_seconds, elapsed, done, resumed = 0.0, 0.0, 0, []
     streams = [data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, seed, config.classes_per_batch)
                for seed in seeds]
+    eval_seconds, elapsed, done, resumed = 0.0, 0.0, 0, []
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    key = _checkpoint_key(config, seeds)
-    state = load_checkpoint(checkpoint, key) if checkpoint is not None else None
+    key = checkpoint_mod.key(config, seeds, LOCAL_KEYS)
+    state = checkpoint_mod.load(checkpoint, key) if checkpoint is not None else None
     if state is not None:
         done, eval_seconds, elapsed, resumed = state["step"], state["eval_seconds"], state["elapsed"], state["resumed"] + [state["step"]]
         for m, run in runs.items():
-            saved = state["runs"][m]
-            run["model"].load_state_dict(saved["model"])
-            run["opt"].load_state_dict(saved["opt"])
-            run["loss_sum"].copy_(saved["loss_sum"])
-            run["clock"].seconds, run["steps"], run["window"], run["recs"] = saved["seconds"], saved["steps"], saved["window"], saved["recs"]
+            run.load_state_dict(state["runs"][m])
         torch.set_rng_state(state["rng"])
         for stream in streams:  # the stream is a function of the seed: replay it to where the run stopped
             for _ in range(done):
                 next(stream)
-        print(f"resumed from {checkpoint} at step {done} of {steps}")
+        print(f"resumed from {checkpoint} at step {done} of {plan.steps}")
+
     started = time.perf_counter() - elapsed
     saved_at = time.perf_counter()
-    bar = tqdm(total=steps, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
-    for step in range(done + 1, steps + 1):
+    bar = tqdm(total=plan.steps, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
+    for step in range(done + 1, plan.steps + 1):
         idx = [next(stream).to(device, non_blocking=True) for stream in streams]
         if stacked:  # seed k's images in input channels k*C ... (k+1)*C, its labels in column k
             x, y = torch.cat([ds.x_train[i] for i in idx], 1), torch.stack([ds.y_train[i] for i in idx], 1)
         else:
             x, y = ds.x_train[idx[0]], ds.y_train[idx[0]]
         for run in runs.values():
-            if not live(run):  # a diverged seed of a stacked model trains on (NaN stays in its own channels)
-                continue
-            model, opt = run["model"], run["opt"]
-            run["clock"].start()
-            with autocast(device, config.precision):
-                if stacked:  # per seed, the mean over its batch; the seeds' losses summed keep their gradients apart
-                    loss = F.cross_entropy(model(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
-                    total = loss.sum() + config.aux_weight * stacked_mod.auxiliary_loss(model)
-                else:
-                    loss = F.cross_entropy(model(x).float(), y)
-                    total = loss + config.aux_weight * norms.auxiliary_loss(model)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            run["loss_sum"] += loss.detach()
-            run["clock"].stop()
-            run["steps"] += 1
-            run["window"] += 1
-        if step % log_every == 0 or step == steps:
+            if run.live:
+                run.train_step(x, y, device)
+        if step % plan.log_every == 0 or step == plan.steps:
             for run in runs.values():
-                if not live(run) or run["window"] == 0:
-                    continue
-                run["clock"].read()
-                sums = run["loss_sum"].reshape(-1).tolist()
-                for rec, loss_sum in zip(run["recs"], sums):
-                    mean_loss = loss_sum / run["window"]
-                    if rec["diverged"]:
-                        continue
-                    if not math.isfinite(mean_loss):  # diverged: stop this method, keep what it recorded
-                        rec["diverged"], rec["diverged_step"] = True, step
-                        continue
-                    rec["train_step"].append(step)
-                    rec["train_loss"].append(mean_loss)
-                run["loss_sum"].zero_()
-                run["window"] = 0
-        if step in eval_steps:
+                if run.live:
+                    run.close_window(step)
+        if step in plan.eval_steps:
             t_eval = time.perf_counter()
-            x_eval, y_eval = (ds.x_test, ds.y_test) if step == steps else (x_sub, y_sub)
+            x_eval, y_eval = (ds.x_test, ds.y_test) if step == plan.steps else (x_sub, y_sub)
             for run in runs.values():
-                if not live(run):
-                    continue
-                if stacked:
-                    _evaluate_stacked_into(run["recs"], run["model"], step, x_eval, y_eval, recompute_stacked, config)
-                    continue
-                if not run["recs"][0]["diverged"]:
-                    _evaluate_into(run["recs"][0], run["model"], step, x_eval, y_eval, recompute_batches[0], config)
-            accs = {m: r["recs"][0]["test_acc"][-1] for m, r in runs.items() if r["recs"][0]["test_acc"] and not r["recs"][0]["diverged"]}
-            bar.set_postfix({m: f"{a:.3f}" for m, a in accs.items()}, refresh=False)
+                if run.live:
+                    run.evaluate(step, x_eval, y_eval, recompute)
+            bar.set_postfix({m: f"{r.recs[0].test_acc[-1]:.3f}" for m, r in runs.items()
+                             if r.recs[0].test_acc and not r.recs[0].diverged}, refresh=False)
             eval_seconds += time.perf_counter() - t_eval
         bar.update(1)
-        if checkpoint is not None and step < steps and time.perf_counter() - saved_at >= 60 * config.checkpoint_minutes:
-            save_checkpoint(checkpoint, {
+        if checkpoint is not None and step < plan.steps and time.perf_counter() - saved_at >= 60 * config.checkpoint_minutes:
+            checkpoint_mod.save(checkpoint, {
                 "key": key, "step": step, "eval_seconds": eval_seconds, "resumed": resumed,
                 "elapsed": time.perf_counter() - started, "rng": torch.get_rng_state(),
-                "runs": {m: {"model": r["model"].state_dict(), "opt": r["opt"].state_dict(), "loss_sum": r["loss_sum"],
-                             "seconds": r["clock"].read(), "steps": r["steps"], "window": r["window"], "recs": r["recs"]}
-                         for m, r in runs.items()}})
+                "runs": {m: r.state_dict() for m, r in runs.items()}})
             saved_at = time.perf_counter()
     bar.close()
 
-    outs = []
-    for k, seed in enumerate(seeds):
-        out = {"config": {**dataclasses.asdict(config), "seed": seed}, "device": str(device), "steps": steps,
-               "samples_per_step": config.batch_size, "train_size": len(ds.y_train), "test_size": len(ds.y_test),
-               "num_classes": ds.num_classes, "wall_seconds": time.perf_counter() - started,
-               "eval_seconds": eval_seconds, "methods": {}}
-        if stacked:
-            out["stacked_seeds"] = list(seeds)
-        if resumed:
-            out["resumed_at_steps"] = resumed
-        for m, run in runs.items():
-            rec = run["recs"][k]
-            rec["train_seconds"] = seconds = run["clock"].read() / len(seeds)
-            rec["samples_per_second"] = run["steps"] * config.batch_size / seconds if seconds else None
-            last = lambda key: rec[key][-1] if rec[key] and not rec["diverged"] else None  # noqa: E731
-            rec["final"] = {"test_acc": last("test_acc"), "test_loss": last("test_loss"),
-                            "test_acc_recomputed": last("test_acc_recomputed"),
-                            "test_acc_batchstats": last("test_acc_batchstats"), "train_loss": last("train_loss")}
-            out["methods"][m] = rec
-        outs.append(out)
-    return outs
-
-
-def _evaluate_stacked_into(recs: list[dict], model: stacked_mod.StackedNet, step: int, x_eval: torch.Tensor,
-                           y_eval: torch.Tensor, recompute_batches: list[torch.Tensor], config: Config) -> None:
-    """:func:`_evaluate_into` for every seed of a stacked model, each evaluation one pass for all seeds. A
-    diverged seed is evaluated along (its NaNs stay in its own channels) and its records left alone."""
-    plain = evaluate_stacked(model, x_eval, y_eval, config.precision)
-    running = _keeps_running_statistics(model)
-    recomputed = (evaluate_stacked(model, x_eval, y_eval, config.precision, recompute_batches=recompute_batches)
-                  if config.recompute and running else [(None, None)] * len(recs))
-    batch_stats = (evaluate_stacked(model, x_eval, y_eval, config.precision, batch_stats_size=config.batch_size)
-                   if config.eval_batch_stats and running else [(None, None)] * len(recs))
-    for rec, (acc, loss_value), (acc_r, loss_r), (acc_b, loss_b) in zip(recs, plain, recomputed, batch_stats):
-        if rec["diverged"]:
-            continue
-        if not math.isfinite(loss_value):
-            rec["diverged"], rec["diverged_step"] = True, step
-            continue
-        _append_evaluation(rec, step, len(y_eval), (acc, loss_value), (acc_r, loss_r), (acc_b, loss_b))
-
-
-def _append_evaluation(rec: dict, step: int, size: int, plain: tuple, recomputed: tuple, batch_stats: tuple) -> None:
-    rec["eval_step"].append(step)
-    rec["eval_size"].append(size)
-    rec["test_acc"].append(plain[0])
-    rec["test_loss"].append(plain[1])
-    rec["test_acc_recomputed"].append(recomputed[0])
-    rec["test_loss_recomputed"].append(recomputed[1])
-    rec["test_acc_batchstats"].append(batch_stats[0])
-    rec["test_loss_batchstats"].append(batch_stats[1])
-
-
-def _evaluate_into(rec: dict, model: torch.nn.Module, step: int, x_eval: torch.Tensor, y_eval: torch.Tensor,
-                   recompute_batches: list[torch.Tensor], config: Config) -> None:
-    """One evaluation of one seed's network, appended to its records (or its divergence recorded)."""
-    plain = evaluate(model, x_eval, y_eval, config.precision)
-    if not math.isfinite(plain[1]):
-        rec["diverged"], rec["diverged_step"] = True, step
-        return
-    running = _keeps_running_statistics(model)
-    recomputed = (evaluate_recomputed(model, recompute_batches, x_eval, y_eval, config.precision)
-                  if config.recompute and running else (None, None))
-    batch_stats = (evaluate_batch_statistics(model, x_eval, y_eval, config.batch_size, config.precision)
-                   if config.eval_batch_stats and running else (None, None))
-    _append_evaluation(rec, step, len(y_eval), plain, recomputed, batch_stats)
+    wall_seconds = time.perf_counter() - started
+    records = {m: run.finish(len(seeds), config.batch_size) for m, run in runs.items()}
+    return [RunRecord(config={**dataclasses.asdict(config), "seed": seed}, device=str(device), steps=plan.steps,
+                      samples_per_step=config.batch_size, train_size=len(ds.y_train), test_size=len(ds.y_test),
+                      num_classes=ds.num_classes, wall_seconds=wall_seconds, eval_seconds=eval_seconds,
+                      methods={m: recs[k] for m, recs in records.items()},
+                      stacked_seeds=list(seeds) if stacked else ABSENT, resumed_at_steps=resumed or ABSENT)
+            for k, seed in enumerate(seeds)]

@@ -16,7 +16,6 @@ which moves numbers by whole points.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import tempfile
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import grid as grid_mod
+from . import runner
+from .record import RunRecord, read_run
 
 TOLERANCE_POINTS = 0.5
 METRICS = ("test_acc", "test_acc_recomputed")
@@ -50,22 +51,23 @@ def choose(done: list[str], count: int, seed: int = 1) -> list[str]:
     return sorted(random.Random(seed).sample(sorted(done), min(count, len(done))))
 
 
-def compare(committed: dict, rerun: dict) -> list[Comparison]:
+def compare(committed: RunRecord, rerun: RunRecord) -> list[Comparison]:
     out = []
-    for method, rec in committed["methods"].items():
-        new = rerun["methods"].get(method, {"final": {}})
+    for method, rec in committed.methods.items():
+        new = rerun.methods.get(method)
         for metric in METRICS:
-            out.append(Comparison(committed["cell"], method, metric, rec["final"].get(metric), new["final"].get(metric)))
+            out.append(Comparison(committed.cell, method, metric, getattr(rec.final, metric),
+                                  getattr(new.final, metric) if new is not None else None))
     return out
 
 
 def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, count: int = 1, seed: int = 1,
            progress: bool = True) -> list[Comparison]:
     """Re-execute the chosen committed cells of ``grid`` into a temporary folder; their comparisons."""
-    runs = grid_mod.runs_dir(results, grid)
+    runs = runner.runs_dir(results, grid)
     by_id = {c.id: c for c in grid.cells}
     # stale cells too: whether the current code still reproduces them is what one wants to know
-    done = [c.id for c in grid.cells if grid_mod.state(runs, c) in ("done", "stale")]
+    done = [c.id for c in grid.cells if runner.state(runs, c) in ("done", "stale")]
     if cells:
         unknown = [c for c in cells if c not in by_id]
         if unknown:
@@ -78,21 +80,21 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
         if not done:
             raise grid_mod.GridError(f"{runs}: no finished cells to verify; run `bnlib run {grid.name}` first")
         chosen = choose(done, count, seed)
-    grid_mod.check_notebook(grid)
+    runner.check_notebook(grid)
     comparisons = []
     with tempfile.TemporaryDirectory(prefix="bnlib-verify-") as tmp:
         for i, cid in enumerate(chosen, 1):
-            committed = json.loads((runs / f"{cid}.json").read_text())
-            threads = committed.get("provenance", {}).get("torch_threads") or 1
+            committed = read_run(runs / f"{cid}.json")
+            threads = committed.provenance.torch_threads or 1
             if progress:
                 print(f"[{i}/{len(chosen)}] re-executing {cid} ({threads} thread(s)) ...", flush=True)
             stack = _stack_of(grid, by_id[cid], committed)
             if len(stack) > 1 and progress:
-                print(f"  it was trained stacked with seeds {committed['stacked_seeds']}: re-executing that stack", flush=True)
-            outcomes = {o["cell"]: o for o in grid_mod.execute_group(stack, Path(tmp), threads=threads)}
+                print(f"  it was trained stacked with seeds {committed.stacked_seeds}: re-executing that stack", flush=True)
+            outcomes = {o["cell"]: o for o in runner.execute_group(stack, Path(tmp), threads=threads)}
             if not outcomes[cid]["ok"]:
                 raise RuntimeError(f"re-executing {cid} failed: {outcomes[cid]['error']}")
-            rerun = json.loads((Path(tmp) / f"{cid}.json").read_text())
+            rerun = read_run(Path(tmp) / f"{cid}.json")
             comparisons += compare(committed, rerun)
             if progress:
                 differ = differing_curves(committed, rerun)
@@ -101,10 +103,10 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
     return comparisons
 
 
-def _stack_of(grid: grid_mod.Grid, cell: grid_mod.Cell, committed: dict) -> list[grid_mod.Cell]:
+def _stack_of(grid: grid_mod.Grid, cell: grid_mod.Cell, committed: RunRecord) -> list[grid_mod.Cell]:
     """The cells ``cell`` was trained with, in their stack's order (a stacked seed equals its solo run to float
     tolerance only, so it is re-executed in the same stack); just the cell when it was trained alone."""
-    seeds = committed.get("stacked_seeds") or []
+    seeds = committed.stacked_seeds or []
     if len(seeds) < 2:
         return [cell]
     key = grid_mod.condition_key(cell)
@@ -119,13 +121,14 @@ def _stack_of(grid: grid_mod.Grid, cell: grid_mod.Cell, committed: dict) -> list
 TIMINGS = ("train_seconds", "samples_per_second")
 
 
-def differing_curves(committed: dict, rerun: dict) -> list[str]:
+def differing_curves(committed: RunRecord, rerun: RunRecord) -> list[str]:
     """``method: key`` of every per-method record (training loss, every evaluation, divergence...) that is not
     exactly the committed one; timings aside."""
     out = []
-    for method, rec in committed["methods"].items():
-        new = rerun["methods"].get(method, {})
-        out += [f"{method}: {key}" for key in sorted(set(rec) | set(new)) if key not in TIMINGS and rec.get(key) != new.get(key)]
+    for method, rec in committed.methods.items():
+        old = rec.to_dict()
+        new = rerun.methods[method].to_dict() if method in rerun.methods else {}
+        out += [f"{method}: {key}" for key in sorted(set(old) | set(new)) if key not in TIMINGS and old.get(key) != new.get(key)]
     return out
 
 

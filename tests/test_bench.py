@@ -22,20 +22,14 @@ def test_step_rows_count_flops_and_compare_with_the_peak():
     assert (frame["of_peak"] > 0).all()
 
 
-def test_saved_table_replaces_the_readme_block(tmp_path):
+def test_saved_step_table_is_the_csv_the_book_shows(tmp_path):
     rows = [{"what": "matmul", "precision": "fp32", "side": None, "N": None, "ms": float("nan"), "GFLOP/s": 70.0, "of_peak": 1.0},
             {"what": "lockstep", "method": "all", "precision": "fp32", "side": 28, "N": 16, "ms": 650.0, "GFLOP/s": 28.0, "of_peak": 0.4}]
-    start, end = bench.README_MARKERS
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{start}\nold table\n{end}\nrest\n")
-    bench.save_step(rows, "a machine", tmp_path / "bench.csv", readme)
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith(f"{end}\nrest\n") and "old table" not in text
+    bench.save_step(rows, "a machine", tmp_path / "bench.csv")
+    saved = pd.read_csv(tmp_path / "bench.csv")
+    assert saved["machine"].eq("a machine").all()
+    text = bench.step_markdown(saved)
     assert "| lockstep | fp32 | 28x28 | 16 | 650.0 | 28.0 | 40% |" in text and "Measured on: a machine" in text
-    assert pd.read_csv(tmp_path / "bench.csv")["machine"].eq("a machine").all()
-    readme.write_text("no markers\n")
-    with pytest.raises(ValueError, match="markers"):
-        bench.save_step(rows, "a machine", tmp_path / "bench.csv", readme)
 
 
 def test_seeds_rows_compare_stacked_and_solo_runs_of_the_same_condition():
@@ -71,15 +65,8 @@ def test_fusion_reports_a_failed_compilation_instead_of_crashing(monkeypatch):
     assert (frame.loc[frame["layout"] == "eager", "ms"] > 0).all()  # the rest is still measured
 
 
-def test_saved_fusion_table_goes_between_its_own_markers(tmp_path):
+def test_saved_fusion_table_reads_back_into_the_books_table(tmp_path):
     rows = bench.bench_fusion("cpu", side=8, batch_size=4, repeats=1, compile=False)
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n" + "\n".join(bench.README_MARKERS) + "\n" + "\n".join(bench.FUSION_MARKERS) + "\nrest\n")
-    bench.save_fusion(rows, "a machine", tmp_path / "fusion.csv", readme)
-    text = readme.read_text()
-    block = text.split(bench.FUSION_MARKERS[0])[1].split(bench.FUSION_MARKERS[1])[0]
+    bench.save_fusion(rows, "a machine", tmp_path / "fusion.csv")
+    block = bench.fusion_markdown(pd.read_csv(tmp_path / "fusion.csv"))
     assert "| bn | channels-last |" in block and "| no norm | eager |" in block and "Measured on: a machine" in block
-    assert text.endswith(f"{bench.FUSION_MARKERS[1]}\nrest\n") and "\n".join(bench.README_MARKERS) in text  # the step block untouched
-    # the book page reads the CSV back into the same table
-    saved = pd.read_csv(tmp_path / "fusion.csv")
-    assert bench.fusion_markdown(saved) == block.strip("\n")

@@ -219,11 +219,11 @@ def test_every_method_has_one_family_and_figures_draw_each_family_in_its_own_lin
     frame = pd.DataFrame([{"method": m, "samples_seen": x, "test_acc": rng.random(), "seed": s, "batch_size": b}
                           for m in norms.METHODS for x in (1, 2) for s in (0, 1) for b in (2, 16)])
     legend = plots.accuracy_over_training(frame).legend
-    by_name = {norms.display_name(m): m for m in norms.METHODS}
+    by_name = {plots.display_name(m): m for m in norms.METHODS}
     drawn = {by_name[t.get_text()]: h for t, h in zip(legend.texts, legend.legend_handles)}
     assert list(drawn) == plots._order(norms.METHODS)  # listed family by family
     for m, handle in drawn.items():
-        assert handle.get_color() == norms.colour(m)
+        assert handle.get_color() == plots.colour(m)
         pattern = handle._unscaled_dash_pattern[1]  # matplotlib keeps the on/off lengths as given
         assert tuple(pattern or ()) == plots.dashes(m), m
     summary = pd.DataFrame([{"method": m, "batch_size": b, "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}

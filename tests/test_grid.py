@@ -13,7 +13,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from bnlib import cli, grid, results, train
+from bnlib import cli, grid, provenance, record, runner, stats, tables, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -38,13 +38,13 @@ def test_shipped_grids_load_and_match_the_notebook():
     for path in sorted((ROOT / "grids").glob("*.yaml")):
         g = grid.load(path)
         assert g.cells, path
-        grid.check_notebook(g)
+        runner.check_notebook(g)
         assert len({c.id for c in g.cells}) == len(g.cells)
 
 
 def test_notebook_declares_every_config_key_and_runner_parameter():
-    declared = grid.notebook_parameters()
-    assert declared == set(train.Config.__dataclass_fields__) | set(grid.RUNNER_PARAMETERS)
+    declared = runner.notebook_parameters()
+    assert declared == set(train.Config.__dataclass_fields__) | set(runner.RUNNER_PARAMETERS)
 
 
 def test_default_grid_covers_the_study():
@@ -103,13 +103,13 @@ def test_cli_reports_bad_grid_with_exit_status_2(tmp_path, capsys):
 
 
 def test_grid_key_missing_from_notebook_is_an_error(tmp_path):
-    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    nb = nbformat.read(runner.NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source = "\n".join(line for line in params.source.splitlines() if not line.startswith("sampler ="))
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     with pytest.raises(grid.GridError, match="sampler"):
-        grid.check_notebook(grid.load(_write(tmp_path, TINY + "  sampler: [iid]\n")), path)
+        runner.check_notebook(grid.load(_write(tmp_path, TINY + "  sampler: [iid]\n")), path)
 
 
 def test_help_lists_the_commands(capsys):
@@ -131,14 +131,14 @@ def test_help_lists_the_commands(capsys):
 def test_smoke_grid_end_to_end(smoke_results):
     tmp_path = smoke_results
     g = grid.load("smoke")
-    assert grid.status(g, tmp_path)["done"] == [c.id for c in g.cells]
+    assert runner.status(g, tmp_path)["done"] == [c.id for c in g.cells]
     for cell in g.cells:
         payload = json.loads((tmp_path / "smoke" / "runs" / f"{cell.id}.json").read_text())
         assert payload["cell"] == cell.id and set(payload["methods"]) == set(cell.parameters["methods"])
         assert payload["provenance"]["versions"]["torch"] and payload["provenance"]["git_commit"]
         nb = nbformat.read(tmp_path / "smoke" / "runs" / f"{cell.id}.ipynb", as_version=4)
         assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    written = results.aggregate(tmp_path / "smoke")
+    written = tables.aggregate(tmp_path / "smoke")
     summary = pd.read_csv(written["summary"])
     assert set(summary["method"]) == set(g.cells[0].parameters["methods"])
     seeds = {c.parameters["seed"] for c in g.cells}  # sizes from the grid file, so changing it cannot pass by luck
@@ -150,26 +150,26 @@ def test_smoke_grid_end_to_end(smoke_results):
     assert len(evals) == sum(len(c.parameters["methods"]) for c in g.cells) * per_method  # cells x methods x evaluations
     assert set(evals["step"]) == set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
     # a second run skips everything
-    again = grid.run(g, tmp_path, grid.LocalExecutor(jobs=2, threads=1), progress=False)
+    again = runner.run(g, tmp_path, runner.LocalExecutor(jobs=2, threads=1), progress=False)
     assert again.skipped == len(g.cells) and not again.finished
 
 
 @pytest.mark.slow
 def test_failing_cell_is_isolated(tmp_path):
-    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    nb = nbformat.read(runner.NOTEBOOK, as_version=4)
     index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)  # after papermill's injected parameters
     nb.cells.insert(index, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")'))
     path = tmp_path / "failing.ipynb"
     nbformat.write(nb, path)
     g = grid.load(_write(tmp_path, TINY))
-    report = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=2, threads=1), progress=False, notebook=path)
+    report = runner.run(g, tmp_path / "res", runner.LocalExecutor(jobs=2, threads=1), progress=False, notebook=path)
     assert len(report.finished) == 3 and len(report.failed) == 1
     (failed,) = report.failed
     assert "boom in cell" in report.failed[failed]
     runs = tmp_path / "res" / "tiny" / "runs"
     assert (runs / f"{failed}.ipynb").exists() and "RuntimeError" in (runs / f"{failed}.error").read_text()
     assert not (runs / f"{failed}.json").exists()
-    assert grid.status(g, tmp_path / "res")["failed"] == [failed]
+    assert runner.status(g, tmp_path / "res")["failed"] == [failed]
 
 
 @pytest.mark.slow
@@ -189,7 +189,7 @@ def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path):
     for p in runs.glob("*.json"):
         json.loads(p.read_text())  # whatever is there is whole
     assert not list(runs.glob("*.tmp"))
-    status = grid.status(grid.load(path), tmp_path / "res")
+    status = runner.status(grid.load(path), tmp_path / "res")
     assert len(status["done"]) == len(done)
     completed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
@@ -232,7 +232,7 @@ axes:
     resumed = json.loads((runs / f"{cell.id}.json").read_text())
     assert resumed["resumed_at_steps"] and 0 < resumed["resumed_at_steps"][0] < 600
     assert not ckpt.exists()
-    grid.run(g, tmp_path / "whole", grid.LocalExecutor(jobs=1, threads=1), progress=False)
+    runner.run(g, tmp_path / "whole", runner.LocalExecutor(jobs=1, threads=1), progress=False)
     whole = json.loads((tmp_path / "whole" / "tiny" / "runs" / f"{cell.id}.json").read_text())
     timing = ("train_seconds", "samples_per_second")
     for m in cell.parameters["methods"]:
@@ -251,13 +251,14 @@ def _fake_run(cell, seed, batch, accs, diverged=()):
                       "test_loss": [] if div else [0.5], "test_acc_recomputed": [] if div else [None], "test_loss_recomputed": [] if div else [None],
                       "diverged": div, "diverged_step": 5 if div else None, "train_seconds": 1.0, "samples_per_second": 10.0}
     config = {**train.Config(steps=10, batch_size=batch, seed=seed).__dict__}
-    return {"cell": cell, "config": config, "steps": 10, "num_classes": 10, "device": "cpu", "provenance": {"device_name": "cpu"}, "methods": methods}
+    return {"cell": cell, "config": config, "steps": 10, "samples_per_step": batch, "train_size": 100, "test_size": 10, "num_classes": 10,
+            "device": "cpu", "wall_seconds": 1.0, "eval_seconds": 0.1, "provenance": {"device_name": "cpu"}, "methods": methods}
 
 
 def test_summary_statistics_are_paired_with_t_intervals():
     runs = [_fake_run(f"c{s}", s, 4, {"bn": 0.9 + 0.01 * s, "brn": 0.8 + 0.02 * s, "bnrs": 0.5}, diverged=("bnrs",) if s == 0 else ())
             for s in range(4)]
-    summary = results.summarise(results.evaluations(runs)).set_index("method")
+    summary = stats.summarise(tables.evaluations([record.RunRecord.from_dict(r) for r in runs])).set_index("method")
     assert summary.loc["bn", "mean"] == pytest.approx(0.915)
     assert summary.loc["bn", "ci_low"] < 0.915 < summary.loc["bn", "ci_high"]
     assert summary.loc["brn", "diff_vs_bn"] == pytest.approx(0.83 - 0.915)
@@ -271,16 +272,20 @@ def test_summary_statistics_are_paired_with_t_intervals():
     assert summary.loc["bn", "n_seeds"] == 4
 
 
-def test_write_json_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "cell.json"
 
-    def broken_dump(*a, **k):
+    def broken(tmp):  # interrupted half-way through writing
+        tmp.write_text('{"a": ')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(results.json, "dump", broken_dump)
     with pytest.raises(KeyboardInterrupt):
-        results.write_json_atomic(target, {"a": 1})
+        record.atomic_write(target, broken)
     assert not target.exists() and not list(tmp_path.iterdir())
+    record.write_json(target, {"a": 1})
+    with pytest.raises(KeyboardInterrupt):  # an existing file survives an interrupted rewrite
+        record.atomic_write(target, broken)
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["cell.json"]
 
 
 @pytest.mark.slow
@@ -300,7 +305,7 @@ def test_ctrl_c_stops_promptly_and_resumes(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and time.time() - interrupted < 30, out
     assert "run the same command again to resume" in out
-    status = grid.status(grid.load(path), tmp_path / "res")
+    status = runner.status(grid.load(path), tmp_path / "res")
     assert not status["failed"] and len(status["done"]) >= 1  # the interrupted cell is unfinished, not failed
     completed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0 and len(list(runs.glob("*.json"))) == 4, completed.stdout + completed.stderr
@@ -331,8 +336,8 @@ def test_one_runner_per_grid_the_second_refuses_naming_the_first_or_waits(tmp_pa
     path = _write(tmp_path, TINY)
     res = tmp_path / "res"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from bnlib import grid\n"
-        f"with grid.runner_lock(Path({str(res / 'tiny')!r})):\n"
+        "import sys, time; from pathlib import Path; from bnlib import runner\n"
+        f"with runner.runner_lock(Path({str(res / 'tiny')!r})):\n"
         "    print('locked', flush=True); time.sleep(6)\n")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 2
@@ -372,7 +377,7 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "-j", "2"]) == 0
     runs = res / "tiny" / "runs"
     payload = json.loads(sorted(runs.glob("*.json"))[0].read_text())
-    assert payload["provenance"]["training_code_sha256"] == results.TRAINING_SHA256
+    assert payload["provenance"]["training_code_sha256"] == provenance.TRAINING_SHA256
     old = sorted(runs.glob("*.json"))[1]
     run = json.loads(old.read_text())
     run["provenance"]["training_code_sha256"] = "0" * 64  # as if trained by an earlier norms.py
@@ -382,18 +387,18 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     out = capsys.readouterr().out
     assert re.search(r"stale\s+1", out) and re.search(r"done\s+3", out)
     # earlier code that the current code is registered to reproduce exactly is not stale
-    monkeypatch.setitem(results.REPRODUCED_TRAINING_CODE, "0" * 64, "reproduced (a test)")
-    assert grid.status(grid.load(path), res)["stale"] == []
-    monkeypatch.delitem(results.REPRODUCED_TRAINING_CODE, "0" * 64)
+    monkeypatch.setitem(provenance.REPRODUCED_TRAINING_CODE, "0" * 64, "reproduced (a test)")
+    assert runner.status(grid.load(path), res)["stale"] == []
+    monkeypatch.delitem(provenance.REPRODUCED_TRAINING_CODE, "0" * 64)
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "keeping 1 stale cells" in out and "nothing to run" in out  # kept, and said so
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "--stale"]) == 0
     assert "1 cells run, 3 already done" in capsys.readouterr().out
-    assert json.loads(old.read_text())["provenance"]["training_code_sha256"] == results.TRAINING_SHA256
+    assert json.loads(old.read_text())["provenance"]["training_code_sha256"] == provenance.TRAINING_SHA256
     # the fingerprint covers the training modules and the notebook, not the book or the runner
-    assert results.code_fingerprint(results.TRAINING_CODE) == results.TRAINING_SHA256
-    assert "book.py" not in results.TRAINING_CODE and "grid.py" not in results.TRAINING_CODE
+    assert provenance.code_fingerprint(provenance.TRAINING_CODE) == provenance.TRAINING_SHA256
+    assert "book.py" not in provenance.TRAINING_CODE and "grid.py" not in provenance.TRAINING_CODE
 
 
 def test_provenance_names_the_gpu_a_cuda_cell_ran_on(monkeypatch):
@@ -401,8 +406,8 @@ def test_provenance_names_the_gpu_a_cuda_cell_ran_on(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device.index}")
-    assert results.device_name("cuda:1") == "Fake GPU 1"
-    assert results.device_name("cpu") != "Fake GPU 1"
+    assert provenance.device_name("cuda:1") == "Fake GPU 1"
+    assert provenance.device_name("cpu") != "Fake GPU 1"
 
 
 def test_set_overrides_a_setting_with_its_own_ids_and_folder(tmp_path, capsys):
@@ -457,14 +462,14 @@ axes:
         return 10 + 0.2 * steps + 0.5 * steps * batch
 
     log.write_text("\n".join(json.dumps({"cell": cell[(n, 4, None)].id, "ok": True, "seconds": truth(n, 4)}) for n in (10, 20)))
-    est = grid.estimate_seconds(g, tmp_path / "res", g.cells)
+    est = runner.estimate_seconds(g, tmp_path / "res", g.cells)
     assert est[cell[(10, 4, None)].id] == pytest.approx(truth(10, 4))  # its own kind
     # one batch size so far: steps and samples go together, the model is fixed + per sample
     assert est[cell[(40, 4, None)].id] == pytest.approx(truth(40, 4))
     assert est[cell[(40, 4, 160)].id] == pytest.approx(truth(40, 4))  # a samples budget lands on the same line
     with log.open("a") as f:  # a second batch size separates the cost per step from the cost per sample
         f.write("\n" + json.dumps({"cell": cell[(10, 8, None)].id, "ok": True, "seconds": truth(10, 8)}))
-    est = grid.estimate_seconds(g, tmp_path / "res", g.cells)
+    est = runner.estimate_seconds(g, tmp_path / "res", g.cells)
     assert est[cell[(40, 8, None)].id] == pytest.approx(truth(40, 8))
     assert est[cell[(20, 8, 160)].id] == pytest.approx(truth(20, 8))
 
@@ -486,19 +491,19 @@ axes:
     assert cli.main(["status", str(path), "--results", str(tmp_path / "res"), "-v"]) == 0
     out = capsys.readouterr().out
     assert "1 of the pending cells train what another cell trains" in out and f"pending: {alias} (same training as {primary})" in out
-    report = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=1, threads=1), progress=False)
+    report = runner.run(g, tmp_path / "res", runner.LocalExecutor(jobs=1, threads=1), progress=False)
     assert report.ok and sorted(report.finished) == sorted(c.id for c in g.cells if c.id != alias) and report.copied == [alias]
     runs = tmp_path / "res" / "tiny" / "runs"
     a, p = (json.loads((runs / f"{c}.json").read_text()) for c in (alias, primary))
     assert a["cell"] == alias and a["same_training_as"] == primary and a["methods"] == p["methods"]
     assert a["config"]["steps"] == 12 and a["config"]["samples"] is None and p["config"]["samples"] == 48
     assert "trains exactly what cell" in nbformat.read(runs / f"{alias}.ipynb", as_version=4).cells[0].source
-    assert grid.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
-    summary = pd.read_csv(results.aggregate(tmp_path / "res" / "tiny")["summary"])
+    assert runner.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
+    summary = pd.read_csv(tables.aggregate(tmp_path / "res" / "tiny")["summary"])
     at4 = summary[summary["batch_size"] == 4]
     assert set(at4["budget"]) == {"48 samples", "12 steps"}  # counted under both budgets
     before = (runs / f"{alias}.json").stat().st_mtime_ns
-    again = grid.run(g, tmp_path / "res", grid.LocalExecutor(jobs=1, threads=1), progress=False)
+    again = runner.run(g, tmp_path / "res", runner.LocalExecutor(jobs=1, threads=1), progress=False)
     assert not again.finished and not again.copied and (runs / f"{alias}.json").stat().st_mtime_ns == before
     # selected without its twin, a cell trains itself
     (solo,) = grid.select(g, ["steps=12", "batch_size=4"]).cells
@@ -514,18 +519,18 @@ def test_stacked_seeds_run_as_one_notebook_with_each_cell_its_files(tmp_path, ca
 
     path = _write(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0, 1, 2]") + "stack_seeds: true\n")
     g = grid.load(path)
-    assert g.stack_seeds and [len(x) for x in grid.groups(g.cells, True)] == [3, 3]
+    assert g.stack_seeds and [len(x) for x in runner.groups(g.cells, True)] == [3, 3]
     assert cli.main(["run", str(path), "--results", str(tmp_path / "res"), "--no-progress", "-j", "1", "--threads", "1"]) == 0
     runs = tmp_path / "res" / "tiny" / "runs"
     assert len(list(runs.glob("*.kernel.log"))) == 2  # two notebook executions, not six
-    assert grid.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
-    for group in grid.groups(g.cells, True):
+    assert runner.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
+    for group in runner.groups(g.cells, True):
         lead = group[0]
         for cell in group:
             payload = json.loads((runs / f"{cell.id}.json").read_text())
             assert payload["stacked_seeds"] == [0, 1, 2] and payload["stacked_in"] == lead.id
             assert payload["config"]["seed"] == payload["parameters"]["seed"] == cell.config().seed
-            solo = train.train(train.Config.from_dict({**cell.parameters}), progress=False)
+            solo = train.train(train.Config.from_dict({**cell.parameters}), progress=False).to_dict()
             for m, rec in solo["methods"].items():
                 assert math.isclose(payload["methods"][m]["final"]["test_acc"], rec["final"]["test_acc"], abs_tol=1e-9)
                 assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(payload["methods"][m]["train_loss"], rec["train_loss"]))
@@ -533,7 +538,7 @@ def test_stacked_seeds_run_as_one_notebook_with_each_cell_its_files(tmp_path, ca
                 nb = nbformat.read(runs / f"{cell.id}.ipynb", as_version=4)
                 assert f"in the notebook of cell `{lead.id}`" in nb.cells[0].source and len(nb.cells) == 1 + len(nbformat.read(runs / f"{lead.id}.ipynb", as_version=4).cells)
     # a runner killed between the stack's metrics files and the notebook copies: the next run makes the copies
-    member = grid.groups(g.cells, True)[0][2]
+    member = runner.groups(g.cells, True)[0][2]
     (runs / f"{member.id}.ipynb").unlink()
     capsys.readouterr()
     assert cli.main(["run", str(path), "--results", str(tmp_path / "res"), "--no-progress"]) == 0
@@ -549,12 +554,12 @@ def test_aggregate_leaves_out_cells_the_grid_file_no_longer_has(tmp_path, capsys
     g = grid.load(path)
     runs = tmp_path / "res" / g.name / "runs"
     for c in g.cells:
-        results.write_json_atomic(runs / f"{c.id}.json", _fake_run(c.id, c.parameters["seed"], c.parameters["batch_size"], {"bn": 0.9, "brn": 0.8}))
+        record.write_json(runs / f"{c.id}.json", _fake_run(c.id, c.parameters["seed"], c.parameters["batch_size"], {"bn": 0.9, "brn": 0.8}))
     old = "digits-b4-iid-s0-0123456789"  # a cell of the file before its settings changed: same condition, seed 0
-    results.write_json_atomic(runs / f"{old}.json", _fake_run(old, 0, 4, {"bn": 0.1, "brn": 0.1}))
+    record.write_json(runs / f"{old}.json", _fake_run(old, 0, 4, {"bn": 0.1, "brn": 0.1}))
     assert cli.main(["aggregate", str(path), "--results", str(tmp_path / "res")]) == 0
     assert "left out 1 finished cells" in capsys.readouterr().out
     summary = pd.read_csv(tmp_path / "res" / g.name / "summary.csv")
     assert (summary["n_seeds"] == 2).all() and summary["mean"].min() > 0.5  # the old cell is in no mean
-    everything = pd.read_csv(results.aggregate(tmp_path / "res" / g.name)["summary"])  # without the grid: all files
+    everything = pd.read_csv(tables.aggregate(tmp_path / "res" / g.name)["summary"])  # without the grid: all files
     assert everything.loc[everything["batch_size"] == 4, "n_seeds"].max() == 3

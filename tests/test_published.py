@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnlib import book, cli, grid, published, results, verify
+from bnlib import book, cli, grid, provenance, published, runner, tables, verify
+from bnlib.record import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "results" / "study"
@@ -23,7 +24,7 @@ def _copy_grid(smoke_results, tmp_path) -> Path:
     """A copy of the finished smoke grid as it would be committed: runs and aggregated tables."""
     dst = tmp_path / "res" / "smoke"
     shutil.copytree(smoke_results / "smoke", dst)
-    results.aggregate(dst)
+    tables.aggregate(dst)
     return dst
 
 
@@ -85,9 +86,9 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     summary = pd.read_csv(_copy_grid(smoke_results, tmp_path) / "summary.csv")
     book.write_readme_findings(summary, 3, 6, readme=readme, commits=["abc1234"])
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the grid's 6 cells" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the study grid's 6 cells" in text
     assert "code of commit abc1234" in text
-    assert "| BN |" in text and ("below" in text or "cannot tell" in text)
+    assert "BN ends at" in text and ("below" in text or "cannot tell" in text)
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         book.write_readme_findings(summary, 3, 6, readme=readme)
@@ -127,20 +128,20 @@ def test_verify_reexecutes_a_committed_cell_bit_identically_and_catches_a_change
 @pytest.mark.slow
 def test_the_current_code_reproduces_the_cheapest_committed_study_cell(tmp_path):
     """The committed study counts as run by the current code only while the current code reproduces it
-    (``results.REPRODUCED_TRAINING_CODE``): re-execute its cheapest cell. On the CPU model that ran it every
+    (``provenance.REPRODUCED_TRAINING_CODE``): re-execute its cheapest cell. On the CPU model that ran it every
     recorded curve must be identical; on another CPU the final numbers within verify's tolerance."""
     if not HAS_STUDY:
         pytest.skip("results/study holds no finished cell in this checkout")
     g = grid.load("study")
     runs = STUDY / "runs"
-    done = [c for c in g.cells if grid.state(runs, c) == "done" and "same_training_as" not in json.loads((runs / f"{c.id}.json").read_text())]
+    done = [c for c in g.cells if runner.state(runs, c) == "done" and "same_training_as" not in json.loads((runs / f"{c.id}.json").read_text())]
     assert done, "no committed study cell counts as run by the current code: re-run them or register a verified fingerprint"
     cell = min(done, key=lambda c: json.loads((runs / f"{c.id}.json").read_text())["wall_seconds"])
-    committed = json.loads((runs / f"{cell.id}.json").read_text())
-    outcome = grid.execute_cell(cell, tmp_path, threads=committed["provenance"]["torch_threads"])
+    committed = read_run(runs / f"{cell.id}.json")
+    outcome = runner.execute_cell(cell, tmp_path, threads=committed.provenance.torch_threads)
     assert outcome["ok"], outcome["error"]
-    rerun = json.loads((tmp_path / f"{cell.id}.json").read_text())
-    if committed["provenance"]["device_name"] == results.device_name("cpu"):
+    rerun = read_run(tmp_path / f"{cell.id}.json")
+    if committed.provenance.device_name == provenance.device_name("cpu"):
         assert verify.differing_curves(committed, rerun) == [], cell.id
     else:
         assert all(abs(c.difference) <= verify.TOLERANCE_POINTS for c in verify.compare(committed, rerun)), cell.id

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from bnlib import cli
+from bnlib import cli, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,10 +114,9 @@ def test_binder_registers_the_kernel_the_cell_notebooks_name():
 
     import nbformat
 
-    from bnlib import grid
 
     post = ROOT / "postBuild"
     assert os.access(post, os.X_OK), "Binder runs postBuild only when it is executable"
-    kernel = nbformat.read(grid.NOTEBOOK, as_version=4).metadata["kernelspec"]["name"]
-    assert kernel == grid.KERNEL and f"--name {kernel}" in post.read_text()
+    kernel = nbformat.read(runner.NOTEBOOK, as_version=4).metadata["kernelspec"]["name"]
+    assert kernel == runner.KERNEL and f"--name {kernel}" in post.read_text()
     assert "-e ." in (ROOT / "environment.yml").read_text()  # Binder installs bnlib itself from environment.yml

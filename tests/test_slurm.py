@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from bnlib import grid
+from bnlib import grid, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_smoke_grid_runs_as_an_array_with_results_like_a_local_run(cluster, tmp_
 
 
 def _failing_notebook(tmp_path, condition):
-    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    nb = nbformat.read(runner.NOTEBOOK, as_version=4)
     index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)
     nb.cells.insert(index, nbformat.v4.new_code_cell(f'if {condition}:\n    raise RuntimeError("boom on the cluster")'))
     path = tmp_path / "failing.ipynb"
@@ -100,7 +100,7 @@ def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, 
 
     g = grid.load(_write(tmp_path, TINY))
     ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", _merge_options({}, None), poll_s=1)
-    report = grid.run(g, tmp_path / "res", ex, progress=False, notebook=_failing_notebook(tmp_path, "seed == 1 and batch_size == 8"))
+    report = runner.run(g, tmp_path / "res", ex, progress=False, notebook=_failing_notebook(tmp_path, "seed == 1 and batch_size == 8"))
     assert len(report.finished) == 3 and len(report.failed) == 1
     (failed,) = report.failed
     assert "boom on the cluster" in report.failed[failed]
@@ -109,7 +109,7 @@ def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, 
     before = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     jobs_file = tmp_path / "res" / "tiny" / "slurm" / "jobs.json"
     first = json.loads(jobs_file.read_text())["cells"]
-    again = grid.run(g, tmp_path / "res", ex, progress=False)
+    again = runner.run(g, tmp_path / "res", ex, progress=False)
     assert again.ok and again.finished == [failed] and again.skipped == 3
     second = json.loads(jobs_file.read_text())["cells"]  # every cell's latest task
     changed = {c for c in second if second[c] != first[c]}
@@ -138,11 +138,11 @@ def test_stacked_seeds_are_one_array_task_writing_every_cell(cluster, tmp_path):
 
     g = grid.load(_write(tmp_path, TINY + "stack_seeds: true\n"))
     ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", _merge_options({}, None), poll_s=1)
-    report = grid.run(g, tmp_path / "res", ex, progress=False)
+    report = runner.run(g, tmp_path / "res", ex, progress=False)
     assert report.ok and sorted(report.finished) == sorted(c.id for c in g.cells)
     tasks = json.loads((tmp_path / "res" / "tiny" / "slurm" / "jobs.json").read_text())["cells"]
     assert len(set(tasks.values())) == 2  # batch 4 and batch 8, each with seeds 0 and 1 stacked
-    for group in grid.groups(g.cells, True):
+    for group in runner.groups(g.cells, True):
         assert len({tasks[c.id] for c in group}) == 1
         for c in group:
             payload = json.loads((tmp_path / "res" / "tiny" / "runs" / f"{c.id}.json").read_text())
@@ -242,7 +242,7 @@ def test_cell_at_its_time_limit_is_requeued_with_retries_and_finishes(cluster, t
     (--retries 1); the second attempt runs the cell to the end."""
     from bnlib.slurm import SlurmExecutor, _merge_options
 
-    nb = nbformat.read(grid.NOTEBOOK, as_version=4)
+    nb = nbformat.read(runner.NOTEBOOK, as_version=4)
     index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)
     nb.cells.insert(index, nbformat.v4.new_code_cell(
         "import pathlib, time\n"
@@ -258,7 +258,7 @@ def test_cell_at_its_time_limit_is_requeued_with_retries_and_finishes(cluster, t
     options = _merge_options({"time_min": 3, "signal_delay_s": 110, "retries": 1}, None)
     ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", options, poll_s=1)
     started = time.time()
-    report = grid.run(g, tmp_path / "res", ex, progress=False, notebook=notebook)
+    report = runner.run(g, tmp_path / "res", ex, progress=False, notebook=notebook)
     assert report.ok and report.finished == [g.cells[0].id], report.failed
     runs = tmp_path / "res" / "tiny" / "runs"
     assert (runs / f"{g.cells[0].id}.attempt").exists() and (runs / f"{g.cells[0].id}.json").exists()

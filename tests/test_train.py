@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bnlib import data, models, norms, train
+from bnlib import checkpoint, data, evaluate, models, norms, train
 
 DIGITS = None
 
@@ -14,6 +14,15 @@ def digits():
     global DIGITS
     DIGITS = DIGITS or data.load("digits")
     return DIGITS
+
+
+def _train(*args, **kwargs) -> dict:
+    """train.train's record as the metrics file's dict."""
+    return train.train(*args, **kwargs).to_dict()
+
+
+def _train_seeds(*args, **kwargs) -> list[dict]:
+    return [out.to_dict() for out in train.train_seeds(*args, **kwargs)]
 
 
 def _strip_timings(result):
@@ -53,11 +62,11 @@ def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch
     monkeypatch.setattr(models, "build", no_training)
     config = train.Config(**{"steps": 10, **changes})
     with pytest.raises(train.ConfigError, match=key.replace("(", r"\(")):
-        train.train(config, dataset=digits(), progress=False)
+        _train(config, dataset=digits(), progress=False)
 
 
 def test_batch_of_one_is_fine_without_batch_statistics():
-    result = train.train(train.Config(methods=["gn", "bln", "none", "frn", "evonorm"], batch_size=1, steps=3, eval_every=3),
+    result = _train(train.Config(methods=["gn", "bln", "none", "frn", "evonorm"], batch_size=1, steps=3, eval_every=3),
                          dataset=digits(), progress=False)
     assert set(result["methods"]) == {"gn", "bln", "none", "frn", "evonorm"}
     for m, rec in result["methods"].items():
@@ -72,10 +81,10 @@ def test_unknown_config_key_names_the_source():
 
 def test_same_seed_same_numbers():
     config = train.Config(methods=["bn", "brnc", "mabn", "bln"], batch_size=8, steps=40, eval_every=20, log_every=10, recompute=True, recompute_samples=64)
-    a = train.train(config, dataset=digits(), progress=False)
-    b = train.train(config, dataset=digits(), progress=False)
+    a = _train(config, dataset=digits(), progress=False)
+    b = _train(config, dataset=digits(), progress=False)
     assert _strip_timings(a) == _strip_timings(b)
-    other = train.train(train.Config(**{**config.__dict__, "seed": 1}), dataset=digits(), progress=False)
+    other = _train(train.Config(**{**config.__dict__, "seed": 1}), dataset=digits(), progress=False)
     assert other["methods"]["bn"]["train_loss"] != a["methods"]["bn"]["train_loss"]
 
 
@@ -90,9 +99,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_numbers(sampler, m
     config = train.Config(methods=methods, batch_size=4, steps=20, evals=2, log_every=4, recompute=True,
                           recompute_samples=16, sampler=sampler, classes_per_batch=2 if sampler == "noniid" else None,
                           checkpoint_minutes=0)
-    whole = train.train(config, dataset=digits(), progress=False)
+    whole = _train(config, dataset=digits(), progress=False)
     ckpt = tmp_path / "cell.ckpt"
-    save = train.save_checkpoint
+    save = checkpoint.save
     saved_steps = []
 
     def killed_after_step_13(path, state):
@@ -101,12 +110,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_numbers(sampler, m
         if state["step"] == 13:
             raise _Killed
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_13)
+    monkeypatch.setattr(checkpoint, "save", killed_after_step_13)
     with pytest.raises(_Killed):
-        train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+        _train(config, dataset=digits(), progress=False, checkpoint=ckpt)
     assert saved_steps == list(range(1, 14)) and ckpt.exists()
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    resumed = train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed = _train(config, dataset=digits(), progress=False, checkpoint=ckpt)
     assert resumed.pop("resumed_at_steps") == [13]
     assert _strip_timings(resumed) == _strip_timings(whole)
     assert resumed["methods"]["bn"]["train_seconds"] > 0
@@ -115,12 +124,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_numbers(sampler, m
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
     config = train.Config(methods=["bn"], batch_size=4, steps=6, evals=1, checkpoint_minutes=0)
     ckpt = tmp_path / "cell.ckpt"
-    train.save_checkpoint(ckpt, {"key": train._checkpoint_key(train.Config(**{**config.__dict__, "lr": 0.1}), [0]), "step": 3})
-    result = train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    checkpoint.save(ckpt, {"key": checkpoint.key(train.Config(**{**config.__dict__, "lr": 0.1}), [0], train.LOCAL_KEYS), "step": 3})
+    result = _train(config, dataset=digits(), progress=False, checkpoint=ckpt)
     assert "other settings or training code; starting from step 0" in capsys.readouterr().out
     assert "resumed_at_steps" not in result
     ckpt.write_bytes(b"half a file")
-    train.train(config, dataset=digits(), progress=False, checkpoint=ckpt)
+    _train(config, dataset=digits(), progress=False, checkpoint=ckpt)
     assert "is unreadable" in capsys.readouterr().out
 
 
@@ -139,14 +148,14 @@ def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods, 
     """Three seeds trained as one stacked model: every seed's batches, initial weights (BLN's data start too),
     curves and evaluations (recomputed and batch statistics included) are its solo run's, to float tolerance.
     At batch 4 the batch-statistics evaluation runs stacked, at 64 through the seeds' own networks."""
-    assert 4 <= train.STACKED_EVAL_MAX_BATCH["cpu"] < 64
+    assert 4 <= evaluate.STACKED_EVAL_MAX_BATCH["cpu"] < 64
     config = train.Config(methods=methods, batch_size=batch_size, steps=24, evals=2, log_every=4, recompute=True,
                           recompute_samples=16, eval_batch_stats=True, sampler=sampler,
                           classes_per_batch=2 if sampler == "noniid" else None)
     seeds = [3, 0, 5]
-    stacked = train.train_seeds(config, seeds, dataset=digits(), progress=False)
+    stacked = _train_seeds(config, seeds, dataset=digits(), progress=False)
     for seed, result in zip(seeds, stacked):
-        solo = train.train(train.Config(**{**config.__dict__, "seed": seed}), dataset=digits(), progress=False)
+        solo = _train(train.Config(**{**config.__dict__, "seed": seed}), dataset=digits(), progress=False)
         assert result["config"]["seed"] == seed and result.pop("stacked_seeds") == seeds
         a, b = _strip_timings(result), _strip_timings(solo)
         assert a.keys() == b.keys()
@@ -177,13 +186,13 @@ def test_a_diverged_stacked_seed_leaves_the_others_untouched(monkeypatch):
 
     monkeypatch.setattr(train.stacked_mod, "StackedNet", Poisoned)
     config = train.Config(methods=["bn"], batch_size=8, steps=40, eval_every=10, log_every=5)
-    outs = train.train_seeds(config, [0, 1, 2], dataset=digits(), progress=False)
+    outs = _train_seeds(config, [0, 1, 2], dataset=digits(), progress=False)
     bad = outs[1]["methods"]["bn"]
     assert bad["diverged"] and bad["diverged_step"] == 15 and bad["final"]["test_acc"] is None
     assert bad["train_step"] == [5, 10] and bad["eval_step"] == [10]
     others = outs
     for k in (0, 2):
-        solo = train.train(train.Config(**{**config.__dict__, "seed": k}), dataset=digits(), progress=False)
+        solo = _train(train.Config(**{**config.__dict__, "seed": k}), dataset=digits(), progress=False)
         assert not others[k]["methods"]["bn"]["diverged"]
         assert _close(others[k]["methods"]["bn"]["train_loss"], solo["methods"]["bn"]["train_loss"])
         assert others[k]["methods"]["bn"]["eval_step"] == [10, 20, 30, 40]
@@ -191,12 +200,12 @@ def test_a_diverged_stacked_seed_leaves_the_others_untouched(monkeypatch):
 
 def test_seeds_must_be_distinct_integers():
     with pytest.raises(train.ConfigError, match="seeds"):
-        train.train_seeds(train.Config(steps=2), [1, 1], dataset=digits(), progress=False)
+        _train_seeds(train.Config(steps=2), [1, 1], dataset=digits(), progress=False)
 
 
 def test_epoch_budget_equalises_samples():
     for batch in (2, 16):
-        result = train.train(train.Config(methods=["gn"], batch_size=batch, epochs=0.25), dataset=digits(), progress=False)
+        result = _train(train.Config(methods=["gn"], batch_size=batch, epochs=0.25), dataset=digits(), progress=False)
         # a quarter of the 1,437 training digits, whatever the batch size (pinned, not the formula again)
         assert result["steps"] == {2: 180, 16: 22}[batch]
         assert abs(result["steps"] * batch - 1437 / 4) <= batch / 2
@@ -218,7 +227,7 @@ def test_diverged_method_is_recorded_and_others_finish(monkeypatch):
         return net
 
     monkeypatch.setattr(models, "build", poisoned)
-    result = train.train(train.Config(methods=["bn", "bnrs"], batch_size=8, steps=40, eval_every=10, log_every=5), dataset=digits(), progress=False)
+    result = _train(train.Config(methods=["bn", "bnrs"], batch_size=8, steps=40, eval_every=10, log_every=5), dataset=digits(), progress=False)
     bad, good = result["methods"]["bnrs"], result["methods"]["bn"]
     assert bad["diverged"] and bad["diverged_step"] == 15
     assert bad["train_step"] == [5, 10] and bad["eval_step"] == [10]  # records up to the divergence kept
@@ -228,7 +237,7 @@ def test_diverged_method_is_recorded_and_others_finish(monkeypatch):
 
 
 def test_lockstep_on_digits_bn_learns():
-    result = train.train(train.Config(methods=["bn", "brn", "gn"], batch_size=16, epochs=2, recompute=True), dataset=digits(), progress=False)
+    result = _train(train.Config(methods=["bn", "brn", "gn"], batch_size=16, epochs=2, recompute=True), dataset=digits(), progress=False)
     for m in ("bn", "brn", "gn"):
         assert result["methods"][m]["final"]["test_acc"] > 0.85, (m, result["methods"][m]["final"])
     assert result["methods"]["bn"]["final"]["test_acc_recomputed"] > 0.85
@@ -248,8 +257,8 @@ def test_evaluation_subset_changes_nothing_but_the_in_training_evaluations():
     training: the final full-test-set numbers are identical to evaluating on everything every time."""
     base = dict(methods=["bn", "bnrs", "mabn", "bln"], batch_size=8, steps=30, eval_every=10, log_every=10,
                 recompute=True, recompute_samples=64)
-    full = train.train(train.Config(**base, eval_samples=None), dataset=digits(), progress=False)
-    sub = train.train(train.Config(**base, eval_samples=50), dataset=digits(), progress=False)
+    full = _train(train.Config(**base, eval_samples=None), dataset=digits(), progress=False)
+    sub = _train(train.Config(**base, eval_samples=50), dataset=digits(), progress=False)
     n_test = len(digits().y_test)
     for m in base["methods"]:
         assert sub["methods"][m]["eval_size"] == [50, 50, n_test] and full["methods"][m]["eval_size"] == [n_test] * 3
@@ -257,7 +266,7 @@ def test_evaluation_subset_changes_nothing_but_the_in_training_evaluations():
         assert sub["methods"][m]["train_loss"] == full["methods"][m]["train_loss"], m
         assert sub["methods"][m]["test_acc"][:2] != full["methods"][m]["test_acc"][:2] or m == "bln"
     # the subset is fixed: the same samples for another seed
-    other = train.train(train.Config(**{**base, "seed": 3}, eval_samples=50), dataset=digits(), progress=False)
+    other = _train(train.Config(**{**base, "seed": 3}, eval_samples=50), dataset=digits(), progress=False)
     assert other["methods"]["bn"]["eval_size"] == [50, 50, n_test]
 
 
@@ -269,7 +278,7 @@ def test_recomputed_evaluation_leaves_the_model_untouched():
         net(torch.randn(4, 1, 8, 8)).sum().backward()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     batches = [torch.randn(4, 1, 8, 8) for _ in range(3)]
-    acc, loss = train.evaluate_recomputed(net, batches, torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    acc, loss = evaluate.evaluate_recomputed(net, batches, torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,)))
     assert math.isfinite(loss) and net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
@@ -281,8 +290,8 @@ def test_every_method_stays_finite_in_bf16(batch):
     # a narrow net: CPUs without bf16 instructions emulate bf16 at ~1 GFLOP/s
     config = train.Config(methods=list(norms.METHODS), batch_size=batch, steps=30, eval_every=15, log_every=10, width=8,
                           recompute=True, recompute_samples=32, precision="bf16")
-    result = train.train(config, dataset=digits(), progress=False)
-    fp32 = train.train(train.Config(**{**config.__dict__, "precision": "fp32"}), dataset=digits(), progress=False)
+    result = _train(config, dataset=digits(), progress=False)
+    fp32 = _train(train.Config(**{**config.__dict__, "precision": "fp32"}), dataset=digits(), progress=False)
     for m, rec in result["methods"].items():
         assert not rec["diverged"], m
         assert all(math.isfinite(v) for v in rec["train_loss"] + rec["test_loss"]), m
@@ -311,12 +320,12 @@ def test_layers_get_their_run_options_and_bln_its_initialisation(monkeypatch):
     calls = []
     real_init = norms.initialise_statistics
     monkeypatch.setattr(norms, "initialise_statistics", lambda model, batches: calls.append(sum(len(b) for b in batches)) or real_init(model, batches))
-    train.train(config, dataset=digits(), progress=False)
+    _train(config, dataset=digits(), progress=False)
     assert built["mabn", "options"] == {"buffer_size": 4, "warmup_steps": 3}
     assert built["brnc_warmup", "options"] == {"warmup_steps": 2, "dmax_ramp_steps": 8, "rmax_ramp_steps": 14}
     assert calls == [1000] * 3  # every model, before its first step (a no-op for those without BLN)
     calls.clear()
-    train.train(train.Config(**{**config.__dict__, "init_samples": 0}), dataset=digits(), progress=False)
+    _train(train.Config(**{**config.__dict__, "init_samples": 0}), dataset=digits(), progress=False)
     assert calls == []
 
 
@@ -350,7 +359,7 @@ def test_batch_statistics_at_test_time_normalise_each_test_batch_and_change_noth
             net(ds.x_train[:64])  # running statistics away from their initial values
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = ds.x_test[:32], ds.y_test[:32]
-    acc, loss = train.evaluate_batch_statistics(net, x, y, batch_size=16)
+    acc, loss = evaluate.evaluate_batch_statistics(net, x, y, batch_size=16)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.training
     # the reference: each batch of 16 through a copy of the net in training mode (BN with batch statistics)
     import copy
@@ -360,17 +369,17 @@ def test_batch_statistics_at_test_time_normalise_each_test_batch_and_change_noth
         logits = torch.cat([ref(x[:16]), ref(x[16:])])
     assert acc == (logits.argmax(1) == y).float().mean().item()
     assert abs(loss - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
-    assert acc != train.evaluate(net, x, y)[0] or loss != train.evaluate(net, x, y)[1]  # not the running statistics
+    assert acc != evaluate.evaluate(net, x, y)[0] or loss != evaluate.evaluate(net, x, y)[1]  # not the running statistics
     with norms.batch_statistics(net) as n:
         assert n == 4
 
 
 def test_eval_batch_stats_is_recorded_for_running_statistics_methods_only():
     config = train.Config(methods=["bn", "gn"], batch_size=8, steps=6, eval_every=3, eval_batch_stats=True)
-    result = train.train(config, dataset=digits(), progress=False)
+    result = _train(config, dataset=digits(), progress=False)
     assert all(v is not None for v in result["methods"]["bn"]["test_acc_batchstats"])
     assert result["methods"]["gn"]["test_acc_batchstats"] == [None, None]
-    off = train.train(train.Config(**{**config.__dict__, "eval_batch_stats": False}), dataset=digits(), progress=False)
+    off = _train(train.Config(**{**config.__dict__, "eval_batch_stats": False}), dataset=digits(), progress=False)
     assert off["methods"]["bn"]["test_acc_batchstats"] == [None, None]
     assert off["methods"]["bn"]["test_acc"] == result["methods"]["bn"]["test_acc"]
 

@@ -1,0 +1,97 @@
+"""Run records -> the tidy tables of a grid -> CSV files the book reads.
+
+:func:`evaluations` gathers every run of a grid into one tidy table (a row per cell x method x evaluation),
+:func:`training_losses` the training-loss windows; :func:`aggregate` writes them with the summaries of
+:mod:`bnlib.stats` (final accuracy per method and condition, paired differences against BN) into
+``results/<grid>/*.csv``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import stats
+from .record import RunRecord, atomic_write, load_runs
+
+# Condition columns that identify a comparison (everything a grid may vary except the seed).
+CONDITION_KEYS = stats.CONDITION_KEYS
+
+
+def budget_label(config: dict) -> str:
+    if config.get("steps") is not None:
+        return f"{config['steps']} steps"
+    if config.get("samples") is not None:
+        return f"{config['samples']} samples"
+    return f"{config['epochs']:g} epochs"
+
+
+def evaluations(runs: list[RunRecord]) -> pd.DataFrame:
+    """The tidy table: one row per cell x method x evaluation."""
+    rows = []
+    for run in runs:
+        cfg = run.config
+        base = {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), "steps_total": run.steps,
+                "num_classes": run.num_classes, "device": run.device, "device_name": run.provenance.device_name,
+                **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        for method, rec in run.methods.items():
+            common = {**base, "method": method, "diverged": rec.diverged, "diverged_step": rec.diverged_step,
+                      "train_seconds": rec.train_seconds, "samples_per_second": rec.samples_per_second}
+            n = len(rec.eval_step)
+            sizes = rec.eval_size or [run.test_size] * n  # test images per evaluation (a subset in training)
+            batchstats = rec.test_acc_batchstats or [None] * n  # absent from files written before it existed
+            for i, step in enumerate(rec.eval_step):
+                rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"], "eval_size": sizes[i],
+                             "test_acc": rec.test_acc[i], "test_loss": rec.test_loss[i],
+                             "test_acc_recomputed": rec.test_acc_recomputed[i],
+                             "test_loss_recomputed": rec.test_loss_recomputed[i],
+                             "test_acc_batchstats": batchstats[i],
+                             "final": i == n - 1 and not rec.diverged})
+            if rec.diverged or n == 0:  # a row that says the run ended without a final evaluation
+                rows.append({**common, "step": rec.diverged_step, "samples_seen": None, "eval_size": None, "test_acc": None,
+                             "test_loss": None, "test_acc_recomputed": None, "test_loss_recomputed": None,
+                             "test_acc_batchstats": None, "final": True})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["classes_per_batch"] = frame["classes_per_batch"].astype("Int64")
+    return frame
+
+
+def training_losses(runs: list[RunRecord]) -> pd.DataFrame:
+    """One row per cell x method x logged training-loss window."""
+    rows = []
+    for run in runs:
+        cfg = run.config
+        base = {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        for method, rec in run.methods.items():
+            for step, loss in zip(rec.train_step, rec.train_loss):
+                rows.append({**base, "method": method, "step": step, "samples_seen": step * cfg["batch_size"], "train_loss": loss})
+    return pd.DataFrame(rows)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, Path]:
+    """Read every finished cell of ``results/<grid>/`` and write the tables the book reads. With ``cells``
+    (the grid file's cell ids), metrics files of other cells - left from an earlier version of the grid file -
+    are left out and named, so changed settings never mix into one condition."""
+    grid_dir = Path(grid_dir)
+    runs = load_runs(grid_dir / "runs")
+    if cells is not None:
+        others = sorted(r.cell for r in runs if r.cell not in cells)
+        if others:
+            print(f"aggregate: left out {len(others)} finished cells that {grid_dir.name}'s grid file no longer has "
+                  f"(settings changed since they ran): {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
+        runs = [r for r in runs if r.cell in cells]
+    if not runs:
+        raise FileNotFoundError(f"no finished cells in {grid_dir / 'runs'}: run the grid first (bnlib run ...)")
+    table = evaluations(runs)
+    frames = {"evaluations": table, "training_loss": training_losses(runs), "summary": stats.summarise(table)}
+    if table["test_acc_recomputed"].notna().any():
+        frames["summary_recomputed"] = stats.summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
+    if table["test_acc_batchstats"].notna().any():
+        frames["summary_batchstats"] = stats.summarise(table[table["test_acc_batchstats"].notna() | table["diverged"]], "test_acc_batchstats")
+    return {name: write_csv(frame, grid_dir / f"{name}.csv") for name, frame in frames.items()}

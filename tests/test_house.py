@@ -1,0 +1,124 @@
+"""The seams of the package: one paths module, one run-record schema, the registry's traits, the notebook's
+parameters generated from Config, commands that work from any folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from bnlib import norms, paths, plots, provenance, record, runner, train
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY_RUNS = ROOT / "results" / "study" / "runs"
+
+
+def test_only_paths_computes_the_repository_root():
+    offenders = [f"{p.name}:{i}" for p in sorted((ROOT / "bnlib").glob("*.py")) if p.name != "paths.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "parent.parent" in line or "Path(__file__)" in line]
+    assert offenders == []
+    assert paths.ROOT == ROOT and paths.NOTEBOOK.exists() and paths.GRIDS.is_dir()
+
+
+def test_results_folder_defaults_to_the_repository_wherever_the_command_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("BNLIB_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert paths.results_root() == ROOT / "results"
+    assert paths.results_root("res") == tmp_path / "res"  # an override is taken from the working folder
+    monkeypatch.setenv("BNLIB_RESULTS", "elsewhere")
+    assert paths.results_root() == tmp_path / "elsewhere"
+
+
+def _bnlib(*args, cwd, env=None, timeout=600):
+    return subprocess.run([str(Path(sys.executable).with_name("bnlib")), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_commands_work_from_any_folder(tmp_path):
+    """The smoke grid run from a temporary folder (results into it by --results, relative), and `bnlib status
+    study` there reports the committed cells; a closed pipe ends quietly."""
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    done = _bnlib("run", "smoke", "--results", "res", "-j", "2", "--threads", "1", "--no-progress", "--only", "seed=0", cwd=elsewhere)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list((elsewhere / "res" / "smoke" / "runs").glob("*.json")) and (elsewhere / "res" / "smoke" / "summary.csv").exists()
+    if any(STUDY_RUNS.glob("*.json")):
+        status = _bnlib("status", "study", cwd=elsewhere, env={"BNLIB_RESULTS": ""}, timeout=300)
+        assert status.returncode == 0, status.stderr
+        assert f"done     {len(list(STUDY_RUNS.glob('*.json')))}" in status.stdout
+    piped = subprocess.run(f"'{Path(sys.executable).with_name('bnlib')}' status smoke -v --results res | head -1",
+                           shell=True, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert piped.stdout.startswith("grid smoke") and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
+def test_every_committed_metrics_file_reads_and_writes_back_unchanged():
+    """One schema for every metrics file, the older ones included: read and written back, each is the same JSON."""
+    files = sorted(STUDY_RUNS.glob("*.json"))
+    if not files:
+        pytest.skip("no committed study cells in this checkout")
+    for path in files:
+        run = record.read_run(path)
+        assert json.loads(json.dumps(run.to_dict())) == json.loads(path.read_text()), path.name
+
+
+def test_a_record_with_an_unknown_key_is_corrupt(tmp_path):
+    files = sorted(STUDY_RUNS.glob("*.json"))
+    if not files:
+        pytest.skip("no committed study cells in this checkout")
+    payload = json.loads(files[0].read_text())
+    payload["methods"]["bn"]["surprise"] = 1
+    bad = tmp_path / files[0].name
+    bad.write_text(json.dumps(payload))
+    with pytest.raises(record.CorruptRun, match="surprise"):
+        record.read_run(bad)
+
+
+def test_absent_fields_of_older_files_stay_absent():
+    rec = record.MethodRecord.from_dict({"train_step": [1], "train_loss": [2.0], "eval_step": [], "eval_size": [],
+                                         "test_acc": [], "test_loss": [], "test_acc_recomputed": [], "test_loss_recomputed": [],
+                                         "diverged": False, "diverged_step": None, "final": {"test_acc": None}})
+    assert not rec.test_acc_batchstats and rec.test_acc_batchstats is record.ABSENT
+    assert "test_acc_batchstats" not in rec.to_dict() and "test_acc_batchstats" not in rec.to_dict()["final"]
+
+
+def test_the_notebook_parameters_cell_is_generated_from_config():
+    nb = nbformat.read(paths.NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert cell.source == runner.parameters_cell(), "run `python -m bnlib.runner` to regenerate it"
+    namespace: dict = {}
+    exec(cell.source, namespace)  # noqa: S102 - our own notebook
+    for name in train.Config.__dataclass_fields__:  # same names, same defaults (the hand-run budget aside)
+        default = getattr(train.Config(), name)
+        assert namespace[name] == runner.INTERACTIVE.get(name, default), name
+    assert set(runner.RUNNER_PARAMETERS) <= set(namespace)
+
+
+def test_the_training_code_fingerprint_fails_on_a_missing_file():
+    assert provenance.code_fingerprint(provenance.TRAINING_CODE) == provenance.TRAINING_SHA256
+    with pytest.raises(FileNotFoundError, match="gone.py"):
+        provenance.code_fingerprint(provenance.TRAINING_CODE + ("gone.py",))
+    # every module the loop imports is fingerprinted
+    imported = {f"{m.__name__.split('.')[-1]}.py" for m in (train.checkpoint_mod, train.data_mod, train.evaluate_mod, train.models,
+                                                            train.norms, train.stacked_mod, train)}
+    assert imported <= set(provenance.TRAINING_CODE)
+
+
+def test_the_registry_states_what_each_method_needs():
+    assert norms.REGISTRY["bn"].min_batch()[0] == 2 and norms.REGISTRY["gn"].min_batch()[0] == 1
+    assert norms.REGISTRY["bnwos"].min_batch()[0] == 2 and norms.REGISTRY["bnwos"].min_batch({"devices": 4})[0] == 4
+    running = {m for m, spec in norms.REGISTRY.items() if spec.keeps_running_stats}
+    assert {"bn", "bnrs", "brn", "mabn", "bnwos", "gbn"} <= running and not running & {"gn", "bln", "frn", "none"}
+    for m, spec in norms.REGISTRY.items():  # the trait says what the layers do
+        assert norms.keeps_running_statistics(norms.make(m, 4)) == spec.keeps_running_stats, m
+    with pytest.raises(train.ConfigError, match="bnwos splits every batch over 4 devices: use a batch of at least 4"):
+        train.validate(train.Config(methods=["bnwos"], batch_size=2, steps=1, norm_options={"bnwos": {"devices": 4}}))
+
+
+def test_every_method_has_a_style():
+    assert list(plots.STYLES) == list(norms.METHODS)
+    assert len({colour for _, colour in plots.STYLES.values()}) == len(plots.STYLES)

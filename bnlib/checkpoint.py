@@ -24,8 +24,9 @@ def key(config, seeds: list[int], local_keys: tuple[str, ...]) -> dict:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write atomically: a kill during the write leaves the previous checkpoint intact (not flushed to the disk:
+    with ``checkpoint_minutes: 0`` it is written every step; an unreadable one is ignored when loaded)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp), durable=False)
 
 
 def load(path: Path, expected_key: dict) -> dict | None:

@@ -42,10 +42,12 @@ class _Absent:
 ABSENT: Any = _Absent()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None] | str | bytes) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None] | str | bytes, durable: bool = True) -> Path:
     """Write ``path`` through a temporary file beside it, then rename: a reader (or a runner deciding
     whether a cell is done) never sees half a file, and a kill mid-write leaves the old file. ``write`` is
-    the text, the bytes, or a function that writes a given path (``torch.save``, ``nbformat.write``)."""
+    the text, the bytes, or a function that writes a given path (``torch.save``, ``nbformat.write``).
+    ``durable``: flush to the disk before the rename, so a power cut cannot leave an empty file under the
+    final name (a checkpoint, rewritten every few minutes and checked when read, skips it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -58,8 +60,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None] | str | bytes) 
             tmp.write_bytes(write)
         else:
             write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone
         os.replace(tmp, path)
     except BaseException:

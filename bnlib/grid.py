@@ -33,6 +33,7 @@ from . import paths, train
 TOP_KEYS = {"description", "methods", "settings", "axes", "slurm", "stack_seeds"}
 CONFIG_KEYS = {f for f in train.Config.__dataclass_fields__}
 
+
 class GridError(ValueError):
     """A grid file that cannot run; the message names the file and the key."""
 

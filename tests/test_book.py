@@ -19,13 +19,14 @@ REPOSITORY = "https://github.com/example-org/bnlib"  # as a fork's CI would set 
 
 
 @pytest.fixture(scope="module")
-def site(smoke_results, tmp_path_factory) -> Path:
+def site(smoke_results, tmp_path_factory, book_build_lock) -> Path:
     # -W: any warning fails the build; into a temporary folder, never over the user's _build/;
     # with a repository URL, so the launch and repository buttons are built too
     old = os.environ.get("BNLIB_REPOSITORY_URL")
     os.environ["BNLIB_REPOSITORY_URL"] = REPOSITORY
     try:
-        index = book.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
+        with book_build_lock:
+            index = book.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
     finally:
         os.environ.pop("BNLIB_REPOSITORY_URL") if old is None else os.environ.__setitem__("BNLIB_REPOSITORY_URL", old)
     assert index.exists()

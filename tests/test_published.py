@@ -192,13 +192,14 @@ def _text(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_plain_jupyter_book_build_shows_the_committed_study(tmp_path):
+def test_plain_jupyter_book_build_shows_the_committed_study(tmp_path, book_build_lock):
     if not HAS_STUDY:
         pytest.skip("results/study holds no finished cell in this checkout")
     exe = Path(sys.executable).with_name("jupyter-book")
     out = tmp_path / "site"  # never the user's _build/
-    proc = subprocess.run([str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-W", "-n", "--keep-going"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    with book_build_lock:
+        proc = subprocess.run([str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-W", "-n", "--keep-going"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     site = out / "_build" / "html"
     summary = pd.read_csv(STUDY / "summary.csv")

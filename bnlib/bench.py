@@ -30,6 +30,7 @@ compilation took; see :func:`bench_fusion`.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -395,6 +396,55 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
             rows.append({"dataset": name, "N": n, "seeds": len(seeds), "methods": len(methods), "steps": steps,
                          "solo_s": solo, "stacked_s": stacked, "speedup": solo / stacked,
                          "train_speedup": solo_train / stacked_train, "max_final_diff_points": 100 * max(diffs, default=0.0)})
+    return rows
+
+
+_ISA_PROBE = """
+import json, sys, torch
+from bnlib import data, train
+torch.set_num_threads(1)
+config = train.Config(dataset="mnist5k", methods=list(train.ORIGINAL_METHODS), batch_size=int(sys.argv[1]), steps=int(sys.argv[2]),
+                      evals=1, eval_samples=None)
+out = train.train(config, data.load("mnist5k"), progress=False)
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "train_s": out.wall_seconds - out.eval_seconds,
+                  "loss": {m: r.train_loss for m, r in out.methods.items()}}))
+"""
+
+
+def bench_isa(sizes=(2, 16, 128), steps: int = 40, repeats: int = 3) -> list[dict]:
+    """Training time of a cell (the original five methods, mnist5k, one thread) with each instruction set's kernels this x86
+    machine can run (:mod:`bnlib.machine`), against its own widest: what pinning a grid's kernels
+    (``bnlib run --isa``) costs. Each run is a fresh process (the kernels are chosen when the libraries load),
+    the capabilities in a fresh random order per repeat; whether their numbers are identical is reported too."""
+    import json
+    import subprocess
+    import sys
+
+    from . import machine
+
+    native = machine.native_capability()
+    levels = [c for c in machine.X86_LEVELS if machine.can_run(c, native)]
+    rng = random.Random(0)
+    rows = []
+    for n in sizes:
+        times, losses = {c: [] for c in levels}, {}
+        for _ in range(repeats):
+            rng.shuffle(levels)
+            for capability in levels:
+                env = {**os.environ, **machine.force_env(capability)}
+                proc = subprocess.run([sys.executable, "-c", _ISA_PROBE, str(n), str(steps)], capture_output=True, text=True,
+                                      env=env, cwd=paths.ROOT, timeout=3600)
+                if proc.returncode:
+                    raise RuntimeError(f"bench isa ({capability}, batch {n}) failed: {proc.stderr[-2000:]}")
+                out = json.loads(proc.stdout.strip().splitlines()[-1])
+                times[capability].append(out["train_s"])
+                losses[capability] = out["loss"]
+        ref = statistics.median(times[native])
+        for capability in machine.X86_LEVELS:
+            if capability in times:
+                rows.append({"kernels": capability, "N": n, "steps": steps, "train_s": statistics.median(times[capability]),
+                             "time_vs_native": statistics.median(times[capability]) / ref,
+                             "same_numbers_as_native": losses[capability] == losses[native]})
     return rows
 
 

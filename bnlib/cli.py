@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import paths
 
@@ -43,6 +44,15 @@ def cmd_run(args) -> int:
         total = f"; about {sum(known) / 3600 / jobs:.1f} h with {jobs} at a time (from this grid's finished cells)" if known else ""
         print(f"grid {g.name}: {len(todo)} of {len(g.cells)} cells would run{total}")
         return 0
+    if args.isa:  # the kernels inherit the environment (Slurm jobs too): every cell computes with these kernels
+        from . import machine
+
+        native = machine.native_capability()
+        if not machine.can_run(args.isa.upper(), native):
+            print(f"bnlib run: --isa {args.isa}: this machine's widest CPU capability is {native}; it cannot run "
+                  f"{args.isa.upper()} kernels", file=sys.stderr)
+            return 2
+        os.environ.update(machine.force_env(args.isa))
     if args.executor == "slurm":
         from .slurm import SlurmExecutor
 
@@ -175,6 +185,10 @@ def cmd_bench(args) -> int:
     if args.what in ("norms", "all"):
         print(f"# norms: forward+backward vs torch.nn.BatchNorm2d, C=32, 28x28, {device} (median of {args.repeats})")
         print(bench.format_table(bench.bench_norms(device, repeats=args.repeats)))
+    if args.what == "isa":  # not in "all": it starts a process per run
+        print(f"\n# isa: a cell's training (the original five methods, mnist5k, 1 thread) with each instruction set's kernels this machine "
+              f"can run vs its own widest (median of {max(1, args.repeats // 2)})")
+        print(bench.format_table(bench.bench_isa(repeats=max(1, args.repeats // 2))))
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
         print(bench.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
@@ -184,15 +198,25 @@ def cmd_bench(args) -> int:
 def cmd_verify(args) -> int:
     from . import grid as grid_mod
     from . import verify
+    from .tables import write_csv
 
     g = grid_mod.load(args.grid)
+    tolerance = verify.Tolerance(
+        accuracy_points=verify.TOLERANCE.accuracy_points if args.tolerance is None else args.tolerance,
+        loss_relative=verify.TOLERANCE.loss_relative if args.loss_tolerance is None else args.loss_tolerance,
+        loss_floor=verify.TOLERANCE.loss_floor)
     try:
-        comparisons = verify.verify(g, args.results, cells=args.cell, count=args.cells, seed=args.seed)
+        checks = verify.verify(g, args.results, cells=args.cell, count=args.cells, seed=args.seed, steps=args.steps,
+                               isa=args.isa, tolerance=tolerance)
     except RuntimeError as err:
         print(f"bnlib verify: {err}", file=sys.stderr)
         return 1
-    table, ok = verify.report(comparisons, args.tolerance)
-    print(table)
+    text, ok = verify.report(checks)
+    print(text)
+    if args.save:
+        import pandas as pd
+
+        print("wrote", write_csv(pd.DataFrame(verify.rows(checks)), args.save))
     return 0 if ok else 1
 
 
@@ -232,6 +256,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--wait", action="store_true", help="if another runner holds this grid's results folder, wait for it "
                    "instead of refusing (one runner per grid: a lock in results/<grid>/.runner.lock)")
     r.add_argument("--executor", choices=["local", "slurm"], default="local", help="local process pool (default) or a Slurm job array")
+    r.add_argument("--isa", type=str.upper, choices=["DEFAULT", "AVX2", "AVX512"], default=None,
+                   help="compute every cell with this CPU instruction set's kernels (ATen, oneDNN and MKL; x86), e.g. so a "
+                   "grid run on machines of several generations compares bit for bit; default: each machine's own. "
+                   "Recorded in every metrics file either way")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     slurm = r.add_argument_group("slurm options (--executor slurm; override the grid file's slurm section)")
     slurm.add_argument("--partition", help="Slurm partition")
@@ -261,10 +289,11 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
-    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "all"], default="all",
+    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "isa", "all"], default="all",
                    help="step: training step and evaluation vs the matrix-product peak; seeds: three seeds as one stacked "
                    "model vs one run each; cell: a whole cell, old vs new "
-                   "evaluation; fusion: batch 128 eager vs channels-last vs torch.compile vs no norms; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop (default: all)")
+                   "evaluation; fusion: batch 128 eager vs channels-last vs torch.compile vs no norms; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop; isa: a cell's training with each "
+                   "instruction set's kernels this machine can run (what `bnlib run --isa` costs; not in all) (default: all)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
@@ -272,18 +301,29 @@ def parser() -> argparse.ArgumentParser:
                    "bench_fusion.csv, shown on the book's Reproducibility page)")
     b.set_defaults(func=cmd_bench)
 
-    v = sub.add_parser("verify", help="re-execute committed cells and compare their final numbers",
+    v = sub.add_parser("verify", help="re-execute committed cells and say whether the current code reproduces them",
                        description="Re-execute N finished cells of GRID (chosen with a fixed seed, or named with --cell) "
-                       "through the same notebook into a temporary folder, and compare every method's final test accuracy "
-                       "with the committed one, and say per cell whether every recorded curve is identical. Exits 1 when a "
-                       "difference of a final accuracy exceeds the tolerance. Stale cells can be verified too. Results are "
-                       "not touched.")
+                       "through the same notebook into a temporary folder -- with the thread count, stack and CPU kernels "
+                       "each recorded -- and compare every recorded number: training-loss windows, evaluations, "
+                       "divergence, final numbers. One verdict per cell: bit-identical; within tolerance (only where the "
+                       "kernels or software differ from the committed run's); or differs. Exits 1 when a cell differs. "
+                       "Stale cells can be verified too. Results are not touched.")
     _grid_arg(v)
     v.add_argument("--cells", type=int, default=1, help="how many cells to re-execute (default: 1)")
     v.add_argument("--cell", action="append", default=None, metavar="ID", help="re-execute this cell (repeatable; overrides --cells)")
     v.add_argument("--seed", type=int, default=1, help="seed of the choice of cells (default: 1)")
-    v.add_argument("--tolerance", type=float, default=0.5, help="largest accepted difference in points (default: 0.5; "
-                   "bit-identical on the same machine type, a few tenths on another CPU)")
+    v.add_argument("--steps", type=int, default=None, metavar="K", help="re-execute only the first K steps of each cell and "
+                   "compare what its record holds up to step K (cheap for long cells; default: the whole run)")
+    v.add_argument("--isa", type=lambda s: s if s in ("recorded", "native") else s.upper(),
+                   choices=["recorded", "native", "DEFAULT", "AVX2", "AVX512"], default="recorded",
+                   help="CPU kernels of the re-execution: recorded (default: those the cell recorded, where this machine has "
+                   "them), native (this machine's own), or an instruction set to force")
+    v.add_argument("--tolerance", type=float, default=None, metavar="POINTS", help="largest accepted difference of an "
+                   "accuracy, in points, where the kernels differ (default: the measured one, bnlib.verify.TOLERANCE)")
+    v.add_argument("--loss-tolerance", type=float, default=None, metavar="FRACTION", help="largest accepted relative "
+                   "difference of a loss, where the kernels differ (default: the measured one, bnlib.verify.TOLERANCE)")
+    v.add_argument("--save", type=Path, default=None, metavar="CSV", help="also write every cell's largest difference per "
+                   "method and quantity to this CSV (how book/data/verify_cross_isa.csv is made)")
     v.set_defaults(func=cmd_verify)
 
     k = sub.add_parser("book", help="build the Jupyter Book from a grid's results (offline, warnings as errors)")

@@ -19,7 +19,7 @@ from importlib import metadata
 
 import yaml
 
-from . import paths
+from . import machine, paths
 from .record import Provenance
 
 # The modules a cell's numbers depend on (with the cell notebook): a change to them makes finished cells stale.
@@ -103,4 +103,5 @@ def provenance(device: str = "cpu") -> Provenance:
         device_name=device_name(device), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
         slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_array_job_id=os.environ.get("SLURM_ARRAY_JOB_ID"),
         slurm_array_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        numerics=machine.numerics(device),
     )

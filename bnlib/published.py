@@ -32,9 +32,12 @@ def check(grid_dir: str | Path) -> int:
         raise PublishedError(f"{runs}: no committed metrics files")
     for path in metrics:
         try:
-            read_run(path)
+            run = read_run(path)
         except CorruptRun as err:
             raise PublishedError(f"{err}; restore it from git or re-run its cell") from None
+        if run.stopped_at_step:
+            raise PublishedError(f"{path}: a prefix re-execution (stopped at step {run.stopped_at_step} by `bnlib verify "
+                                 "--steps`), not a finished cell; restore it from git or re-run its cell")
         notebook = path.with_suffix(".ipynb")
         if not notebook.exists():
             raise PublishedError(f"{notebook}: missing (the notebook of finished cell {path.stem})")

@@ -167,6 +167,7 @@ class Provenance:
     slurm_array_job_id: str | None = None
     slurm_array_task_id: str | None = None
     finished_at: str | None = None
+    numerics: dict = ABSENT  # what decides the bits: kernels, threads, versions (bnlib.machine.numerics; ABSENT: older files)
 
     def to_dict(self) -> dict:
         return _present(self)
@@ -194,6 +195,7 @@ class RunRecord:
     resumed_at_steps: list[int] = ABSENT  # steps at which the run resumed from its checkpoint
     stacked_in: str = ABSENT  # the cell whose notebook trained it (stacked seeds)
     same_training_as: str = ABSENT  # a twin: the cell that trained exactly this, whose results these are
+    stopped_at_step: int = ABSENT  # a prefix re-execution (`bnlib verify --steps`) that stopped here: never a finished cell
 
     # the keys every metrics file has, in the order of the files: cell, parameters, provenance, then the run
     _LEADING = ("cell", "parameters", "provenance")

@@ -48,6 +48,7 @@ RUNNER_PARAMETERS = {
     "threads": ("0", "torch threads in this kernel (0: torch's default)"),
     "checkpoint_path": ('""', "where to keep this cell's checkpoint; a re-run resumes from it (empty: none)"),
     "stack": ("{}", 'cells differing only in seed, trained with this one as one stacked model: {cell id: {"seed", "output_path"}}'),
+    "stop_after_step": ("None", "train only the first steps of the run (`bnlib verify --steps`; None: all of it)"),
 }
 # train.Config has no budget by default (a grid gives exactly one); the notebook run by hand trains this one.
 INTERACTIVE = {"epochs": 2}
@@ -199,15 +200,17 @@ def runs_dir(results: Path | None, grid: Grid) -> Path:
 
 
 def state(runs: Path, cell: Cell) -> str:
-    """done (a valid metrics file), stale (done, by training code other than the current: its recorded
+    """done (a valid metrics file of the whole run), stale (done, by training code other than the current: its recorded
     ``training_code_sha256`` differs and is not one the current code reproduces, see
     :func:`bnlib.provenance.is_current`; files written before that field existed count as done), corrupt (a
     metrics file that does not parse, lacks keys or names another cell), failed (error recorded), started
-    (notebook only) or pending."""
+    (notebook only) or pending. A prefix re-execution's file (``stopped_at_step``) is corrupt: never done."""
     if (runs / f"{cell.id}.json").exists():
         try:
             run = read_run(runs / f"{cell.id}.json")
         except CorruptRun:
+            return "corrupt"
+        if run.stopped_at_step:
             return "corrupt"
         return "done" if is_current(run.provenance.training_code_sha256) else "stale"
     if (runs / f"{cell.id}.error").exists():
@@ -220,7 +223,7 @@ def state(runs: Path, cell: Cell) -> str:
 # --- executing one cell ---------------------------------------------------------------------------
 
 
-def _kernel_manager_class(log_path: Path):
+def _kernel_manager_class(log_path: Path, env: dict[str, str] | None = None):
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
@@ -233,6 +236,8 @@ def _kernel_manager_class(log_path: Path):
             self.ip = os.path.join(tempfile.mkdtemp(prefix="bnlib-kernel-"), "k")
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
+            if env:  # e.g. the CPU kernels a re-executed cell recorded (bnlib.machine.force_env)
+                kw["env"] = {**(kw.get("env") or os.environ), **env}
             with open(log_path, "ab") as log:  # the kernel process keeps its own copy of the descriptor
                 kw.setdefault("stdout", log)
                 kw.setdefault("stderr", log)
@@ -251,21 +256,23 @@ def _kernel_manager_class(log_path: Path):
     return IPCKernelManager
 
 
-def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = None, notebook: Path = NOTEBOOK) -> dict:
+def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = None, notebook: Path = NOTEBOOK,
+                 env: dict[str, str] | None = None, stop_after: int | None = None) -> dict:
     """Run one cell's notebook through papermill; returns {'cell', 'ok', 'seconds', 'error'}.
 
     The notebook writes ``<cell>.json`` as its last act; a cell whose notebook raised, or that ended
     without writing it, is failed and its error goes to ``<cell>.error``.
     """
-    return execute_group([cell], runs, threads, device, notebook)[0]
+    return execute_group([cell], runs, threads, device, notebook, env, stop_after)[0]
 
 
 def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str | None = None,
-                  notebook: Path = NOTEBOOK) -> list[dict]:
+                  notebook: Path = NOTEBOOK, env: dict[str, str] | None = None, stop_after: int | None = None) -> list[dict]:
     """Run cells that differ only in their seed as ONE notebook execution, the seeds stacked into one model
     (see :func:`groups`); one cell is :func:`execute_cell`. The first cell leads: its notebook trains every
     seed and writes every member's metrics file; each member gets a copy of the notebook. Returns each
-    cell's outcome."""
+    cell's outcome. ``env``: extra environment variables of the kernel process; ``stop_after``: train only
+    the first steps (a prefix re-execution, for ``bnlib verify --steps``)."""
     import papermill
 
     lead = cells[0]
@@ -280,7 +287,7 @@ def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str |
         params["device"] = device
     checkpoint = runs / f"{lead.id}.ckpt"  # a killed cell resumes from it; removed once the cell is done
     params.update(cell_id=lead.id, output_path=str((runs / f"{lead.id}.json").resolve()), threads=threads,
-                  checkpoint_path=str(checkpoint.resolve()),
+                  checkpoint_path=str(checkpoint.resolve()), stop_after_step=stop_after,
                   stack={c.id: {"seed": c.config().seed, "output_path": str((runs / f"{c.id}.json").resolve())}
                          for c in cells[1:]})
     started = time.perf_counter()
@@ -288,7 +295,7 @@ def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str |
     try:
         papermill.execute_notebook(
             str(notebook), str(runs / f"{lead.id}.ipynb"), parameters=params, kernel_name=KERNEL,
-            progress_bar=False, cwd=str(paths.ROOT), kernel_manager_class=_kernel_manager_class(runs / f"{lead.id}.kernel.log"),
+            progress_bar=False, cwd=str(paths.ROOT), kernel_manager_class=_kernel_manager_class(runs / f"{lead.id}.kernel.log", env),
         )
         missing = [c.id for c in cells if not (runs / f"{c.id}.json").exists()]
         if missing:

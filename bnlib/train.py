@@ -383,7 +383,7 @@ class MethodRun:
 
 
 def train(config: Config, dataset: data_mod.Dataset | None = None, progress: bool = True,
-          checkpoint: str | Path | None = None) -> RunRecord:
+          checkpoint: str | Path | None = None, stop_after: int | None = None) -> RunRecord:
     """Train ``config.methods`` in lockstep; returns the run's record (:class:`bnlib.record.RunRecord`).
 
     With ``checkpoint`` (a file path), the state of the run -- models, optimisers, norm buffers, the
@@ -391,8 +391,12 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
     ``config.checkpoint_minutes``, and a run that finds a checkpoint of its own configuration resumes from it:
     the batch stream is a function of the seed, replayed to the step, so the result is the same as without
     the interruption (`tests/test_train.py` checks it bit for bit).
+
+    ``stop_after``: train only the first K steps of the run as planned (same schedule, evaluations and loss
+    windows; nothing after step K), for a cheap re-execution of a long cell (``bnlib verify --steps``); the
+    record says ``stopped_at_step``.
     """
-    return train_seeds(config, [config.seed], dataset, progress, checkpoint)[0]
+    return train_seeds(config, [config.seed], dataset, progress, checkpoint, stop_after)[0]
 
 
 def _fixed_batches(ds: data_mod.Dataset, config: Config, seed: int, device: torch.device) -> tuple[list, list]:
@@ -426,7 +430,7 @@ def _build(method: str, config: Config, seeds: list[int], ds: data_mod.Dataset, 
 
 
 def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | None = None, progress: bool = True,
-                checkpoint: str | Path | None = None) -> list[RunRecord]:
+                checkpoint: str | Path | None = None, stop_after: int | None = None) -> list[RunRecord]:
     """:func:`train` for each of ``seeds`` (``config.seed`` aside), the seeds of a method trained as one stacked
     model (:mod:`bnlib.stacked`): one kernel per layer serves every seed. Each seed keeps its own batches,
     initial weights and evaluation, and its result equals ``train`` with that seed to float tolerance; its
@@ -434,6 +438,8 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     validate(config)
     if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) for x in seeds):
         raise ConfigError(f"seeds={seeds!r}: give distinct integer seeds")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ConfigError(f"stop_after={stop_after!r}: give a positive number of steps")
     if dataset is None:
         dataset = data_mod.load(config.dataset, config.data_dir, config.download)
     validate(config, num_train=len(dataset.y_train), num_classes=dataset.num_classes)
@@ -441,6 +447,7 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     ds = dataset.to(device)
     stacked = len(seeds) > 1
     plan = _Plan.of(config, len(ds.y_train))
+    last = min(plan.steps, stop_after or plan.steps)  # the last step this call trains
 
     # In-training evaluations on a fixed test subset (the same for every seed and method); the last on all.
     subset = torch.randperm(len(ds.y_test), generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
@@ -469,8 +476,8 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
 
     started = time.perf_counter() - elapsed
     saved_at = time.perf_counter()
-    bar = tqdm(total=plan.steps, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
-    for step in range(done + 1, plan.steps + 1):
+    bar = tqdm(total=last, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
+    for step in range(done + 1, last + 1):
         idx = [next(stream).to(device, non_blocking=True) for stream in streams]
         if stacked:  # seed k's images in input channels k*C ... (k+1)*C, its labels in column k
             x, y = torch.cat([ds.x_train[i] for i in idx], 1), torch.stack([ds.y_train[i] for i in idx], 1)
@@ -507,5 +514,6 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
                       samples_per_step=config.batch_size, train_size=len(ds.y_train), test_size=len(ds.y_test),
                       num_classes=ds.num_classes, wall_seconds=wall_seconds, eval_seconds=eval_seconds,
                       methods={m: recs[k] for m, recs in records.items()},
-                      stacked_seeds=list(seeds) if stacked else ABSENT, resumed_at_steps=resumed or ABSENT)
+                      stacked_seeds=list(seeds) if stacked else ABSENT, resumed_at_steps=resumed or ABSENT,
+                      stopped_at_step=last if last < plan.steps else ABSENT)
             for k, seed in enumerate(seeds)]

@@ -345,27 +345,30 @@ def rows(checks: list[CellCheck]) -> list[dict]:
     return out
 
 
-def cross_isa_markdown(frame) -> str:
-    """A saved ``--save`` table as the book shows it: per cell, the largest accuracy and loss differences."""
+def cross_isa_markdown(frame, tolerance: Tolerance = TOLERANCE) -> str:
+    """A saved ``--save`` table as the book shows it: per cell, the largest accuracy and loss differences and
+    how they stand against ``tolerance`` (judged now, so the table follows the tolerance it set)."""
     import pandas as pd
 
     lines = ["| cell | steps compared | kernels: committed -> re-executed | re-execution (s) | largest accuracy difference | "
-             "largest loss difference (relative) | verdict |", "|" + "---|" * 7]
+             "largest loss difference (relative) | within the tolerance |", "|" + "---|" * 7]
     for cell, rows in frame.groupby("cell", sort=False):
         first = rows.iloc[0]
         found = rows.dropna(subset=["quantity"])
-        kind = found["quantity"].str.contains("acc")
-        acc, loss = found[kind], found[~kind]
+        is_acc = found["quantity"].str.contains("acc")
+        acc, loss = found[is_acc], found[~is_acc]
 
         def largest(part, fmt):
             if part.empty:
-                return "none"
+                return "none", 0.0
             top = part.loc[part["difference"].idxmax()]
             step = "" if pd.isna(top["step"]) else f" at step {int(top['step'])}"
-            return f"{fmt(top['difference'])} ({top['method']} {top['quantity']}{step})"
+            return f"{fmt(top['difference'])} ({top['method']} {top['quantity']}{step})", float(top["difference"])
 
+        acc_text, acc_max = largest(acc, lambda v: f"{v:.2f} points")
+        loss_text, loss_max = largest(loss, lambda v: f"{v:.2g}")
+        within = acc_max <= tolerance.accuracy_points and loss_max <= tolerance.loss_relative
         seconds = "" if pd.isna(first.get("seconds")) else f"{first['seconds']:.0f}"
         lines.append(f"| {cell} | {int(first['steps_compared'])} of {int(first['steps_total'])} | {first['kernels_committed']} -> "
-                     f"{first['kernels_rerun']} | {seconds} | {largest(acc, lambda v: f'{v:.2f} points')} | "
-                     f"{largest(loss, lambda v: f'{v:.2g}')} | {first['verdict']} |")
+                     f"{first['kernels_rerun']} | {seconds} | {acc_text} | {loss_text} | {'yes' if within else 'no'} |")
     return "\n".join(lines)

@@ -183,3 +183,29 @@ def test_a_cell_run_with_narrower_kernels_is_re_executed_with_them_bit_identical
     assert cli.main(["verify", str(path), "--results", str(results), "--cell", cell]) == 0
     out = capsys.readouterr().out
     assert "CPU kernels forced as the committed run was (DEFAULT" in out and "verdict: bit-identical" in out
+
+
+def test_the_saved_measurement_reads_as_a_table_judged_by_the_current_tolerance():
+    base = _record()
+    checks = [verify.compare(base, _record(loss=(2.0, 1.5, 1.01, 0.8), acc=(0.5, 0.703)), kernels="forced"),
+              verify.compare(base, copy.deepcopy(base))]
+    checks[0].cell, checks[1].cell = "long", "short"
+    for check in checks:
+        check.recorded, check.rerun_capability, check.seconds = "AVX2", "DEFAULT", 12.0
+    import pandas as pd
+
+    frame = pd.DataFrame(verify.rows(checks))
+    table = verify.cross_isa_markdown(frame)
+    assert "| long | 20 of 20 | AVX2 -> DEFAULT | 12 | 0.30 points (bn test_acc at step 20) | 0.01 (bn train_loss at step 15) | yes |" in table
+    assert "| short | 20 of 20 | AVX2 -> DEFAULT | 12 | none | none | yes |" in table
+    assert "| no |" in verify.cross_isa_markdown(frame, verify.Tolerance(accuracy_points=0.1))
+
+
+@needs_x86
+def test_run_refuses_kernels_wider_than_the_machine_before_anything_runs(tmp_path, capsys):
+    native = machine.native_capability()
+    if native == machine.X86_LEVELS[-1]:
+        pytest.skip("no instruction set wider than this machine's")
+    wider = machine.X86_LEVELS[machine.X86_LEVELS.index(native) + 1]
+    assert cli.main(["run", "smoke", "--results", str(tmp_path), "--isa", wider, "--no-progress"]) == 2
+    assert f"it cannot run {wider} kernels" in capsys.readouterr().err and not any(tmp_path.iterdir())

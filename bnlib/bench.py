@@ -450,6 +450,7 @@ def bench_isa(sizes=(2, 16, 128), steps: int = 40, repeats: int = 3) -> list[dic
 
 SAVED_STEP = paths.BOOK_DATA / "bench_step.csv"
 SAVED_FUSION = paths.BOOK_DATA / "bench_fusion.csv"
+SAVED_ISA = paths.BOOK_DATA / "bench_isa.csv"
 
 
 def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP) -> Path:
@@ -460,6 +461,20 @@ def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP) -> Pat
 def save_fusion(rows: list[dict], header: str, csv_path: Path = SAVED_FUSION) -> Path:
     """Keep a ``bench fusion`` run, as :func:`save_step` does (:func:`fusion_markdown`)."""
     return _save(rows, header, csv_path)
+
+
+def save_isa(rows: list[dict], header: str, csv_path: Path = SAVED_ISA) -> Path:
+    """Keep a ``bench isa`` run, as :func:`save_step` does (:func:`isa_markdown`)."""
+    return _save(rows, header, csv_path)
+
+
+def isa_markdown(frame) -> str:
+    """A ``bench isa`` table as markdown."""
+    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| kernels | batch | steps | training s | time vs the machine's own | "
+             "same numbers as its own |", "|" + "---|" * 6]
+    lines += [f"| {r['kernels']} | {int(r['N'])} | {int(r['steps'])} | {r['train_s']:.1f} | {r['time_vs_native']:.2f}x | "
+              f"{'yes' if r['same_numbers_as_native'] else 'no'} |" for _, r in frame.iterrows()]
+    return "\n".join(lines)
 
 
 def _save(rows, header, csv_path) -> Path:

@@ -53,6 +53,7 @@ def cmd_run(args) -> int:
                   f"{args.isa.upper()} kernels", file=sys.stderr)
             return 2
         os.environ.update(machine.force_env(args.isa))
+        print(f"grid {g.name}: every cell computes with {args.isa} kernels (this machine's own: {native})")
     if args.executor == "slurm":
         from .slurm import SlurmExecutor
 
@@ -188,7 +189,7 @@ def cmd_bench(args) -> int:
     if args.what == "isa":  # not in "all": it starts a process per run
         print(f"\n# isa: a cell's training (the original five methods, mnist5k, 1 thread) with each instruction set's kernels this machine "
               f"can run vs its own widest (median of {max(1, args.repeats // 2)})")
-        print(bench.format_table(bench.bench_isa(repeats=max(1, args.repeats // 2))))
+        _report(bench.bench_isa(repeats=max(1, args.repeats // 2)), args.save and bench.save_isa, device)
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
         print(bench.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
@@ -297,8 +298,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
-    b.add_argument("--save", action="store_true", help="step, fusion: keep the table (book/data/bench_step.csv, "
-                   "bench_fusion.csv, shown on the book's Reproducibility page)")
+    b.add_argument("--save", action="store_true", help="step, fusion, isa: keep the table (book/data/bench_step.csv, "
+                   "bench_fusion.csv, bench_isa.csv, shown on the book's Reproducibility page)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("verify", help="re-execute committed cells and say whether the current code reproduces them",

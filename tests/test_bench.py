@@ -70,3 +70,17 @@ def test_saved_fusion_table_reads_back_into_the_books_table(tmp_path):
     bench.save_fusion(rows, "a machine", tmp_path / "fusion.csv")
     block = bench.fusion_markdown(pd.read_csv(tmp_path / "fusion.csv"))
     assert "| bn | channels-last |" in block and "| no norm | eager |" in block and "Measured on: a machine" in block
+
+
+@pytest.mark.skipif(not __import__("platform").machine() in ("x86_64", "AMD64"), reason="instruction sets are x86's")
+def test_isa_rows_time_every_instruction_set_the_machine_can_run_against_its_own(tmp_path):
+    from bnlib import machine
+
+    native = machine.native_capability()
+    rows = bench.bench_isa(sizes=(4,), steps=3, repeats=1)
+    assert [r["kernels"] for r in rows] == [c for c in machine.X86_LEVELS if machine.can_run(c, native)]
+    own = next(r for r in rows if r["kernels"] == native)
+    assert own["time_vs_native"] == 1.0 and own["same_numbers_as_native"] and all(r["train_s"] > 0 for r in rows)
+    bench.save_isa(rows, "a machine", tmp_path / "isa.csv")
+    block = bench.isa_markdown(pd.read_csv(tmp_path / "isa.csv"))
+    assert f"| {native} | 4 | 3 |" in block and "| 1.00x | yes |" in block and "Measured on: a machine" in block

@@ -187,7 +187,7 @@ def test_a_cell_run_with_narrower_kernels_is_re_executed_with_them_bit_identical
 
 def test_the_saved_measurement_reads_as_a_table_judged_by_the_current_tolerance():
     base = _record()
-    checks = [verify.compare(base, _record(loss=(2.0, 1.5, 1.01, 0.8), acc=(0.5, 0.703)), kernels="forced"),
+    checks = [verify.compare(base, _record(loss=(2.0, 1.5, 1.0005, 0.8), acc=(0.5, 0.703)), kernels="forced"),
               verify.compare(base, copy.deepcopy(base))]
     checks[0].cell, checks[1].cell = "long", "short"
     for check in checks:
@@ -196,7 +196,7 @@ def test_the_saved_measurement_reads_as_a_table_judged_by_the_current_tolerance(
 
     frame = pd.DataFrame(verify.rows(checks))
     table = verify.cross_isa_markdown(frame)
-    assert "| long | 20 of 20 | AVX2 -> DEFAULT | 12 | 0.30 points (bn test_acc at step 20) | 0.01 (bn train_loss at step 15) | yes |" in table
+    assert "| long | 20 of 20 | AVX2 -> DEFAULT | 12 | 0.30 points (bn test_acc at step 20) | 0.0005 (bn train_loss at step 15) | yes |" in table
     assert "| short | 20 of 20 | AVX2 -> DEFAULT | 12 | none | none | yes |" in table
     assert "| no |" in verify.cross_isa_markdown(frame, verify.Tolerance(accuracy_points=0.1))
 

@@ -112,12 +112,12 @@ def differences(a: dict, b: dict) -> list[str]:
 
 
 def native_capability() -> str:
-    """The widest CPU capability this machine's ATen can use, whatever the environment forces (a child process
-    without the forcing variables)."""
-    env = {k: v for k, v in os.environ.items() if k not in ISA_ENV["AVX2"]}
-    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    return proc.stdout.strip() or "DEFAULT"
+    """The widest CPU capability this process's kernels may use: the hardware's, or a narrower one where the
+    environment forces it (``ATEN_CPU_CAPABILITY``, as when a newer machine stands in for an older one; what
+    torch read when it loaded, so a later change of the environment reaches only new processes)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def can_run(capability: str, native: str) -> bool:

@@ -219,5 +219,7 @@ def test_plain_jupyter_book_build_shows_the_committed_study(tmp_path, book_build
     assert shown == cells
     runs_page = _text(site / "book" / "runs" / "index.html")
     assert all(c in runs_page for c in cells)
+    reproducibility = (site / "book" / "reproducibility.html").read_text()  # printed Markdown tables are tables
+    assert re.search(r"<th[^>]*><p>kernels: committed -&gt; re-executed</p></th>", reproducibility) or not verify.SAVED_CROSS_ISA.exists()
     original = _text(site / "book" / "original.html")
     assert "not re-run" in original and re.search(r"holds|does not hold|cannot tell", original)

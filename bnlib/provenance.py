@@ -78,13 +78,7 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in open("/proc/cpuinfo").read().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return machine.cpu_info()["cpu_model_name"] or platform.machine()
 
 
 def provenance(device: str = "cpu") -> Provenance:

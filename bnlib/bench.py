@@ -448,9 +448,93 @@ def bench_isa(sizes=(2, 16, 128), steps: int = 40, repeats: int = 3) -> list[dic
     return rows
 
 
+_LONG_PROBE = """
+import json, sys, torch
+from bnlib import data, train
+torch.set_num_threads(1)
+config = train.Config.from_dict(json.loads(sys.argv[1]))
+out = train.train(config, data.load(config.dataset), progress=False)
+print(json.dumps(out.to_dict()))
+"""
+# Steps of a ``bench long`` cell per batch size: a few minutes per path on a 2-core CPU.
+LONG_STEPS = {128: 100, 2: 1000}
+LONG_PATHS = {"old path (eager)": {"compile": "off"}, "new path (compiled)": {"compile": "on"},
+              "no norm layers (compiled)": {"compile": "on", "norm_placement": "none"}}
+
+
+def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2), steps: dict | None = None,
+               evals: int = 5, eval_samples: int = 2000, repeats: int = 1, methods=None) -> list[dict]:
+    """A whole long cell -- the study's methods, ``evals`` evaluations (on ``eval_samples`` test images, the last
+    on the whole test set), one thread -- on the old path (``compile: off``: the training code of 16e46be,
+    registered as reproducing it) and the new (``compile: on``), and the same cell without norm layers on the new
+    path (the ceiling fusing the norm can reach), each a fresh process as a grid cell is, in a fresh random order
+    per repeat. Training and evaluation seconds apart (the first compiled run pays the compilation unless
+    inductor's cache already holds it), training GFLOP/s against this machine's fp32 matrix-product peak, and
+    whether the new path's numbers are within ``bnlib verify``'s tolerance of the old path's
+    (:func:`bnlib.verify.compare`)."""
+    import json
+    import subprocess
+    import sys
+
+    from . import data, grid, models, verify
+    from .record import RunRecord
+
+    loaded = data.load(dataset)
+
+    dev = torch.device(device)
+    methods = list(methods or grid.load("study").methods)
+    steps = {**LONG_STEPS, **(steps or {})}
+    peak = matmul_peak(dev, torch.float32)
+    rng = random.Random(0)
+    rows = []
+    for n in sizes:
+        base = dict(dataset=dataset, methods=methods, batch_size=n, steps=steps[n], evals=evals,
+                    eval_samples=eval_samples, device=device)
+        shape = loaded.input_shape
+        flops = {}
+        for name, change in LONG_PATHS.items():
+            placement = change.get("norm_placement", "all")
+            flops[name] = 0
+            for m in methods:
+                net = models.build(m, 0, shape[0], loaded.num_classes, norm_placement=placement).to(dev)
+                x, y = torch.randn(n, *shape, device=dev), torch.randint(0, loaded.num_classes, (n,), device=dev)
+                flops[name] += _flops(lambda: (F.cross_entropy(net(x), y) + norms.auxiliary_loss(net)).backward())
+        runs = {name: [] for name in LONG_PATHS}
+        order = list(LONG_PATHS)
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for name in order:
+                config = json.dumps({**base, **LONG_PATHS[name]})
+                proc = subprocess.run([sys.executable, "-c", _LONG_PROBE, config], capture_output=True, text=True,
+                                      cwd=paths.ROOT, timeout=6 * 3600)
+                if proc.returncode:
+                    raise RuntimeError(f"bench long ({name}, batch {n}) failed: {proc.stderr[-2000:]}")
+                runs[name].append(RunRecord.from_dict(json.loads(proc.stdout.strip().splitlines()[-1])))
+        median = {name: {k: statistics.median(getattr(r, "wall_seconds") - (r.eval_seconds if k == "train" else 0)
+                                               if k != "eval" else r.eval_seconds for r in recs)
+                         for k in ("train", "eval", "total")} for name, recs in runs.items()}
+        old = median["old path (eager)"]
+        for name, recs in runs.items():
+            t = median[name]
+            row = {"N": n, "path": name, "steps": steps[n], "train_s": t["train"], "eval_s": t["eval"], "total_s": t["total"],
+                   "train_GFLOP/s": flops[name] * steps[n] / t["train"] / 1e9,
+                   "train_of_peak": flops[name] * steps[n] / t["train"] / peak,
+                   "train_vs_old": old["train"] / t["train"], "eval_vs_old": old["eval"] / t["eval"],
+                   "total_vs_old": old["total"] / t["total"], "compiled": bool(recs[0].compiled), "vs_old_numbers": ""}
+            if name == "new path (compiled)":
+                a, b = runs["old path (eager)"][0], recs[0]
+                a.cell = b.cell = f"bench-long-b{n}"
+                row["vs_old_numbers"] = verify.compare(a, b, None, verify.TOLERANCE).explain()
+            rows.append(row)
+        new, ceiling = rows[-2], rows[-1]
+        new["vs_no_norm"] = new["train_GFLOP/s"] / ceiling["train_GFLOP/s"] if ceiling["train_GFLOP/s"] else float("nan")
+    return rows
+
+
 SAVED_STEP = paths.BOOK_DATA / "bench_step.csv"
 SAVED_FUSION = paths.BOOK_DATA / "bench_fusion.csv"
 SAVED_ISA = paths.BOOK_DATA / "bench_isa.csv"
+SAVED_LONG = paths.BOOK_DATA / "bench_long.csv"
 
 
 def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP) -> Path:
@@ -466,6 +550,31 @@ def save_fusion(rows: list[dict], header: str, csv_path: Path = SAVED_FUSION) ->
 def save_isa(rows: list[dict], header: str, csv_path: Path = SAVED_ISA) -> Path:
     """Keep a ``bench isa`` run, as :func:`save_step` does (:func:`isa_markdown`)."""
     return _save(rows, header, csv_path)
+
+
+def save_long(rows: list[dict], header: str, csv_path: Path = SAVED_LONG) -> Path:
+    """Keep a ``bench long`` run, as :func:`save_step` does (:func:`long_markdown`)."""
+    return _save(rows, header, csv_path)
+
+
+def long_markdown(frame) -> str:
+    """A ``bench long`` table as markdown (the comparison of the numbers under it)."""
+    import pandas as pd
+
+    cols = ["batch", "path", "steps", "training s", "evaluation s", "total s", "training GFLOP/s", "of peak",
+            "training vs old", "evaluation vs old", "total vs old"]
+    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame.iterrows():
+        lines.append("| " + " | ".join(str(c) for c in [
+            int(r["N"]), r["path"] + ("" if r["compiled"] or "eager" in r["path"] else " (ran eager)"), int(r["steps"]),
+            f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s']:.0f}", f"{r['train_GFLOP/s']:.1f}",
+            f"{100 * r['train_of_peak']:.0f}%", f"{r['train_vs_old']:.2f}x", f"{r['eval_vs_old']:.2f}x",
+            f"{r['total_vs_old']:.2f}x"]) + " |")
+    notes = [f"- batch {int(r['N'])}: the new path's numbers against the old path's: {r['vs_old_numbers']}"
+             for _, r in frame.iterrows() if isinstance(r["vs_old_numbers"], str) and r["vs_old_numbers"]]
+    notes += [f"- batch {int(r['N'])}: the new path's training throughput is {100 * r['vs_no_norm']:.0f}% of the same "
+              "cell's without norm layers" for _, r in frame.iterrows() if "vs_no_norm" in r and not pd.isna(r["vs_no_norm"])]
+    return "\n".join(lines + [""] + notes)
 
 
 def isa_markdown(frame) -> str:

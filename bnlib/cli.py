@@ -190,6 +190,12 @@ def cmd_bench(args) -> int:
         print(f"\n# isa: a cell's training (the original five methods, mnist5k, 1 thread) with each instruction set's kernels this machine "
               f"can run vs its own widest (median of {max(1, args.repeats // 2)})")
         _report(bench.bench_isa(repeats=max(1, args.repeats // 2)), args.save and bench.save_isa, device)
+    if args.what == "long":  # not in "all": whole cells, an hour or more on a 2-core CPU
+        print(f"\n# long: whole Fashion-MNIST cells (the study's methods) on the old path (eager) vs the new (compile: on), "
+              f"and without norm layers, each a fresh process (median of {args.long_repeats})")
+        steps = {n: args.long_steps for n in args.long_sizes} if args.long_steps else None
+        _report(bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, repeats=args.long_repeats),
+                args.save and bench.save_long, device)
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
         print(bench.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
@@ -290,16 +296,21 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
-    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "isa", "all"], default="all",
+    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "isa", "long", "all"], default="all",
                    help="step: training step and evaluation vs the matrix-product peak; seeds: three seeds as one stacked "
                    "model vs one run each; cell: a whole cell, old vs new "
                    "evaluation; fusion: batch 128 eager vs channels-last vs torch.compile vs no norms; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop; isa: a cell's training with each "
-                   "instruction set's kernels this machine can run (what `bnlib run --isa` costs; not in all) (default: all)")
+                   "instruction set's kernels this machine can run (what `bnlib run --isa` costs; not in all); long: whole "
+                   "long cells, old path vs compiled (an hour or more; not in all) (default: all)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as every grid cell on a CPU; 0: torch's default)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
-    b.add_argument("--save", action="store_true", help="step, fusion, isa: keep the table (book/data/bench_step.csv, "
-                   "bench_fusion.csv, bench_isa.csv, shown on the book's Reproducibility page)")
+    b.add_argument("--long-sizes", type=int, nargs="+", default=[128, 2], metavar="N", help="long: batch sizes (default: 128 2)")
+    b.add_argument("--long-steps", type=int, default=None, metavar="K",
+                   help="long: steps of every cell (default: 100 at batch 128, 1000 at batch 2)")
+    b.add_argument("--long-repeats", type=int, default=1, metavar="R", help="long: runs of each path (default: 1)")
+    b.add_argument("--save", action="store_true", help="step, fusion, isa, long: keep the table (book/data/bench_step.csv, "
+                   "bench_fusion.csv, bench_isa.csv, bench_long.csv, shown on the book's Reproducibility page)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("verify", help="re-execute committed cells and say whether the current code reproduces them",

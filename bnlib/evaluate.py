@@ -99,13 +99,13 @@ class _SavedBuffers:
 
 
 def evaluate_recomputed(model: torch.nn.Module, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        precision: str = "fp32") -> tuple[float, float]:
+                        precision: str = "fp32", forward: torch.nn.Module | None = None) -> tuple[float, float]:
     """:func:`evaluate` after recomputing population statistics from ``batches`` (precise BN); the model's own
-    buffers are restored afterwards."""
+    buffers are restored afterwards. ``forward``: what evaluates (the model compiled; default the model)."""
     with _SavedBuffers(model):
         with autocast(x.device, precision):
             norms.recompute_statistics(model, batches)
-        return evaluate(model, x, y, precision)
+        return evaluate(model if forward is None else forward, x, y, precision)
 
 
 def _per_seed(correct: torch.Tensor, loss: torch.Tensor, n: int) -> list[tuple[float, float]]:

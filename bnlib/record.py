@@ -196,6 +196,8 @@ class RunRecord:
     stacked_in: str = ABSENT  # the cell whose notebook trained it (stacked seeds)
     same_training_as: str = ABSENT  # a twin: the cell that trained exactly this, whose results these are
     stopped_at_step: int = ABSENT  # a prefix re-execution (`bnlib verify --steps`) that stopped here: never a finished cell
+    compiled: bool = ABSENT  # config.compile not off: whether the training step ran compiled (bnlib.compiling)
+    compile_reason: str = ABSENT  # ... and why (e.g. "compile: on, but no C++ compiler for inductor ...: eager")
 
     # the keys every metrics file has, in the order of the files: cell, parameters, provenance, then the run
     _LEADING = ("cell", "parameters", "provenance")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoint_mod
+from . import compiling
 from . import data as data_mod
 from . import evaluate as evaluate_mod
 from . import models, norms
@@ -32,6 +33,7 @@ from .record import ABSENT, Final, MethodRecord, RunRecord
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
+RECOMPUTE_EVALS = ("all", "last")
 # Config keys that say where a cell runs, finds its data or saves its checkpoints, not what it computes:
 # left out of cell ids and checkpoint keys.
 LOCAL_KEYS = ("device", "data_dir", "download", "checkpoint_minutes")
@@ -67,6 +69,7 @@ class Config:
     log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 100 over the run)
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
+    recompute_evals: str = "all"  # all | last: which evaluations also recompute (last: the final one only, a long run's saving)
     eval_batch_stats: bool = False  # also evaluate with batch statistics at test time (test batches of batch_size)
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
     init_samples: int = 1000  # training images for Batchless Norm's data-dependent start (its authors'); 0: mean 0, std 1
@@ -75,6 +78,7 @@ class Config:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     checkpoint_minutes: float = 10  # minutes between checkpoints of a cell that has a checkpoint file (0: every step)
     precision: str = "fp32"  # fp32 | bf16 (autocast for convs and linear layers; norm statistics stay in fp32)
+    compile: str = "off"  # off | auto | on: the training step through torch.compile (bnlib.compiling; auto: long runs only)
     data_dir: str | None = None  # torchvision datasets (default $BNLIB_DATA or data/)
     download: bool = True  # fetch missing torchvision datasets
 
@@ -172,6 +176,10 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("samples", f"must be an integer of at least batch_size={config.batch_size}")
     if config.precision not in PRECISIONS:
         fail("precision", f"choose one of {', '.join(PRECISIONS)}")
+    if config.compile not in compiling.MODES:
+        fail("compile", f"choose one of {', '.join(compiling.MODES)}")
+    if config.recompute_evals not in RECOMPUTE_EVALS:
+        fail("recompute_evals", f"choose one of {', '.join(RECOMPUTE_EVALS)}")
     for key in ("eval_every", "log_every", "eval_samples", "evals"):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -275,8 +283,11 @@ class MethodRun:
     """One method in the lockstep run: its model (one seed's network, or every seed stacked), optimiser, clock,
     the open training-loss window, and one :class:`~bnlib.record.MethodRecord` per seed."""
 
-    def __init__(self, model: torch.nn.Module, config: Config, seeds: list[int], device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: Config, seeds: list[int], device: torch.device,
+                 compiled: bool = False):
         self.model, self.config, self.stacked = model, config, len(seeds) > 1
+        # the training forward (compiled or the model itself); evaluation and checkpoints use the model
+        self.forward = compiling.compiled(model) if compiled else model
         self.opt = _optimizer(config, model.parameters())
         self.clock = _StepClock(device)
         self.steps, self.window = 0, 0  # steps trained; steps in the open loss window
@@ -295,10 +306,10 @@ class MethodRun:
         self.clock.start()
         with autocast(device, config.precision):
             if self.stacked:
-                loss = F.cross_entropy(self.model(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
+                loss = F.cross_entropy(self.forward(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
                 total = loss.sum() + config.aux_weight * stacked_mod.auxiliary_loss(self.model)
             else:
-                loss = F.cross_entropy(self.model(x).float(), y)
+                loss = F.cross_entropy(self.forward(x).float(), y)
                 total = loss + config.aux_weight * norms.auxiliary_loss(self.model)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -325,11 +336,13 @@ class MethodRun:
         self.loss_sum.zero_()
         self.window = 0
 
-    def evaluate(self, step: int, x: torch.Tensor, y: torch.Tensor, recompute_batches) -> None:
-        """One evaluation of every seed, appended to its record (or its divergence recorded)."""
+    def evaluate(self, step: int, x: torch.Tensor, y: torch.Tensor, recompute_batches, last: bool) -> None:
+        """One evaluation of every seed, appended to its record (or its divergence recorded); ``last``: the run's
+        final one."""
         config = self.config
         running = norms.keeps_running_statistics(self.model)
-        recompute, batch_stats = config.recompute and running, config.eval_batch_stats and running
+        recompute = config.recompute and running and (config.recompute_evals == "all" or last)
+        batch_stats = config.eval_batch_stats and running
         if self.stacked:  # one pass for every seed; a diverged seed is evaluated along and its record left alone
             nothing = [(None, None)] * len(self.recs)
             plain = evaluate_mod.evaluate_stacked(self.model, x, y, config.precision)
@@ -348,11 +361,12 @@ class MethodRun:
         rec = self.recs[0]
         if rec.diverged:
             return
-        plain = evaluate_mod.evaluate(self.model, x, y, config.precision)
+        # compiled, the inference passes run through the compiled forward too (statistics are recomputed eagerly)
+        plain = evaluate_mod.evaluate(self.forward, x, y, config.precision)
         if not math.isfinite(plain[1]):
             rec.mark_diverged(step)
             return
-        recomputed = (evaluate_mod.evaluate_recomputed(self.model, recompute_batches, x, y, config.precision)
+        recomputed = (evaluate_mod.evaluate_recomputed(self.model, recompute_batches, x, y, config.precision, self.forward)
                       if recompute else (None, None))
         batch = (evaluate_mod.evaluate_batch_statistics(self.model, x, y, config.batch_size, config.precision)
                  if batch_stats else (None, None))
@@ -413,7 +427,7 @@ def _fixed_batches(ds: data_mod.Dataset, config: Config, seed: int, device: torc
 
 
 def _build(method: str, config: Config, seeds: list[int], ds: data_mod.Dataset, steps: int, device: torch.device,
-           init_batches: list[list]) -> MethodRun:
+           init_batches: list[list], compiled: bool) -> MethodRun:
     """Every seed's network of one method (its data-dependent start done), stacked when there are several seeds."""
     nets = []
     for seed, init in zip(seeds, init_batches):
@@ -426,7 +440,7 @@ def _build(method: str, config: Config, seeds: list[int], ds: data_mod.Dataset, 
             with autocast(device, config.precision):
                 norms.initialise_statistics(net, init)
         nets.append(net)
-    return MethodRun(stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device)
+    return MethodRun(stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device, compiled)
 
 
 def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | None = None, progress: bool = True,
@@ -456,7 +470,9 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     init_batches, recompute_batches = zip(*(_fixed_batches(ds, config, seed, device) for seed in seeds))
     # Stacked: seed k's recompute batches in input channels k*C ... (k+1)*C, as its training batches.
     recompute = [torch.cat(group, 1) for group in zip(*recompute_batches)] if stacked else recompute_batches[0]
-    runs = {m: _build(m, config, seeds, ds, plan.steps, device, init_batches) for m in config.methods}
+    eval_images = (len(plan.eval_steps) - 1) * len(y_sub) + len(ds.y_test)
+    path = compiling.decide(config.compile, plan.steps * config.batch_size, eval_images, ds.input_shape, device)
+    runs = {m: _build(m, config, seeds, ds, plan.steps, device, init_batches, path.compiled) for m in config.methods}
 
     streams = [data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, seed, config.classes_per_batch)
                for seed in seeds]
@@ -495,7 +511,7 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
             x_eval, y_eval = (ds.x_test, ds.y_test) if step == plan.steps else (x_sub, y_sub)
             for run in runs.values():
                 if run.live:
-                    run.evaluate(step, x_eval, y_eval, recompute)
+                    run.evaluate(step, x_eval, y_eval, recompute, last=step == plan.steps)
             bar.set_postfix({m: f"{r.recs[0].test_acc[-1]:.3f}" for m, r in runs.items()
                              if r.recs[0].test_acc and not r.recs[0].diverged}, refresh=False)
             eval_seconds += time.perf_counter() - t_eval
@@ -515,5 +531,7 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
                       num_classes=ds.num_classes, wall_seconds=wall_seconds, eval_seconds=eval_seconds,
                       methods={m: recs[k] for m, recs in records.items()},
                       stacked_seeds=list(seeds) if stacked else ABSENT, resumed_at_steps=resumed or ABSENT,
-                      stopped_at_step=last if last < plan.steps else ABSENT)
+                      stopped_at_step=last if last < plan.steps else ABSENT,
+                      compiled=ABSENT if config.compile == "off" else path.compiled,
+                      compile_reason=ABSENT if config.compile == "off" else path.reason)
             for k, seed in enumerate(seeds)]

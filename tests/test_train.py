@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bnlib import checkpoint, data, evaluate, models, norms, train
+from bnlib import checkpoint, compiling, data, evaluate, models, norms, train, verify
 
 DIGITS = None
 
@@ -53,6 +53,8 @@ def _strip_timings(result):
         ({"norm_position": "middle"}, "norm_position"),
         ({"init_samples": -1}, "init_samples"),
         ({"checkpoint_minutes": -1}, "checkpoint_minutes"),
+        ({"compile": "yes"}, "compile"),
+        ({"recompute_evals": "first"}, "recompute_evals"),
     ],
 )
 def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
@@ -393,3 +395,59 @@ def test_norm_activation_layers_replace_the_activation_and_paired_convs():
     assert isinstance(models.build("mabn", 0, 1, 10).features[0], norms.WeightCentredConv2d)
     first = models.build("frn", 0, 1, 10, norm_placement="first")
     assert sum(isinstance(m, torch.nn.GELU) for m in first.modules()) == 3  # the convs without a norm keep theirs
+
+
+def test_recompute_at_the_last_evaluation_only_changes_nothing_else():
+    """``recompute_evals: last`` skips the in-training recomputations and nothing else: every other number,
+    the final recomputed one included, equals the run that recomputes at every evaluation."""
+    base = dict(methods=["bn", "bnrs", "gn"], batch_size=8, steps=30, eval_every=10, recompute=True, recompute_samples=64)
+    every = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
+    last = _strip_timings(_train(train.Config(**base, recompute_evals="last"), dataset=digits(), progress=False))
+    for m in base["methods"]:
+        a, b = every["methods"][m], last["methods"][m]
+        if m == "gn":  # no running statistics: nothing to recompute either way
+            assert a["test_acc_recomputed"] == b["test_acc_recomputed"] == [None] * 3
+        else:
+            assert b["test_acc_recomputed"][:2] == [None, None] and None not in a["test_acc_recomputed"]
+            assert b["test_acc_recomputed"][2] == a["test_acc_recomputed"][2]
+        assert {k: v for k, v in a.items() if "recomputed" not in k} == {k: v for k, v in b.items() if "recomputed" not in k}
+    assert every["config"]["recompute_evals"] == "all" and last["config"]["recompute_evals"] == "last"
+
+
+def test_auto_compiles_long_runs_only():
+    cpu, image = torch.device("cpu"), (1, 28, 28)
+    assert not compiling.decide("off", 10**8, 0, image, cpu).compiled
+    short = compiling.decide("auto", 50 * 128, 4 * 500, image, cpu)
+    assert not short.compiled and "too short" in short.reason
+    if compiling.unavailable(cpu) is None:
+        assert compiling.decide("auto", 1000 * 128, 0, image, cpu).compiled
+        assert compiling.decide("auto", 3000 * 2, 14 * 2000 + 10000, image, cpu).compiled  # evaluations count
+        assert compiling.decide("on", 2, 0, (1, 8, 8), cpu).compiled
+
+
+def test_compile_without_a_compiler_trains_eager_and_says_why(monkeypatch):
+    monkeypatch.setattr(compiling, "unavailable", lambda device: "no C++ compiler for inductor (test)")
+    config = train.Config(methods=["bn", "brn"], batch_size=8, steps=10, evals=2)
+    eager = _train(config, dataset=digits(), progress=False)
+    fallback = _train(train.Config(**{**config.__dict__, "compile": "on"}), dataset=digits(), progress=False)
+    assert fallback["compiled"] is False and "no C++ compiler" in fallback["compile_reason"]
+    assert "compiled" not in eager  # compile: off writes nothing new: older metrics files keep their keys
+    assert _strip_timings(fallback)["methods"] == _strip_timings(eager)["methods"]
+
+
+@pytest.mark.skipif(compiling.unavailable(torch.device("cpu")) is not None, reason="no C++ compiler for inductor here")
+def test_a_compiled_run_repeats_bit_for_bit_and_stays_within_tolerance_of_eager():
+    """The compiled path is a path of its own: the same bits every time on one machine (so ``bnlib verify``
+    holds), and eager's numbers to within ``verify.TOLERANCE`` (inductor sums in another order). Two seeds
+    stacked, so the stacked model compiles too."""
+    config = train.Config(methods=["bn", "brn", "gn"], batch_size=8, steps=40, evals=2, recompute=True,
+                          recompute_samples=32, compile="on")
+    first = [r for r in train.train_seeds(config, [0, 1], digits(), progress=False)]
+    again = [r for r in train.train_seeds(config, [0, 1], digits(), progress=False)]
+    eager = [r for r in train.train_seeds(train.Config(**{**config.__dict__, "compile": "off"}), [0, 1], digits(), progress=False)]
+    assert all(r.compiled for r in first) and "compiled" not in eager[0].to_dict()
+    for a, b, e in zip(first, again, eager):
+        assert _strip_timings(a.to_dict()) == _strip_timings(b.to_dict())
+        e.cell = a.cell = "digits"
+        check = verify.compare(e, a, None, verify.TOLERANCE, same_bits=False)
+        assert check.verdict in ("bit-identical", "within tolerance"), check.explain()

@@ -482,7 +482,7 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
     loaded = data.load(dataset)
 
     dev = torch.device(device)
-    methods = list(methods or grid.load("study").methods)
+    methods = list(methods or grid.load("study").cells[0].config().methods)
     steps = {**LONG_STEPS, **(steps or {})}
     peak = matmul_peak(dev, torch.float32)
     rng = random.Random(0)

@@ -84,3 +84,25 @@ def test_isa_rows_time_every_instruction_set_the_machine_can_run_against_its_own
     bench.save_isa(rows, "a machine", tmp_path / "isa.csv")
     block = bench.isa_markdown(pd.read_csv(tmp_path / "isa.csv"))
     assert f"| {native} | 4 | 3 |" in block and "| 1.00x | yes |" in block and "Measured on: a machine" in block
+
+
+def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
+    """``bench long``'s plumbing on a tiny cell: three paths, training and evaluation apart, ratios against the
+    old path, the new path's numbers judged against the old path's, the saved table the book shows."""
+    from bnlib import compiling
+
+    rows = bench.bench_long(dataset="digits", sizes=(8,), steps={8: 6}, evals=2, eval_samples=50, methods=["bn", "gn"])
+    frame = pd.DataFrame(rows)
+    assert list(frame["path"]) == list(bench.LONG_PATHS)
+    old = frame.iloc[0]
+    assert old["train_vs_old"] == old["eval_vs_old"] == old["total_vs_old"] == 1.0 and not old["compiled"]
+    assert (frame["train_s"] > 0).all() and (frame["eval_s"] > 0).all() and (frame["train_of_peak"] > 0).all()
+    assert (frame["total_s"] >= frame["train_s"]).all()
+    new = frame.iloc[1]
+    assert new["compiled"] == (compiling.unavailable(__import__("torch").device("cpu")) is None)
+    assert new["vs_old_numbers"].split(":")[0].split(" (")[0] in ("bit-identical", "within tolerance", "differs")
+    assert new["vs_no_norm"] > 0
+    bench.save_long(rows, "a machine", tmp_path / "long.csv")
+    block = bench.long_markdown(pd.read_csv(tmp_path / "long.csv"))
+    assert block.startswith("Measured on: a machine") and "new path (compiled)" in block
+    assert "numbers against the old path's" in block and "without norm layers" in block

@@ -456,16 +456,18 @@ config = train.Config.from_dict(json.loads(sys.argv[1]))
 out = train.train(config, data.load(config.dataset), progress=False)
 print(json.dumps(out.to_dict()))
 """
-# Steps of a ``bench long`` cell per batch size: a few minutes per path on a 2-core CPU.
-LONG_STEPS = {128: 100, 2: 1000}
+# A ``bench long`` cell per batch size. Batch 2: the issue's whole cell (3,000 steps, 15 evaluations). Batch 128:
+# a tenth of its 1,000 steps with a third of its evaluations (about 12 minutes per path on a 2-core EPYC instead
+# of two hours); the compilation is then spread over fewer steps than in a whole cell, which favours the old path.
+LONG_CELLS = {128: {"steps": 100, "evals": 5}, 2: {"steps": 3000, "evals": 15}}
 LONG_PATHS = {"old path (eager)": {"compile": "off"}, "new path (compiled)": {"compile": "on"},
               "no norm layers (compiled)": {"compile": "on", "norm_placement": "none"}}
 
 
 def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2), steps: dict | None = None,
-               evals: int = 5, eval_samples: int = 2000, repeats: int = 1, methods=None) -> list[dict]:
-    """A whole long cell -- the study's methods, ``evals`` evaluations (on ``eval_samples`` test images, the last
-    on the whole test set), one thread -- on the old path (``compile: off``: the training code of 16e46be,
+               evals: dict | None = None, eval_samples: int = 2000, repeats: int = 1, methods=None) -> list[dict]:
+    """A whole long cell (:data:`LONG_CELLS`, or ``steps`` and ``evals`` per batch size) -- the study's methods,
+    its evaluations on ``eval_samples`` test images (the last on the whole test set), one thread -- on the old path (``compile: off``: the training code of 16e46be,
     registered as reproducing it) and the new (``compile: on``), and the same cell without norm layers on the new
     path (the ceiling fusing the norm can reach), each a fresh process as a grid cell is, in a fresh random order
     per repeat. Training and evaluation seconds apart (the first compiled run pays the compilation unless
@@ -483,12 +485,17 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
 
     dev = torch.device(device)
     methods = list(methods or grid.load("study").cells[0].config().methods)
-    steps = {**LONG_STEPS, **(steps or {})}
+    steps = {n: cell["steps"] for n, cell in LONG_CELLS.items()} | (steps or {})
+    evals = {n: cell["evals"] for n, cell in LONG_CELLS.items()} | (evals or {})
+    unknown = [n for n in sizes if n not in steps or n not in evals]
+    if unknown:
+        raise ValueError(f"bench long: no cell for batch size(s) {unknown}: give their steps (--long-steps) or use "
+                         f"{' or '.join(map(str, LONG_CELLS))}")
     peak = matmul_peak(dev, torch.float32)
     rng = random.Random(0)
     rows = []
     for n in sizes:
-        base = dict(dataset=dataset, methods=methods, batch_size=n, steps=steps[n], evals=evals,
+        base = dict(dataset=dataset, methods=methods, batch_size=n, steps=steps[n], evals=evals[n],
                     eval_samples=eval_samples, device=device)
         shape = loaded.input_shape
         flops = {}
@@ -516,7 +523,7 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
         old = median["old path (eager)"]
         for name, recs in runs.items():
             t = median[name]
-            row = {"N": n, "path": name, "steps": steps[n], "train_s": t["train"], "eval_s": t["eval"], "total_s": t["total"],
+            row = {"N": n, "path": name, "steps": steps[n], "evals": evals[n], "train_s": t["train"], "eval_s": t["eval"], "total_s": t["total"],
                    "train_GFLOP/s": flops[name] * steps[n] / t["train"] / 1e9,
                    "train_of_peak": flops[name] * steps[n] / t["train"] / peak,
                    "train_vs_old": old["train"] / t["train"], "eval_vs_old": old["eval"] / t["eval"],
@@ -561,12 +568,12 @@ def long_markdown(frame) -> str:
     """A ``bench long`` table as markdown (the comparison of the numbers under it)."""
     import pandas as pd
 
-    cols = ["batch", "path", "steps", "training s", "evaluation s", "total s", "training GFLOP/s", "of peak",
+    cols = ["batch", "path", "steps", "evaluations", "training s", "evaluation s", "total s", "training GFLOP/s", "of peak",
             "training vs old", "evaluation vs old", "total vs old"]
     lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in frame.iterrows():
         lines.append("| " + " | ".join(str(c) for c in [
-            int(r["N"]), r["path"] + ("" if r["compiled"] or "eager" in r["path"] else " (ran eager)"), int(r["steps"]),
+            int(r["N"]), r["path"] + ("" if r["compiled"] or "eager" in r["path"] else " (ran eager)"), int(r["steps"]), int(r["evals"]),
             f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s']:.0f}", f"{r['train_GFLOP/s']:.1f}",
             f"{100 * r['train_of_peak']:.0f}%", f"{r['train_vs_old']:.2f}x", f"{r['eval_vs_old']:.2f}x",
             f"{r['total_vs_old']:.2f}x"]) + " |")

@@ -194,7 +194,8 @@ def cmd_bench(args) -> int:
         print(f"\n# long: whole Fashion-MNIST cells (the study's methods) on the old path (eager) vs the new (compile: on), "
               f"and without norm layers, each a fresh process (median of {args.long_repeats})")
         steps = {n: args.long_steps for n in args.long_sizes} if args.long_steps else None
-        _report(bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, repeats=args.long_repeats),
+        evals = {n: bench.LONG_CELLS.get(n, {"evals": 5})["evals"] for n in args.long_sizes}
+        _report(bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, evals=evals, repeats=args.long_repeats),
                 args.save and bench.save_long, device)
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
@@ -307,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
     b.add_argument("--long-sizes", type=int, nargs="+", default=[128, 2], metavar="N", help="long: batch sizes (default: 128 2)")
     b.add_argument("--long-steps", type=int, default=None, metavar="K",
-                   help="long: steps of every cell (default: 100 at batch 128, 1000 at batch 2)")
+                   help="long: steps of every cell (default: 100 at batch 128 with 5 evaluations, 3000 at batch 2 with 15)")
     b.add_argument("--long-repeats", type=int, default=1, metavar="R", help="long: runs of each path (default: 1)")
     b.add_argument("--save", action="store_true", help="step, fusion, isa, long: keep the table (book/data/bench_step.csv, "
                    "bench_fusion.csv, bench_isa.csv, bench_long.csv, shown on the book's Reproducibility page)")

@@ -91,7 +91,7 @@ def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
     old path, the new path's numbers judged against the old path's, the saved table the book shows."""
     from bnlib import compiling
 
-    rows = bench.bench_long(dataset="digits", sizes=(8,), steps={8: 6}, evals=2, eval_samples=50, methods=["bn", "gn"])
+    rows = bench.bench_long(dataset="digits", sizes=(8,), steps={8: 6}, evals={8: 2}, eval_samples=50, methods=["bn", "gn"])
     frame = pd.DataFrame(rows)
     assert list(frame["path"]) == list(bench.LONG_PATHS)
     old = frame.iloc[0]

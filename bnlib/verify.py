@@ -59,6 +59,14 @@ class Tolerance:
 
 
 TOLERANCE = Tolerance()
+# A compiled run (``compile: on``/``auto``, bnlib.compiling) against an eager one, or a compiled cell re-executed
+# eager: inductor sums in another order, and training amplifies that difference step by step, far beyond the
+# kernels' (above). Measured 2026-12-02 on a 2-core AMD EPYC, the study's 12 methods on Fashion-MNIST (`bnlib
+# bench long`, and a batch-16 cell of 400 steps): the largest differences were 0.37 points and a relative 0.0073
+# of a loss after 100 steps at batch 128, 0.40 points and 0.0079 after 400 at batch 16, and 1.50 points (BRNC,
+# on the 2,000-image subset) and 0.033 (BRN's final test loss) after 3,000 at batch 2. The same rule as above:
+# twice the largest, rounded up.
+COMPILED_VS_EAGER = Tolerance(accuracy_points=3.0, loss_relative=0.07)
 
 
 @dataclass
@@ -286,10 +294,12 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
             if not outcomes[cid]["ok"]:
                 raise RuntimeError(f"re-executing {cid} failed: {outcomes[cid]['error']}")
             rerun = read_run(folder / f"{cid}.json")
-            # identical bits are expected only on the same kernels and the same path (compiled or eager) as recorded
+            # identical bits are expected only on the same kernels and the same path (compiled or eager) as recorded;
+            # across paths the default tolerance is the compiled-vs-eager one
             same_path = bool(committed.compiled) == bool(rerun.compiled)
-            check = compare(committed, rerun, prefix, tolerance, kernels, same_path and
-                            machine.same_bits(committed.provenance.numerics, rerun.provenance.numerics))
+            check = compare(committed, rerun, prefix,
+                            COMPILED_VS_EAGER if not same_path and tolerance == TOLERANCE else tolerance, kernels,
+                            same_path and machine.same_bits(committed.provenance.numerics, rerun.provenance.numerics))
             check.recorded = (committed.provenance.numerics or {}).get("torch_cpu_capability")
             check.rerun_capability = (rerun.provenance.numerics or {}).get("torch_cpu_capability")
             check.seconds = outcomes[cid]["seconds"]

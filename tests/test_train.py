@@ -438,8 +438,8 @@ def test_compile_without_a_compiler_trains_eager_and_says_why(monkeypatch):
 @pytest.mark.skipif(compiling.unavailable(torch.device("cpu")) is not None, reason="no C++ compiler for inductor here")
 def test_a_compiled_run_repeats_bit_for_bit_and_stays_within_tolerance_of_eager():
     """The compiled path is a path of its own: the same bits every time on one machine (so ``bnlib verify``
-    holds), and eager's numbers to within ``verify.TOLERANCE`` (inductor sums in another order). Two seeds
-    stacked, so the stacked model compiles too."""
+    holds), and eager's numbers to within ``verify.COMPILED_VS_EAGER`` (inductor sums in another order). Two
+    seeds stacked, so the stacked model compiles too."""
     config = train.Config(methods=["bn", "brn", "gn"], batch_size=8, steps=40, evals=2, recompute=True,
                           recompute_samples=32, compile="on")
     first = [r for r in train.train_seeds(config, [0, 1], digits(), progress=False)]
@@ -449,5 +449,5 @@ def test_a_compiled_run_repeats_bit_for_bit_and_stays_within_tolerance_of_eager(
     for a, b, e in zip(first, again, eager):
         assert _strip_timings(a.to_dict()) == _strip_timings(b.to_dict())
         e.cell = a.cell = "digits"
-        check = verify.compare(e, a, None, verify.TOLERANCE, same_bits=False)
+        check = verify.compare(e, a, None, verify.COMPILED_VS_EAGER, same_bits=False)
         assert check.verdict in ("bit-identical", "within tolerance"), check.explain()

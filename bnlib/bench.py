@@ -482,7 +482,7 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
     from .record import RunRecord
 
     loaded = data.load(dataset)
-
+    shape = loaded.input_shape
     dev = torch.device(device)
     methods = list(methods or grid.load("study").cells[0].config().methods)
     steps = {n: cell["steps"] for n, cell in LONG_CELLS.items()} | (steps or {})
@@ -497,7 +497,6 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
     for n in sizes:
         base = dict(dataset=dataset, methods=methods, batch_size=n, steps=steps[n], evals=evals[n],
                     eval_samples=eval_samples, device=device)
-        shape = loaded.input_shape
         flops = {}
         for name, change in LONG_PATHS.items():
             placement = change.get("norm_placement", "all")
@@ -517,9 +516,9 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
                 if proc.returncode:
                     raise RuntimeError(f"bench long ({name}, batch {n}) failed: {proc.stderr[-2000:]}")
                 runs[name].append(RunRecord.from_dict(json.loads(proc.stdout.strip().splitlines()[-1])))
-        median = {name: {k: statistics.median(getattr(r, "wall_seconds") - (r.eval_seconds if k == "train" else 0)
-                                               if k != "eval" else r.eval_seconds for r in recs)
-                         for k in ("train", "eval", "total")} for name, recs in runs.items()}
+        parts = {"train": lambda r: r.wall_seconds - r.eval_seconds, "eval": lambda r: r.eval_seconds,
+                 "total": lambda r: r.wall_seconds}
+        median = {name: {k: statistics.median(map(part, recs)) for k, part in parts.items()} for name, recs in runs.items()}
         old = median["old path (eager)"]
         for name, recs in runs.items():
             t = median[name]

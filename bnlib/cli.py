@@ -194,8 +194,7 @@ def cmd_bench(args) -> int:
         print(f"\n# long: whole Fashion-MNIST cells (the study's methods) on the old path (eager) vs the new (compile: on), "
               f"and without norm layers, each a fresh process (median of {args.long_repeats})")
         steps = {n: args.long_steps for n in args.long_sizes} if args.long_steps else None
-        evals = {n: bench.LONG_CELLS.get(n, {"evals": 5})["evals"] for n in args.long_sizes}
-        _report(bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, evals=evals, repeats=args.long_repeats),
+        _report(bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, repeats=args.long_repeats),
                 args.save and bench.save_long, device)
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")

@@ -10,7 +10,7 @@ Why it pays: the convolutions stay oneDNN's, and inductor fuses the memory-bound
 layer's statistics, normalisation and affine, the GELU, their backward -- into a few C++ loops. Measured side by
 side (`bnlib bench long`, `bnlib bench fusion`): see the Reproducibility page.
 
-What it costs: compiling each method's network once per process (about 5-15 s each on a 2-core EPYC; inductor
+What it costs: compiling each method's network once per shape and process (see :data:`AUTO_MIN_SAMPLE_PIXELS`; inductor
 caches the result on disk -- by default under the system's temp folder, ``TORCHINDUCTOR_CACHE_DIR`` to move it --
 keyed by the graph, the shapes and the thread count, so the cells of a grid after the first pay less).
 

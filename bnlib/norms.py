@@ -47,6 +47,8 @@ __all__ = [
     "OriginalRunningStatsBatchNorm",
     "OriginalBatchRenorm",
     "UnsyncedBatchNorm",
+    "DetachedBatchNorm",
+    "OnlineNorm",
     "MovingAverageBatchNorm",
     "WeightCentredConv2d",
     "WeightStandardisedConv2d",
@@ -369,6 +371,181 @@ class UnsyncedBatchNorm(_RunningStatsNorm):
         first = F.batch_norm(chunks[0], self.running_mean, self.running_var, gamma, beta, True, factor, self.eps)
         rest = [F.batch_norm(c, None, None, gamma, beta, True, 0.0, self.eps) for c in chunks[1:]]
         return torch.cat([first, *rest]) if rest else first
+
+
+class DetachedBatchNorm(_RunningStatsNorm):
+    """``bn_detached`` / ``bn_detached_mean`` / ``bn_detached_var``: BN's forward pass with the gradient through
+    one or both batch statistics cut -- the mechanism ablation of "running statistics in training".
+
+    Training:  y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta, exactly BN's output; mu_B (``detach_mean``)
+               and/or var_B (``detach_var``) are treated as constants in the backward pass; the running
+               statistics are updated as in BN.
+    Eval:      as BN.
+
+    With x_hat = (x - mu_B) / sigma_B, sigma_B = sqrt(var_B + eps) and g = gamma * dL/dy, the input gradient is
+        BN (nothing detached):      dL/dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma_B
+        ``bn_detached_mean``:       dL/dx = (g - x_hat * mean(g * x_hat)) / sigma_B     (only var_B's term)
+        ``bn_detached_var``:        dL/dx = (g - mean(g)) / sigma_B                     (only mu_B's term)
+        ``bn_detached`` (both):     dL/dx = g / sigma_B
+    ``bn_detached`` is "normalisation outside the gradient step" (Ioffe & Szegedy 2015, section 2): the same
+    forward pass as BN, the gradient of ``bnrs``. With ``bn``, ``bnrs`` and ``brn`` it makes a 2x2 design,
+    {batch, running} statistics in the forward pass x {with, without} gradient through the batch statistics.
+    Not in the original study.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 detach_mean: bool = True, detach_var: bool = True):
+        super().__init__(num_features, eps, momentum, affine)
+        self.detach_mean, self.detach_var = detach_mean, detach_var
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", detach_mean={self.detach_mean}, detach_var={self.detach_var}"
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        values = x.numel() // x.shape[1]
+        if self.detach_mean and self.detach_var:
+            # both constant: eval-mode BN with this batch's statistics (one fused kernel)
+            mean_b, var_b = _batch_stats(x, self.eps)
+            y = F.batch_norm(x, mean_b, var_b, self.weight, self.bias, False, 0.0, self.eps)
+        else:
+            var_b, mean_b = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+            mean = mean_b.detach() if self.detach_mean else mean_b
+            inv_std = torch.rsqrt((var_b.detach() if self.detach_var else var_b) + self.eps)
+            gamma, beta = self._affine(x)
+            # y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta, the detached statistic a constant
+            y = (x - _per_channel(mean, x)) * _per_channel(inv_std * gamma, x) + _per_channel(beta, x)
+        self._update_running(mean_b.detach(), var_b.detach(), values)
+        return y
+
+
+class _OnlineNormalise(torch.autograd.Function):
+    """Online Normalization's normalisation with its control process in the backward pass (Chiley et al. 2019,
+    the official ``Norm2d``: ``norm_fwd_cpu`` / ``norm_bwd_cpu``). Samples are taken in batch order, i = 1..N:
+
+    Forward:   out_i = (x_i - mu_i) / s_i          mu_i, s_i = sqrt(var_i + eps) the streaming estimates before
+                                                   sample i (given, no gradient)
+    Backward:  k = 1 - alpha_bkw;  means over positions, per sample and channel:
+               g~_i = dL/dout_i - k * v * out_i ;   v <- v + mean(g~_i * out_i)
+               dL/dx_i = g~_i / s_i - k * u ;       u <- u + mean(dL/dx_i)
+    The control variables u and v (per channel, buffers) carry over from batch to batch: they remove the
+    gradient's components along 1 and along out that BN's batch statistics would have removed, with
+    exponentially decaying memory instead of the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean_used, scale, u, v, alpha_bkw):
+        n, c = x.shape[:2]
+        out = (x.reshape(n, c, -1) - mean_used.unsqueeze(2)) / scale.unsqueeze(2)
+        ctx.save_for_backward(out, scale)
+        # kept outside save_for_backward: backward writes into them, which must not trip version checks
+        ctx.u, ctx.v, ctx.alpha_bkw = u, v, alpha_bkw
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, scale = ctx.saved_tensors
+        n, c = out.shape[:2]
+        g = grad_out.reshape(n, c, -1)
+        k = 1.0 - ctx.alpha_bkw
+        # per-sample means over positions: the recursions need only these
+        g_mean, out_mean = g.mean(2), out.mean(2)
+        out_sq, g_out = (out * out).mean(2), (g * out).mean(2)
+        u, v = ctx.u.to(g.dtype, copy=True), ctx.v.to(g.dtype, copy=True)  # sample 1's, kept past the write below
+        us, vs = [], []
+        for i in range(n):
+            us.append(u)
+            vs.append(v)
+            # mean(g~_i) = mean(g_i) - k v mean(out_i);  mean(g~_i out_i) = mean(g_i out_i) - k v mean(out_i^2)
+            u = u + (g_mean[i] - k * v * out_mean[i]) / scale[i] - k * u
+            v = v + g_out[i] - k * v * out_sq[i]
+        with torch.no_grad():
+            ctx.u.copy_(u)
+            ctx.v.copy_(v)
+        grad_x = (g - k * torch.stack(vs).unsqueeze(2) * out) / scale.unsqueeze(2) - k * torch.stack(us).unsqueeze(2)
+        return grad_x.view(grad_out.shape), None, None, None, None, None
+
+
+class OnlineNorm(_RunningStatsNorm):
+    """``online``: Online Normalization (Chiley et al., NeurIPS 2019), as the official ``OnlineNorm2d``.
+
+    Running statistics in training, done so that the gradient stays unbiased. Per channel, samples taken in
+    batch order (i = 1..N), with per-sample statistics over positions mu_xi, var_xi:
+
+        y_i = gamma * (x_i - mu) / sqrt(var + eps) + beta      mu, var: the streaming estimates before sample i
+        delta = mu_xi - mu
+        var <- alpha_fwd * var + (1 - alpha_fwd) * var_xi + alpha_fwd * (1 - alpha_fwd) * delta^2
+        mu  <- mu + (1 - alpha_fwd) * delta
+        backward: the control process of :class:`_OnlineNormalise` (buffers u, v)
+        then the error-compensation mechanism ``ecm``:
+          ``ls`` layer scaling: y_i <- y_i / sqrt(mean(y_i^2) + ls_eps), the mean over the channels of each of
+                 ``num_groups`` groups and every position (a per-sample operation, in training and inference)
+          ``ac`` activation clamping: y <- clip(y, -clamp_val, clamp_val);  ``none``: nothing
+    Eval:  y = ecm(gamma * (x - mu) / sqrt(var + eps) + beta).
+
+    mu and var are kept in ``running_mean`` and ``running_var`` (the official ``m`` and ``var``), so the
+    population statistics can be recomputed as for BN. ``momentum`` is accepted for drop-in use and not used:
+    alpha_fwd plays its part, per sample (per batch of N it weighs the old estimate by about alpha_fwd^N).
+    Defaults are the authors' as they run them (their ImageNet and Fashion-MNIST experiments):
+    alpha_fwd = 0.999, alpha_bkw = 0.99, eps = 1e-5, ``ecm="ls"`` with ls_eps = 1e-5 over all channels.
+    Not in the original study.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True,
+                 alpha_fwd: float = 0.999, alpha_bkw: float = 0.99, ecm: str = "ls", ls_eps: float = 1e-5,
+                 clamp_val: float = 5.0, num_groups: int = 1):
+        super().__init__(num_features, eps, momentum, affine)
+        if not (0 < alpha_fwd < 1 and 0 < alpha_bkw < 1):
+            raise ValueError(f"OnlineNorm: alpha_fwd and alpha_bkw must lie in (0, 1), got {alpha_fwd}, {alpha_bkw}")
+        if ecm not in ("ls", "ac", "none"):
+            raise ValueError(f"OnlineNorm: ecm must be 'ls', 'ac' or 'none', got {ecm!r}")
+        if num_groups < 1 or num_features % num_groups:
+            raise ValueError(f"OnlineNorm: num_groups={num_groups} must divide num_features={num_features}")
+        self.alpha_fwd, self.alpha_bkw, self.ecm = alpha_fwd, alpha_bkw, ecm
+        self.ls_eps, self.clamp_val, self.num_groups = ls_eps, clamp_val, num_groups
+        # the control variables of the backward pass (the official u and v)
+        self.register_buffer("u", torch.zeros(num_features))
+        self.register_buffer("v", torch.zeros(num_features))
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, ecm={self.ecm}"
+                + (f", num_groups={self.num_groups}" if self.num_groups != 1 else ""))
+
+    def _compensate(self, y: Tensor) -> Tensor:
+        if self.ecm == "ls":
+            n = y.shape[0]
+            groups = y.reshape(n, self.num_groups, -1)
+            # y / sqrt(mean(y^2) + ls_eps) over each group of channels and every position, per sample
+            return (groups * torch.rsqrt((groups * groups).mean(2, keepdim=True) + self.ls_eps)).view(y.shape)
+        if self.ecm == "ac":
+            return y.clamp(-self.clamp_val, self.clamp_val)
+        return y
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        self.num_batches_tracked.add_(1)
+        a = self.alpha_fwd
+        with torch.no_grad():
+            var_x, mean_x = torch.var_mean(x.reshape(x.shape[0], x.shape[1], -1), dim=2, correction=0)
+            # copies: the estimates before sample 1 are used after the buffers are overwritten below
+            mean, var = self.running_mean.to(x.dtype, copy=True), self.running_var.to(x.dtype, copy=True)
+            means, variances = [], []
+            for i in range(x.shape[0]):  # the streaming estimates, sample by sample
+                means.append(mean)
+                variances.append(var)
+                delta = mean_x[i] - mean
+                var = a * var + (1 - a) * var_x[i] + a * (1 - a) * delta * delta
+                mean = mean + (1 - a) * delta
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+            scale = torch.sqrt(torch.stack(variances) + self.eps)
+        out = _OnlineNormalise.apply(x, torch.stack(means), scale, self.u, self.v, self.alpha_bkw)
+        return self._compensate(out * _per_channel(gamma, x) + _per_channel(beta, x))
+
+    def _eval_forward(self, x: Tensor, copy: bool = False) -> Tensor:
+        return self._compensate(super()._eval_forward(x, copy))
+
+    def _batch_normalise(self, x: Tensor) -> Tensor:
+        return self._compensate(super()._batch_normalise(x))
 
 
 class _MovingAverageNormalise(torch.autograd.Function):
@@ -804,6 +981,7 @@ class Method:
     conv: type | None = None  # the convolution the method pairs with (MABN: centred, GN+WS: standardised weights)
     includes_activation: bool = False  # a norm-activation layer (FRN, EvoNorm): the model adds no activation
     split_option: str | None = None  # the layer option that splits every batch into that many parts (BNWoS's devices)
+    pinned: bool = False  # its defaults define the id (a swept value): no option may change them
 
     @property
     def keeps_running_stats(self) -> bool:
@@ -819,6 +997,9 @@ class Method:
         if self.batch_dependent:
             return 2, "needs batch statistics"
         return 1, "trains on any batch"
+
+
+MOMENTUM_SWEEP = (0.01, 0.03, 0.3, 1.0)  # besides torch's 0.1: from slow to instantaneous
 
 
 def _mabn_run_options(steps: int, batch_size: int) -> dict:
@@ -847,6 +1028,15 @@ REGISTRY: dict[str, Method] = {
         Method("brn_orig", OriginalBatchRenorm, {}, True),
         Method("brnc_orig", OriginalBatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
         Method("bnwos", UnsyncedBatchNorm, {}, True, split_option="devices"),
+        # the mechanism ablation: BN's forward pass, no gradient through one or both batch statistics
+        Method("bn_detached", DetachedBatchNorm, {}, True),
+        Method("bn_detached_mean", DetachedBatchNorm, {"detach_var": False}, True),
+        Method("bn_detached_var", DetachedBatchNorm, {"detach_mean": False}, True),
+        # the running statistics' momentum swept (bnrs and bnrs_orig are 0.1): the digits are hundredths
+        *(Method(f"{base}_m{round(100 * momentum):03d}", factory, {"momentum": momentum}, True, pinned=True)
+          for base, factory in (("bnrs", RunningStatsBatchNorm), ("bnrs_orig", OriginalRunningStatsBatchNorm))
+          for momentum in MOMENTUM_SWEEP),
+        Method("online", OnlineNorm, {}, True),
         Method("gbn", GhostBatchNorm, {}, True),
         Method("mabn", MovingAverageBatchNorm, {}, True, _mabn_run_options,
                conv=WeightCentredConv2d),
@@ -883,6 +1073,10 @@ def run_options(method: str, steps: int, batch_size: int) -> dict:
 def make(method: str, num_features: int, **options) -> nn.Module:
     """A normalisation layer by method id, e.g. ``make("brnc", 32, warmup_steps=5000)``."""
     spec = _method(method)
+    changed = sorted(k for k in spec.defaults if spec.pinned and k in options and options[k] != spec.defaults[k])
+    if changed:
+        raise ValueError(f"method {method!r} is defined by {', '.join(f'{k}={spec.defaults[k]}' for k in changed)}; "
+                         f"to train another value, give the option to the base method")
     try:
         return spec.factory(num_features, **{**spec.defaults, **options})
     except TypeError as err:
@@ -900,11 +1094,13 @@ def convert(model: nn.Module, method: str, **options) -> nn.Module:
     unless ``model`` itself is a norm), carrying eps, momentum, affine parameters and running statistics,
     on the original device and dtype.
     """
-    _method(method)
+    spec = _method(method)
     if isinstance(model, _TORCH_NORMS + _OURS):
         kwargs = {"eps": getattr(model, "eps", 1e-5), "affine": getattr(model, "affine", True)}
         if getattr(model, "momentum", None) is not None or isinstance(model, (_TORCH_NORMS, _Norm)):
             kwargs["momentum"] = model.momentum
+        if spec.pinned:  # a swept value is the method: the old layer's setting does not carry over
+            kwargs = {k: v for k, v in kwargs.items() if k not in spec.defaults}
         new = make(method, model.num_features, **{**kwargs, **options})
         ref = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
         if ref is not None:

@@ -23,7 +23,7 @@ from . import machine, paths
 from .record import Provenance
 
 # The modules a cell's numbers depend on (with the cell notebook): a change to them makes finished cells stale.
-TRAINING_CODE = ("checkpoint.py", "compiling.py", "data.py", "evaluate.py", "models.py", "norms.py", "stacked.py", "train.py")
+TRAINING_CODE = ("checkpoint.py", "compiling.py", "data.py", "evaluate.py", "models.py", "norms.py", "stacked.py", "traces.py", "train.py")
 
 
 def code_fingerprint(modules: tuple[str, ...] | None = None) -> str:

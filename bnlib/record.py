@@ -120,6 +120,9 @@ class MethodRecord:
     train_seconds: float | None = None  # training time of this method (a stacked model's shared out per seed)
     samples_per_second: float | None = None
     final: Final = field(default_factory=Final)
+    # config.trace_every: {"step": [...], "layers": [{metric: [...]}, ...]}, per norm layer in network order, one
+    # value per traced step; the metrics and their meaning: bnlib.traces (ABSENT when not traced)
+    traces: dict = ABSENT
 
     def append_evaluation(self, step: int, size: int, plain: tuple, recomputed: tuple, batch_stats: tuple) -> None:
         """One evaluation's (accuracy, loss) pairs: plain, after recomputing statistics, with batch statistics."""
@@ -143,7 +146,8 @@ class MethodRecord:
         values = dict(values)
         for key in ("test_acc_batchstats", "test_loss_batchstats"):  # files before batch statistics at test time
             values.setdefault(key, ABSENT)
-        values.setdefault("eval_size", ABSENT)  # files before test subsets in training: every evaluation on the full set
+        values.setdefault("eval_size", ABSENT)
+        values.setdefault("traces", ABSENT)  # files before test subsets in training: every evaluation on the full set
         values["final"] = _from(Final, values.get("final") or {}, f"{where}: final")
         return _from(cls, values, where)
 

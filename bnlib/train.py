@@ -10,6 +10,7 @@ Evaluation is :mod:`bnlib.evaluate`, checkpoints :mod:`bnlib.checkpoint`, the re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -27,6 +28,7 @@ from . import data as data_mod
 from . import evaluate as evaluate_mod
 from . import models, norms
 from . import stacked as stacked_mod
+from . import traces as traces_mod
 from .evaluate import autocast
 from .record import ABSENT, Final, MethodRecord, RunRecord
 
@@ -79,6 +81,7 @@ class Config:
     checkpoint_minutes: float = 10  # minutes between checkpoints of a cell that has a checkpoint file (0: every step)
     precision: str = "fp32"  # fp32 | bf16 (autocast for convs and linear layers; norm statistics stay in fp32)
     compile: str = "off"  # off | auto | on: the training step through torch.compile (bnlib.compiling; auto: long runs only)
+    trace_every: int | None = None  # steps between traces of every norm layer (bnlib.traces, in the run record); None: off
     data_dir: str | None = None  # torchvision datasets (default $BNLIB_DATA or data/)
     download: bool = True  # fetch missing torchvision datasets
 
@@ -180,7 +183,7 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("compile", f"choose one of {', '.join(compiling.MODES)}")
     if config.recompute_evals not in RECOMPUTE_EVALS:
         fail("recompute_evals", f"choose one of {', '.join(RECOMPUTE_EVALS)}")
-    for key in ("eval_every", "log_every", "eval_samples", "evals"):
+    for key in ("eval_every", "log_every", "eval_samples", "evals", "trace_every"):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             fail(key, "must be a positive integer")
@@ -281,13 +284,15 @@ class _Plan:
 
 class MethodRun:
     """One method in the lockstep run: its model (one seed's network, or every seed stacked), optimiser, clock,
-    the open training-loss window, and one :class:`~bnlib.record.MethodRecord` per seed."""
+    the open training-loss window, its norm layers' traces (``trace_every``) and one
+    :class:`~bnlib.record.MethodRecord` per seed."""
 
     def __init__(self, model: torch.nn.Module, config: Config, seeds: list[int], device: torch.device,
-                 compiled: bool = False):
+                 compiled: bool = False, method: str = "bn"):
         self.model, self.config, self.stacked = model, config, len(seeds) > 1
         # the training forward (compiled or the model itself); evaluation and checkpoints use the model
         self.forward = compiling.compiled(model) if compiled else model
+        self.tracer = traces_mod.Tracer(model, method, len(seeds)) if config.trace_every else None
         self.opt = _optimizer(config, model.parameters())
         self.clock = _StepClock(device)
         self.steps, self.window = 0, 0  # steps trained; steps in the open loss window
@@ -299,21 +304,26 @@ class MethodRun:
         """Not every seed diverged (a diverged seed of a stacked model trains on: NaN stays in its own channels)."""
         return not all(rec.diverged for rec in self.recs)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, device: torch.device, trace_step: int | None = None) -> None:
         """One optimiser step on the batch (per seed, the mean loss over its batch; the seeds' losses summed keep
-        their gradients apart)."""
+        their gradients apart). ``trace_step``: trace the norm layers in this step (eagerly: hooks would make a
+        compiled graph recompile), recorded as that step."""
         config = self.config
         self.clock.start()
-        with autocast(device, config.precision):
+        tracing = trace_step is not None and self.tracer is not None
+        forward = self.model if tracing else self.forward
+        with autocast(device, config.precision), (self.tracer.capture() if tracing else contextlib.nullcontext()):
             if self.stacked:
-                loss = F.cross_entropy(self.forward(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
+                loss = F.cross_entropy(forward(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
                 total = loss.sum() + config.aux_weight * stacked_mod.auxiliary_loss(self.model)
             else:
-                loss = F.cross_entropy(self.forward(x).float(), y)
+                loss = F.cross_entropy(forward(x).float(), y)
                 total = loss + config.aux_weight * norms.auxiliary_loss(self.model)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()
+        if tracing:
+            self.tracer.record(trace_step, [not rec.diverged for rec in self.recs])
         self.loss_sum += loss.detach()
         self.clock.stop()
         self.steps += 1
@@ -375,7 +385,8 @@ class MethodRun:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "loss_sum": self.loss_sum,
                 "seconds": self.clock.read(), "steps": self.steps, "window": self.window,
-                "recs": [rec.to_dict() for rec in self.recs]}
+                "recs": [rec.to_dict() for rec in self.recs],
+                **({"traces": self.tracer.traces} if self.tracer is not None else {})}
 
     def load_state_dict(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
@@ -383,10 +394,14 @@ class MethodRun:
         self.loss_sum.copy_(saved["loss_sum"])
         self.clock.seconds, self.steps, self.window = saved["seconds"], saved["steps"], saved["window"]
         self.recs = [MethodRecord.from_dict(r) for r in saved["recs"]]
+        if self.tracer is not None:
+            self.tracer.traces = saved["traces"]
 
     def finish(self, seeds: int, batch_size: int) -> list[MethodRecord]:
         """Every seed's record with its timings and final numbers (the last evaluation; None when it diverged)."""
-        for rec in self.recs:
+        for k, rec in enumerate(self.recs):
+            if self.tracer is not None:
+                rec.traces = self.tracer.traces[k]
             rec.train_seconds = seconds = self.clock.read() / seeds
             rec.samples_per_second = self.steps * batch_size / seconds if seconds else None
             last = lambda values: values[-1] if values and not rec.diverged else None  # noqa: E731
@@ -440,7 +455,7 @@ def _build(method: str, config: Config, seeds: list[int], ds: data_mod.Dataset, 
             with autocast(device, config.precision):
                 norms.initialise_statistics(net, init)
         nets.append(net)
-    return MethodRun(stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device, compiled)
+    return MethodRun(stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device, compiled, method)
 
 
 def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | None = None, progress: bool = True,
@@ -499,9 +514,10 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
             x, y = torch.cat([ds.x_train[i] for i in idx], 1), torch.stack([ds.y_train[i] for i in idx], 1)
         else:
             x, y = ds.x_train[idx[0]], ds.y_train[idx[0]]
+        trace_step = step if config.trace_every and step % config.trace_every == 0 else None
         for run in runs.values():
             if run.live:
-                run.train_step(x, y, device)
+                run.train_step(x, y, device, trace_step)
         if step % plan.log_every == 0 or step == plan.steps:
             for run in runs.values():
                 if run.live:

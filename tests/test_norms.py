@@ -690,3 +690,178 @@ def test_recompute_statistics_downstream_layers_see_batch_normalised_inputs():
     data = torch.randn(32, 2, 3, 3) * 5
     norms.recompute_statistics(model, [data])
     assert_close(model[1].running_mean, torch.full((2,), 3.0), **TIGHT)
+
+
+# --- the mechanism ablation: BN with the gradient through its batch statistics cut ---
+
+_DETACHED = {"bn_detached": (True, True), "bn_detached_mean": (True, False), "bn_detached_var": (False, True)}
+
+
+@pytest.mark.parametrize("method", list(_DETACHED))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_detached_bn_is_bn_forward_with_the_closed_form_gradient(method, shape):
+    """Output, running statistics and eval mode equal torch's BN; the input gradient is BN's with the detached
+    statistic's term removed (the closed forms in the layer's docstring), gamma's and beta's are BN's."""
+    detach_mean, detach_var = _DETACHED[method]
+    ours, ref = norms.make(method, 5), _torch_bn(shape)
+    _randomise_affine(ours, ref)
+    for step in range(3):
+        x, up = _inputs(shape, seed=step), _inputs(shape, seed=10 + step).detach()
+        (y, grads), (y_ref, grads_ref) = _run(ours, x, up), _run(ref, x, up)
+        assert_close(y, y_ref, **TIGHT)
+        assert_close(grads[1:], grads_ref[1:], **TIGHT)  # gamma, beta
+        dims = [0, *range(2, len(shape))]
+        view = lambda v: v.view(1, -1, *([1] * (len(shape) - 2)))  # noqa: E731
+        sigma = torch.sqrt(x.detach().var(dim=dims, correction=0, keepdim=True) + 1e-5)
+        x_hat = (x.detach() - x.detach().mean(dim=dims, keepdim=True)) / sigma
+        g = view(ours.weight.detach()) * up
+        expected = g
+        if not detach_mean:
+            expected = expected - g.mean(dim=dims, keepdim=True)
+        if not detach_var:
+            expected = expected - x_hat * (g * x_hat).mean(dim=dims, keepdim=True)
+        assert_close(grads[0], expected / sigma, **TIGHT)
+        assert_close(ours.running_mean, ref.running_mean, **TIGHT)
+        assert_close(ours.running_var, ref.running_var, **TIGHT)
+    ours.eval(), ref.eval()
+    x = _inputs(shape, seed=99)
+    assert_close(ours(x), ref(x), **TIGHT)
+
+
+def test_detached_bn_with_nothing_detached_is_bn():
+    ours, ref = norms.make("bn_detached", 5, detach_mean=False, detach_var=False), nn.BatchNorm2d(5)
+    _randomise_affine(ours, ref)
+    x, up = _inputs((4, 5, 3, 3)), _inputs((4, 5, 3, 3), seed=7).detach()
+    (y, grads), (y_ref, grads_ref) = _run(ours, x, up), _run(ref, x, up)
+    assert_close(y, y_ref, **TIGHT)
+    assert_close(grads, grads_ref, **TIGHT)
+
+
+# --- the momentum sweep of the running statistics ---
+
+@pytest.mark.parametrize("momentum", norms.MOMENTUM_SWEEP)
+@pytest.mark.parametrize("base", ["bnrs", "bnrs_orig"])
+def test_momentum_sweep_ids_are_their_base_method_at_that_momentum(base, momentum):
+    method = f"{base}_m{round(100 * momentum):03d}"
+    layer = norms.make(method, 5)
+    assert layer.momentum == momentum and type(layer) is type(norms.make(base, 5))
+    if base == "bnrs_orig":  # against the original study's maths at this momentum
+        _randomise_affine(layer)
+        ref = _OriginalStudyBN("bnrs", 5, momentum=momentum)
+        for step in range(3):
+            x = _inputs((4, 5, 3, 3), seed=step)
+            assert_close(layer(x), ref(x, layer.weight, layer.bias), **TIGHT)
+        assert_close(layer.running_var, ref.running_var, **TIGHT)
+    with pytest.raises(ValueError, match="defined by momentum"):
+        norms.make(method, 5, momentum=0.5)
+    converted = norms.convert(nn.Sequential(nn.BatchNorm2d(5)), method)  # torch's 0.1 does not carry over
+    assert converted[0].momentum == momentum
+
+
+def test_bnrs_at_momentum_one_normalises_with_the_previous_batch():
+    layer = norms.make("bnrs_m100", 5)
+    x1, x2 = _inputs((4, 5, 3, 3), seed=1), _inputs((4, 5, 3, 3), seed=2)
+    layer(x1)
+    dims, m = [0, 2, 3], 4 * 9
+    mu1, var1 = x1.detach().mean(dims, keepdim=True), x1.detach().var(dims, correction=1, keepdim=True)
+    assert_close(layer(x2), (x2 - mu1) / torch.sqrt(var1 + 1e-5), **TIGHT)
+    assert_close(layer.running_var, x2.detach().var(dims, correction=1), **TIGHT)
+    assert m > 1
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bnrs_orig_at_momentum_one_is_bn_detached_with_the_unbiased_variance(shape):
+    """The original's BNRS at momentum 1 updates its statistics to this batch's before using them: the forward pass of
+    ``bn_detached`` (eps = 0) with the unbiased variance var_B * m / (m - 1), so its normalised output is bn_detached's
+    times sqrt((m - 1) / m), and so is its input gradient (neither has a gradient through the statistics)."""
+    orig, detached = norms.make("bnrs_orig_m100", 5), norms.make("bn_detached", 5, eps=0.0)
+    _randomise_affine(orig, detached)
+    m = math.prod(shape) // shape[1]
+    shrink = math.sqrt((m - 1) / m)
+    beta = detached.bias.detach().view(1, -1, *([1] * (len(shape) - 2)))
+    for step in range(2):
+        x, up = _inputs(shape, seed=step), _inputs(shape, seed=10 + step).detach()
+        (y_o, g_o), (y_d, g_d) = _run(orig, x, up), _run(detached, x, up)
+        assert_close(y_o - beta, (y_d - beta) * shrink, **TIGHT)
+        assert_close(g_o[0], g_d[0] * shrink, **TIGHT)
+
+
+# --- Online Normalization ---
+
+class _OfficialOnlineNorm:
+    """A float64 transcription of the official Online Normalization (Cerebras/online-normalization,
+    ``online_norm_2d.py``: ``OnlineNorm2d`` = ``Norm2d`` (``norm_fwd_cpu`` / ``norm_bwd_cpu`` in ``norm_cpu.cpp``),
+    affine, then ``LayerScaling`` or ``ActivationClamp``), sample by sample as the C++ loops run."""
+
+    def __init__(self, channels, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-5, ecm="ls", ls_eps=1e-5, clamp=5.0):
+        self.afwd, self.abkw, self.eps, self.ecm, self.ls_eps, self.clamp = alpha_fwd, alpha_bkw, eps, ecm, ls_eps, clamp
+        self.m, self.var = torch.zeros(channels), torch.ones(channels)
+        self.u, self.v = torch.zeros(channels), torch.zeros(channels)
+
+    def _ecm(self, out):
+        if self.ecm == "ls":
+            return out / torch.sqrt(out.pow(2).mean(dim=list(range(1, out.dim())), keepdim=True) + self.ls_eps)
+        return out.clamp(-self.clamp, self.clamp) if self.ecm == "ac" else out
+
+    def step(self, x, weight, bias, grad_output):
+        """Forward and backward of one training batch: output, (dL/dx, dL/dweight, dL/dbias)."""
+        n, c = x.shape[:2]
+        xs = x.detach().reshape(n, c, -1)
+        mu, var = xs.mean(2), xs.var(2, correction=0)
+        mu_b, var_b = torch.empty(n, c), torch.empty(n, c)
+        for i in range(n):  # norm_fwd_cpu
+            mu_b[i], var_b[i] = self.m, self.var
+            delta = mu[i] - self.m
+            self.var = self.afwd * self.var + (1 - self.afwd) * var[i] + self.afwd * (1 - self.afwd) * delta.pow(2)
+            self.m = self.m + (1 - self.afwd) * delta
+        scale = torch.sqrt(var_b + self.eps)
+        out = ((xs - mu_b.unsqueeze(2)) / scale.unsqueeze(2)).requires_grad_(True)
+        w, b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+        y = self._ecm(out.view(x.shape) * w.view(1, -1, *([1] * (x.dim() - 2))) + b.view(1, -1, *([1] * (x.dim() - 2))))
+        grad_out, grad_w, grad_b = torch.autograd.grad((y * grad_output).sum(), (out, w, b))
+        grad_in = torch.empty_like(grad_out)
+        for i in range(n):  # norm_bwd_cpu
+            tmp = grad_out[i] - (1 - self.abkw) * self.v.unsqueeze(1) * out[i].detach()
+            self.v = self.v + (tmp * out[i].detach()).mean(1)
+            tmp = tmp / scale[i].unsqueeze(1)
+            grad_in[i] = tmp - (1 - self.abkw) * self.u.unsqueeze(1)
+            self.u = self.u + grad_in[i].mean(1)
+        return y.detach(), (grad_in.view(x.shape), grad_w, grad_b)
+
+    def eval(self, x, weight, bias):
+        view = lambda v: v.view(1, -1, *([1] * (x.dim() - 2)))  # noqa: E731
+        return self._ecm((x - view(self.m)) / torch.sqrt(view(self.var) + self.eps) * view(weight) + view(bias))
+
+
+@pytest.mark.parametrize("ecm", ["ls", "ac", "none"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_online_norm_equals_official_transcription(ecm, shape):
+    """Forward, gradients (the control process), the streaming statistics and control variables over several
+    batches, and eval mode; faster decays than the defaults (and a scaled batch for the clamp) make every term bite."""
+    options = dict(alpha_fwd=0.9, alpha_bkw=0.8, ecm=ecm, clamp_val=2.0)
+    layer = norms.make("online", 5, **options)
+    _randomise_affine(layer)
+    ref = _OfficialOnlineNorm(5, 0.9, 0.8, ecm=ecm, clamp=2.0)
+    for step in range(4):
+        x, up = _inputs(shape, seed=step) * (3 if step == 2 else 1), _inputs(shape, seed=10 + step).detach()
+        y, grads = _run(layer, x, up)
+        y_ref, grads_ref = ref.step(x, layer.weight, layer.bias, up)
+        assert_close(y, y_ref, **TIGHT)
+        for a, g in zip(grads, grads_ref):
+            assert_close(a, g, **TIGHT)
+        for ours, theirs in ((layer.running_mean, ref.m), (layer.running_var, ref.var), (layer.u, ref.u), (layer.v, ref.v)):
+            assert_close(ours, theirs, **TIGHT)
+    layer.eval()
+    x = _inputs(shape, seed=99)
+    assert_close(layer(x), ref.eval(x, layer.weight, layer.bias), **TIGHT)
+
+
+def test_online_norm_defaults_are_the_authors_and_groups_scale_separately():
+    layer = norms.make("online", 6)
+    assert (layer.alpha_fwd, layer.alpha_bkw, layer.eps, layer.ecm, layer.ls_eps) == (0.999, 0.99, 1e-5, "ls", 1e-5)
+    grouped = norms.make("online", 6, num_groups=2).eval()
+    x = _inputs((3, 6, 2, 2))
+    halves = [norms.make("online", 3).eval()(x[:, :3]), norms.make("online", 3).eval()(x[:, 3:])]
+    assert_close(grouped(x), torch.cat(halves, 1), **TIGHT)
+    with pytest.raises(ValueError, match="num_groups"):
+        norms.make("online", 6, num_groups=4)

@@ -55,6 +55,7 @@ def _strip_timings(result):
         ({"checkpoint_minutes": -1}, "checkpoint_minutes"),
         ({"compile": "yes"}, "compile"),
         ({"recompute_evals": "first"}, "recompute_evals"),
+        ({"trace_every": 0}, "trace_every"),
     ],
 )
 def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
@@ -451,3 +452,48 @@ def test_a_compiled_run_repeats_bit_for_bit_and_stays_within_tolerance_of_eager(
         e.cell = a.cell = "digits"
         check = verify.compare(e, a, None, verify.COMPILED_VS_EAGER, same_bits=False)
         assert check.verdict in ("bit-identical", "within tolerance"), check.explain()
+
+
+def test_traces_record_every_norm_layer_and_change_no_other_number():
+    """trace_every: per method, per norm layer, one value per traced step; BN normalises with its batch's statistics
+    (r = 1 up to eps, d = 0), BNRS with running ones (a gap); stacked seeds trace what their solo runs trace; the rest
+    of the record equals the untraced run's."""
+    from bnlib import traces
+    base = dict(methods=["bn", "bnrs", "gn", "frn", "none"], batch_size=8, steps=12, evals=2, log_every=4)
+    plain = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
+    traced = _strip_timings(_train(train.Config(**base, trace_every=5), dataset=digits(), progress=False))
+    for m in base["methods"]:
+        trace = traced["methods"][m].pop("traces")
+        assert traced["methods"][m] == plain["methods"][m], m
+        layers = 0 if m == "none" else 4
+        assert trace["step"] == [5, 10] and len(trace["layers"]) == layers, m
+        for layer in trace["layers"]:
+            assert set(layer) == set(traces.METRICS) and all(len(v) == 2 for v in layer.values())
+            assert all(v > 0 for k in ("conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm") for v in layer[k])
+            if m == "frn":  # a norm-activation layer: no gap
+                assert all(v is None for k in traces.GAP_METRICS for v in layer[k])
+    bn, bnrs = (_train(train.Config(**base, trace_every=5), dataset=digits(), progress=False)["methods"][m]["traces"]
+                for m in ("bn", "bnrs"))
+    assert all(abs(v) < 1e-3 for layer in bn["layers"] for k in traces.GAP_METRICS for v in layer[k])
+    assert all(layer["log_r_p90"][-1] > 0.05 for layer in bnrs["layers"])
+    config = train.Config(**{**base, "methods": ["bnrs", "gn"]}, trace_every=5)
+    stacked = _train_seeds(config, [0, 4], dataset=digits(), progress=False)
+    for seed, result in zip([0, 4], stacked):
+        solo = _train(train.Config(**{**config.__dict__, "seed": seed}), dataset=digits(), progress=False)
+        for m in config.methods:
+            a, b = result["methods"][m]["traces"], solo["methods"][m]["traces"]
+            assert a["step"] == b["step"]
+            for la, lb in zip(a["layers"], b["layers"]):
+                for k in traces.METRICS:
+                    assert _close(la[k], lb[k], rel=1e-3), (seed, m, k)
+
+
+def test_traces_survive_a_checkpoint_resume(tmp_path, monkeypatch):
+    config = train.Config(methods=["bn", "bnrs"], batch_size=8, steps=20, evals=2, trace_every=3, checkpoint_minutes=0)
+    whole = _strip_timings(_train(config, dataset=digits(), progress=False))
+    ckpt = tmp_path / "run.ckpt"
+    _train(config, dataset=digits(), progress=False, checkpoint=ckpt, stop_after=10)
+    resumed = _strip_timings(_train(config, dataset=digits(), progress=False, checkpoint=ckpt))
+    resumed.pop("resumed_at_steps", None)
+    for m in config.methods:
+        assert resumed["methods"][m]["traces"] == whole["methods"][m]["traces"]

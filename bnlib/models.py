@@ -55,6 +55,8 @@ class Net(nn.Module):
             layers.append(conv_cls(channels, width, 3, padding=dilation, dilation=dilation,
                                    bias=not normed or norm_position == "post"))
             norm = [norms.make(method, width, **(norm_options or {}))] if normed else []
+            if norm and hasattr(norm[0], "meet_conv"):
+                norm[0].meet_conv(layers[-1])
             if normed and spec.includes_activation:  # FRN, EvoNorm: the norm is the activation
                 layers.extend(norm)
             else:

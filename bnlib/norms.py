@@ -49,6 +49,7 @@ __all__ = [
     "UnsyncedBatchNorm",
     "DetachedBatchNorm",
     "OnlineNorm",
+    "CrossIterationBatchNorm",
     "MovingAverageBatchNorm",
     "WeightCentredConv2d",
     "WeightStandardisedConv2d",
@@ -107,6 +108,9 @@ class _Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+    def meet_conv(self, conv: nn.Module) -> None:
+        """Told the convolution whose output it normalises (by :class:`bnlib.models.Net`); most layers ignore it."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -548,6 +552,145 @@ class OnlineNorm(_RunningStatsNorm):
         return self._compensate(super()._batch_normalise(x))
 
 
+def _producing_conv_weight(x: Tensor) -> Tensor | None:
+    """The weight of the convolution whose output ``x`` is, found through the autograd graph (past elementwise
+    steps such as an activation in between): what Cross-Iteration BN differentiates its statistics by. None when
+    ``x`` does not come from a convolution with a trainable weight."""
+    fn = x.grad_fn
+    for _ in range(8):  # a conv, or a few elementwise steps after one
+        if fn is None:
+            return None
+        if "Convolution" in type(fn).__name__:
+            # the backward of convolution(input, weight, bias): its second input is the weight
+            nxt = fn.next_functions[1][0] if len(fn.next_functions) > 1 else None
+            return getattr(nxt, "variable", None)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return None
+
+
+class CrossIterationBatchNorm(_RunningStatsNorm):
+    """``cbn``: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), as the official ``CBatchNorm2d``.
+
+    The statistics pool the current batch with the last ``buffer_num`` iterations' batches, each compensated
+    for the change of the preceding convolution's weight W since it was taken by a first-order Taylor step.
+    Per channel c, with W_c the filter producing channel c and iteration t-tau's statistics recorded with
+    their derivatives:
+
+        mu_B = mean(x), nu_B = mean(x^2) (this batch, gradients flowing through both)
+        mu_{t-tau}(W_t) = mu_{t-tau} + rho * <dmu_{t-tau}/dW_c, W_c,t - W_c,t-tau>     (likewise nu; no gradient)
+        valid: nu - mu^2 >= 0;  mu = mean of the valid mu's;  sigma^2 = mean of the valid nu's - mu^2
+        y = gamma * (x - mu) / (sqrt(sigma^2) + eps) + beta                 (eps outside the root, as the official)
+    Before the buffer is in use (the first ``burnin`` steps with ``two_stage``) it is BN with the *unbiased* batch
+    variance and eps outside the root, as the official code. The running statistics are updated with mu_B and the
+    unbiased batch variance, and inference is y = gamma * (x - mu) / (sqrt(var) + eps) + beta.
+
+    W is the weight of the convolution whose output the layer normalises, found through the autograd graph
+    (the official passes it as a second argument). The derivatives dmu/dW and dnu/dW take two extra backward
+    passes through that convolution per step while the buffer is in use, and autograd calls inside the forward
+    pass keep this layer eager when a run is compiled. The authors' runs: ``buffer_num`` 3 and a burn-in of 8 of
+    12 epochs, which the training loop scales to the run (the first 2/3 of its steps; :func:`run_options`).
+    Not in the original study.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 buffer_num: int = 3, rho: float = 1.0, burnin: int = 0, two_stage: bool = True, weight_size: int = 0):
+        super().__init__(num_features, eps, momentum, affine)
+        if buffer_num < 0 or burnin < 0:
+            raise ValueError(f"CrossIterationBatchNorm: buffer_num and burnin must be >= 0, got {buffer_num}, {burnin}")
+        self.buffer_num, self.rho, self.burnin, self.two_stage = buffer_num, rho, burnin, two_stage
+        # Ring buffers, most recent first: statistics, their derivatives by W (flattened per channel) and W itself.
+        # Sized at the first buffered step from the convolution's filters (weight_size: values per filter).
+        self.register_buffer("buffered", torch.tensor(0, dtype=torch.long))  # entries in use
+        for name in ("pre_mu", "pre_meanx2"):
+            self.register_buffer(name, torch.zeros(buffer_num, num_features))
+        for name in ("pre_dmudw", "pre_dmeanx2dw", "pre_weight"):
+            self.register_buffer(name, torch.zeros(buffer_num, num_features, weight_size))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", buffer_num={self.buffer_num}, rho={self.rho}, burnin={self.burnin}"
+
+    def meet_conv(self, conv: nn.Module) -> None:
+        """Size the derivative buffers to the filters of the convolution before it (bnlib.models calls this; a
+        layer used alone sizes them at its first buffered step)."""
+        c, size = self.num_features, conv.weight[0].numel()
+        for name in ("pre_dmudw", "pre_dmeanx2dw", "pre_weight"):
+            setattr(self, name, torch.zeros(self.buffer_num, c, size, dtype=self.pre_mu.dtype, device=self.pre_mu.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the filter size is known once the layer has met its convolution: take the saved buffers' shape
+        for name in ("pre_dmudw", "pre_dmeanx2dw", "pre_weight"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(saved))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _buffer_in_use(self, t: int) -> int:
+        """Previous iterations pooled at (1-based) step t: the official ``_update_buffer_num``."""
+        if self.burnin == 0:
+            return self.buffer_num
+        if self.two_stage:
+            return self.buffer_num if t > self.burnin else 0
+        return int(self.buffer_num * min(t / self.burnin, 1.0))
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        self.num_batches_tracked.add_(1)
+        k = self._buffer_in_use(int(self.num_batches_tracked))
+        c = x.shape[1]
+        rows = x.transpose(0, 1).reshape(c, -1)  # per channel: every value of the batch
+        cur_mu, cur_meanx2 = rows.mean(1), (rows * rows).mean(1)
+        cur_var = rows.var(1, correction=1)
+        weight = _producing_conv_weight(x) if k > 0 else None
+        if weight is not None:
+            ones = torch.ones_like(cur_mu)
+            dmudw = torch.autograd.grad(cur_mu, weight, ones, retain_graph=True)[0].reshape(c, -1)
+            dmeanx2dw = torch.autograd.grad(cur_meanx2, weight, ones, retain_graph=True)[0].reshape(c, -1)
+            w_now = weight.detach().reshape(c, -1).to(x.dtype)
+            if self.pre_weight.shape[-1] != w_now.shape[-1]:  # first buffered step: size the buffers to the filters
+                for name in ("pre_dmudw", "pre_dmeanx2dw", "pre_weight"):
+                    setattr(self, name, torch.zeros(self.buffer_num, c, w_now.shape[-1], dtype=self.pre_mu.dtype, device=x.device))
+            n = int(self.buffered)
+            with torch.no_grad():
+                # the earlier iterations' statistics, moved to today's weights by a Taylor step (no gradient)
+                shift = w_now - self.pre_weight[:n].to(x.dtype)
+                mu_prev = self.pre_mu[:n].to(x.dtype) + self.rho * (self.pre_dmudw[:n].to(x.dtype) * shift).sum(2)
+                meanx2_prev = self.pre_meanx2[:n].to(x.dtype) + self.rho * (self.pre_dmeanx2dw[:n].to(x.dtype) * shift).sum(2)
+            mu_all = torch.cat([cur_mu[None], mu_prev])
+            meanx2_all = torch.cat([cur_meanx2[None], meanx2_prev])
+            valid = (meanx2_all - mu_all * mu_all >= 0).to(x.dtype)  # an iteration whose compensated variance < 0 is left out
+            count = valid.sum(0)
+            mu = (mu_all * valid).sum(0) / count
+            var = (meanx2_all * valid).sum(0) / count - mu * mu
+            with torch.no_grad():
+                kept = min(n, k - 1)  # the official keeps the current entry and the k - 1 most recent before it
+                for name, new in (("pre_mu", cur_mu), ("pre_meanx2", cur_meanx2), ("pre_dmudw", dmudw),
+                                  ("pre_dmeanx2dw", dmeanx2dw), ("pre_weight", w_now)):
+                    buf = getattr(self, name)
+                    buf[1: kept + 1] = buf[:kept].clone()
+                    buf[0] = new.detach().to(buf.dtype)
+                self.buffered.fill_(kept + 1)
+        else:
+            mu, var = cur_mu, cur_var
+        with torch.no_grad():
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(cur_mu.detach().to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(cur_var.detach().to(self.running_var.dtype), factor)
+        # y = gamma * (x - mu) / (sqrt(var) + eps) + beta
+        scale = gamma / (torch.sqrt(var) + self.eps)
+        return x * _per_channel(scale, x) + _per_channel(beta - mu * scale, x)
+
+    def _eval_forward(self, x: Tensor, copy: bool = False) -> Tensor:
+        gamma, beta = self._affine(x)
+        scale = gamma / (torch.sqrt(self.running_var.to(x.dtype)) + self.eps)
+        return x * _per_channel(scale, x) + _per_channel(beta - self.running_mean.to(x.dtype) * scale, x)
+
+    def _batch_normalise(self, x: Tensor) -> Tensor:
+        gamma, beta = self._affine(x)
+        var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=1)
+        scale = gamma / (torch.sqrt(var) + self.eps)
+        return x * _per_channel(scale, x) + _per_channel(beta - mean * scale, x)
+
+
 class _MovingAverageNormalise(torch.autograd.Function):
     """MABN's core: y = gamma * r * x / s + beta with a moving-average normaliser s, a renorm factor r
     and a moving-average backward (the official ``BatchNormFunction``, megvii-model/MABN).
@@ -982,6 +1125,7 @@ class Method:
     includes_activation: bool = False  # a norm-activation layer (FRN, EvoNorm): the model adds no activation
     split_option: str | None = None  # the layer option that splits every batch into that many parts (BNWoS's devices)
     pinned: bool = False  # its defaults define the id (a swept value): no option may change them
+    compiles: bool = True  # False: autograd calls inside its forward pass; it trains eagerly in a compiled run
 
     @property
     def keeps_running_stats(self) -> bool:
@@ -1005,6 +1149,11 @@ MOMENTUM_SWEEP = (0.01, 0.03, 0.3, 1.0)  # besides torch's 0.1: from slow to ins
 def _mabn_run_options(steps: int, batch_size: int) -> dict:
     # the paper's normalisation batch of 32: buffer = max(1, 32 // batch)
     return {"buffer_size": max(1, 32 // batch_size)}
+
+
+def _cbn_run_options(steps: int, batch_size: int) -> dict:
+    # the authors' burn-in of 8 of 12 epochs, scaled to the run: the buffer is used in its last third
+    return {"burnin": round(steps * 8 / 12)}
 
 
 def _brn_schedule(steps: int, batch_size: int) -> dict:
@@ -1037,6 +1186,7 @@ REGISTRY: dict[str, Method] = {
           for base, factory in (("bnrs", RunningStatsBatchNorm), ("bnrs_orig", OriginalRunningStatsBatchNorm))
           for momentum in MOMENTUM_SWEEP),
         Method("online", OnlineNorm, {}, True),
+        Method("cbn", CrossIterationBatchNorm, {}, True, _cbn_run_options, compiles=False),
         Method("gbn", GhostBatchNorm, {}, True),
         Method("mabn", MovingAverageBatchNorm, {}, True, _mabn_run_options,
                conv=WeightCentredConv2d),

@@ -46,6 +46,7 @@ STYLES = {
     "bnrs_orig_m030": ("BNRS as the original, momentum 0.3", "#dd3497"),
     "bnrs_orig_m100": ("BNRS as the original, momentum 1", "#fa9fb5"),
     "online": ("Online Norm", "#e6550d"),
+    "cbn": ("Cross-Iteration BN (CBN)", "#31a354"),
     "gbn": ("Ghost BN (16 per ghost batch)", "#aec7e8"),
     "mabn": ("Moving Average BN (MABN)", "#9467bd"),
     "bln": ("Batchless Norm (BLN)", "#8c564b"),
@@ -71,7 +72,7 @@ def colour(method: str) -> str:
 FAMILIES = {
     "batch statistics in training": (("bn", "bnwos", "gbn", "bn_detached", "bn_detached_mean", "bn_detached_var"), (),
                                      "solid"),
-    "running statistics in training": (("bnrs", "brn", "brnc", "brnc_warmup", "mabn", "bln", "online", "bnrs_m001",
+    "running statistics in training": (("bnrs", "brn", "brnc", "brnc_warmup", "mabn", "bln", "online", "cbn", "bnrs_m001",
                                         "bnrs_m003", "bnrs_m030", "bnrs_m100"), (5, 2), "dashed"),
     "running statistics, the original's code": (("bnrs_orig", "brn_orig", "brnc_orig", "bnrs_orig_m001", "bnrs_orig_m003",
                                                  "bnrs_orig_m030", "bnrs_orig_m100"), (6, 2, 1.5, 2), "dash-dot"),

@@ -291,7 +291,8 @@ class MethodRun:
                  compiled: bool = False, method: str = "bn"):
         self.model, self.config, self.stacked = model, config, len(seeds) > 1
         # the training forward (compiled or the model itself); evaluation and checkpoints use the model
-        self.forward = compiling.compiled(model) if compiled else model
+        # (a method whose forward pass calls autograd, Cross-Iteration BN, stays eager: Method.compiles)
+        self.forward = compiling.compiled(model) if compiled and norms.spec(method).compiles else model
         self.tracer = traces_mod.Tracer(model, method, len(seeds)) if config.trace_every else None
         self.opt = _optimizer(config, model.parameters())
         self.clock = _StepClock(device)

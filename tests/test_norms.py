@@ -865,3 +865,109 @@ def test_online_norm_defaults_are_the_authors_and_groups_scale_separately():
     assert_close(grouped(x), torch.cat(halves, 1), **TIGHT)
     with pytest.raises(ValueError, match="num_groups"):
         norms.make("online", 6, num_groups=4)
+
+
+# --- Cross-Iteration Batch Normalization ---
+
+class _OfficialCBN:
+    """A float64 transcription of the official ``CBatchNorm2d`` (Howal/Cross-iterationBatchNorm,
+    ``mmdet/models/utils/CBN.py``): Python lists of the last iterations' statistics, their derivatives by the
+    conv weight and the weight, the Taylor compensation, the count of valid iterations, eps outside the root."""
+
+    def __init__(self, channels, buffer_num, burnin, rho=1.0, momentum=0.1, eps=1e-5):
+        self.max_buffer_num, self.burnin, self.rho, self.momentum, self.eps = buffer_num, burnin, rho, momentum, eps
+        self.buffer_num = buffer_num
+        self.iter_count = 0
+        self.pre_mu, self.pre_meanx2, self.pre_dmudw, self.pre_dmeanx2dw, self.pre_weight = [], [], [], [], []
+        self.running_mean, self.running_var = torch.zeros(channels), torch.ones(channels)
+        self.ones = torch.ones(channels)
+
+    def __call__(self, input, weight, gamma, beta, training=True):
+        y = input.transpose(0, 1)
+        return_shape = y.shape
+        y = y.contiguous().view(input.size(1), -1)
+        if training and self.burnin > 0:
+            self.iter_count += 1
+            self.buffer_num = self.max_buffer_num if self.iter_count > self.burnin else 0
+        if self.buffer_num > 0 and training and input.requires_grad:
+            cur_mu = y.mean(dim=1)
+            cur_meanx2 = torch.pow(y, 2).mean(dim=1)
+            cur_sigma2 = y.var(dim=1)
+            dmudw = torch.autograd.grad(cur_mu, weight, self.ones, retain_graph=True)[0]
+            dmeanx2dw = torch.autograd.grad(cur_meanx2, weight, self.ones, retain_graph=True)[0]
+            mu_all = torch.stack([cur_mu] + [m + (self.rho * d * (weight.data - w)).sum(1).sum(1).sum(1)
+                                             for m, d, w in zip(self.pre_mu, self.pre_dmudw, self.pre_weight)])
+            meanx2_all = torch.stack([cur_meanx2] + [m + (self.rho * d * (weight.data - w)).sum(1).sum(1).sum(1)
+                                                     for m, d, w in zip(self.pre_meanx2, self.pre_dmeanx2dw, self.pre_weight)])
+            sigma2_all = meanx2_all - torch.pow(mu_all, 2)
+            re_mu_all, re_meanx2_all = mu_all.clone(), meanx2_all.clone()
+            re_mu_all[sigma2_all < 0] = 0
+            re_meanx2_all[sigma2_all < 0] = 0
+            count = (sigma2_all >= 0).sum(dim=0).double()
+            mu = re_mu_all.sum(dim=0) / count
+            sigma2 = re_meanx2_all.sum(dim=0) / count - torch.pow(mu, 2)
+            keep = self.buffer_num - 1
+            self.pre_mu = [cur_mu.detach()] + self.pre_mu[:keep]
+            self.pre_meanx2 = [cur_meanx2.detach()] + self.pre_meanx2[:keep]
+            self.pre_dmudw = [dmudw.detach()] + self.pre_dmudw[:keep]
+            self.pre_dmeanx2dw = [dmeanx2dw.detach()] + self.pre_dmeanx2dw[:keep]
+            self.pre_weight = [weight.data.clone()] + self.pre_weight[:keep]
+        else:
+            mu = cur_mu = y.mean(dim=1)
+            sigma2 = cur_sigma2 = y.var(dim=1)
+        if not training:
+            y = (y - self.running_mean.view(-1, 1)) / (self.running_var.view(-1, 1) ** 0.5 + self.eps)
+        else:
+            with torch.no_grad():
+                self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * cur_mu
+                self.running_var = (1 - self.momentum) * self.running_var + self.momentum * cur_sigma2
+            y = (y - mu.view(-1, 1)) / (sigma2.view(-1, 1) ** 0.5 + self.eps)
+        y = gamma.view(-1, 1) * y + beta.view(-1, 1)
+        return y.view(return_shape).transpose(0, 1)
+
+
+@pytest.mark.parametrize("burnin", [0, 2])
+def test_cbn_equals_official_transcription(burnin):
+    """conv -> CBN, trained by SGD for 7 steps so the weight moves and the Taylor compensation matters (rho = 1):
+    outputs, the gradients of the conv's input and weight, gamma and beta, running statistics and inference."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, bias=False)
+    layer = norms.make("cbn", 5, buffer_num=3, burnin=burnin)
+    layer.meet_conv(conv)
+    _randomise_affine(layer)
+    w_ref = conv.weight.detach().clone().requires_grad_(True)
+    g_ref, b_ref = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    ref = _OfficialCBN(5, buffer_num=3, burnin=burnin)
+    for step in range(7):
+        x, up = _inputs((4, 3, 5, 5), seed=step), _inputs((4, 5, 3, 3), seed=20 + step).detach()
+        x_ref = x.detach().clone().requires_grad_(True)
+        y = layer(conv(x))
+        grads = torch.autograd.grad((y * up).sum(), (x, conv.weight, layer.weight, layer.bias))
+        y_ref = ref(F_conv(x_ref, w_ref), w_ref, g_ref, b_ref)
+        grads_ref = torch.autograd.grad((y_ref * up).sum(), (x_ref, w_ref, g_ref, b_ref))
+        assert_close(y, y_ref, **TIGHT)
+        for a, b in zip(grads, grads_ref):
+            assert_close(a, b, **TIGHT)
+        assert_close(layer.running_mean, ref.running_mean, **TIGHT)
+        assert_close(layer.running_var, ref.running_var, **TIGHT)
+        with torch.no_grad():  # the same SGD step on both
+            for p, q, g in zip((conv.weight, layer.weight, layer.bias), (w_ref, g_ref, b_ref), grads[1:]):
+                p -= 0.3 * g
+                q -= 0.3 * g
+    assert int(layer.buffered) == 3
+    layer.eval()
+    x = conv(_inputs((4, 3, 5, 5), seed=99))
+    assert_close(layer(x), ref(x, w_ref, g_ref, b_ref, training=False), **TIGHT)
+
+
+def F_conv(x, w):
+    return torch.nn.functional.conv2d(x, w)
+
+
+def test_cbn_finds_the_convolution_through_an_activation_and_burns_in_on_the_run():
+    conv = nn.Conv2d(3, 5, 3, bias=False)
+    x = conv(_inputs((2, 3, 4, 4)))
+    assert norms._producing_conv_weight(x) is conv.weight
+    assert norms._producing_conv_weight(torch.nn.functional.gelu(x)) is conv.weight
+    assert norms._producing_conv_weight(_inputs((2, 5))) is None
+    assert norms.run_options("cbn", 1200, 16) == {"burnin": 800}  # the authors' 8 of 12 epochs

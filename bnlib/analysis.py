@@ -1,0 +1,122 @@
+"""The pre-registered analysis (book/analysis-plan.md): the 2x2 mechanism design's effects, equivalence tests,
+the plateau criterion, and the split into a primary family (Holm) and exploratory comparisons (Benjamini-Hochberg).
+
+Everything here works on the final scores of :func:`bnlib.stats.final_scores` (one row per cell x method, a
+``score`` column) or on the tidy evaluation table of :func:`bnlib.tables.evaluations`, per condition
+(:data:`bnlib.stats.CONDITION_KEYS`), paired by seed: the same seed means the same batches and initial weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from . import stats
+
+# The 2x2 design: method -> (statistics in the forward pass, gradient through the batch statistics)
+CORNERS = {"bn": ("batch", "with"), "bn_detached": ("batch", "without"), "brn": ("running", "with"),
+           "bnrs": ("running", "without")}
+# Each effect as weights on the four corners' scores (a per-seed contrast):
+EFFECTS = {
+    # running minus batch statistics in the forward pass, averaged over the two gradient levels
+    "forward statistics (running - batch)": {"brn": 0.5, "bnrs": 0.5, "bn": -0.5, "bn_detached": -0.5},
+    # no gradient minus gradient through the batch statistics, averaged over the two forward levels
+    "gradient through the statistics (without - with)": {"bn_detached": 0.5, "bnrs": 0.5, "bn": -0.5, "brn": -0.5},
+    # how much the gradient's effect differs between running and batch statistics
+    "interaction": {"bnrs": 1.0, "brn": -1.0, "bn_detached": -1.0, "bn": 1.0},
+}
+MARGIN = 0.01  # the equivalence margin: +-1 point of accuracy (book/analysis-plan.md)
+PLATEAU_MARGIN = 0.01  # the plateau criterion's bound: 1 point
+PLATEAU_WINDOW = 3  # evaluations averaged at the end and around 75% of the run
+
+
+def contrast(final: pd.DataFrame, weights: dict[str, float]) -> pd.Series:
+    """Per seed, sum of weight x score over the methods (seeds missing any of them left out)."""
+    scores = final.pivot_table(index="seed", columns="method", values="score", aggfunc="first")
+    missing = [m for m in weights if m not in scores]
+    if missing:
+        return pd.Series(dtype=float)
+    scores = scores[list(weights)].dropna()
+    return sum(w * scores[m] for m, w in weights.items())
+
+
+def tost(values, margin: float = MARGIN) -> float:
+    """p-value of the two one-sided t-tests that the mean of ``values`` lies within +-margin (the larger of the
+    two one-sided p-values); NaN below two values, 0 or 1 for values that do not vary."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float("nan")
+    if np.all(v == v[0]):
+        return 0.0 if abs(v[0]) < margin else 1.0
+    lower = sps.ttest_1samp(v, -margin, alternative="greater").pvalue
+    upper = sps.ttest_1samp(v, margin, alternative="less").pvalue
+    return float(max(lower, upper))
+
+
+def compare(values, family: str, name: str, condition: dict) -> dict:
+    """One comparison's row: mean with its t interval, seeds above zero, t-test and TOST p-values."""
+    v = np.asarray(values, dtype=float)
+    low, high = stats.t_interval(v)
+    return {**condition, "comparison": name, "family": family, "n_seeds": len(v), "mean": v.mean() if len(v) else np.nan,
+            "ci_low": low, "ci_high": high, "positive": int((v > 0).sum()), "p_value": stats.paired_test(v),
+            "p_tost": tost(v)}
+
+
+def bh(p_values) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (statsmodels); NaN stays NaN and is not counted."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(p_values, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], alpha=stats.ALPHA, method="fdr_bh")[1]
+    return out
+
+
+def verdict(mean: float, p_adjusted: float, p_tost_adjusted: float) -> str:
+    """below / above zero, within the margin (equivalent), or cannot tell -- after the family's correction."""
+    if not np.isnan(p_adjusted) and p_adjusted < stats.ALPHA:
+        return "above" if mean > 0 else "below"
+    if not np.isnan(p_tost_adjusted) and p_tost_adjusted < stats.ALPHA:
+        return "equivalent"
+    return "cannot tell"
+
+
+def correct(rows: pd.DataFrame) -> pd.DataFrame:
+    """Adjust within each family (primary: Holm, t-tests and TOSTs each; exploratory: Benjamini-Hochberg) and add
+    the verdicts; the columns say which correction made which p."""
+    out = rows.copy()
+    out["correction"] = out["family"].map({"primary": "Holm", "exploratory": "Benjamini-Hochberg"})
+    out["p_adjusted"], out["p_tost_adjusted"] = np.nan, np.nan
+    for family, method in (("primary", stats.holm), ("exploratory", bh)):
+        mask = out["family"] == family
+        if mask.any():
+            out.loc[mask, "p_adjusted"] = method(out.loc[mask, "p_value"].to_numpy(dtype=float))
+            out.loc[mask, "p_tost_adjusted"] = method(out.loc[mask, "p_tost"].to_numpy(dtype=float))
+    out["verdict"] = [verdict(m, p, q) for m, p, q in zip(out["mean"], out["p_adjusted"], out["p_tost_adjusted"])]
+    return out
+
+
+def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PLATEAU_MARGIN) -> pd.DataFrame:
+    """The plateau criterion per condition and method: per seed, the mean test accuracy of the last ``window``
+    in-training evaluations (the fixed subset; the final full-set evaluation is left out, it is another test set)
+    minus the mean of the ``window`` evaluations nearest 75% of the run; over seeds, its mean and the upper end of
+    its 95% t interval. Plateaued when that upper end is below ``bound``."""
+    evals = table[table["test_acc"].notna() & (table["eval_size"] < table.groupby("cell")["eval_size"].transform("max"))]
+    keys = [k for k in stats.CONDITION_KEYS if k in evals]
+    rows = []
+    for key, group in evals.groupby([*keys, "method"], dropna=False, sort=True):
+        gains = []
+        for _, run in group.sort_values("step").groupby("seed"):
+            acc, steps = run["test_acc"].to_numpy(float), run["step"].to_numpy()
+            if len(acc) < 2 * window:
+                continue
+            around = np.argsort(np.abs(steps - 0.75 * run["steps_total"].iloc[0]), kind="stable")[:window]
+            gains.append(acc[-window:].mean() - acc[around].mean())
+        low, high = stats.t_interval(gains)
+        rows.append({**dict(zip([*keys, "method"], key)), "n_seeds": len(gains),
+                     "gain_last_quarter": float(np.mean(gains)) if gains else np.nan, "gain_ci_high": high,
+                     "plateaued": bool(high < bound) if gains and not np.isnan(high) else False})
+    return pd.DataFrame(rows)

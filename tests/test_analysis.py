@@ -1,0 +1,69 @@
+"""The pre-registered analysis with known answers: the 2x2 effects, TOST, the families' corrections, the plateau
+criterion."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from bnlib import analysis
+
+
+def _final(scores: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"method": m, "seed": s, "score": v} for m, values in scores.items() for s, v in enumerate(values)])
+
+
+def test_effects_of_the_2x2_are_the_textbook_contrasts():
+    """bn 0.90, bn_detached 0.88, brn 0.86, bnrs 0.60 (plus seed noise): forward statistics cost
+    ((0.86 - 0.90) + (0.60 - 0.88)) / 2 = -0.16, the gradient ((0.88 - 0.90) + (0.60 - 0.86)) / 2 = -0.14,
+    interaction (0.60 - 0.86) - (0.88 - 0.90) = -0.24."""
+    noise = np.array([0.0, 0.01, -0.01, 0.005, -0.005])
+    final = _final({"bn": 0.90 + noise, "bn_detached": 0.88 + noise, "brn": 0.86 + noise, "bnrs": 0.60 + noise})
+    got = {name: analysis.contrast(final, w).mean() for name, w in analysis.EFFECTS.items()}
+    assert list(got.values()) == pytest.approx([-0.16, -0.14, -0.24])
+    assert analysis.contrast(final.query("method != 'brn'"), analysis.EFFECTS["interaction"]).empty
+
+
+def test_tost_against_two_one_sided_t_tests_by_hand():
+    v = np.array([0.002, -0.001, 0.003, 0.000, 0.001])
+    se = v.std(ddof=1) / np.sqrt(5)
+    p_low = 1 - sps.t.cdf((v.mean() + 0.01) / se, 4)
+    p_high = sps.t.cdf((v.mean() - 0.01) / se, 4)
+    assert analysis.tost(v) == pytest.approx(max(p_low, p_high))
+    assert analysis.tost(v) < 0.05  # well inside +-1 point
+    assert analysis.tost(v + 0.02) > 0.5  # outside the margin
+    assert np.isnan(analysis.tost([0.0]))
+
+
+def test_families_are_corrected_apart_and_verdicts_follow():
+    rows = pd.DataFrame([
+        {"comparison": "a", "family": "primary", "mean": -0.1, "p_value": 0.01, "p_tost": 0.9},
+        {"comparison": "b", "family": "primary", "mean": 0.001, "p_value": 0.8, "p_tost": 0.001},
+        {"comparison": "c", "family": "exploratory", "mean": 0.05, "p_value": 0.02, "p_tost": 0.9},
+        {"comparison": "d", "family": "exploratory", "mean": 0.05, "p_value": 0.04, "p_tost": 0.9},
+        {"comparison": "e", "family": "exploratory", "mean": 0.05, "p_value": 0.5, "p_tost": 0.9},
+    ])
+    out = analysis.correct(rows)
+    assert list(out["correction"]) == ["Holm"] * 2 + ["Benjamini-Hochberg"] * 3
+    assert out["p_adjusted"].tolist() == pytest.approx([0.02, 0.8, 0.06, 0.06, 0.5])  # Holm of 2; BH of 3
+    assert list(out["verdict"]) == ["below", "equivalent", "cannot tell", "cannot tell", "cannot tell"]
+
+
+def test_plateau_criterion_on_known_curves():
+    """A flat curve with noise plateaus; one that still climbs 4 points over its last quarter does not. The final
+    full-set evaluation (a larger eval_size) is left out."""
+    rows = []
+    rng = np.random.default_rng(0)
+    steps = np.arange(100, 1700, 100)
+    for seed in range(5):
+        for method, curve in (("flat", 0.85 + 0 * steps), ("rising", 0.70 + 0.0001 * steps)):
+            acc = curve + rng.normal(0, 0.003, len(steps))
+            for i, (step, a) in enumerate(zip(steps, acc)):
+                rows.append({"cell": f"c{seed}", "seed": seed, "method": method, "step": step, "steps_total": 1600,
+                             "eval_size": 10000 if step == 1600 else 2000, "test_acc": 0.0 if step == 1600 else a,
+                             "dataset": "fashionmnist", "batch_size": 16})
+    out = analysis.plateau(pd.DataFrame(rows)).set_index("method")
+    assert out.loc["flat", "plateaued"] and not out.loc["rising", "plateaued"]
+    # rising: last three subset evaluations (1300-1500) minus the three nearest step 1200 (1100-1300)
+    assert out.loc["rising", "gain_last_quarter"] == pytest.approx(0.0001 * (1400 - 1200), abs=0.006)
+    assert out.loc["flat", "n_seeds"] == 5

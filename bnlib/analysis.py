@@ -120,3 +120,71 @@ def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PL
                      "gain_last_quarter": float(np.mean(gains)) if gains else np.nan, "gain_ci_high": high,
                      "plateaued": bool(high < bound) if gains and not np.isnan(high) else False})
     return pd.DataFrame(rows)
+
+
+# --- the plan applied to a grid ----------------------------------------------------------------------------
+
+# The conditions whose 2x2 effects (and, at non-i.i.d. batch 2, BNRS - BN) form the primary family, provided BN
+# plateaued there (book/analysis-plan.md): Fashion-MNIST, Adam at 1e-3, each (batch_size, sampler) below.
+PRIMARY_CONDITIONS = ({"batch_size": 16, "sampler": "iid"}, {"batch_size": 2, "sampler": "iid"},
+                      {"batch_size": 2, "sampler": "noniid"})
+PRIMARY_SETTINGS = {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001}
+# Exploratory pairs (a - b) wherever both ran: which statistic's gradient, the sweep against its base, the
+# relation of the original's BNRS at momentum 1 to bn_detached, and what fixes running statistics.
+EXPLORATORY_PAIRS = (
+    [("bn_detached_mean", "bn_detached"), ("bn_detached_var", "bn_detached")]
+    + [(f"bnrs_m{round(100 * m):03d}", "bnrs") for m in (0.01, 0.03, 0.3, 1.0)]
+    + [(f"bnrs_orig_m{round(100 * m):03d}", "bnrs_orig") for m in (0.01, 0.03, 0.3, 1.0)]
+    + [("bnrs_orig_m100", "bn_detached"), ("brn", "bnrs"), ("online", "bnrs"), ("cbn", "bnrs"), ("cbn", "bn")]
+)
+
+
+def _is_primary(condition: dict) -> bool:
+    if any(condition.get(k) != v for k, v in PRIMARY_SETTINGS.items()):
+        return False
+    return any(all(condition.get(k) == v for k, v in c.items()) for c in PRIMARY_CONDITIONS)
+
+
+def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every comparison the plan names, for every condition of a grid's tidy table, corrected per family.
+
+    Outcome: the final test accuracy with the layers' own statistics (``outcome`` = "accuracy"); the 2x2 effects
+    are also computed, as exploratory, on the accuracy after recomputed statistics and on the last training-loss
+    window ("recomputed accuracy", "training loss"). A condition's primary rows count as primary only where BN
+    plateaued (:func:`plateau`); elsewhere they are exploratory and ``note`` says why."""
+    plateaus = plateau(table)
+    keys = [k for k in stats.CONDITION_KEYS if k in table]
+    outcomes = {"accuracy": stats.final_scores(table)}
+    if table["test_acc_recomputed"].notna().any():
+        outcomes["recomputed accuracy"] = stats.final_scores(table, "test_acc_recomputed")
+    final = outcomes["accuracy"]
+    if train_loss is not None and len(train_loss):  # the last window of each run (lower is better)
+        last = train_loss.sort_values("step").groupby(["cell", "method"]).tail(1)[["cell", "method", "train_loss"]]
+        outcomes["training loss"] = final.drop(columns="score").merge(last, on=["cell", "method"]).rename(
+            columns={"train_loss": "score"})
+    rows = []
+    for cond, group in final.groupby(keys, dropna=False, sort=True):
+        condition = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
+        bn = plateaus.merge(pd.DataFrame([condition]), on=keys).query("method == 'bn'") if len(plateaus) else plateaus
+        plateaued = bool(len(bn) and bn["plateaued"].iloc[0])
+        primary = _is_primary(condition)
+        family = "primary" if primary and plateaued else "exploratory"
+        note = "" if not primary or plateaued else "BN not plateaued: primary by the plan, counted as exploratory"
+        for outcome, scores in outcomes.items():
+            sub = scores.merge(pd.DataFrame([condition]), on=keys)
+            for name, weights in EFFECTS.items():
+                values = contrast(sub, weights)
+                if len(values):
+                    rows.append({**compare(values, family if outcome == "accuracy" else "exploratory", f"2x2: {name}",
+                                           condition), "outcome": outcome, "note": note if outcome == "accuracy" else ""})
+        methods = set(group["method"])
+        pairs = [(m, "bn") for m in sorted(methods - {"bn"}, key=list(group["method"].unique()).index)]
+        pairs += [p for p in EXPLORATORY_PAIRS if set(p) <= methods]
+        for a, b in pairs:
+            values = contrast(group, {a: 1.0, b: -1.0})
+            is_primary = (a, b) == ("bnrs", "bn") and primary and condition.get("sampler") == "noniid"
+            rows.append({**compare(values, family if is_primary else "exploratory", f"{a} - {b}", condition),
+                         "outcome": "accuracy", "note": note if is_primary else ""})
+    if not rows:
+        return pd.DataFrame()
+    return correct(pd.DataFrame(rows))

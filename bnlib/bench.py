@@ -293,6 +293,34 @@ def bench_cell(device: str = "cpu", dataset: str = "fashionmnist", batch_size: i
     return rows
 
 
+TRACE_INTERVALS = (None, 25, 10)  # None: no traces, the reference
+
+
+def bench_traces(device: str = "cpu", dataset: str = "fashionmnist", batch_size: int = 16, steps: int = 100,
+                 methods=("bn", "bn_detached", "brn", "bnrs"), repeats: int = 2, compiles=("off", "on")) -> list[dict]:
+    """The cost of ``trace_every``: the 2x2's methods trained with traces every 25 and 10 steps vs none, eager and
+    compiled (a traced step runs eagerly), interleaved in one process; training seconds, the median of ``repeats``
+    after one untimed run of every variant (compiled graphs come from inductor's cache by then)."""
+    from . import data, train
+
+    ds = data.load(dataset)
+    base = dict(dataset=dataset, methods=list(methods), batch_size=batch_size, steps=steps, evals=1, eval_samples=500,
+                device=device)
+    variants = [(c, every) for c in compiles for every in TRACE_INTERVALS]
+    times = {v: [] for v in variants}
+    for r in range(repeats + 1):
+        for c, every in variants:
+            out = train.train(train.Config(**base, compile=c, trace_every=every), ds, progress=False)
+            if r:  # the first round warms caches
+                times[(c, every)].append(sum(m.train_seconds for m in out.methods.values()))
+    rows = []
+    for c, every in variants:
+        t, ref = statistics.median(times[(c, every)]), statistics.median(times[(c, None)])
+        rows.append({"compile": c, "trace_every": every or "off", "N": batch_size, "steps": steps, "train_s": t,
+                     "overhead": t / ref - 1})
+    return rows
+
+
 def bench_fusion(device: str = "cpu", side: int = 28, batch_size: int = 128, methods=("bn",), repeats: int = 5,
                  compile: bool = True) -> list[dict]:
     """Can the training step at batch 128 reach the matrix-product peak? One model per method, forward +

@@ -196,6 +196,9 @@ def cmd_bench(args) -> int:
         steps = {n: args.long_steps for n in args.long_sizes} if args.long_steps else None
         _report(bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, repeats=args.long_repeats),
                 args.save and bench.save_long, device)
+    if args.what == "traces":  # not in "all": a few minutes of Fashion-MNIST training
+        print(f"\n# traces: the cost of trace_every (the 2x2's methods, Fashion-MNIST batch 16), eager and compiled, {device}")
+        print(bench.format_table(bench.bench_traces(device, repeats=max(1, args.repeats // 3))))
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
         print(bench.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
@@ -296,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_aggregate)
 
     b = sub.add_parser("bench", help="benchmark the layers and the training loop against references in the same run")
-    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "isa", "long", "all"], default="all",
+    b.add_argument("what", nargs="?", choices=["step", "seeds", "cell", "fusion", "norms", "loop", "isa", "long", "traces", "all"], default="all",
                    help="step: training step and evaluation vs the matrix-product peak; seeds: three seeds as one stacked "
                    "model vs one run each; cell: a whole cell, old vs new "
                    "evaluation; fusion: batch 128 eager vs channels-last vs torch.compile vs no norms; norms: layers vs torch.nn.BatchNorm2d; loop: lockstep vs a DataLoader loop; isa: a cell's training with each "

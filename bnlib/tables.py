@@ -2,8 +2,9 @@
 
 :func:`evaluations` gathers every run of a grid into one tidy table (a row per cell x method x evaluation),
 :func:`training_losses` the training-loss windows; :func:`aggregate` writes them with the summaries of
-:mod:`bnlib.stats` (final accuracy per method and condition, paired differences against BN) into
-``results/<grid>/*.csv``.
+:mod:`bnlib.stats` (final accuracy per method and condition, paired differences against BN) and the plateau status
+of every method (:func:`bnlib.analysis.plateau`; a grid with the 2x2 mechanism design also gets the pre-registered
+comparisons, ``analysis.csv``) into ``results/<grid>/*.csv``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import stats
+from . import analysis, stats
 from .record import RunRecord, atomic_write, load_runs
 
 # Condition columns that identify a comparison (everything a grid may vary except the seed).
@@ -89,7 +90,11 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
     if not runs:
         raise FileNotFoundError(f"no finished cells in {grid_dir / 'runs'}: run the grid first (bnlib run ...)")
     table = evaluations(runs)
-    frames = {"evaluations": table, "training_loss": training_losses(runs), "summary": stats.summarise(table)}
+    losses = training_losses(runs)
+    frames = {"evaluations": table, "training_loss": losses, "summary": stats.summarise(table),
+              "plateau": analysis.plateau(table)}
+    if set(analysis.CORNERS) <= set(table["method"]):  # a grid of the mechanism plan (book/analysis-plan.md)
+        frames["analysis"] = analysis.comparisons(table, losses)
     if table["test_acc_recomputed"].notna().any():
         frames["summary_recomputed"] = stats.summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
     if table["test_acc_batchstats"].notna().any():

@@ -67,3 +67,37 @@ def test_plateau_criterion_on_known_curves():
     # rising: last three subset evaluations (1300-1500) minus the three nearest step 1200 (1100-1300)
     assert out.loc["rising", "gain_last_quarter"] == pytest.approx(0.0001 * (1400 - 1200), abs=0.006)
     assert out.loc["flat", "n_seeds"] == 5
+
+
+def test_comparisons_follow_the_plan_on_a_synthetic_grid():
+    """Two conditions of the plan (i.i.d. batch 16: BN flat; non-i.i.d. batch 2: BN still rising) and one outside
+    it (SGD): primary rows only where the plan names them and BN plateaued; BNRS - BN primary at non-i.i.d. batch 2
+    only; everything else exploratory under Benjamini-Hochberg."""
+    rng = np.random.default_rng(1)
+    rows, losses = [], []
+    level = {"bn": 0.88, "bn_detached": 0.87, "brn": 0.86, "bnrs": 0.70, "gn": 0.85}
+    conditions = [({"batch_size": 16, "sampler": "iid", "optimizer": "adam"}, 0.0),
+                  ({"batch_size": 2, "sampler": "noniid", "optimizer": "adam"}, 0.0002),
+                  ({"batch_size": 16, "sampler": "iid", "optimizer": "sgd"}, 0.0)]
+    for c, (cond, slope) in enumerate(conditions):
+        for seed in range(5):
+            cell = f"c{c}s{seed}"
+            for m, acc in level.items():
+                for step in range(100, 1700, 100):
+                    final = step == 1600
+                    rows.append({"cell": cell, "seed": seed, "method": m, "step": step, "steps_total": 1600,
+                                 "eval_size": 10000 if final else 2000, "dataset": "fashionmnist", "lr": 0.001, **cond,
+                                 "test_acc": acc + slope * (step if m == "bn" else 0) + rng.normal(0, 0.002),
+                                 "test_acc_recomputed": acc if final else None, "final": final, "diverged": False,
+                                 "num_classes": 10})
+                losses.append({"cell": cell, "method": m, "step": 1600, "train_loss": 1 - level[m]})
+    out = analysis.comparisons(pd.DataFrame(rows), pd.DataFrame(losses))
+    primary = out[out["family"] == "primary"]
+    assert set(primary["batch_size"]) == {16} and set(primary["optimizer"]) == {"adam"}
+    assert sorted(primary["comparison"]) == sorted(f"2x2: {e}" for e in analysis.EFFECTS)
+    assert (primary["correction"] == "Holm").all() and (out.loc[out["family"] == "exploratory", "correction"] == "Benjamini-Hochberg").all()
+    noniid = out[(out["sampler"] == "noniid") & (out["outcome"] == "accuracy")]
+    assert set(noniid.loc[noniid["comparison"] == "bnrs - bn", "note"]) == {"BN not plateaued: primary by the plan, counted as exploratory"}
+    forward = primary.set_index("comparison").loc["2x2: forward statistics (running - batch)"]
+    assert forward["mean"] == pytest.approx(((0.86 - 0.88) + (0.70 - 0.87)) / 2, abs=0.003) and forward["verdict"] == "below"
+    assert set(out["outcome"]) == {"accuracy", "recomputed accuracy", "training loss"}

@@ -106,3 +106,10 @@ def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
     block = bench.long_markdown(pd.read_csv(tmp_path / "long.csv"))
     assert block.startswith("Measured on: a machine") and "new path (compiled)" in block
     assert "numbers against the old path's" in block and "without norm layers" in block
+
+
+def test_bench_traces_plumbing():
+    """Tiny: digits, a few steps, eager only; every interval gets a row, the reference's overhead is 0."""
+    rows = bench.bench_traces(dataset="digits", batch_size=8, steps=6, methods=("bn", "bnrs"), repeats=1, compiles=("off",))
+    assert [r["trace_every"] for r in rows] == ["off", 25, 10]
+    assert rows[0]["overhead"] == 0 and all(r["train_s"] > 0 for r in rows)

@@ -58,10 +58,17 @@ def test_missing_notebook_and_stale_summary_are_named(smoke_results, tmp_path):
         published.check(folder)
 
 
-def test_committed_study_results_are_intact():
-    if not HAS_STUDY:
-        pytest.skip("results/study holds no finished cell in this checkout")
-    assert published.check(STUDY) >= 1
+COMMITTED = sorted(p.parent.parent.name for p in (ROOT / "results").glob("*/runs/*.json")
+                   if p.parent.parent.name not in ("smoke", "default"))
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMITTED)) or ["study"])
+def test_committed_results_are_intact(name):
+    """Every committed grid folder (the study, the mechanism grids and their pilot): files and fresh aggregates."""
+    folder = ROOT / "results" / name
+    if not any(folder.glob("runs/*.json")):
+        pytest.skip(f"results/{name} holds no finished cell in this checkout")
+    assert published.check(folder) >= 1
 
 
 # --- re-running a grid whose cells are all done, and verify ----------------------------------------

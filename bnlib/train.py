@@ -35,6 +35,8 @@ from .record import ABSENT, Final, MethodRecord, RunRecord
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "step")
+LR_DROP_AT, LR_DROP_FACTOR = 2 / 3, 0.1  # lr_schedule step: after this fraction of the steps, this factor
 RECOMPUTE_EVALS = ("all", "last")
 # Config keys that say where a cell runs, finds its data or saves its checkpoints, not what it computes:
 # left out of cell ids and checkpoint keys.
@@ -65,6 +67,7 @@ class Config:
     samples: int | None = None  # ... or in training samples (equal samples, the same number on every dataset); exactly one
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-3  # learning rate
+    lr_schedule: str = "constant"  # constant | step (the learning rate x0.1 for the last third of the steps)
     eval_every: int | None = None  # steps between test evaluations (default: `evals` over the run)
     evals: int = 10  # evaluations over the run when eval_every is not given (the last at the last step)
     eval_samples: int | None = 2000  # test samples of every evaluation before the last (a fixed subset; None: all); the last uses all
@@ -168,6 +171,8 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
     if not config.lr > 0:
         fail("lr", "the learning rate must be positive")
+    if config.lr_schedule not in LR_SCHEDULES:
+        fail("lr_schedule", f"choose one of {', '.join(LR_SCHEDULES)}")
     budgets = {k: getattr(config, k) for k in ("steps", "epochs", "samples")}
     if sum(v is not None for v in budgets.values()) != 1:
         raise ConfigError(", ".join(f"{k}={v!r}" for k, v in budgets.items()) + ": give exactly one budget")
@@ -223,6 +228,14 @@ def total_steps(config: Config, num_train: int) -> int:
     if config.samples is not None:
         return config.samples // config.batch_size
     return max(1, round(config.epochs * num_train / config.batch_size))
+
+
+def learning_rate(config: Config, step: int, steps: int) -> float:
+    """The learning rate of (1-based) ``step`` of a run of ``steps``: constant, or with ``lr_schedule: step``
+    multiplied by LR_DROP_FACTOR once LR_DROP_AT of the steps are done (every method alike)."""
+    if config.lr_schedule == "step" and step > round(LR_DROP_AT * steps):
+        return config.lr * LR_DROP_FACTOR
+    return config.lr
 
 
 def _optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -329,6 +342,11 @@ class MethodRun:
         self.clock.stop()
         self.steps += 1
         self.window += 1
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            if group["lr"] != lr:
+                group["lr"] = lr
 
     def close_window(self, step: int) -> None:
         """Record the window's mean training loss per seed; a non-finite one marks the seed diverged."""
@@ -516,8 +534,10 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
         else:
             x, y = ds.x_train[idx[0]], ds.y_train[idx[0]]
         trace_step = step if config.trace_every and step % config.trace_every == 0 else None
+        lr = learning_rate(config, step, plan.steps)
         for run in runs.values():
             if run.live:
+                run.set_lr(lr)
                 run.train_step(x, y, device, trace_step)
         if step % plan.log_every == 0 or step == plan.steps:
             for run in runs.values():

@@ -56,6 +56,7 @@ def _strip_timings(result):
         ({"compile": "yes"}, "compile"),
         ({"recompute_evals": "first"}, "recompute_evals"),
         ({"trace_every": 0}, "trace_every"),
+        ({"lr_schedule": "cosine"}, "lr_schedule"),
     ],
 )
 def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
@@ -497,3 +498,16 @@ def test_traces_survive_a_checkpoint_resume(tmp_path, monkeypatch):
     resumed.pop("resumed_at_steps", None)
     for m in config.methods:
         assert resumed["methods"][m]["traces"] == whole["methods"][m]["traces"]
+
+
+def test_step_schedule_drops_the_learning_rate_for_the_last_third_only():
+    config = train.Config(lr=0.01, lr_schedule="step")
+    assert [train.learning_rate(config, s, 30) for s in (1, 20, 21, 30)] == [0.01, 0.01, pytest.approx(0.001), pytest.approx(0.001)]
+    assert train.learning_rate(train.Config(lr=0.01), 30, 30) == 0.01
+    base = dict(methods=["bn", "bnrs"], batch_size=8, steps=30, evals=3, log_every=5)
+    constant = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
+    stepped = _strip_timings(_train(train.Config(**base, lr_schedule="step"), dataset=digits(), progress=False))
+    for m in base["methods"]:
+        a, b = constant["methods"][m], stepped["methods"][m]
+        assert a["train_loss"][:4] == b["train_loss"][:4]  # the first 20 steps are the same run
+        assert a["train_loss"][4:] != b["train_loss"][4:]

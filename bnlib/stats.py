@@ -26,7 +26,7 @@ ALPHA = 0.05
 CORRECTION = "Holm"
 REFERENCE = "bn"  # every method is compared with it
 # Condition columns that identify a comparison (everything a grid may vary except the seed).
-CONDITION_KEYS = ("dataset", "batch_size", "sampler", "classes_per_batch", "norm_placement", "budget", "width", "depth", "optimizer", "lr", "lr_schedule")
+CONDITION_KEYS = ("dataset", "batch_size", "sampler", "classes_per_batch", "norm_placement", "budget", "width", "depth", "optimizer", "lr", "lr_schedule", "lr_drop_at")
 
 
 def t_interval(values) -> tuple[float, float]:

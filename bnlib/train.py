@@ -36,7 +36,7 @@ ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "step")
-LR_DROP_AT, LR_DROP_FACTOR = 2 / 3, 0.1  # lr_schedule step: after this fraction of the steps, this factor
+LR_DROP_FACTOR = 0.1  # lr_schedule step: the learning rate's factor after the drop
 RECOMPUTE_EVALS = ("all", "last")
 # Config keys that say where a cell runs, finds its data or saves its checkpoints, not what it computes:
 # left out of cell ids and checkpoint keys.
@@ -67,7 +67,8 @@ class Config:
     samples: int | None = None  # ... or in training samples (equal samples, the same number on every dataset); exactly one
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-3  # learning rate
-    lr_schedule: str = "constant"  # constant | step (the learning rate x0.1 for the last third of the steps)
+    lr_schedule: str = "constant"  # constant | step (the learning rate x0.1 once lr_drop_at of the steps are done)
+    lr_drop_at: float = 2 / 3  # lr_schedule step: the fraction of the steps after which the learning rate drops
     eval_every: int | None = None  # steps between test evaluations (default: `evals` over the run)
     evals: int = 10  # evaluations over the run when eval_every is not given (the last at the last step)
     eval_samples: int | None = 2000  # test samples of every evaluation before the last (a fixed subset; None: all); the last uses all
@@ -173,6 +174,8 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("lr", "the learning rate must be positive")
     if config.lr_schedule not in LR_SCHEDULES:
         fail("lr_schedule", f"choose one of {', '.join(LR_SCHEDULES)}")
+    if not 0 < config.lr_drop_at < 1:
+        fail("lr_drop_at", "must be a fraction of the steps between 0 and 1")
     budgets = {k: getattr(config, k) for k in ("steps", "epochs", "samples")}
     if sum(v is not None for v in budgets.values()) != 1:
         raise ConfigError(", ".join(f"{k}={v!r}" for k, v in budgets.items()) + ": give exactly one budget")
@@ -232,8 +235,8 @@ def total_steps(config: Config, num_train: int) -> int:
 
 def learning_rate(config: Config, step: int, steps: int) -> float:
     """The learning rate of (1-based) ``step`` of a run of ``steps``: constant, or with ``lr_schedule: step``
-    multiplied by LR_DROP_FACTOR once LR_DROP_AT of the steps are done (every method alike)."""
-    if config.lr_schedule == "step" and step > round(LR_DROP_AT * steps):
+    multiplied by LR_DROP_FACTOR once ``lr_drop_at`` of the steps are done (every method alike)."""
+    if config.lr_schedule == "step" and step > round(config.lr_drop_at * steps):
         return config.lr * LR_DROP_FACTOR
     return config.lr
 

@@ -57,6 +57,7 @@ def _strip_timings(result):
         ({"recompute_evals": "first"}, "recompute_evals"),
         ({"trace_every": 0}, "trace_every"),
         ({"lr_schedule": "cosine"}, "lr_schedule"),
+        ({"lr_drop_at": 1.0}, "lr_drop_at"),
     ],
 )
 def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch):
@@ -504,6 +505,7 @@ def test_step_schedule_drops_the_learning_rate_for_the_last_third_only():
     config = train.Config(lr=0.01, lr_schedule="step")
     assert [train.learning_rate(config, s, 30) for s in (1, 20, 21, 30)] == [0.01, 0.01, pytest.approx(0.001), pytest.approx(0.001)]
     assert train.learning_rate(train.Config(lr=0.01), 30, 30) == 0.01
+    assert train.learning_rate(train.Config(lr=0.01, lr_schedule="step", lr_drop_at=0.5), 16, 30) == pytest.approx(0.001)
     base = dict(methods=["bn", "bnrs"], batch_size=8, steps=30, evals=3, log_every=5)
     constant = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
     stepped = _strip_timings(_train(train.Config(**base, lr_schedule="step"), dataset=digits(), progress=False))

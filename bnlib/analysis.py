@@ -162,16 +162,21 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None) -> 
         last = train_loss.sort_values("step").groupby(["cell", "method"]).tail(1)[["cell", "method", "train_loss"]]
         outcomes["training loss"] = final.drop(columns="score").merge(last, on=["cell", "method"]).rename(
             columns={"train_loss": "score"})
+    # the same condition's rows of every table, by the tuple of its keys (NaN keys included)
+    by_condition = lambda frame: {k if isinstance(k, tuple) else (k,): g for k, g in frame.groupby(keys, dropna=False)}  # noqa: E731
+    plateau_of = by_condition(plateaus[plateaus["method"] == "bn"]) if len(plateaus) else {}
+    outcome_of = {name: by_condition(frame) for name, frame in outcomes.items()}
     rows = []
     for cond, group in final.groupby(keys, dropna=False, sort=True):
-        condition = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
-        bn = plateaus.merge(pd.DataFrame([condition]), on=keys).query("method == 'bn'") if len(plateaus) else plateaus
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        condition = dict(zip(keys, cond))
+        bn = plateau_of.get(cond, pd.DataFrame())
         plateaued = bool(len(bn) and bn["plateaued"].iloc[0])
         primary = _is_primary(condition)
         family = "primary" if primary and plateaued else "exploratory"
         note = "" if not primary or plateaued else "BN not plateaued: primary by the plan, counted as exploratory"
-        for outcome, scores in outcomes.items():
-            sub = scores.merge(pd.DataFrame([condition]), on=keys)
+        for outcome in outcomes:
+            sub = outcome_of[outcome].get(cond, pd.DataFrame(columns=["seed", "method", "score"]))
             for name, weights in EFFECTS.items():
                 values = contrast(sub, weights)
                 if len(values):

@@ -473,3 +473,45 @@ def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
     claims.append({"claim": f"BNWoS matches BN at larger batches (within ±{EQUIVALENCE_POINTS:g} point)", "verdict": v4,
                    "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(larger, wl))})
     return claims
+
+
+# --- the mechanism chapter -------------------------------------------------------------------------
+
+MECHANISM_GRID = "mechanism"
+
+
+def condition_label(row) -> str:
+    """'i.i.d. batch 16', 'non-i.i.d. batch 2' ... for a row with batch_size and sampler."""
+    return f"{'i.i.d.' if row['sampler'] == 'iid' else 'non-i.i.d.'} batch {int(row['batch_size'])}"
+
+
+def mechanism_tables(folder: Path | None = None) -> Tables | None:
+    """The committed mechanism grid's tables (the repository's results/mechanism/), or None before any of its
+    cells is committed."""
+    folder = folder or paths.ROOT / "results" / MECHANISM_GRID
+    return tables(MECHANISM_GRID, folder) if (folder / "summary.csv").exists() else None
+
+
+def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
+    """Per condition: the four corners' final accuracy (mean [95% t interval], %) and the three effects of the
+    2x2 on it (points [interval], verdict after the family's correction, the family)."""
+    from . import analysis
+
+    s = summary.copy()
+    s["method"] = s["method"].astype(str)
+    rows = []
+    for cond, part in s.groupby(["batch_size", "sampler"], sort=False):
+        row = {"condition": condition_label(dict(zip(["batch_size", "sampler"], cond)))}
+        means = part.set_index("method")
+        for m in analysis.CORNERS:
+            if m in means.index:
+                row[display_name(m)] = _fmt(means.loc[m, "mean"], means.loc[m, "ci_low"], means.loc[m, "ci_high"])
+        eff = comparisons[(comparisons["batch_size"] == cond[0]) & (comparisons["sampler"] == cond[1])
+                          & (comparisons["outcome"] == "accuracy")].set_index("comparison")
+        for name in analysis.EFFECTS:
+            key = f"2x2: {name}"
+            if key in eff.index:
+                e = eff.loc[key]
+                row[name] = f"{_fmt(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']} ({e['family']})"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("condition")

@@ -228,3 +228,25 @@ def seeds_needed(halfwidths: pd.DataFrame):
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+
+TRACE_LABELS = {"log_r_p90": "|log r|, 90th pct. of channels", "d_p90": "|d|, 90th pct. of channels",
+                "conv_weight_norm": "conv weight norm", "gamma_norm": "gamma norm", "input_rms": "input RMS",
+                "conv_grad_norm": "conv weight gradient norm"}
+
+
+def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition"):
+    """The norm layers' traces over training: a row per metric, a column per condition, a line per method (the
+    mean over seeds and layers, with the t band over seeds of the layer mean)."""
+    data = frame[frame["method"].isin(methods)].groupby([col, "method", "seed", "step"], as_index=False)[list(metrics)].mean()
+    long = data.melt(id_vars=[col, "method", "seed", "step"], value_vars=list(metrics), var_name="metric")
+    long["metric"] = long["metric"].map(TRACE_LABELS)
+    order = [m for m in methods if m in set(data["method"])]
+    grid = sns.relplot(data=long, x="step", y="value", **_styled(order), row="metric", col=col, kind="line",
+                       errorbar=stats.t_interval, height=2.3, aspect=1.5, facet_kws={"sharex": False, "sharey": False})
+    grid.set_titles("{row_name} | {col_name}", size="small")
+    for ax in grid.axes.flat:
+        if any(w in ax.get_title() for w in ("norm", "RMS")):
+            ax.set_yscale("log")
+    _rename_legend(grid)
+    return grid

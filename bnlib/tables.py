@@ -100,3 +100,20 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
     if table["test_acc_batchstats"].notna().any():
         frames["summary_batchstats"] = stats.summarise(table[table["test_acc_batchstats"].notna() | table["diverged"]], "test_acc_batchstats")
     return {name: write_csv(frame, grid_dir / f"{name}.csv") for name, frame in frames.items()}
+
+
+def traces(runs: list[RunRecord]) -> pd.DataFrame:
+    """The norm layers' traces (``trace_every``; :mod:`bnlib.traces`) as a tidy table: one row per cell x method x
+    layer x traced step, a column per metric. Built from the metrics files when a page needs it (not written to a
+    CSV: a grid's traces are millions of numbers)."""
+    frames = []
+    for run in runs:
+        cfg = run.config
+        base = {"cell": run.cell, "seed": cfg["seed"], **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        for method, rec in run.methods.items():
+            if not rec.traces:
+                continue
+            for layer, values in enumerate(rec.traces["layers"]):
+                frame = pd.DataFrame({"step": rec.traces["step"], **values})
+                frames.append(frame.assign(**base, method=method, layer=layer + 1))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bnlib import analysis
+from bnlib import analysis, stats
 
 
 def _final(scores: dict[str, list[float]]) -> pd.DataFrame:
@@ -101,3 +101,28 @@ def test_comparisons_follow_the_plan_on_a_synthetic_grid():
     forward = primary.set_index("comparison").loc["2x2: forward statistics (running - batch)"]
     assert forward["mean"] == pytest.approx(((0.86 - 0.88) + (0.70 - 0.87)) / 2, abs=0.003) and forward["verdict"] == "below"
     assert set(out["outcome"]) == {"accuracy", "recomputed accuracy", "training loss"}
+
+
+def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
+    """The chapter's pieces end to end on a tiny real run (digits, 3 seeds, the 2x2 and GroupNorm, traced): the
+    2x2 table names every corner and effect per condition, and the traces figure draws a panel per metric."""
+    from bnlib import book, data, plots, tables, train
+
+    config = train.Config(methods=["bn", "bn_detached", "brn", "bnrs", "gn"], batch_size=8, steps=24, evals=8,
+                          eval_samples=100, log_every=4, trace_every=4)
+    runs = train.train_seeds(config, [0, 1, 2], dataset=data.load("digits"), progress=False)
+    from bnlib.record import Provenance
+    for run, seed in zip(runs, [0, 1, 2]):
+        run.cell, run.provenance = f"digits-s{seed}", Provenance()
+    table, losses = tables.evaluations(runs), tables.training_losses(runs)
+    comparisons = analysis.comparisons(table, losses)
+    stats_summary = stats.summarise(table)
+    two = book.twobytwo(stats_summary, comparisons)
+    assert list(two.index) == ["i.i.d. batch 8"]
+    assert {plots.display_name(m) for m in analysis.CORNERS} | set(analysis.EFFECTS) <= set(two.columns)
+    assert len(stats_summary) == 5
+    traces = tables.traces(runs).assign(condition="i.i.d. batch 8")
+    assert set(traces["layer"]) == {1, 2, 3, 4} and traces["step"].max() == 24
+    grid = plots.traces_over_training(traces, list(analysis.CORNERS))
+    assert grid.axes.shape == (len(plots.TRACE_LABELS), 1)
+    plots.plt.close("all")

@@ -101,11 +101,16 @@ def correct(rows: pd.DataFrame) -> pd.DataFrame:
 
 def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PLATEAU_MARGIN) -> pd.DataFrame:
     """The plateau criterion per condition and method: per seed, the mean test accuracy of the last ``window``
-    in-training evaluations (the fixed subset; the final full-set evaluation is left out, it is another test set)
+    in-training evaluations (the fixed subset; the final full-set evaluation is left out, it is another test set;
+    a run evaluated on one test set throughout uses every evaluation)
     minus the mean of the ``window`` evaluations nearest 75% of the run; over seeds, its mean and the upper end of
     its 95% t interval. Plateaued when that upper end is below ``bound``."""
-    evals = table[table["test_acc"].notna() & (table["eval_size"] < table.groupby("cell")["eval_size"].transform("max"))]
+    size = table.groupby("cell")["eval_size"]
+    # the in-training subset evaluations; every evaluation where a run used one test set throughout
+    same = size.transform("min") == size.transform("max")
+    evals = table[table["test_acc"].notna() & ((table["eval_size"] < size.transform("max")) | same)]
     keys = [k for k in stats.CONDITION_KEYS if k in evals]
+    columns = [*keys, "method", "n_seeds", "gain_last_quarter", "gain_ci_high", "plateaued"]
     rows = []
     for key, group in evals.groupby([*keys, "method"], dropna=False, sort=True):
         gains = []
@@ -119,7 +124,7 @@ def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PL
         rows.append({**dict(zip([*keys, "method"], key)), "n_seeds": len(gains),
                      "gain_last_quarter": float(np.mean(gains)) if gains else np.nan, "gain_ci_high": high,
                      "plateaued": bool(high < bound) if gains and not np.isnan(high) else False})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 # --- the plan applied to a grid ----------------------------------------------------------------------------

@@ -126,3 +126,11 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     grid = plots.traces_over_training(traces, list(analysis.CORNERS))
     assert grid.axes.shape == (len(plots.TRACE_LABELS), 1)
     plots.plt.close("all")
+
+
+def test_plateau_uses_every_evaluation_of_a_run_on_one_test_set_and_keeps_its_columns_when_empty():
+    rows = [{"cell": "c", "seed": 0, "method": "bn", "step": s, "steps_total": 800, "eval_size": 360, "test_acc": 0.9,
+             "dataset": "digits"} for s in range(100, 900, 100)]
+    assert analysis.plateau(pd.DataFrame(rows)).loc[0, "gain_last_quarter"] == pytest.approx(0.0)
+    empty = analysis.plateau(pd.DataFrame(rows).iloc[:0])
+    assert empty.empty and {"method", "plateaued"} <= set(empty.columns)

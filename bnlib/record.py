@@ -72,8 +72,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None] | str | bytes, 
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """JSON (NaN allowed: a diverged loss is a result) written with :func:`atomic_write`."""
-    return atomic_write(path, json.dumps(payload, indent=1, allow_nan=True))
+    """JSON (NaN allowed: a diverged loss is a result) written with :func:`atomic_write`: one key per line, a
+    list of plain values on one line (a curve or a trace costs its numbers, not a line and an indent each)."""
+    return atomic_write(path, _dumps(payload, ""))
+
+
+def _dumps(obj, indent: str) -> str:
+    nested = isinstance(obj, (dict, list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in
+                                                          (obj.values() if isinstance(obj, dict) else obj))
+    if isinstance(obj, dict) and obj and (nested or len(obj) > 1):
+        inner = indent + " "
+        items = (f"{inner}{json.dumps(str(k))}: {_dumps(v, inner)}" for k, v in obj.items())
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if nested:
+        inner = indent + " "
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj, allow_nan=True)
 
 
 def _present(obj) -> dict:

@@ -8,6 +8,7 @@ the committed ``results/study/`` without training; ``bnlib book --grid default``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -81,20 +82,38 @@ def standard_placement(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def headline(summary: pd.DataFrame) -> dict:
-    """The numbers of the one-paragraph answer: the first dataset, i.i.d. batches, smallest and largest batch."""
+# How the prose names the datasets (bnlib.data's ids)
+DATASET_NAMES = {"digits": "the 8x8 digits", "mnist5k": "MNIST (5,000 digits)", "mnist": "MNIST",
+                 "fashionmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+# The headline figure's methods: BN, the two ways of normalising with running statistics in training, and the
+# batch-independent reference
+HEADLINE_METHODS = ("bn", "bnrs", "brn", "gn")
+
+
+def headline_condition(summary: pd.DataFrame, sampler: str = "iid") -> pd.DataFrame:
+    """The summary rows of the condition the answer is told on: the harder real dataset when the grid has it
+    (Fashion-MNIST in the published study, else the first), ``sampler``'s batches (when the grid has them), the
+    original network, the equal-samples budget when the grid has several; every batch size."""
     s = summary.copy()
     s["method"] = s["method"].astype(str)
-    # the harder real dataset when the grid has it (the published study), else the first
     dataset = "fashionmnist" if (s["dataset"] == "fashionmnist").any() else sorted(s["dataset"].unique())[0]
-    part = s[(s["dataset"] == dataset) & (s["sampler"] == "iid")] if (s["sampler"] == "iid").any() else s[s["dataset"] == dataset]
+    part = s[(s["dataset"] == dataset) & (s["sampler"] == sampler)] if (s["sampler"] == sampler).any() else s[s["dataset"] == dataset]
     part = standard_placement(part)
     if "budget" in part:  # equal samples (a budget in samples or epochs) when the grid has several
         budgets = sorted(part["budget"].unique(), key=lambda b: (str(b).endswith(" steps"), str(b)))
         part = part[part["budget"] == budgets[0]]
+    return part
+
+
+def headline(summary: pd.DataFrame) -> dict:
+    """The numbers of the one-paragraph answer (:func:`headline_condition`, smallest and largest batch)."""
+    s = summary
+    part = headline_condition(summary)
+    dataset = str(part["dataset"].iloc[0])
     small, large = int(part["batch_size"].min()), int(part["batch_size"].max())
     family = int(s["p_value"].notna().sum()) if "p_value" in s else 0
-    facts: dict = {"dataset": dataset, "small": small, "large": large, "budget": str(part["budget"].iloc[0]),
+    facts: dict = {"dataset": dataset, "dataset_name": DATASET_NAMES.get(dataset, dataset), "small": small, "large": large, "budget": str(part["budget"].iloc[0]),
                    "n_seeds": int(part["n_seeds"].min()), "family": family}
     for size, tag in ((small, "small"), (large, "large")):
         rows = part[part["batch_size"] == size].set_index("method")
@@ -115,7 +134,105 @@ def headline(summary: pd.DataFrame) -> dict:
     return facts
 
 
-def _fmt(mean: float, low: float, high: float, signed: bool = False) -> str:
+def _plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
+    """Whether BN had finished training in the headline condition, by the analysis plan's criterion
+    (``plateau.csv`` of the grid)."""
+    from . import analysis
+
+    path = folder / "plateau.csv"
+    plateau = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    keys = [k for k in stats.CONDITION_KEYS if k in part and k in plateau]
+    bn = plateau[plateau["method"] == "bn"].merge(part[keys].drop_duplicates(), on=keys) if len(plateau) else plateau
+    assessed = bn[bn["n_seeds"] > 0] if len(bn) else bn
+    if not len(assessed):
+        return (f"These runs were evaluated too rarely to tell by the analysis plan's plateau criterion (needing "
+                f"{2 * analysis.PLATEAU_WINDOW} evaluations) whether they finished training: the numbers describe this budget.")
+    done = sorted(int(b) for b in assessed.loc[assessed["plateaued"].astype(bool), "batch_size"])
+    not_done = sorted(int(b) for b in assessed.loc[~assessed["plateaued"].astype(bool), "batch_size"])
+    say = lambda sizes: ", ".join(map(str, sizes))  # noqa: E731
+    return ("By the analysis plan's plateau criterion BN had finished training "
+            + (f"at batch {say(done)}" if done else "at no batch size")
+            + (f" and had not at batch {say(not_done)}." if not_done else "."))
+
+
+def abstract(t: Tables) -> str:
+    """The intro's abstract: the question and the answer in a few sentences, every number from the summary."""
+    part = headline_condition(t.summary)
+    f = headline(t.summary)
+    small, large = f["small"], f["large"]
+
+    def ends(m: str) -> str:
+        said = [f"{f[f'{m}_{k}_diff']:+.1f} points [{f[f'{m}_{k}_low']:+.1f}, {f[f'{m}_{k}_high']:+.1f}] at batch {b} "
+                f"({f[f'{m}_{k}_verdict']})" for k, b in (("small", small), ("large", large)) if f"{m}_{k}_diff" in f]
+        return " and ".join(said)
+
+    text = ["Batch normalisation (BN) normalises with each batch's statistics in training and with running averages "
+            "at inference, and the two differ when batches are small or hold few classes. Why not normalise with the "
+            "running statistics in training too?"]
+    if "bn_small" in f:
+        text.append(f"On {f['dataset_name']} with i.i.d. batches ({f['budget']}, {f['n_seeds']} seeds), BN ends at "
+                    f"{f['bn_small']:.1f}% at batch {small} and {f['bn_large']:.1f}% at batch {large}.")
+    clauses = {"bnrs": "Against BN, normalising with running statistics in training (BNRS) differs by {}",
+               "brn": "Batch Renormalization, which normalises with the same running statistics but keeps the gradient "
+                      "through the batch's, by {}",
+               "gn": "GroupNorm, which needs no batch statistics, by {}"}
+    said = [c.format(ends(m)) for m, c in clauses.items() if ends(m)]
+    if said:
+        text.append("; ".join(said) + ".")
+    text.append(_plateau_sentence(t.folder, part))
+    text.append(f"Differences are paired by seed with Student-t 95% intervals; verdicts are paired t-tests at 5%, "
+                f"Holm-corrected over the grid's {f['family']} comparisons with BN.")
+    return " ".join(text)
+
+
+def headline_caption(t: Tables) -> str:
+    part = headline_condition(t.summary)
+    f = headline(t.summary)
+    return (f"Final test accuracy against batch size on {f['dataset_name']}, i.i.d. batches, budget {f['budget']}: the mean "
+            f"over {int(part['n_seeds'].min())} seeds with its Student-t 95% interval, from `results/{t.grid}/summary.csv`.")
+
+
+def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
+    """A compact table of one condition: per method present and batch size, the paired difference against BN
+    (points, 95% t interval), the Holm verdict, the Holm-adjusted p and the seeds in which it beat BN."""
+    rows = []
+    for m in [m for m in methods if m in set(part["method"].astype(str)) and m != "bn"]:
+        for r in part[part["method"].astype(str) == m].sort_values("batch_size").itertuples():
+            rows.append({"method": display_name(m), "batch": int(r.batch_size),
+                         "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True),
+                         "verdict": r.verdict if isinstance(r.verdict, str) else "cannot tell",
+                         "Holm p": "–" if pd.isna(r.p_holm) else f"{r.p_holm:.2g}",
+                         "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if not pd.isna(r.wins) else "–"})
+    return pd.DataFrame(rows).set_index(["method", "batch"]) if rows else pd.DataFrame()
+
+
+def verdict_sentence(part: pd.DataFrame, method: str) -> str:
+    """One method against BN in one condition, every batch size: difference, interval, verdict."""
+    rows = part[part["method"].astype(str) == method].sort_values("batch_size")
+    said = [f"{percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True)} points at batch "
+            f"{int(r.batch_size)} ({r.verdict if isinstance(r.verdict, str) else 'cannot tell'})" for r in rows.itertuples()
+            if not pd.isna(r.diff_vs_bn)]
+    return f"{display_name(method)} against BN: " + ("; ".join(said) if said else "not run in this condition") + "."
+
+
+def advice(summary: pd.DataFrame) -> pd.DataFrame:
+    """What to use, condition by condition (sampler x batch size of the headline dataset and budget): the methods
+    the data put above BN (else BN), those they put below, and how many they cannot tell from BN (Holm verdicts)."""
+    rows = []
+    for sampler in sorted(summary["sampler"].unique()):
+        part = headline_condition(summary, sampler)
+        for size, g in part.groupby("batch_size"):
+            g = g[g["method"] != "bn"]
+            verdicts = g["verdict"].fillna("cannot tell")
+            names = lambda v: ", ".join(display_name(m) for m in g.loc[verdicts == v, "method"]) or "none"  # noqa: E731
+            rows.append({"batches": f"{'i.i.d.' if sampler == 'iid' else 'non-i.i.d.'}, {int(size)}",
+                         "use (above BN)": names("above") if (verdicts == "above").any() else "BN: nothing is above it",
+                         "avoid (below BN)": names("below"),
+                         "cannot tell from BN": int((verdicts == "cannot tell").sum())})
+    return pd.DataFrame(rows).set_index("batches")
+
+
+def percent_interval(mean: float, low: float, high: float, signed: bool = False) -> str:
     """A fraction as 'mean [low, high]' in percent (points with a sign for differences)."""
     if pd.isna(mean):
         return "–"
@@ -124,43 +241,40 @@ def _fmt(mean: float, low: float, high: float, signed: bool = False) -> str:
 
 
 def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Per condition (dataset, sampler, budget, ...): methods x batch sizes, final accuracy in % with its 95%
-    interval, and beside each batch size the paired difference against BN in points with its interval."""
+    """Per condition (dataset, sampler, budget, ...): a row per method and batch size with the final accuracy in %
+    and its 95% interval, the paired difference against BN in points with its interval, the verdict, the
+    Holm-adjusted p-value and the seeds in which the method beat BN, each in its own column (narrow enough for
+    the book's column)."""
     s = summary.copy()
     s["method"] = s["method"].astype(str)
     keys = [k for k in ("dataset", "budget", "sampler", "norm_placement", "classes_per_batch") if k in s]
     keys = [k for k in keys if k in ("dataset", "sampler") or s[k].nunique(dropna=False) > 1]
+    order = {m: i for i, m in enumerate(norms.METHODS)}
     out = []
     for cond, part in s.groupby([k for k in keys if k != "classes_per_batch"], dropna=False, sort=True):
         cond = cond if isinstance(cond, tuple) else (cond,)
         title = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(keys, cond))
-        rows = {}
-        for m, g in part.groupby("method", sort=False):
-            row = {}
-            for r in g.sort_values("batch_size").itertuples():
-                row[(f"batch {r.batch_size}", "accuracy (%)")] = _fmt(r.mean, r.ci_low, r.ci_high)
-                diff = getattr(r, "diff_vs_bn", float("nan"))
-                row[(f"batch {r.batch_size}", "vs BN (points)")] = "" if m == "bn" else _fmt(diff, r.diff_ci_low, r.diff_ci_high, signed=True)
-                wins = getattr(r, "wins", float("nan"))
-                p_holm = getattr(r, "p_holm", float("nan"))
-                row[(f"batch {r.batch_size}", "verdict (Holm p; wins)")] = (
-                    "" if m == "bn" or not isinstance(getattr(r, "verdict", None), str)
-                    else f"{r.verdict} ({'–' if pd.isna(p_holm) else f'{p_holm:.2g}'}; {int(wins)}/{int(r.n_pairs)})")
-                if r.n_seeds != part["n_seeds"].min():  # n beside the interval wherever it differs from the title's
-                    row[(f"batch {r.batch_size}", "accuracy (%)")] += f" n={int(r.n_seeds)}"
-                if r.diverged:
-                    row[(f"batch {r.batch_size}", "accuracy (%)")] += f" ({r.diverged} diverged)"
-            rows[display_name(m)] = row
-        order = [display_name(m) for m in norms.METHODS if display_name(m) in rows]
-        table = pd.DataFrame(rows).T.loc[order]
-        table.columns = pd.MultiIndex.from_tuples(table.columns)
-        order_within = {"accuracy (%)": 0, "vs BN (points)": 1, "verdict (Holm p; wins)": 2}
-        table = table[sorted(table.columns, key=lambda c: (int(c[0].split()[1]), order_within.get(c[1], 3)))]
-        out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", table))
+        rows = []
+        for r in part.sort_values(["method", "batch_size"], key=lambda c: c.map(order) if c.name == "method" else c).itertuples():
+            compared = r.method != "bn" and isinstance(getattr(r, "verdict", None), str)
+            accuracy = percent_interval(r.mean, r.ci_low, r.ci_high)
+            if r.n_seeds != part["n_seeds"].min():  # n beside the interval wherever it differs from the title's
+                accuracy += f" n={int(r.n_seeds)}"
+            if r.diverged:
+                accuracy += f" ({r.diverged} diverged)"
+            p_holm = getattr(r, "p_holm", float("nan"))
+            rows.append({"method": display_name(r.method), "batch": int(r.batch_size), "accuracy (%)": accuracy,
+                         "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True) if compared else "",
+                         "verdict": r.verdict if compared else "",
+                         "Holm p": ("–" if pd.isna(p_holm) else f"{p_holm:.2g}") if compared else "",
+                         "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if compared else ""})
+        out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", pd.DataFrame(rows).set_index(["method", "batch"])))
     return out
 
 
 README = paths.README
+HEADLINE_ALT = ("Final test accuracy against batch size for BN, BN with running statistics (BNRS), Batch "
+                "Renormalization (BRN) and GroupNorm, mean over seeds with 95% intervals")
 README_MARKERS = ("<!-- study-findings:start (written by `bnlib aggregate study --readme`) -->", "<!-- study-findings:end -->")
 
 
@@ -176,6 +290,7 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
     original study's four claims judged on every dataset under its equal-steps budget."""
     ran = f", run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
     f = headline(summary)
+    figure = paths.README_FIGURE.relative_to(paths.ROOT).as_posix()
     small, large = f["small"], f["large"]
 
     def diffs(m: str) -> str:
@@ -184,9 +299,9 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
         return " and ".join(parts)
 
     compared = [m for m in ("bnrs", "brn", "bnwos") if f"{m}_small_diff" in f or f"{m}_large_diff" in f]
-    lines = [f"**The answer so far** ({cells_done} of the study grid's {cells_total} cells committed{ran}; computed from "
+    lines = [f"![{HEADLINE_ALT}]({figure})", "", f"*{headline_digest(summary)[1]}*", "", f"**The answer so far** ({cells_done} of the study grid's {cells_total} cells committed{ran}; computed from "
              "`results/study/summary.csv`). On "
-             f"{f['dataset']} with i.i.d. batches and a budget of {f['budget']} ({f['n_seeds']} seeds), BN ends at "
+             f"{f['dataset_name']} with i.i.d. batches and a budget of {f['budget']} ({f['n_seeds']} seeds), BN ends at "
              f"{f['bn_small']:.1f}% [{f['bn_small_low']:.1f}, {f['bn_small_high']:.1f}] at batch {small} and "
              f"{f['bn_large']:.1f}% [{f['bn_large_low']:.1f}, {f['bn_large_high']:.1f}] at batch {large}. Against it, paired "
              "by seed: " + "; ".join(f"{display_name(m)} {diffs(m)}" for m in compared) + ". "
@@ -206,12 +321,38 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
     return "\n".join(lines)
 
 
+def headline_digest(summary: pd.DataFrame) -> tuple[str, str]:
+    """A fingerprint of the numbers the headline figure draws (kept in its PNG, so a test can tell a stale image)
+    and the figure's caption."""
+    part = headline_condition(summary)
+    shown = part[part["method"].isin(HEADLINE_METHODS)].sort_values(["method", "batch_size"])
+    numbers = shown[["method", "batch_size", "n_seeds", "mean", "ci_low", "ci_high"]].round(6).to_csv(index=False)
+    caption = (f"Final test accuracy on {DATASET_NAMES.get(shown['dataset'].iloc[0], shown['dataset'].iloc[0])}, i.i.d. batches, budget {shown['budget'].iloc[0]}: "
+               f"mean over {int(shown['n_seeds'].min())} seeds, Student-t 95% intervals.")
+    return hashlib.sha256(numbers.encode()).hexdigest()[:16], caption
+
+
+def save_headline_png(summary: pd.DataFrame, path: Path = paths.README_FIGURE) -> Path:
+    """The headline figure as PNG (the README's), its numbers' fingerprint in the PNG's Description."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    fig = plots.headline_figure(headline_condition(summary), HEADLINE_METHODS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Description": f"bnlib headline {headline_digest(summary)[0]}", "Software": None})
+    plt.close(fig)
+    return path
+
+
 def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, readme: Path = README,
                           commits: list[str] = ()) -> None:
+    """The findings between the README's markers, and the headline figure they show beside the README."""
     text = readme.read_text()
     start, end = README_MARKERS
     if start not in text or end not in text:
         raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the tables belong")
+    save_headline_png(summary, readme.parent / paths.README_FIGURE.relative_to(paths.ROOT))
     head, rest = text.split(start, 1)
     readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits) + "\n" + end + rest.split(end, 1)[1])
 
@@ -281,12 +422,34 @@ def diverged_runs(evaluations: pd.DataFrame) -> pd.DataFrame:
 # --- building ------------------------------------------------------------------------------------
 
 
+# The grid's aggregated tables, as the appendix "All results" offers them for download (those a grid computed)
+TABLE_FILES = {"summary.csv": "final accuracy per method and condition, with the comparisons against BN",
+               "summary_recomputed.csv": "the same after recomputing population statistics",
+               "summary_batchstats.csv": "the same with batch statistics at test time",
+               "plateau.csv": "every method's plateau status by the analysis plan's criterion",
+               "analysis.csv": "the analysis plan's comparisons (mechanism grids)",
+               "evaluations.csv": "every evaluation of every run",
+               "training_loss.csv": "every training-loss window of every run",
+               "cells.jsonl": "the runner's log: one line per cell run"}
+
+
+def scrolling_table(frame: pd.DataFrame, max_height_em: int = 30) -> str:
+    """A table as HTML in a box that scrolls both ways (the appendix's full tables: wider than the column)."""
+    return (f'<div class="bnlib-scroll" style="overflow:auto; max-height:{max_height_em}em">'
+            + frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", classes="table") + "</div>")
+
+
 def gather_runs(folder: Path) -> int:
-    """Copy the grid's executed cell notebooks into the book, titled by their cell ids (results untouched).
-    Called by the book's Sphinx extension (:mod:`bnlib.book_extension`) at the start of every build."""
-    if CELLS_DIR.exists():
-        shutil.rmtree(CELLS_DIR)
-    CELLS_DIR.mkdir(parents=True)
+    """Copy the grid's executed cell notebooks into the book, titled by their cell ids, and its aggregated
+    tables (:data:`TABLE_FILES`) for download (results untouched). Called by the book's Sphinx extension
+    (:mod:`bnlib.book_extension`) at the start of every build."""
+    for target in (CELLS_DIR, paths.BOOK_TABLES):
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    for name in TABLE_FILES:
+        if (folder / name).exists():
+            shutil.copy2(folder / name, paths.BOOK_TABLES / name)
     count = 0
     for path in sorted((folder / "runs").glob("*.ipynb")):
         if not (folder / "runs" / f"{path.stem}.json").exists():
@@ -391,7 +554,7 @@ def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
         if hit.empty:
             return "not run yet" if method in norms.REGISTRY else ""
         h = hit.iloc[0]
-        return f"{_fmt(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
+        return f"{percent_interval(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
 
     rows = []
     for r in orig.itertuples():
@@ -505,13 +668,13 @@ def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
         means = part.set_index("method")
         for m in analysis.CORNERS:
             if m in means.index:
-                row[display_name(m)] = _fmt(means.loc[m, "mean"], means.loc[m, "ci_low"], means.loc[m, "ci_high"])
+                row[display_name(m)] = percent_interval(means.loc[m, "mean"], means.loc[m, "ci_low"], means.loc[m, "ci_high"])
         eff = comparisons[(comparisons["batch_size"] == cond[0]) & (comparisons["sampler"] == cond[1])
                           & (comparisons["outcome"] == "accuracy")].set_index("comparison")
         for name in analysis.EFFECTS:
             key = f"2x2: {name}"
             if key in eff.index:
                 e = eff.loc[key]
-                row[name] = f"{_fmt(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']} ({e['family']})"
+                row[name] = f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']} ({e['family']})"
         rows.append(row)
     return pd.DataFrame(rows).set_index("condition")

@@ -23,39 +23,73 @@ def vector_figures() -> None:
     set_matplotlib_formats("svg")
 
 
-# Per method id: its display name and its colour, in the registry's order.
+# One colour-blind-safe palette for the whole book: Okabe & Ito's, without its yellow (unreadable as a line on
+# white), with grey for "no normalisation". Black is BN's alone: BN is the reference drawn in every panel.
+OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73",
+             "blue": "#0072B2", "vermillion": "#D55E00", "reddish purple": "#CC79A7", "grey": "#999999"}
+
+# Per method id: its display name and its colour, in the registry's order. Colours repeat across the book, never
+# within a panel (PANELS), the headline figure (bn, bnrs, brn, gn) or the 2x2 (bn, bn_detached, brn, bnrs).
+_C = OKABE_ITO
 STYLES = {
-    "bn": ("BN", "#1f77b4"),
-    "bnrs": ("BN, running stats (BNRS)", "#d62728"),
-    "brn": ("Batch Renorm (BRN)", "#2ca02c"),
-    "brnc": ("Batch Renorm, clipped (BRNC)", "#98df8a"),
-    "brnc_warmup": ("BRNC, paper's warm-up", "#17becf"),
-    "bnrs_orig": ("BNRS as the original", "#ff9896"),
-    "brn_orig": ("BRN as the original", "#bcbd22"),
-    "brnc_orig": ("BRNC as the original", "#dbdb8d"),
-    "bnwos": ("BN without sync (BNWoS)", "#ff7f0e"),
-    "bn_detached": ("BN, no gradient through mu_B, var_B", "#393b79"),
-    "bn_detached_mean": ("BN, no gradient through mu_B", "#6b6ecf"),
-    "bn_detached_var": ("BN, no gradient through var_B", "#9c9ede"),
-    "bnrs_m001": ("BNRS, momentum 0.01", "#67000d"),
-    "bnrs_m003": ("BNRS, momentum 0.03", "#a50f15"),
-    "bnrs_m030": ("BNRS, momentum 0.3", "#fb6a4a"),
-    "bnrs_m100": ("BNRS, momentum 1", "#fcae91"),
-    "bnrs_orig_m001": ("BNRS as the original, momentum 0.01", "#49006a"),
-    "bnrs_orig_m003": ("BNRS as the original, momentum 0.03", "#7a0177"),
-    "bnrs_orig_m030": ("BNRS as the original, momentum 0.3", "#dd3497"),
-    "bnrs_orig_m100": ("BNRS as the original, momentum 1", "#fa9fb5"),
-    "online": ("Online Norm", "#e6550d"),
-    "cbn": ("Cross-Iteration BN (CBN)", "#31a354"),
-    "gbn": ("Ghost BN (16 per ghost batch)", "#aec7e8"),
-    "mabn": ("Moving Average BN (MABN)", "#9467bd"),
-    "bln": ("Batchless Norm (BLN)", "#8c564b"),
-    "gn": ("GroupNorm (GN)", "#e377c2"),
-    "gn_ws": ("GN + Weight Std (GN+WS)", "#f7b6d2"),
-    "frn": ("Filter Response Norm (FRN)", "#c5b0d5"),
-    "evonorm": ("EvoNorm-S0", "#c49c94"),
-    "none": ("No normalisation", "#7f7f7f"),
+    "bn": ("BN", _C["black"]),
+    "bnrs": ("BN, running stats (BNRS)", _C["vermillion"]),
+    "brn": ("Batch Renorm (BRN)", _C["blue"]),
+    "brnc": ("Batch Renorm, clipped (BRNC)", _C["bluish green"]),
+    "brnc_warmup": ("BRNC, paper's warm-up", _C["sky blue"]),
+    "bnrs_orig": ("BNRS as the original", _C["reddish purple"]),
+    "brn_orig": ("BRN as the original", _C["sky blue"]),
+    "brnc_orig": ("BRNC as the original", _C["orange"]),
+    "bnwos": ("BN without sync (BNWoS)", _C["orange"]),
+    "bn_detached": ("BN, no gradient through mu_B, var_B", _C["sky blue"]),
+    "bn_detached_mean": ("BN, no gradient through mu_B", _C["bluish green"]),
+    "bn_detached_var": ("BN, no gradient through var_B", _C["reddish purple"]),
+    "bnrs_m001": ("BNRS, momentum 0.01", _C["sky blue"]),
+    "bnrs_m003": ("BNRS, momentum 0.03", _C["blue"]),
+    "bnrs_m030": ("BNRS, momentum 0.3", _C["orange"]),
+    "bnrs_m100": ("BNRS, momentum 1", _C["reddish purple"]),
+    "bnrs_orig_m001": ("BNRS as the original, momentum 0.01", _C["sky blue"]),
+    "bnrs_orig_m003": ("BNRS as the original, momentum 0.03", _C["blue"]),
+    "bnrs_orig_m030": ("BNRS as the original, momentum 0.3", _C["orange"]),
+    "bnrs_orig_m100": ("BNRS as the original, momentum 1", _C["bluish green"]),
+    "online": ("Online Norm", _C["orange"]),
+    "cbn": ("Cross-Iteration BN (CBN)", _C["bluish green"]),
+    "gbn": ("Ghost BN (16 per ghost batch)", _C["vermillion"]),
+    "mabn": ("Moving Average BN (MABN)", _C["reddish purple"]),
+    "bln": ("Batchless Norm (BLN)", _C["sky blue"]),
+    "gn": ("GroupNorm (GN)", _C["bluish green"]),
+    "gn_ws": ("GN + Weight Std (GN+WS)", _C["sky blue"]),
+    "frn": ("Filter Response Norm (FRN)", _C["orange"]),
+    "evonorm": ("EvoNorm-S0", _C["reddish purple"]),
+    "none": ("No normalisation", _C["grey"]),
 }
+
+# The panels of every figure with many methods, in reading order: at most five methods each, and BN in every one
+# as the reference (a figure draws the panels whose methods it has).
+PANELS = {
+    "BN and its variants": ("bnwos", "gbn", "bn_detached", "bn_detached_mean", "bn_detached_var"),
+    "running statistics in training": ("bnrs", "brn", "brnc", "brnc_warmup"),
+    "other statistics for small batches": ("mabn", "bln", "online", "cbn"),
+    "BNRS's momentum": ("bnrs_m001", "bnrs_m003", "bnrs", "bnrs_m030", "bnrs_m100"),
+    "running statistics, the original's code": ("bnrs_orig", "brn_orig", "brnc_orig"),
+    "the original's BNRS, its momentum": ("bnrs_orig_m001", "bnrs_orig_m003", "bnrs_orig", "bnrs_orig_m030", "bnrs_orig_m100"),
+    "batch-independent": ("gn", "gn_ws", "frn", "evonorm", "none"),
+}
+
+
+def panels(methods) -> list[tuple[str, list[str]]]:
+    """The panels for ``methods``: (title, BN first when present, then the panel's members present); a panel
+    whose members present are all drawn in an earlier panel is left out (BNRS's momentum without its sweep), and
+    with BN alone there is one panel."""
+    present = set(map(str, methods))
+    ref = ["bn"] if "bn" in present else []
+    out, drawn = [], set()
+    for title, members in PANELS.items():
+        shown = [m for m in members if m in present]
+        if set(shown) - drawn:
+            out.append((title, ref + shown))
+            drawn |= set(shown)
+    return out or [("BN", ref)]
 
 
 def display_name(method: str) -> str:
@@ -119,10 +153,56 @@ def _styled(methods) -> dict:
             "dashes": {m: dashes(m) for m in methods}}
 
 
+def _handles(methods) -> list:
+    """Legend entries drawn as the lines are (colour, family's dashes)."""
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color=colour(m), ls=linestyle(m), lw=1.8, label=display_name(m)) for m in methods]
+
+
+PANEL_WIDTH, PANEL_HEIGHT = 2.55, 2.2  # inches: three panels and the legend fit the book's column at >= 9 pt
+
+
+def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel: str, col_label=str):
+    """Small multiples: a row per panel of methods (:func:`panels`), a column per value of ``col``; ``draw(ax,
+    frame, method)`` draws one method's line; each row's legend beside it, titled with the panel."""
+    groups = panels(data["method"].unique())
+    cols = sorted(data[col].unique()) if col else [None]
+    fig, axes = plt.subplots(len(groups), len(cols), squeeze=False, sharey=True,
+                             figsize=(PANEL_WIDTH * len(cols) + 2.9, PANEL_HEIGHT * len(groups) + 0.5))
+    for i, (title, methods) in enumerate(groups):
+        for j, value in enumerate(cols):
+            ax = axes[i][j]
+            part = data if col is None else data[data[col] == value]
+            for m in methods:
+                draw(ax, part[part["method"].astype(str) == m], m)
+            if i == 0 and col is not None:
+                ax.set_title(col_label(value), fontsize="medium")
+            ax.set_xlabel(xlabel if i == len(groups) - 1 else "")
+            ax.set_ylabel(ylabel if j == 0 else "")
+        axes[i][-1].legend(handles=_handles(methods), title=title, loc="upper left", bbox_to_anchor=(1.03, 1.0),
+                           frameon=False, fontsize="small", title_fontsize="small", alignment="left")
+    fig.tight_layout()
+    return fig
+
+
+def _mean_band(ax, frame: pd.DataFrame, x: str, y: str, method: str, **kw) -> None:
+    """The mean over seeds against ``x`` with its Student-t 95% band."""
+    g = frame[frame[y].notna()].groupby(x)[y]
+    if not len(g):
+        return
+    mean = g.mean()
+    band = g.apply(lambda v: stats.t_interval(v.to_numpy()))
+    ax.plot(mean.index, mean.values, color=colour(method), ls=linestyle(method), lw=1.5, **kw)
+    ax.fill_between(mean.index, [b[0] for b in band], [b[1] for b in band], color=colour(method), alpha=0.15, lw=0)
+
+
 def _legend_names(ax) -> None:
+    """The axes' legend with display names, beside the axes (a cell draws every method of its grid in one axes)."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, [display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels], fontsize="small")
+        ax.legend(handles, [display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels], fontsize="small",
+                  loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
 
 
 def cell_curves(result: RunRecord):
@@ -150,84 +230,125 @@ def final_table(result: RunRecord) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
-def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str = "samples_seen", col: str = "batch_size",
-                           row: str | None = None):
-    """The original study's figure with statistics: mean test accuracy over seeds, Student-t 95% band."""
+def _batch_label(value) -> str:
+    return f"batch {value}"
+
+
+def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str = "samples_seen", col: str = "batch_size"):
+    """The original study's figure with statistics: mean test accuracy over seeds with its Student-t 95% band, a
+    row per panel of methods, a column per ``col`` value."""
     data = evals[evals[column].notna()]
-    methods = _order(data["method"].unique())
-    grid = sns.relplot(data=data, x=x, y=column, **_styled(methods), col=col, row=row, kind="line",
-                       errorbar=stats.t_interval, height=3.2, aspect=1.15, facet_kws={"sharex": False, "sharey": True}, legend="full")
-    grid.set_axis_labels("samples seen" if x == "samples_seen" else x, "test accuracy")
-    _rename_legend(grid)
-    return grid
+    return _panel_figure(data, col, lambda ax, f, m: _mean_band(ax, f, x, column, m),
+                         "samples seen" if x == "samples_seen" else x, "test accuracy",
+                         _batch_label if col == "batch_size" else str)
 
 
-def loss_over_training(losses: pd.DataFrame, col: str = "batch_size", row: str | None = None):
-    methods = _order(losses["method"].unique())
-    grid = sns.relplot(data=losses, x="samples_seen", y="train_loss", **_styled(methods), col=col, row=row, kind="line",
-                       errorbar=stats.t_interval, height=3.2, aspect=1.15, facet_kws={"sharex": False, "sharey": True})
-    grid.set(yscale="log")
-    grid.set_axis_labels("samples seen", "training loss")
-    _rename_legend(grid)
-    return grid
+def loss_over_training(losses: pd.DataFrame, col: str = "batch_size"):
+    """Training loss (window means) over samples seen, as :func:`accuracy_over_training`, log scale."""
+    fig = _panel_figure(losses, col, lambda ax, f, m: _mean_band(ax, f, "samples_seen", "train_loss", m),
+                        "samples seen", "training loss", _batch_label if col == "batch_size" else str)
+    for ax in fig.axes:
+        ax.set_yscale("log")
+    return fig
 
 
-def final_vs_batch(summary: pd.DataFrame, col: str | None = None, row: str | None = None, value: str = "mean"):
-    """Final accuracy against batch size: mean over seeds with the t interval as error bars."""
-    methods = _order(summary["method"].astype(str).unique())
-    facets_c = sorted(summary[col].unique()) if col else [None]
-    facets_r = sorted(summary[row].unique()) if row else [None]
-    fig, axes = plt.subplots(len(facets_r), len(facets_c), figsize=(max(10.0, 4.6 * len(facets_c)), 3.6 * len(facets_r)), squeeze=False, sharey=True)
-    for i, rv in enumerate(facets_r):
-        for j, cv in enumerate(facets_c):
-            ax = axes[i][j]
-            part = summary
-            if col:
-                part = part[part[col] == cv]
-            if row:
-                part = part[part[row] == rv]
-            sizes = sorted(part["batch_size"].unique())
-            for k, m in enumerate(methods):
-                g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
-                xs = [p * (1 + 0.03 * (k - len(methods) / 2)) for p in sizes]  # dodge overlapping bars
-                err = [(g[value] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g[value]).clip(lower=0).fillna(0)]
-                ax.errorbar(xs, g[value], yerr=err, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sizes, [str(s) for s in sizes])
-            ax.set(xlabel="batch size", ylabel="final test accuracy" if j == 0 else "",
-                   title=" / ".join(str(v) for v in (rv, cv) if v is not None))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, [display_name(lbl) for lbl in labels], loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(5, len(labels)), frameon=False)
+def final_vs_batch(summary: pd.DataFrame, col: str | None = None, value: str = "mean"):
+    """Final accuracy against batch size: mean over seeds with the t interval as error bars, a row per panel of
+    methods, a column per ``col`` value."""
+    sizes = sorted(summary["batch_size"].unique())
+
+    def draw(ax, g, m):
+        g = g.set_index("batch_size").reindex(sizes)
+        err = [(g[value] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g[value]).clip(lower=0).fillna(0)]
+        k = list(map(str, summary["method"].unique())).index(m)  # dodge overlapping bars
+        xs = [p * (1 + 0.025 * (k % 6 - 2.5)) for p in sizes]
+        ax.errorbar(xs, g[value], yerr=err, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.minorticks_off()
+
+    return _panel_figure(summary.assign(method=summary["method"].astype(str)), col, draw, "batch size",
+                         "final test accuracy", str)
+
+
+VERDICT_COLOURS = {"below": OKABE_ITO["vermillion"], "above": OKABE_ITO["blue"], "cannot tell": OKABE_ITO["grey"]}
+
+
+def differences(part: pd.DataFrame, methods) -> plt.Figure:
+    """Each method against BN in one condition: the paired difference in points with its 95% t interval, a panel
+    per batch size, a row per method, zero marked; coloured by the Holm verdict (below, above, cannot tell)."""
+    shown = [m for m in methods if m in set(part["method"].astype(str)) and m != "bn"]
+    sizes = sorted(part["batch_size"].unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(min(9.5, 2.4 + 2.3 * len(sizes)), 1.3 + 0.38 * max(len(shown), 1)),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for k, m in enumerate(shown):
+            r = part[(part["method"].astype(str) == m) & (part["batch_size"] == size)]
+            if r.empty or pd.isna(r["diff_vs_bn"].iloc[0]):
+                continue
+            d, lo, hi = (100 * r[c].iloc[0] for c in ("diff_vs_bn", "diff_ci_low", "diff_ci_high"))
+            verdict = r["verdict"].iloc[0] if isinstance(r["verdict"].iloc[0], str) else "cannot tell"
+            ax.errorbar([d], [k], xerr=[[max(d - lo, 0)], [max(hi - d, 0)]], color=VERDICT_COLOURS.get(verdict, OKABE_ITO["grey"]),
+                        marker="o", ms=5, capsize=3, lw=1.8)
+        ax.axvline(0, color=colour("bn"), lw=1)
+        ax.set_title(f"batch {size}", fontsize="medium")
+        ax.set_xlabel("vs BN (points)")
+    axes[0][0].set_yticks(range(len(shown)), [display_name(m) for m in shown])
+    axes[0][0].set_ylim(len(shown) - 0.5, -0.5)
+    from matplotlib.lines import Line2D
+
+    axes[0][-1].legend(handles=[Line2D([], [], color=c, marker="o", lw=1.8, label=v) for v, c in VERDICT_COLOURS.items()],
+                       title="Holm verdict", loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize="small",
+                       title_fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def headline_figure(part: pd.DataFrame, methods) -> plt.Figure:
+    """The book's headline: final test accuracy against batch size for ``methods`` (mean over seeds, Student-t
+    95% interval), one panel, the legend beside it."""
+    fig, ax = plt.subplots(figsize=(7.6, 3.6))
+    sizes = sorted(part["batch_size"].unique())
+    shown = [m for m in methods if m in set(part["method"].astype(str))]
+    for k, m in enumerate(shown):
+        g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
+        err = [(g["mean"] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g["mean"]).clip(lower=0).fillna(0)]
+        xs = [b * (1 + 0.04 * (k - (len(shown) - 1) / 2)) for b in sizes]
+        ax.errorbar(xs, 100 * g["mean"], yerr=[100 * e for e in err], color=colour(m), ls=linestyle(m), marker="o", ms=5,
+                    capsize=3, lw=1.8, label=display_name(m))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
+    ax.set(xlabel="batch size", ylabel="final test accuracy (%)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
 
 def _rename_legend(grid) -> None:
-    """Display names, and the legend under the panels where it never covers a curve."""
+    """A seaborn figure's legend: display names, beside the panels."""
     if grid.legend is not None:
         for text in grid.legend.texts:
             if text.get_text() in norms.REGISTRY:
                 text.set_text(display_name(text.get_text()))
-        sns.move_legend(grid, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(grid.legend.texts)), title=None, frameon=False)
+        sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.98), title=None, frameon=False)
 
 
 def seeds_needed(halfwidths: pd.DataFrame):
-    """Half-width of the paired 95% interval against BN (points) by number of seeds: median over conditions."""
-    fig, ax = plt.subplots(figsize=(9, 4))
+    """Half-width of the paired 95% interval against BN (points) by number of seeds: median over conditions, a
+    panel per group of methods."""
     if halfwidths.empty:
+        fig, ax = plt.subplots(figsize=(7, 2.5))
         ax.text(0.5, 0.5, "fewer than two seeds per condition so far", ha="center", va="center", transform=ax.transAxes)
         return fig
-    for m in _order(halfwidths["method"].unique()):
-        g = halfwidths[halfwidths["method"] == m].groupby("n_seeds")["halfwidth_points"].median()
-        ax.plot(g.index, g.values, marker="o", color=colour(m), ls=linestyle(m), label=display_name(m), lw=1.5)
-    ax.set_xlabel("seeds")
-    ax.set_ylabel("half-width of the 95% interval (points)")
-    ax.set_yscale("log")
-    ax.set_xticks(sorted(halfwidths["n_seeds"].unique()))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    return fig
+
+    def draw(ax, g, m):
+        g = g.groupby("n_seeds")["halfwidth_points"].median()
+        ax.plot(g.index, g.values, marker="o", ms=3.5, color=colour(m), ls=linestyle(m), lw=1.5)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(halfwidths["n_seeds"].unique()))
+
+    return _panel_figure(halfwidths, None, draw, "seeds", "95% half-width (points)")
 
 
 TRACE_LABELS = {"log_r_p90": "|log r|, 90th pct. of channels", "d_p90": "|d|, 90th pct. of channels",

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from bnlib import book, grid
+from browser import CHROMIUM_FLAGS, chromium, needs_chromium, probe  # tests/browser.py
 
 pytestmark = pytest.mark.slow
 
@@ -81,15 +82,6 @@ def test_no_page_references_a_missing_file(site):
     assert checked >= 5  # the results page has figures
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-needs_chromium = pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
-
-
 @needs_chromium
 def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp_path):
     for page in ("summary", "results"):
@@ -101,7 +93,7 @@ def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp
                   "document.title='IMAGES '+document.images.length+' BROKEN '+bad.length+' '+bad.join(' ');});</script>")
         probe.write_text(source.read_text().replace("</body>", script + "</body>"))
         try:
-            dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+            dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
                                   "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
             title = re.search(r"<title>(IMAGES[^<]*)</title>", dom)
             assert title, dom[:500]
@@ -110,7 +102,7 @@ def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp
             if page == "results":
                 assert images >= 5
             shot = tmp_path / f"{page}.png"
-            subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
+            subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
                             f"--screenshot={shot}", source.as_uri()], capture_output=True, timeout=120)
             assert shot.exists() and shot.stat().st_size > 20_000
         finally:
@@ -120,7 +112,7 @@ def test_summary_and_results_render_in_a_browser_without_broken_images(site, tmp
 @needs_chromium
 def test_equations_typeset_offline(site, tmp_path):
     """MathJax ships with the site (no CDN): the methods page's equations are typeset without a network."""
-    dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
                           "--dump-dom", (site / "book" / "methods.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<mjx-container") >= 10
 
@@ -137,28 +129,13 @@ def test_citations_link_to_the_references_page(site):
         assert needle.lower() in text.lower(), needle
 
 
-def _probe(site: Path, page: str, script: str, tmp_path: Path, width: int = 1280) -> str:
-    """Load ``page`` in headless chromium with ``script`` run after load; returns the title it sets."""
-    source = site / page
-    probe = source.with_name("_probe_" + source.name)
-    probe.write_text(source.read_text().replace("</body>", f"<script>window.addEventListener('load',()=>{{{script}}});</script></body>"))
-    try:
-        dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},2000",
-                              "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    finally:
-        probe.unlink(missing_ok=True)
-    title = re.search(r"<title>PROBE ([^<]*)</title>", dom)
-    assert title, dom[:500]
-    return html.unescape(title.group(1))
-
-
 @needs_chromium
 def test_runs_table_sorts_by_a_clicked_column(site, tmp_path):
     script = ("const t=document.querySelector('table.bnlib-sortable');const hs=[...t.querySelectorAll('thead th')];"
               "const col=hs.findIndex(h=>h.textContent.trim()==='seed');"
               "const seeds=()=>[...t.tBodies[0].rows].map(r=>r.cells[col].textContent.trim()).join(',');"
               "hs[col].click();const up=seeds();hs[col].click();document.title='PROBE '+up+' | '+seeds();")
-    up, down = _probe(site, "book/runs/index.html", script, tmp_path).split(" | ")
+    up, down = probe(site, "book/runs/index.html", script, tmp_path).split(" | ")
     up, down = [int(v) for v in up.split(",")], [int(v) for v in down.split(",")]
     assert up == sorted(up) and down == sorted(up, reverse=True) and len(set(up)) > 1
 
@@ -169,7 +146,7 @@ def test_result_figures_fill_the_content_column(site, tmp_path):
               "const w=main.getBoundingClientRect().width;"
               "const figs=[...document.images].filter(i=>i.naturalWidth>600);"
               "document.title='PROBE '+figs.map(i=>(i.getBoundingClientRect().width/w).toFixed(3)).join(',');")
-    ratios = [float(v) for v in _probe(site, "book/results.html", script, tmp_path).split(",") if v]
+    ratios = [float(v) for v in probe(site, "book/results.html", script, tmp_path).split(",") if v]
     assert ratios and min(ratios) >= 0.9, ratios
 
 
@@ -219,17 +196,67 @@ def test_every_method_has_one_family_and_figures_draw_each_family_in_its_own_lin
     rng = np.random.default_rng(0)
     frame = pd.DataFrame([{"method": m, "samples_seen": x, "test_acc": rng.random(), "seed": s, "batch_size": b}
                           for m in norms.METHODS for x in (1, 2) for s in (0, 1) for b in (2, 16)])
-    legend = plots.accuracy_over_training(frame).legend
+    fig = plots.accuracy_over_training(frame)
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert [lg.get_title().get_text() for lg in legends] == list(plots.PANELS)  # a row per panel, its legend beside it
     by_name = {plots.display_name(m): m for m in norms.METHODS}
-    drawn = {by_name[t.get_text()]: h for t, h in zip(legend.texts, legend.legend_handles)}
-    assert list(drawn) == plots._order(norms.METHODS)  # listed family by family
-    for m, handle in drawn.items():
-        assert handle.get_color() == plots.colour(m)
-        pattern = handle._unscaled_dash_pattern[1]  # matplotlib keeps the on/off lengths as given
-        assert tuple(pattern or ()) == plots.dashes(m), m
+    listed = []
+    for legend, (title, methods) in zip(legends, plots.panels(norms.METHODS)):
+        drawn = {by_name[t.get_text()]: h for t, h in zip(legend.texts, legend.legend_handles)}
+        assert list(drawn) == methods and len(drawn) <= 6 and methods[0] == "bn", title
+        listed += methods
+        for m, handle in drawn.items():
+            assert handle.get_color() == plots.colour(m)
+            pattern = handle._unscaled_dash_pattern[1]  # matplotlib keeps the on/off lengths as given
+            assert tuple(pattern or ()) == plots.dashes(m), m
+    assert set(listed) == set(norms.METHODS)
+    for ax in fig.axes[:2]:  # the first row: BN and its variants, one line (and band) per method per batch size
+        assert [line.get_color() for line in ax.get_lines()] == [plots.colour(m) for m in plots.panels(norms.METHODS)[0][1]]
     summary = pd.DataFrame([{"method": m, "batch_size": b, "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
                             for m in norms.METHODS for b in (2, 16)])
-    containers = plots.final_vs_batch(summary).axes[0].containers  # one errorbar per method
-    assert sorted(c.get_label() for c in containers) == sorted(norms.METHODS)
+    containers = [c for ax in plots.final_vs_batch(summary).axes for c in ax.containers]  # one errorbar per method and panel
+    assert sorted({c.get_label() for c in containers}) == sorted(norms.METHODS)
     for c in containers:
         assert tuple(c.lines[0]._unscaled_dash_pattern[1] or ()) == plots.dashes(c.get_label()), c.get_label()
+
+
+def _summary_with_verdicts():
+    """A summary of two samplers x two batch sizes whose verdicts are known: BNRS below BN at i.i.d. batch 2,
+    GroupNorm above BN at non-i.i.d. batch 2, everything else cannot tell."""
+    rows = []
+    for sampler in ("iid", "noniid"):
+        for b in (2, 16):
+            for m in ("bn", "bnrs", "gn"):
+                d = {"bnrs": -0.10 if (sampler, b) == ("iid", 2) else -0.01, "gn": 0.05 if (sampler, b) == ("noniid", 2) else 0.0}.get(m)
+                verdict = None if m == "bn" else ("below" if d == -0.10 else "above" if d == 0.05 else "cannot tell")
+                rows.append({"dataset": "fashionmnist", "sampler": sampler, "budget": "6400 samples", "norm_placement": "all",
+                             "batch_size": b, "method": m, "n_seeds": 5, "mean": 0.8 + (d or 0), "ci_low": 0.7, "ci_high": 0.9,
+                             "diff_vs_bn": d, "diff_ci_low": None if d is None else d - 0.02, "diff_ci_high": None if d is None else d + 0.02,
+                             "verdict": verdict, "p_holm": None if d is None else (0.001 if verdict != "cannot tell" else 0.5),
+                             "wins": None if d is None else (5 if (d or 0) > 0 else 0), "n_pairs": None if d is None else 5})
+    return pd.DataFrame(rows)
+
+
+def test_results_by_question_state_each_verdict_from_the_summary():
+    from bnlib import plots
+
+    summary = _summary_with_verdicts()
+    iid = book.headline_condition(summary, "iid")
+    assert set(iid["sampler"]) == {"iid"} and set(book.headline_condition(summary, "noniid")["sampler"]) == {"noniid"}
+    table = book.versus_bn(iid, ["bnrs", "gn", "bn"])
+    assert list(table.index) == [("BN, running stats (BNRS)", 2), ("BN, running stats (BNRS)", 16), ("GroupNorm (GN)", 2), ("GroupNorm (GN)", 16)]
+    assert list(table["verdict"]) == ["below", "cannot tell", "cannot tell", "cannot tell"]
+    assert table.loc[("BN, running stats (BNRS)", 2), "vs BN (points)"] == "-10.0 [-12.0, -8.0]"
+    assert table.loc[("BN, running stats (BNRS)", 2), "wins"] == "0/5"
+    assert book.verdict_sentence(iid, "bnrs") == ("BN, running stats (BNRS) against BN: -10.0 [-12.0, -8.0] points at batch 2 (below); "
+                                                  "-1.0 [-3.0, +1.0] points at batch 16 (cannot tell).")
+    advice = book.advice(summary)
+    assert advice.loc["i.i.d., 2", "use (above BN)"] == "BN: nothing is above it"
+    assert advice.loc["i.i.d., 2", "avoid (below BN)"] == "BN, running stats (BNRS)"
+    assert advice.loc["non-i.i.d., 2", "use (above BN)"] == "GroupNorm (GN)" and advice.loc["non-i.i.d., 2", "avoid (below BN)"] == "none"
+    assert advice.loc["i.i.d., 16", "cannot tell from BN"] == 2
+    fig = plots.differences(book.headline_condition(summary, "noniid"), ["bnrs", "gn"])
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["batch 2", "batch 16"]
+    colours = [c.lines[0].get_color() for c in panels[0].containers]  # BNRS cannot tell, GroupNorm above, at batch 2
+    assert colours == [plots.VERDICT_COLOURS["cannot tell"], plots.VERDICT_COLOURS["above"]]

@@ -119,6 +119,13 @@ def test_the_registry_states_what_each_method_needs():
         train.validate(train.Config(methods=["bnwos"], batch_size=2, steps=1, norm_options={"bnwos": {"devices": 4}}))
 
 
-def test_every_method_has_a_style():
+def test_every_method_has_a_style_from_one_colour_blind_safe_palette_and_a_panel():
+    from bnlib import analysis, book
+
     assert list(plots.STYLES) == list(norms.METHODS)
-    assert len({colour for _, colour in plots.STYLES.values()}) == len(plots.STYLES)
+    assert {colour for _, colour in plots.STYLES.values()} <= set(plots.OKABE_ITO.values())
+    assert [m for m, (_, c) in plots.STYLES.items() if c == plots.OKABE_ITO["black"]] == ["bn"]  # the reference's alone
+    assert {m for members in plots.PANELS.values() for m in members} | {"bn"} == set(norms.METHODS)
+    shown_together = [ms for _, ms in plots.panels(norms.METHODS)] + [book.HEADLINE_METHODS, analysis.CORNERS]
+    for methods in shown_together:  # never two lines of one colour in a panel
+        assert len(methods) <= 6 and len({plots.colour(m) for m in methods}) == len(methods), methods

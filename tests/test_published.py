@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnlib import book, cli, grid, published, runner, tables, verify
+from bnlib import book, cli, grid, paths, published, runner, tables, verify
+from browser import LAYOUT_SCRIPT, needs_chromium, probe  # tests/browser.py
 from bnlib.record import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,19 @@ def test_readme_findings_match_the_committed_study():
     assert committed == expected.strip(), "README findings are out of date: run `bnlib aggregate study --readme` and commit"
 
 
+def test_readme_headline_figure_draws_the_committed_summary():
+    """The README's PNG is drawn from the committed summary: the fingerprint of its numbers, kept in the PNG, is
+    the committed summary's (`bnlib aggregate study --readme` redraws it)."""
+    from PIL import Image
+
+    if not HAS_STUDY:
+        pytest.skip("results/study holds no finished cell in this checkout")
+    assert f"]({paths.README_FIGURE.relative_to(ROOT).as_posix()})" in (ROOT / "README.md").read_text()
+    digest, _ = book.headline_digest(pd.read_csv(STUDY / "summary.csv"))
+    assert Image.open(paths.README_FIGURE).info.get("Description") == f"bnlib headline {digest}", \
+        "the README's figure is out of date: run `bnlib aggregate study --readme` and commit"
+
+
 def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n" + "\n".join(book.README_MARKERS) + "\nrest\n")
@@ -96,6 +110,10 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the study grid's 6 cells" in text
     assert "code of commit abc1234" in text
     assert "BN ends at" in text and ("below" in text or "cannot tell" in text)
+    from PIL import Image  # the figure beside the README, with the fingerprint of what it draws
+
+    png = tmp_path / paths.README_FIGURE.relative_to(ROOT)
+    assert f"![{book.HEADLINE_ALT}]" in text and Image.open(png).info["Description"] == f"bnlib headline {book.headline_digest(summary)[0]}"
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         book.write_readme_findings(summary, 3, 6, readme=readme)
@@ -200,17 +218,48 @@ def _text(path: Path) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", path.read_text()))
 
 
-@pytest.mark.slow
-def test_plain_jupyter_book_build_shows_the_committed_study(tmp_path, book_build_lock):
+@pytest.fixture(scope="module")
+def published_site(tmp_path_factory, book_build_lock) -> Path:
+    """A plain `jupyter-book build .` of the repository (the committed study), into a temporary folder."""
     if not HAS_STUDY:
         pytest.skip("results/study holds no finished cell in this checkout")
     exe = Path(sys.executable).with_name("jupyter-book")
-    out = tmp_path / "site"  # never the user's _build/
+    out = tmp_path_factory.mktemp("published") / "site"  # never the user's _build/
     with book_build_lock:
         proc = subprocess.run([str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-W", "-n", "--keep-going"],
                               cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    site = out / "_build" / "html"
+    return out / "_build" / "html"
+
+
+# The pages a reader reads through: no table there may need sideways scrolling (the others' may, in a container)
+READ_THROUGH = ("intro", "results", "summary")
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_published_pages_fit_a_1400_px_window_and_show_the_headline_figure(published_site, tmp_path):
+    pages = [*sorted(p.relative_to(published_site).as_posix() for p in (published_site / "book").glob("*.html")
+                     if not p.name.startswith(("_probe_", "genindex", "search"))),
+             "book/runs/index.html", sorted(p.relative_to(published_site).as_posix() for p in (published_site / "book" / "runs" / "cells").glob("*.html"))[0]]
+    problems = {}
+    for page in pages:
+        seen = json.loads(probe(published_site, page, LAYOUT_SCRIPT, tmp_path, width=1400))
+        bad = {k: seen[k] for k in ("wide", "broken") if seen[k]}
+        if seen["page"] > 0:
+            bad["page wider than the window (px)"] = seen["page"]
+        if Path(page).stem in READ_THROUGH and seen["scrolling"]:
+            bad["tables scrolling sideways"] = seen["scrolling"]
+        if Path(page).stem == "intro" and not seen["headline"]:
+            bad["headline figure"] = "missing or not loaded"
+        if bad:
+            problems[page] = bad
+    assert not problems, json.dumps(problems, indent=1)
+
+
+@pytest.mark.slow
+def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
+    site = published_site
     summary = pd.read_csv(STUDY / "summary.csv")
     text = _text(site / "book" / "summary.html")
     for row in summary.itertuples():
@@ -221,6 +270,9 @@ def test_plain_jupyter_book_build_shows_the_committed_study(tmp_path, book_build
     facts = book.headline(summary)
     intro = _text(site / "book" / "intro.html")
     assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
+    first_screen = intro.split("What the original study found", 1)[0]  # the abstract and the headline figure come first
+    assert "Abstract." in first_screen and f"{facts['bnrs_small_diff']:+.1f} points [{facts['bnrs_small_low']:+.1f}" in first_screen
+    assert 'id="headline-figure"' in (site / "book" / "intro.html").read_text()
     cells = {p.stem for p in (STUDY / "runs").glob("*.json")}
     shown = {p.stem for p in (site / "book" / "runs" / "cells").glob("*.html")}
     assert shown == cells

@@ -5,6 +5,8 @@ point the launch buttons at notebooks that exist in the repository."""
 
 from __future__ import annotations
 
+import html
+
 from . import book
 
 
@@ -29,9 +31,34 @@ def _launch_committed_notebooks(app, pagename, templatename, context, doctree) -
     context["header_buttons"] = [g for g in buttons if g.get("label") != "launch-buttons" or g["buttons"]]
 
 
+def _alt_text(app, doctree) -> None:
+    """Every figure's alt text: an SVG output's own title (:func:`bnlib.plots.describe`, written by the book's
+    pages); a cell page's curves say whose they are. An alt text set on the page itself is kept."""
+    import re
+    from pathlib import Path
+
+    from docutils import nodes
+
+    docname = app.env.docname
+    for image in doctree.findall(nodes.image):
+        uri = image.get("uri", "")
+        if image.get("alt") and image["alt"] != uri:
+            continue
+        path = Path(uri) if Path(uri).is_absolute() else Path(app.srcdir) / Path(docname).parent / uri
+        title = None
+        if path.suffix == ".svg" and path.exists():
+            found = re.search(r"<dc:title>(.*?)</dc:title>", path.read_text(errors="replace"), re.S)
+            title = found and html.unescape(found.group(1)).strip()
+        if not title and docname.startswith("book/runs/cells/"):
+            title = f"Cell {docname.rsplit('/', 1)[1]}: training loss and test accuracy over the steps, a line per method."
+        if title:
+            image["alt"] = title
+
+
 def setup(app):
     # sphinx-external-toc resolves the toc's globs at priority 900; the notebooks must be there before
     app.connect("config-inited", _gather, priority=100)
     # after sphinx-book-theme adds its launch buttons (priority 501), before the page is rendered
     app.connect("html-page-context", _launch_committed_notebooks, priority=502)
+    app.connect("doctree-read", _alt_text)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -17,10 +17,45 @@ sns.set_theme(context="notebook", style="whitegrid")
 
 
 def vector_figures() -> None:
-    """Book pages show figures as SVG (sharp at any width; each lands in _build/html/_images, downloadable)."""
+    """Book pages show figures as SVG (sharp at any width; each lands in _build/html/_images, downloadable), each
+    titled with :func:`describe` (the book's extension makes that title the image's alt text)."""
+    import io
+
+    from IPython import get_ipython
+    from matplotlib.figure import Figure
     from matplotlib_inline.backend_inline import set_matplotlib_formats
 
     set_matplotlib_formats("svg")
+
+    def svg(fig: Figure) -> str:
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Title": describe(fig)})
+        return buffer.getvalue()
+
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/svg+xml"].for_type(Figure, svg)
+
+
+def describe(fig) -> str:
+    """A figure in words, from what it draws: its axes' labels, its panels' titles and its legends' entries (the
+    alt text of the book's figures)."""
+    axes = [ax for ax in fig.axes if ax.has_data()]
+    unique = lambda items: list(dict.fromkeys(i for i in items if i))  # noqa: E731
+    ys, xs = unique(ax.get_ylabel() for ax in axes), unique(ax.get_xlabel() for ax in axes)
+    if ys:
+        text = " and ".join(ys) + (" against " + " and ".join(xs) if xs else "")
+    else:  # a row per item, named by the tick labels (the differences against BN)
+        rows = unique(t.get_text().replace("\n", " ") for t in axes[0].get_yticklabels()) if axes else []
+        text = (" and ".join(xs) or "A figure") + (" for " + ", ".join(rows) if rows else "")
+    titles = unique(ax.get_title() for ax in axes)
+    if titles:
+        text += "; panels: " + ", ".join(titles)
+    legends = [lg for lg in [*fig.legends, *(ax.get_legend() for ax in fig.axes)] if lg is not None]
+    for legend in legends:
+        title = legend.get_title().get_text()
+        text += f"; {title or 'lines'}: " + ", ".join(t.get_text().replace("\n", " ") for t in legend.get_texts())
+    return text + "."
 
 
 # One colour-blind-safe palette for the whole book: Okabe & Ito's, without its yellow (unreadable as a line on
@@ -157,10 +192,21 @@ def _handles(methods) -> list:
     """Legend entries drawn as the lines are (colour, family's dashes)."""
     from matplotlib.lines import Line2D
 
-    return [Line2D([], [], color=colour(m), ls=linestyle(m), lw=1.8, label=display_name(m)) for m in methods]
+    return [Line2D([], [], color=colour(m), ls=linestyle(m), lw=1.8, label=wrapped(display_name(m))) for m in methods]
 
 
-PANEL_WIDTH, PANEL_HEIGHT = 2.55, 2.2  # inches: three panels and the legend fit the book's column at >= 9 pt
+def wrapped(text: str, width: int = 22) -> str:
+    """A long name over lines, so that legends and tick labels beside the panels stay narrow."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+# Figures are drawn for the book's article column: 757 px at a 1,400 px window (sphinx-book-theme, measured in
+# chromium); a wider figure is scaled down, and its text must stay at or above MIN_TEXT_PT there
+# (tests/test_book.py measures every figure function).
+COLUMN_PT, MIN_TEXT_PT, TEXT_PT = 757 * 0.75, 9.0, 10.5
+PANEL_WIDTH, PANEL_HEIGHT = 1.9, 2.0  # inches
 
 
 def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel: str, col_label=str):
@@ -169,7 +215,7 @@ def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel
     groups = panels(data["method"].unique())
     cols = sorted(data[col].unique()) if col else [None]
     fig, axes = plt.subplots(len(groups), len(cols), squeeze=False, sharey=True,
-                             figsize=(PANEL_WIDTH * len(cols) + 2.9, PANEL_HEIGHT * len(groups) + 0.5))
+                             figsize=(max(PANEL_WIDTH * len(cols), 3.0) + 2.2, PANEL_HEIGHT * len(groups) + 0.5))
     for i, (title, methods) in enumerate(groups):
         for j, value in enumerate(cols):
             ax = axes[i][j]
@@ -181,7 +227,7 @@ def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel
             ax.set_xlabel(xlabel if i == len(groups) - 1 else "")
             ax.set_ylabel(ylabel if j == 0 else "")
         axes[i][-1].legend(handles=_handles(methods), title=title, loc="upper left", bbox_to_anchor=(1.03, 1.0),
-                           frameon=False, fontsize="small", title_fontsize="small", alignment="left")
+                           frameon=False, fontsize=TEXT_PT, title_fontsize=TEXT_PT, alignment="left")
     fig.tight_layout()
     return fig
 
@@ -279,7 +325,7 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
     per batch size, a row per method, zero marked; coloured by the Holm verdict (below, above, cannot tell)."""
     shown = [m for m in methods if m in set(part["method"].astype(str)) and m != "bn"]
     sizes = sorted(part["batch_size"].unique())
-    fig, axes = plt.subplots(1, len(sizes), figsize=(min(9.5, 2.4 + 2.3 * len(sizes)), 1.3 + 0.38 * max(len(shown), 1)),
+    fig, axes = plt.subplots(1, len(sizes), figsize=(min(6.2, 1.9 * len(sizes)), 1.3 + 0.5 * max(len(shown), 1)),
                              sharex=True, sharey=True, squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for k, m in enumerate(shown):
@@ -293,13 +339,13 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
         ax.axvline(0, color=colour("bn"), lw=1)
         ax.set_title(f"batch {size}", fontsize="medium")
         ax.set_xlabel("vs BN (points)")
-    axes[0][0].set_yticks(range(len(shown)), [display_name(m) for m in shown])
+    axes[0][0].set_yticks(range(len(shown)), [wrapped(display_name(m)) for m in shown])
     axes[0][0].set_ylim(len(shown) - 0.5, -0.5)
     from matplotlib.lines import Line2D
 
     axes[0][-1].legend(handles=[Line2D([], [], color=c, marker="o", lw=1.8, label=v) for v, c in VERDICT_COLOURS.items()],
-                       title="Holm verdict", loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize="small",
-                       title_fontsize="small")
+                       title="Holm verdict", loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT,
+                       title_fontsize=TEXT_PT)
     fig.tight_layout()
     return fig
 
@@ -358,16 +404,25 @@ TRACE_LABELS = {"log_r_p90": "|log r|, 90th pct. of channels", "d_p90": "|d|, 90
 
 def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition"):
     """The norm layers' traces over training: a row per metric, a column per condition, a line per method (the
-    mean over seeds and layers, with the t band over seeds of the layer mean)."""
+    mean over seeds and layers, with the t band over seeds of the layer mean); the legend beside the first row."""
+    from matplotlib.ticker import NullFormatter
+
     data = frame[frame["method"].isin(methods)].groupby([col, "method", "seed", "step"], as_index=False)[list(metrics)].mean()
     long = data.melt(id_vars=[col, "method", "seed", "step"], value_vars=list(metrics), var_name="metric")
     long["metric"] = long["metric"].map(TRACE_LABELS)
     order = [m for m in methods if m in set(data["method"])]
-    grid = sns.relplot(data=long, x="step", y="value", **_styled(order), row="metric", col=col, kind="line",
-                       errorbar=stats.t_interval, height=2.3, aspect=1.5, facet_kws={"sharex": False, "sharey": False})
-    grid.set_titles("{row_name} | {col_name}", size="small")
-    for ax in grid.axes.flat:
-        if any(w in ax.get_title() for w in ("norm", "RMS")):
-            ax.set_yscale("log")
-    _rename_legend(grid)
+    grid = sns.relplot(data=long, x="step", y="value", **_styled(order), row="metric", col=col, kind="line", legend=False,
+                       errorbar=stats.t_interval, height=1.9, aspect=1.15,
+                       facet_kws={"sharex": False, "sharey": False, "legend_out": False})
+    grid.set_titles(template="{col_name}", size=TEXT_PT)
+    for i, (label, row) in enumerate(zip(grid.row_names, grid.axes)):  # the metric as the row's y label
+        row[0].set_ylabel(wrapped(label, 18), fontsize=TEXT_PT)
+        for ax in row:
+            if i:
+                ax.set_title("")
+            if any(w in label for w in ("norm", "RMS")):  # sizes on a log scale, labelled at the decades only
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
+    grid.axes[0][-1].legend(handles=_handles(order), loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT)
+    grid.figure.tight_layout()
     return grid

@@ -202,7 +202,7 @@ def test_every_method_has_one_family_and_figures_draw_each_family_in_its_own_lin
     by_name = {plots.display_name(m): m for m in norms.METHODS}
     listed = []
     for legend, (title, methods) in zip(legends, plots.panels(norms.METHODS)):
-        drawn = {by_name[t.get_text()]: h for t, h in zip(legend.texts, legend.legend_handles)}
+        drawn = {by_name[t.get_text().replace("\n", " ")]: h for t, h in zip(legend.texts, legend.legend_handles)}
         assert list(drawn) == methods and len(drawn) <= 6 and methods[0] == "bn", title
         listed += methods
         for m, handle in drawn.items():
@@ -260,3 +260,62 @@ def test_results_by_question_state_each_verdict_from_the_summary():
     assert [ax.get_title() for ax in panels] == ["batch 2", "batch 16"]
     colours = [c.lines[0].get_color() for c in panels[0].containers]  # BNRS cannot tell, GroupNorm above, at batch 2
     assert colours == [plots.VERDICT_COLOURS["cannot tell"], plots.VERDICT_COLOURS["above"]]
+
+
+def test_every_figure_of_the_book_has_alt_text(site):
+    """A figure's alt text says what it draws (plots.describe, via the SVG's title) - never its file name."""
+    pages = [*sorted((site / "book").glob("*.html")), sorted((site / "book" / "runs" / "cells").glob("*.html"))[0]]
+    seen = 0
+    for page in pages:
+        for alt in re.findall(r'<img alt="([^"]*)"', page.read_text()):
+            assert alt.strip() and not alt.endswith((".svg", ".png")), (page.name, alt)
+            seen += 1
+    assert seen >= 5
+
+
+def test_a_figure_describes_itself_from_its_labels_panels_and_legends():
+    import numpy as np
+
+    from bnlib import plots
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([{"method": m, "samples_seen": x, "test_acc": rng.random(), "seed": s, "batch_size": b}
+                          for m in ("bn", "bnrs", "gn") for x in (1, 2) for s in (0, 1) for b in (2, 16)])
+    text = plots.describe(plots.accuracy_over_training(frame))
+    assert text.startswith("test accuracy against samples seen; panels: batch 2, batch 16;")
+    assert "running statistics in training: BN, BN, running stats (BNRS)" in text and "batch-independent: BN, GroupNorm (GN)" in text
+
+
+def test_figure_text_stays_readable_at_the_book_column_width():
+    """Every figure function, drawn with every method: scaled to the article column (a wider SVG is shrunk),
+    its smallest text is at least plots.MIN_TEXT_PT."""
+    import io
+
+    import matplotlib
+    import numpy as np
+    from matplotlib.text import Text
+
+    from bnlib import norms, plots
+
+    matplotlib.use("Agg")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([{"method": m, "samples_seen": x, "test_acc": rng.random(), "train_loss": rng.random() + 0.1, "seed": s,
+                           "batch_size": b} for m in norms.METHODS for x in (1000, 6000) for s in (0, 1) for b in (2, 16, 128)])
+    summary = pd.DataFrame([{"method": m, "batch_size": b, "sampler": sampler, "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6,
+                             "diff_vs_bn": 0.01, "diff_ci_low": 0.0, "diff_ci_high": 0.02, "verdict": "cannot tell"}
+                            for m in norms.METHODS for b in (2, 16, 128) for sampler in ("iid", "noniid")])
+    traces = pd.DataFrame([{"condition": c, "method": m, "seed": s, "step": st, **{k: rng.random() + 0.1 for k in plots.TRACE_LABELS}}
+                           for c in ("i.i.d., 16", "i.i.d., 2", "non-i.i.d., 2") for m in ("bn", "bn_detached", "brn", "bnrs")
+                           for s in (0, 1) for st in (10, 20)])
+    halfwidths = pd.DataFrame([{"method": m, "n_seeds": n, "halfwidth_points": 1.0 / n} for m in norms.METHODS if m != "bn" for n in (2, 3)])
+    iid = summary[summary["sampler"] == "iid"]
+    figures = {"accuracy": plots.accuracy_over_training(frame), "loss": plots.loss_over_training(frame),
+               "final": plots.final_vs_batch(summary, col="sampler"), "headline": plots.headline_figure(iid, book.HEADLINE_METHODS),
+               "differences": plots.differences(iid, [m for m in norms.METHODS if m != "bn"][:7]),
+               "seeds": plots.seeds_needed(halfwidths), "traces": plots.traces_over_training(traces, ["bn", "bn_detached", "brn", "bnrs"]).figure}
+    for name, fig in figures.items():
+        svg = io.StringIO()
+        fig.savefig(svg, format="svg", bbox_inches="tight")
+        width = float(re.search(r'width="([\d.]+)pt"', svg.getvalue()).group(1))
+        smallest = min(t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip())
+        assert smallest * min(1.0, plots.COLUMN_PT / width) >= plots.MIN_TEXT_PT, (name, width, smallest)

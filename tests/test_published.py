@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from bnlib import book, cli, grid, paths, published, runner, tables, verify
 from browser import LAYOUT_SCRIPT, needs_chromium, probe  # tests/browser.py
@@ -270,9 +271,14 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     facts = book.headline(summary)
     intro = _text(site / "book" / "intro.html")
     assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
-    first_screen = intro.split("What the original study found", 1)[0]  # the abstract and the headline figure come first
+    article = html.unescape(re.sub(r"<[^>]+>", "", (site / "book" / "intro.html").read_text().split("<article", 1)[1]))
+    first_screen = article.split("What the original study found", 1)[0]  # the abstract and the headline figure come first
     assert "Abstract." in first_screen and f"{facts['bnrs_small_diff']:+.1f} points [{facts['bnrs_small_low']:+.1f}" in first_screen
     assert 'id="headline-figure"' in (site / "book" / "intro.html").read_text()
+    if not (yaml.safe_load(paths.BOOK_CONFIG.read_text()).get("repository") or {}).get("url"):  # a plain build without
+        # a repository URL in _config.yml: no launch or repository button that leads nowhere
+        for page in [site / "book" / "intro.html", sorted((site / "book" / "runs" / "cells").glob("*.html"))[0]]:
+            assert not re.search(r"mybinder\.org|colab\.research|launch-buttons|repository-button", page.read_text()), page.name
     cells = {p.stem for p in (STUDY / "runs").glob("*.json")}
     shown = {p.stem for p in (site / "book" / "runs" / "cells").glob("*.html")}
     assert shown == cells

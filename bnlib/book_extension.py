@@ -44,9 +44,11 @@ def _alt_text(app, doctree) -> None:
         uri = image.get("uri", "")
         if image.get("alt") and image["alt"] != uri:
             continue
-        path = Path(uri) if Path(uri).is_absolute() else Path(app.srcdir) / Path(docname).parent / uri
+        # myst-nb's outputs: "/<path from the source folder>"; after Sphinx's image collector, a path from it
+        candidates = [Path(app.srcdir) / uri.lstrip("/"), Path(app.srcdir) / Path(docname).parent / uri]
+        path = next((p for p in candidates if p.is_file()), candidates[0])
         title = None
-        if path.suffix == ".svg" and path.exists():
+        if path.suffix == ".svg" and path.is_file():
             found = re.search(r"<dc:title>(.*?)</dc:title>", path.read_text(errors="replace"), re.S)
             title = found and html.unescape(found.group(1)).strip()
         if not title and docname.startswith("book/runs/cells/"):

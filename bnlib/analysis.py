@@ -167,14 +167,16 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None) -> 
         last = train_loss.sort_values("step").groupby(["cell", "method"]).tail(1)[["cell", "method", "train_loss"]]
         outcomes["training loss"] = final.drop(columns="score").merge(last, on=["cell", "method"]).rename(
             columns={"train_loss": "score"})
-    # the same condition's rows of every table, by the tuple of its keys (NaN keys included)
-    by_condition = lambda frame: {k if isinstance(k, tuple) else (k,): g for k, g in frame.groupby(keys, dropna=False)}  # noqa: E731
+    # the same condition's rows of every table, by the tuple of its keys; a missing key is None in every table (one
+    # table's NaN is another's pd.NA: i.i.d. conditions, without classes_per_batch, must still meet)
+    as_key = lambda k: tuple(None if pd.isna(v) else v for v in (k if isinstance(k, tuple) else (k,)))  # noqa: E731
+    by_condition = lambda frame: {as_key(k): g for k, g in frame.groupby(keys, dropna=False)}  # noqa: E731
     plateau_of = by_condition(plateaus[plateaus["method"] == "bn"]) if len(plateaus) else {}
     outcome_of = {name: by_condition(frame) for name, frame in outcomes.items()}
     rows = []
     for cond, group in final.groupby(keys, dropna=False, sort=True):
-        cond = cond if isinstance(cond, tuple) else (cond,)
-        condition = dict(zip(keys, cond))
+        condition = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
+        cond = as_key(cond)
         bn = plateau_of.get(cond, pd.DataFrame())
         plateaued = bool(len(bn) and bn["plateaued"].iloc[0])
         primary = _is_primary(condition)

@@ -678,3 +678,23 @@ def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
                 row[name] = f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']} ({e['family']})"
         rows.append(row)
     return pd.DataFrame(rows).set_index("condition")
+
+
+def twobytwo_answer(comparisons: pd.DataFrame) -> str:
+    """The 2x2's answer in words, condition by condition: each effect on the final accuracy with its interval,
+    its verdict and its family (Markdown; what the table beside it holds, read out)."""
+    from . import analysis
+
+    said = {"forward statistics (running - batch)": "normalising with running instead of batch statistics",
+            "gradient through the statistics (without - with)": "cutting the gradient through the statistics",
+            "interaction": "the two together beyond their sum"}
+    acc = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
+    lines = []
+    for (batch, sampler), part in acc.groupby(["batch_size", "sampler"], sort=False):
+        eff = part.set_index("comparison")
+        parts = [f"{said[name]} {percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points "
+                 f"({e['verdict']}, {e['family']})" for name in analysis.EFFECTS
+                 if (key := f"2x2: {name}") in eff.index for e in [eff.loc[key]]]
+        n = int(part["n_seeds"].min())
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({n} seeds): " + "; ".join(parts) + ".")
+    return "\n".join(lines)

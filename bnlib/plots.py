@@ -424,5 +424,9 @@ def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABEL
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(NullFormatter())
     grid.axes[0][-1].legend(handles=_handles(order), loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT)
-    grid.figure.tight_layout()
+    import warnings
+
+    with warnings.catch_warnings():  # one condition so far: a single column, its legend outside (the SVG's bbox holds it)
+        warnings.simplefilter("ignore", UserWarning)
+        grid.figure.tight_layout()
     return grid

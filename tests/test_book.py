@@ -319,3 +319,16 @@ def test_figure_text_stays_readable_at_the_book_column_width():
         width = float(re.search(r'width="([\d.]+)pt"', svg.getvalue()).group(1))
         smallest = min(t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip())
         assert smallest * min(1.0, plots.COLUMN_PT / width) >= plots.MIN_TEXT_PT, (name, width, smallest)
+
+
+def test_the_2x2_answer_reads_out_each_effect_with_its_verdict_and_family():
+    from bnlib import analysis
+
+    rows = [{"comparison": f"2x2: {name}", "outcome": outcome, "batch_size": 16, "sampler": "iid", "n_seeds": 5,
+             "mean": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01, "verdict": verdict, "family": "primary"}
+            for (name, mean, verdict) in zip(analysis.EFFECTS, (0.0, -0.2, 0.005), ("equivalent", "below", "cannot tell"))
+            for outcome in ("accuracy", "training loss")]
+    text = book.twobytwo_answer(pd.DataFrame(rows))
+    assert text.count("\n") == 0 and text.startswith("- **i.i.d. batch 16** (5 seeds): ")
+    assert "normalising with running instead of batch statistics +0.0 [-1.0, +1.0] points (equivalent, primary)" in text
+    assert "cutting the gradient through the statistics -20.0 [-21.0, -19.0] points (below, primary)" in text

@@ -148,10 +148,11 @@ def _close(a, b, rel=1e-5):
 
 
 # rel: float32 drift between the stacked (grouped) and solo convolutions over 24 steps; at batch 64 the reductions
-# are 16x longer, and FRN's training loss was measured 1.2e-5 apart in a CI run (2 xdist workers, a loaded machine)
+# are 16x longer, and FRN's training loss drifted up to 1.04e-4 apart in a fresh-clone CI run (AVX2 EPYC, one thread
+# per xdist worker), deterministically; a stacking error moves it by orders of magnitude more
 @pytest.mark.parametrize("sampler,methods,batch_size,rel", [("iid", list(norms.METHODS), 4, 1e-5),
                                                             ("noniid", ["bn", "gn", "bln", "mabn"], 4, 1e-5),
-                                                            ("iid", ["bn", "mabn", "frn"], 64, 1e-4)])
+                                                            ("iid", ["bn", "mabn", "frn"], 64, 1e-3)])
 def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods, batch_size, rel):
     """Three seeds trained as one stacked model: every seed's batches, initial weights (BLN's data start too),
     curves and evaluations (recomputed and batch statistics included) are its solo run's, to float tolerance.

@@ -6,6 +6,10 @@ point the launch buttons at notebooks that exist in the repository."""
 from __future__ import annotations
 
 import html
+import re
+from pathlib import Path
+
+from docutils import nodes
 
 from . import book
 
@@ -34,11 +38,6 @@ def _launch_committed_notebooks(app, pagename, templatename, context, doctree) -
 def _alt_text(app, doctree) -> None:
     """Every figure's alt text: an SVG output's own title (:func:`bnlib.plots.describe`, written by the book's
     pages); a cell page's curves say whose they are. An alt text set on the page itself is kept."""
-    import re
-    from pathlib import Path
-
-    from docutils import nodes
-
     docname = app.env.docname
     for image in doctree.findall(nodes.image):
         uri = image.get("uri", "")

@@ -117,6 +117,10 @@ def cmd_status(args) -> int:
     waiting = [c for c in st["pending"] if c in twins]
     if waiting:
         print(f"  {len(waiting)} of the pending cells train what another cell trains; `bnlib run` copies its results once it is done")
+    elsewhere = sorted({twins[c].partition("/")[0] for c in waiting if "/" in twins[c]})
+    if elsewhere:
+        print(f"  ... of which {sum('/' in twins[c] for c in waiting)} are trained by grid(s) {', '.join(elsewhere)} "
+              f"(this grid's 'reuse'): run {' and '.join(f'`bnlib run {g}`' for g in elsewhere)} for them")
     if args.verbose:
         for key in ("done", "stale", "started", "pending"):
             for cell in st[key]:

@@ -13,6 +13,8 @@ A grid file (YAML, ``grids/<name>.yaml``)::
         - {batch_size: 16, sampler: noniid, classes_per_batch: 2}
     slurm: {partition: gpu, gpus_per_task: 1}   # optional, for --executor slurm
     stack_seeds: true                 # optional: the cells that differ only in seed train as one model
+    reuse: [mechanism]                # optional: a cell that trains exactly what a cell of one of these grids
+                                      # trains is not trained again; its results are copied from there
 
 Every cell gets a stable id from its resolved configuration. Running cells is :mod:`bnlib.runner`'s job.
 """
@@ -30,7 +32,7 @@ import yaml
 
 from . import paths, train
 
-TOP_KEYS = {"description", "methods", "settings", "axes", "slurm", "stack_seeds"}
+TOP_KEYS = {"description", "methods", "settings", "axes", "slurm", "stack_seeds", "reuse"}
 CONFIG_KEYS = {f for f in train.Config.__dataclass_fields__}
 
 
@@ -42,12 +44,21 @@ class GridError(ValueError):
 class Cell:
     id: str
     parameters: dict  # training-config keys only
-    # another cell of the grid that trains exactly the same models (e.g. 50 steps at batch 128 and 6,400
-    # samples at batch 128): this cell is not executed, its results are copied from that one
+    # another cell that trains exactly the same models: this cell is not executed, its results are copied from
+    # that one. A cell id of this grid (e.g. 50 steps at batch 128 and 6,400 samples at batch 128), or
+    # ``<grid>/<cell id>`` for a cell of a grid named under ``reuse``
     same_as: str | None = None
 
     def config(self) -> train.Config:
         return train.Config.from_dict(self.parameters)
+
+    @property
+    def reused(self) -> tuple[str, str] | None:
+        """(grid, cell id) when this cell's results come from another grid's cell, else None."""
+        if self.same_as is None or "/" not in self.same_as:
+            return None
+        other, _, cid = self.same_as.partition("/")
+        return other, cid
 
 
 @dataclass
@@ -129,11 +140,13 @@ def parse_overrides(items: list[str]) -> dict:
     return parse_assignments(items, "--set")
 
 
-def load(grid: str | Path, overrides: dict | None = None) -> Grid:
+def load(grid: str | Path, overrides: dict | None = None, _loading: frozenset = frozenset()) -> Grid:
     """Read and check a grid file; every cell is validated before anything runs. ``overrides`` (from
     ``--set``) replace a setting in every cell, axes included, so the cell ids follow the values that run,
     and name the grid ``<grid>+KEY=VALUE``: its results go to their own folder."""
     path = resolve(grid)
+    if path.resolve() in _loading:
+        raise GridError(f"{path}: 'reuse' names grids that reuse each other in a circle; one of them must train its cells")
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -195,6 +208,7 @@ def load(grid: str | Path, overrides: dict | None = None) -> Grid:
             cell.same_as = first_of[key]
         else:
             first_of[key] = cell.id
+    _reuse(path, spec.get("reuse"), cells, _loading | {path.resolve()})
     slurm = spec.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise GridError(f"{path}: 'slurm' must be a mapping")
@@ -208,6 +222,23 @@ def load(grid: str | Path, overrides: dict | None = None) -> Grid:
     return Grid(name, path, spec.get("description", ""), cells, slurm, stack_seeds)
 
 
+def _reuse(path: Path, names, cells: list[Cell], loading: frozenset) -> None:
+    """Point every cell that trains exactly what a cell of a grid named under ``reuse`` trains (the same
+    training key: budgets, traces and the compiled path included) at that cell, ``<grid>/<cell id>``."""
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise GridError(f"{path}: 'reuse' must be a list of grid names, e.g. [mechanism]")
+    for name in names:
+        if resolve(name).resolve() == path.resolve():
+            raise GridError(f"{path}: 'reuse' names the grid itself ({name!r}); its own twins are found without it")
+        other = load(name, _loading=loading)  # a missing or bad grid file is an error naming it
+        trained = {training_key(c.parameters): c.id for c in other.cells if c.same_as is None}
+        for cell in cells:
+            if cell.same_as is None and training_key(cell.parameters) in trained:
+                cell.same_as = f"{other.name}/{trained[training_key(cell.parameters)]}"
+
+
 def select(grid: Grid, only: list[str]) -> Grid:
     """The grid restricted to cells matching every ``KEY=VALUE`` (VALUE read as YAML: ``batch_size=2``)."""
     keep = grid.cells
@@ -216,8 +247,8 @@ def select(grid: Grid, only: list[str]) -> Grid:
     if not keep:
         raise GridError(f"{grid.path}: no cell matches {' and '.join(only)}")
     kept = {c.id for c in keep}
-    # a selected cell whose twin is not selected trains itself
-    keep = [c if c.same_as in kept or c.same_as is None else dataclasses.replace(c, same_as=None) for c in keep]
+    # a selected cell whose twin (in this grid) is not selected trains itself; another grid's cell stays its source
+    keep = [c if c.same_as in kept or c.same_as is None or c.reused else dataclasses.replace(c, same_as=None) for c in keep]
     return dataclasses.replace(grid, cells=keep)
 
 

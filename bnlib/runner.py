@@ -12,7 +12,8 @@ that notebook with a note on top. Each seed's numbers equal its solo run to floa
 bit, so ``bnlib verify`` re-runs a stacked cell in its stack; the metrics file records ``stacked_seeds``.
 
 Two cells that train exactly the same models (``Cell.same_as``) run once; the other gets the results under
-its own id (:func:`copy_shared_results`).
+its own id (:func:`copy_shared_results`). That holds across grids too: a grid that names another under
+``reuse`` copies the cells that grid trained (once they are finished there) instead of training them again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from . import paths, train
 from .grid import Cell, Grid, GridError, condition_key
 from .provenance import is_current
-from .record import CorruptRun, atomic_write, read_run, write_json
+from .record import ABSENT, CorruptRun, atomic_write, read_run, write_json
 
 NOTEBOOK = paths.NOTEBOOK
 KERNEL = "bnlib"
@@ -539,32 +540,50 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
 def copy_shared_results(grid: Grid, runs: Path) -> list[str]:
     """Give every cell that trains the same as another (``same_as``) that cell's results, once it has them:
     the metrics file with this cell's own id, parameters and config (so it is aggregated under its own
-    budget) and ``same_training_as``, and the notebook with a note on top. Rewritten only when they differ,
-    so a finished cell's files never change unless its twin was re-run. Returns the cells written."""
+    budget) and ``same_training_as``, and a notebook that says so. A twin in this grid gets its twin's
+    notebook with a note on top; a cell of another grid (``reuse``) gets a one-cell notebook naming the
+    source's, and its metrics file leaves the per-layer traces in the source's (they are that grid's
+    subject and most of its size). Rewritten only when they differ, so a finished cell's files never change
+    unless its source was re-run. Returns the cells written."""
     import nbformat
 
     written = []
     for cell in grid.cells:
-        if cell.same_as is None or not (runs / f"{cell.same_as}.json").exists():
+        if cell.same_as is None:
+            continue
+        other, source_id = cell.reused or (None, cell.same_as)
+        source_runs = runs if other is None else runs.parent.parent / other / "runs"
+        if not (source_runs / f"{source_id}.json").exists():
             continue
         try:
-            source = read_run(runs / f"{cell.same_as}.json")
+            source = read_run(source_runs / f"{source_id}.json")
         except CorruptRun:
-            continue  # its twin is redone first
+            continue  # its source is redone first
         config = train.Config.from_dict(cell.parameters)
         budget = {k: getattr(config, k) for k in ("steps", "epochs", "samples")}
-        payload = dataclasses.replace(source, cell=cell.id, same_training_as=cell.same_as,
+        methods = source.methods if other is None else {
+            m: dataclasses.replace(rec, traces=ABSENT) for m, rec in source.methods.items()}
+        payload = dataclasses.replace(source, cell=cell.id, same_training_as=cell.same_as, methods=methods,
                                       parameters={**source.parameters, **budget}, config={**source.config, **budget}).to_dict()
         target = runs / f"{cell.id}.json"
         if target.exists() and "same_training_as" not in target.read_text():
             continue  # it ran itself (e.g. before its twin was in the grid): its own results stay
         if target.exists() and json.dumps(json.loads(target.read_text()), sort_keys=True) == json.dumps(payload, sort_keys=True):
             continue  # compared as text: NaN never equals itself
-        nb = nbformat.read(runs / f"{cell.same_as}.ipynb", as_version=4)
-        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
-            f"**Cell `{cell.id}` trains exactly what cell `{cell.same_as}` trains** (the same resolved configuration; "
-            f"its budget, {', '.join(f'{k}={v}' for k, v in budget.items() if v is not None)}, is the same number of "
-            f"steps). The runner ran that cell once and copied its results here; below is its notebook as it ran."))
+        steps = ", ".join(f"{k}={v}" for k, v in budget.items() if v is not None)
+        if other is None:
+            nb = nbformat.read(runs / f"{source_id}.ipynb", as_version=4)
+            nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+                f"**Cell `{cell.id}` trains exactly what cell `{source_id}` trains** (the same resolved configuration; "
+                f"its budget, {steps}, is the same number of steps). The runner ran that cell once and copied its "
+                "results here; below is its notebook as it ran."))
+        else:
+            nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+                f"**Cell `{cell.id}` trains exactly what cell `{source_id}` of grid `{other}` trains** (the same "
+                f"resolved configuration; budget {steps}), so this grid did not train it again: its results are "
+                f"copied from `results/{other}/runs/{source_id}.json`, less the per-layer traces, which stay there. "
+                f"The notebook that trained it is `results/{other}/runs/{source_id}.ipynb`.")])
+        runs.mkdir(parents=True, exist_ok=True)
         atomic_write(runs / f"{cell.id}.ipynb", lambda tmp: nbformat.write(nb, tmp))
         write_json(target, payload)  # last: the done marker
         written.append(cell.id)

@@ -513,6 +513,62 @@ axes:
     assert solo.id == alias and solo.same_as is None
 
 
+def test_a_grid_reuses_the_cells_another_grid_trained_instead_of_training_them_again(tmp_path, capsys):
+    """``reuse``: a cell that trains exactly what a cell of another grid trains is copied from there once that grid
+    has it (its traces left behind); the rest train as usual; selecting it never makes it train."""
+    first = _write(tmp_path, """
+methods: [bn, brn]
+settings: {dataset: digits, steps: 12, eval_every: 6, log_every: 3, trace_every: 4}
+axes:
+  batch_size: [4]
+""", "first.yaml")
+    second = _write(tmp_path, f"""
+reuse: [{first}]
+settings: {{dataset: digits, steps: 12, eval_every: 6, log_every: 3}}
+axes:
+  part:
+    - {{methods: [bn, brn], batch_size: 4, trace_every: 4}}   # what the first grid trains
+    - {{methods: [gn], batch_size: 4}}
+""", "second.yaml")
+    g1, g2 = grid.load(first), grid.load(second)
+    (source,) = g1.cells
+    shared, own = g2.cells
+    assert shared.same_as == f"first/{source.id}" and shared.reused == ("first", source.id) and own.same_as is None
+    res = tmp_path / "res"
+    assert cli.main(["status", str(second), "--results", str(res)]) == 0
+    assert "are trained by grid(s) first" in capsys.readouterr().out
+    report = runner.run(g2, res, runner.LocalExecutor(jobs=1, threads=1), progress=False)
+    assert report.finished == [own.id] and not report.copied  # nothing to copy yet, and the shared cell is not trained here
+    assert runner.run(g1, res, runner.LocalExecutor(jobs=1, threads=1), progress=False).finished == [source.id]
+    assert runner.run(g2, res, runner.LocalExecutor(jobs=1, threads=1), progress=False).copied == [shared.id]
+    copied = record.read_run(res / "second" / "runs" / f"{shared.id}.json")
+    original = record.read_run(res / "first" / "runs" / f"{source.id}.json")
+    assert copied.same_training_as == f"first/{source.id}" and original.methods["bn"].traces
+    for m in ("bn", "brn"):
+        assert copied.methods[m].traces is record.ABSENT
+        assert copied.methods[m].test_acc == original.methods[m].test_acc
+    note = nbformat.read(res / "second" / "runs" / f"{shared.id}.ipynb", as_version=4).cells
+    assert len(note) == 1 and f"results/first/runs/{source.id}.ipynb" in note[0].source
+    assert runner.status(g2, res)["done"] == [shared.id, own.id]
+    (selected,) = grid.select(g2, ["methods=[bn, brn]"]).cells
+    assert selected.same_as == shared.same_as  # selected alone it still comes from the other grid
+
+
+@pytest.mark.parametrize("reuse, needle", [("mechanism-typo", "no grid named 'mechanism-typo'"),
+                                           ("'self'", "names the grid itself"), ("{a: 1}", "must be a list of grid names")])
+def test_a_bad_reuse_key_is_an_error_naming_the_file(tmp_path, reuse, needle):
+    path = _write(tmp_path, f"reuse: [{reuse}]\n" + TINY if reuse != "{a: 1}" else f"reuse: {reuse}\n" + TINY, "self.yaml")
+    if reuse == "'self'":
+        path.write_text(f"reuse: ['{path}']\n" + TINY)
+    with pytest.raises(grid.GridError, match=needle):
+        grid.load(path)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"reuse: ['{b}']\n" + TINY)
+    b.write_text(f"reuse: ['{a}']\n" + TINY)
+    with pytest.raises(grid.GridError, match="in a circle"):
+        grid.load(a)
+
+
 def test_stacked_seeds_run_as_one_notebook_with_each_cell_its_files(tmp_path, capsys):
     """stack_seeds: the cells differing only in seed are one notebook execution (one stacked model); every cell
     still gets its own metrics file (its solo numbers to float tolerance), its notebook and its place in the grid."""

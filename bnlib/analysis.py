@@ -8,6 +8,8 @@ Everything here works on the final scores of :func:`bnlib.stats.final_scores` (o
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
@@ -129,11 +131,40 @@ def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PL
 
 # --- the plan applied to a grid ----------------------------------------------------------------------------
 
-# The conditions whose 2x2 effects (and, at non-i.i.d. batch 2, BNRS - BN) form the primary family, provided BN
-# plateaued there (book/analysis-plan.md): Fashion-MNIST, Adam at 1e-3, each (batch_size, sampler) below.
-PRIMARY_CONDITIONS = ({"batch_size": 16, "sampler": "iid"}, {"batch_size": 2, "sampler": "iid"},
-                      {"batch_size": 2, "sampler": "noniid"})
-PRIMARY_SETTINGS = {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001}
+TWO_BY_TWO = tuple(f"2x2: {name}" for name in EFFECTS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A grid's pre-registered analysis (book/analysis-plan.md): the comparisons that form its primary family, each
+    at the conditions named, all of which share ``settings``. Comparisons are named as :func:`comparisons` names
+    them: ``2x2: <effect>`` and ``<a> - <b>``. Everything else a grid holds is exploratory."""
+
+    name: str
+    settings: dict = field(default_factory=dict)
+    primary: tuple[tuple[dict, tuple[str, ...]], ...] = ()
+
+    def primary_at(self, condition: dict) -> tuple[str, ...]:
+        """The comparisons this plan makes primary at ``condition`` (none outside its conditions)."""
+        if not self.primary or any(condition.get(k) != v for k, v in self.settings.items()):
+            return ()
+        return tuple(name for where, names in self.primary if all(condition.get(k) == v for k, v in where.items())
+                     for name in names)
+
+
+# Fashion-MNIST, Adam at 1e-3: the 2x2's effects at each of the three conditions, and BNRS - BN at non-i.i.d. batch 2
+MECHANISM = Plan("mechanism", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001}, (
+    ({"batch_size": 16, "sampler": "iid"}, TWO_BY_TWO),
+    ({"batch_size": 2, "sampler": "iid"}, TWO_BY_TWO),
+    ({"batch_size": 2, "sampler": "noniid"}, (*TWO_BY_TWO, "bnrs - bn")),
+))
+# The re-run study trained to a plateau (grids/plateau.yaml): the original's methods against BN with i.i.d. batches of
+# 2, 16 and 128 on Fashion-MNIST, each comparison once
+STUDY = Plan("plateau", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001}, tuple(
+    ({"batch_size": b, "sampler": "iid"}, ("bnrs - bn", "brn - bn", "brnc - bn", "bnwos - bn")) for b in (2, 16, 128)))
+PLANS = {plan.name: plan for plan in (MECHANISM, STUDY)}  # by grid name
+NO_PLAN = Plan("none")  # a grid without a plan of its own: every comparison exploratory
+
 # Exploratory pairs (a - b) wherever both ran: which statistic's gradient, the sweep against its base, the
 # relation of the original's BNRS at momentum 1 to bn_detached, and what fixes running statistics.
 EXPLORATORY_PAIRS = (
@@ -144,19 +175,19 @@ EXPLORATORY_PAIRS = (
 )
 
 
-def _is_primary(condition: dict) -> bool:
-    if any(condition.get(k) != v for k, v in PRIMARY_SETTINGS.items()):
-        return False
-    return any(all(condition.get(k) == v for k, v in c.items()) for c in PRIMARY_CONDITIONS)
+def plan_for(grid_name: str) -> Plan:
+    """The plan a grid's results are analysed under (its own, by name; else everything exploratory)."""
+    return PLANS.get(grid_name, NO_PLAN)
 
 
-def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None) -> pd.DataFrame:
+def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, plan: Plan = MECHANISM) -> pd.DataFrame:
     """Every comparison the plan names, for every condition of a grid's tidy table, corrected per family.
 
-    Outcome: the final test accuracy with the layers' own statistics (``outcome`` = "accuracy"); the 2x2 effects
-    are also computed, as exploratory, on the accuracy after recomputed statistics and on the last training-loss
-    window ("recomputed accuracy", "training loss"). A condition's primary rows count as primary only where BN
-    plateaued (:func:`plateau`); elsewhere they are exploratory and ``note`` says why."""
+    Outcome: the final test accuracy with the layers' own statistics (``outcome`` = "accuracy"): every method
+    against BN, the exploratory pairs, and the 2x2 effects wherever its four corners ran; the 2x2 effects are also
+    computed, as exploratory, on the accuracy after recomputed statistics and on the last training-loss window
+    ("recomputed accuracy", "training loss"). A comparison is primary where ``plan`` names it at its condition
+    and BN plateaued there (:func:`plateau`); where BN did not, it is exploratory and ``note`` says why."""
     plateaus = plateau(table)
     keys = [k for k in stats.CONDITION_KEYS if k in table]
     outcomes = {"accuracy": stats.final_scores(table)}
@@ -179,24 +210,25 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None) -> 
         cond = as_key(cond)
         bn = plateau_of.get(cond, pd.DataFrame())
         plateaued = bool(len(bn) and bn["plateaued"].iloc[0])
-        primary = _is_primary(condition)
-        family = "primary" if primary and plateaued else "exploratory"
-        note = "" if not primary or plateaued else "BN not plateaued: primary by the plan, counted as exploratory"
+        primary = plan.primary_at(condition)
+
+        def row(values, name: str, outcome: str = "accuracy") -> dict:
+            is_primary = outcome == "accuracy" and name in primary
+            return {**compare(values, "primary" if is_primary and plateaued else "exploratory", name, condition),
+                    "outcome": outcome,
+                    "note": "BN not plateaued: primary by the plan, counted as exploratory" if is_primary and not plateaued else ""}
+
         for outcome in outcomes:
             sub = outcome_of[outcome].get(cond, pd.DataFrame(columns=["seed", "method", "score"]))
             for name, weights in EFFECTS.items():
                 values = contrast(sub, weights)
                 if len(values):
-                    rows.append({**compare(values, family if outcome == "accuracy" else "exploratory", f"2x2: {name}",
-                                           condition), "outcome": outcome, "note": note if outcome == "accuracy" else ""})
+                    rows.append(row(values, f"2x2: {name}", outcome))
         methods = set(group["method"])
         pairs = [(m, "bn") for m in sorted(methods - {"bn"}, key=list(group["method"].unique()).index)]
         pairs += [p for p in EXPLORATORY_PAIRS if set(p) <= methods]
         for a, b in pairs:
-            values = contrast(group, {a: 1.0, b: -1.0})
-            is_primary = (a, b) == ("bnrs", "bn") and primary and condition.get("sampler") == "noniid"
-            rows.append({**compare(values, family if is_primary else "exploratory", f"{a} - {b}", condition),
-                         "outcome": "accuracy", "note": note if is_primary else ""})
+            rows.append(row(contrast(group, {a: 1.0, b: -1.0}), f"{a} - {b}"))
     if not rows:
         return pd.DataFrame()
     return correct(pd.DataFrame(rows))

@@ -3,8 +3,8 @@
 :func:`evaluations` gathers every run of a grid into one tidy table (a row per cell x method x evaluation),
 :func:`training_losses` the training-loss windows; :func:`aggregate` writes them with the summaries of
 :mod:`bnlib.stats` (final accuracy per method and condition, paired differences against BN) and the plateau status
-of every method (:func:`bnlib.analysis.plateau`; a grid with the 2x2 mechanism design also gets the pre-registered
-comparisons, ``analysis.csv``) into ``results/<grid>/*.csv``.
+of every method (:func:`bnlib.analysis.plateau`; a grid with a pre-registered plan, :data:`bnlib.analysis.PLANS`, or
+with the 2x2 mechanism design also gets the plan's comparisons, ``analysis.csv``) into ``results/<grid>/*.csv``.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
     losses = training_losses(runs)
     frames = {"evaluations": table, "training_loss": losses, "summary": stats.summarise(table),
               "plateau": analysis.plateau(table)}
-    if set(analysis.CORNERS) <= set(table["method"]):  # a grid of the mechanism plan (book/analysis-plan.md)
-        frames["analysis"] = analysis.comparisons(table, losses)
+    plan = analysis.plan_for(grid_dir.name)  # the grid's pre-registered plan (book/analysis-plan.md), if it has one
+    if plan is not analysis.NO_PLAN or set(analysis.CORNERS) <= set(table["method"]):
+        frames["analysis"] = analysis.comparisons(table, losses, plan)
     if table["test_acc_recomputed"].notna().any():
         frames["summary_recomputed"] = stats.summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
     if table["test_acc_batchstats"].notna().any():

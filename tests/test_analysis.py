@@ -104,6 +104,41 @@ def test_comparisons_follow_the_plan_on_a_synthetic_grid():
     assert set(out["outcome"]) == {"accuracy", "recomputed accuracy", "training loss"}
 
 
+def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():
+    """The re-run study's plan (grids/plateau.yaml): BNRS, BRN, BRNC and BNWoS against BN at i.i.d. batches of 2, 16 and
+    128 on Fashion-MNIST are the primary family (Holm over those 12); non-i.i.d. batches, GroupNorm and the 2x2's
+    effects (the mechanism grid's family) are exploratory there; a grid without a plan has no primary row."""
+    rng = np.random.default_rng(2)
+    level = {"bn": 0.88, "bnrs": 0.70, "brn": 0.875, "brnc": 0.87, "bnwos": 0.879, "gn": 0.86, "bn_detached": 0.70}
+    rows = []
+    for b, sampler in ((2, "iid"), (16, "iid"), (128, "iid"), (2, "noniid")):
+        for seed in range(5):
+            for m, acc in level.items():
+                for step in range(100, 1700, 100):
+                    final = step == 1600
+                    rows.append({"cell": f"b{b}{sampler}s{seed}", "seed": seed, "method": m, "step": step, "steps_total": 1600,
+                                 "eval_size": 10000 if final else 2000, "dataset": "fashionmnist", "lr": 0.001,
+                                 "optimizer": "adam", "batch_size": b, "sampler": sampler,
+                                 "classes_per_batch": 1 if sampler == "noniid" else None,
+                                 "test_acc": acc + rng.normal(0, 0.002), "test_acc_recomputed": None, "final": final,
+                                 "diverged": False, "num_classes": 10})
+    table = pd.DataFrame(rows)
+    assert analysis.plan_for("plateau") is analysis.STUDY and analysis.plan_for("default") is analysis.NO_PLAN
+    out = analysis.comparisons(table, plan=analysis.STUDY)
+    primary = out[out["family"] == "primary"]
+    assert len(primary) == 12 and set(primary["sampler"]) == {"iid"} and set(primary["batch_size"]) == {2, 16, 128}
+    assert set(primary["comparison"]) == {"bnrs - bn", "brn - bn", "brnc - bn", "bnwos - bn"}
+    assert (primary["correction"] == "Holm").all()
+    assert not out.loc[out["comparison"].str.startswith("2x2"), "family"].eq("primary").any()
+    verdicts = primary.set_index(["comparison", "batch_size"])["verdict"]
+    assert verdicts[("bnrs - bn", 16)] == "below" and verdicts[("bnwos - bn", 128)] == "equivalent"
+    # the same rows, read by the mechanism's plan, are primary only where it names them (its 2x2; none here: no
+    # lr_schedule filter, but its conditions are batch 16 and 2 only)
+    mech = analysis.comparisons(table, plan=analysis.MECHANISM)
+    assert set(mech.loc[mech["family"] == "primary", "comparison"]) <= {*analysis.TWO_BY_TWO, "bnrs - bn"}
+    assert (analysis.comparisons(table, plan=analysis.NO_PLAN)["family"] == "exploratory").all()
+
+
 def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     """The chapter's pieces end to end on a tiny real run (digits, 3 seeds, the 2x2 and GroupNorm, traced): the
     2x2 table names every corner and effect per condition, and the traces figure draws a panel per metric."""

@@ -232,3 +232,52 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     if not rows:
         return pd.DataFrame()
     return correct(pd.DataFrame(rows))
+
+
+# The original study's four claims, judged from the re-run study's primary verdicts (book/analysis-plan.md fixes
+# these rules before its data): claim -> how it reads the verdicts (batch size -> verdict) of each comparison.
+CLAIMS = ("BRN(C) beats BN only at tiny batches", "BNRS converges much slower than BN",
+          "BNWoS fails at batch 2", "BNWoS matches BN at larger batches")
+
+
+def original_claims(comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str = "fashionmnist") -> list[dict]:
+    """Each claim's verdict -- "holds", "does not hold" or "cannot tell" -- and the verdicts it was read from. Only
+    primary rows count: a comparison that is not primary (BN not plateaued, or not run) is read as missing."""
+    rows = comparisons[(comparisons.get("family") == "primary") & (comparisons.get("outcome") == "accuracy")
+                       & (comparisons.get("dataset") == dataset) & (comparisons.get("sampler") == "iid")]
+    sizes = sorted({w["batch_size"] for w, _ in plan.primary})
+    tiny, larger = sizes[0], sizes[1:]
+    got = {(r["comparison"], int(r["batch_size"])): r["verdict"] for _, r in rows.iterrows()}
+    v = lambda method, b: got.get((f"{method} - bn", b))  # noqa: E731 - None where not primary
+    settled = ("below", "equivalent")
+
+    def brn():
+        if any(v(m, b) == "above" for m in ("brn", "brnc") for b in larger):
+            return "does not hold"
+        if any(v(m, tiny) == "above" for m in ("brn", "brnc")):
+            return "holds"
+        if all(v(m, tiny) in settled for m in ("brn", "brnc")):
+            return "does not hold"
+        return "cannot tell"
+
+    def slower():
+        found = [v("bnrs", b) for b in sizes]
+        if any(x in ("equivalent", "above") for x in found):
+            return "does not hold"
+        return "holds" if all(x == "below" for x in found) else "cannot tell"
+
+    def fails():
+        x = v("bnwos", tiny)
+        return "holds" if x == "below" else "does not hold" if x in ("equivalent", "above") else "cannot tell"
+
+    def matches():
+        found = [v("bnwos", b) for b in larger]
+        if any(x in ("below", "above") for x in found):
+            return "does not hold"
+        return "holds" if all(x == "equivalent" for x in found) else "cannot tell"
+
+    read = {CLAIMS[0]: [(m, b) for m in ("brn", "brnc") for b in sizes], CLAIMS[1]: [("bnrs", b) for b in sizes],
+            CLAIMS[2]: [("bnwos", tiny)], CLAIMS[3]: [("bnwos", b) for b in larger]}
+    return [{"claim": claim, "verdict": judge(),
+             "evidence": "; ".join(f"{m} at batch {b}: {v(m, b) or 'not primary'}" for m, b in read[claim])}
+            for claim, judge in zip(CLAIMS, (brn, slower, fails, matches))]

@@ -139,6 +139,32 @@ def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():
     assert (analysis.comparisons(table, plan=analysis.NO_PLAN)["family"] == "exploratory").all()
 
 
+@pytest.mark.parametrize("verdicts, expected", [
+    # (brn, brnc, bnrs, bnwos) at batch 2, 16, 128 -> the four claims
+    ({("brn", 2): "above", ("brnc", 2): "cannot tell", ("brn", 16): "equivalent", ("brnc", 128): "cannot tell",
+      ("bnrs", 2): "below", ("bnrs", 16): "below", ("bnrs", 128): "below",
+      ("bnwos", 2): "below", ("bnwos", 16): "equivalent", ("bnwos", 128): "equivalent"},
+     ["holds", "holds", "holds", "holds"]),
+    ({("brn", 2): "above", ("brnc", 128): "above", ("bnrs", 2): "below", ("bnrs", 16): "equivalent",
+      ("bnwos", 2): "equivalent", ("bnwos", 16): "equivalent", ("bnwos", 128): "below"},
+     ["does not hold", "does not hold", "does not hold", "does not hold"]),
+    ({("brn", 2): "below", ("brnc", 2): "cannot tell", ("bnrs", 2): "below", ("bnrs", 16): "below",
+      ("bnwos", 2): "cannot tell", ("bnwos", 16): "equivalent"},
+     ["cannot tell", "cannot tell", "cannot tell", "cannot tell"]),
+])
+def test_the_original_claims_read_the_primary_verdicts_as_the_plan_says(verdicts, expected):
+    rows = [{"comparison": f"{m} - bn", "batch_size": b, "verdict": v, "family": "primary", "outcome": "accuracy",
+             "dataset": "fashionmnist", "sampler": "iid"} for (m, b), v in verdicts.items()]
+    # an exploratory row (BN not plateaued) is not read: here it would flip the first claim
+    rows.append({"comparison": "brn - bn", "batch_size": 16, "verdict": "above", "family": "exploratory",
+                 "outcome": "accuracy", "dataset": "fashionmnist", "sampler": "iid"})
+    rows[-1]["batch_size"] = 128 if ("brn", 16) in verdicts else 16
+    claims = analysis.original_claims(pd.DataFrame(rows))
+    assert [c["claim"] for c in claims] == list(analysis.CLAIMS)
+    assert [c["verdict"] for c in claims] == expected
+    assert "not primary" in claims[1]["evidence"] or len(verdicts) == 10
+
+
 def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     """The chapter's pieces end to end on a tiny real run (digits, 3 seeds, the 2x2 and GroupNorm, traced): the
     2x2 table names every corner and effect per condition, and the traces figure draws a panel per metric."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from bnlib import norms, paths, plots, provenance, record, runner, train
+from bnlib import analysis, norms, paths, plots, provenance, record, runner, train
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_RUNS = ROOT / "results" / "study" / "runs"
@@ -129,3 +129,22 @@ def test_every_method_has_a_style_from_one_colour_blind_safe_palette_and_a_panel
     shown_together = [ms for _, ms in plots.panels(norms.METHODS)] + [book.HEADLINE_METHODS, analysis.CORNERS]
     for methods in shown_together:  # never two lines of one colour in a panel
         assert len(methods) <= 6 and len({plots.colour(m) for m in methods}) == len(methods), methods
+
+
+@pytest.mark.parametrize("grid_name", sorted(analysis.PLANS))
+def test_a_grid_with_a_plan_committed_its_plan_before_its_first_cell(grid_name):
+    """Pre-registration, checked from git: the first commit of book/analysis-plan.md that names grids/<grid>.yaml is an
+    ancestor of the first commit that adds a metrics file under results/<grid>/runs/ (if any is committed)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    if git("rev-parse", "--is-shallow-repository") == "true":
+        pytest.skip("a shallow clone has no history to check the order in (fetch it with fetch-depth: 0)")
+    cells = git("log", "--diff-filter=A", "--format=%H", "--reverse", "--", f"results/{grid_name}/runs/*.json").splitlines()
+    if not cells:
+        return  # no cell committed yet: nothing can precede the plan
+    plans = git("log", f"-Sgrids/{grid_name}.yaml", "--format=%H", "--reverse", "--", "book/analysis-plan.md").splitlines()
+    assert plans, f"results/{grid_name}/ has committed cells but book/analysis-plan.md never named grids/{grid_name}.yaml"
+    ordered = subprocess.run(["git", "merge-base", "--is-ancestor", plans[0], cells[0]], cwd=paths.ROOT).returncode == 0
+    assert ordered and plans[0] != cells[0], (
+        f"the plan for grids/{grid_name}.yaml ({plans[0][:10]}) does not precede its first cell ({cells[0][:10]})")

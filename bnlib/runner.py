@@ -512,7 +512,7 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
         check_datasets(dataclasses.replace(grid, cells=todo))
     runs.mkdir(parents=True, exist_ok=True)
     copy_stacked_notebooks(grid.cells, runs)  # a runner killed after a stack wrote its metrics, before the copies
-    copied = copy_shared_results(grid, runs)  # twins of cells finished earlier need no wait
+    copied = copy_shared_results(grid, runs, results)  # twins of cells finished earlier need no wait
     report = Report(grid.name, len(grid.cells), len(grid.cells) - len(todo))
     report.stale_kept = sum(1 for c in grid.cells if states[c.id] == "stale" and c.id not in chosen)
     executor = executor or LocalExecutor()
@@ -532,19 +532,20 @@ def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, noteb
 
         if todo:
             executor.run(groups(todo, grid.stack_seeds), runs, on_done, notebook)
-    report.copied = copied + copy_shared_results(grid, runs)
+    report.copied = copied + copy_shared_results(grid, runs, results)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def copy_shared_results(grid: Grid, runs: Path) -> list[str]:
+def copy_shared_results(grid: Grid, runs: Path, results: Path | None = None) -> list[str]:
     """Give every cell that trains the same as another (``same_as``) that cell's results, once it has them:
     the metrics file with this cell's own id, parameters and config (so it is aggregated under its own
     budget) and ``same_training_as``, and a notebook that says so. A twin in this grid gets its twin's
     notebook with a note on top; a cell of another grid (``reuse``) gets a one-cell notebook naming the
     source's, and its metrics file leaves the per-layer traces in the source's (they are that grid's
     subject and most of its size). Rewritten only when they differ, so a finished cell's files never change
-    unless its source was re-run. Returns the cells written."""
+    unless its source was re-run. ``results``: the results root the other grids' folders are in. Returns the cells
+    written."""
     import nbformat
 
     written = []
@@ -552,7 +553,7 @@ def copy_shared_results(grid: Grid, runs: Path) -> list[str]:
         if cell.same_as is None:
             continue
         other, source_id = cell.reused or (None, cell.same_as)
-        source_runs = runs if other is None else runs.parent.parent / other / "runs"
+        source_runs = runs if other is None else paths.runs_dir(other, results)
         if not (source_runs / f"{source_id}.json").exists():
             continue
         try:

@@ -584,7 +584,6 @@ def copy_shared_results(grid: Grid, runs: Path, results: Path | None = None) -> 
                 f"resolved configuration; budget {steps}), so this grid did not train it again: its results are "
                 f"copied from `results/{other}/runs/{source_id}.json`, less the per-layer traces, which stay there. "
                 f"The notebook that trained it is `results/{other}/runs/{source_id}.ipynb`.")])
-        runs.mkdir(parents=True, exist_ok=True)
         atomic_write(runs / f"{cell.id}.ipynb", lambda tmp: nbformat.write(nb, tmp))
         write_json(target, payload)  # last: the done marker
         written.append(cell.id)

@@ -234,6 +234,28 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     return correct(pd.DataFrame(rows))
 
 
+PLAN_COLUMNS = ("family", "correction", "p_adjusted", "p_tost_adjusted", "verdict", "note")
+
+
+def with_plan(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
+    """``summary.csv`` of a grid with a plan: each comparison with BN carries the plan's family, correction, adjusted
+    p-values and verdict (its ``<method> - bn`` row of :func:`comparisons`) instead of the summary's own Holm over
+    every row, so one criterion reaches every page."""
+    out = summary.drop(columns=["p_holm", "verdict"], errors="ignore")
+    if comparisons.empty:
+        return out
+    vs_bn = comparisons[(comparisons["outcome"] == "accuracy") & comparisons["comparison"].str.endswith(" - bn")]
+    vs_bn = vs_bn.assign(method=vs_bn["comparison"].str.removesuffix(" - bn"))
+    keys = [k for k in stats.CONDITION_KEYS if k in out and k in vs_bn]
+    # the same condition in both: missing keys (NaN or pd.NA) as None, as in comparisons()
+    as_key = lambda frame: [tuple(None if pd.isna(v) else v for v in row) for row in frame[[*keys, "method"]].astype(object).itertuples(index=False)]  # noqa: E731
+    plan = dict(zip(as_key(vs_bn), vs_bn[list(PLAN_COLUMNS)].to_dict("records")))
+    found = [plan.get(k, {}) for k in as_key(out.assign(method=out["method"].astype(str)))]
+    for column in PLAN_COLUMNS:
+        out[column] = [row.get(column) for row in found]
+    return out
+
+
 # The original study's four claims, judged from the re-run study's primary verdicts (book/analysis-plan.md fixes
 # these rules before its data): claim -> how it reads the verdicts (batch size -> verdict) of each comparison.
 CLAIMS = ("BRN(C) beats BN only at tiny batches", "BNRS converges much slower than BN",

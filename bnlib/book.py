@@ -192,6 +192,16 @@ def headline_caption(t: Tables) -> str:
             f"over {int(part['n_seeds'].min())} seeds with its Student-t 95% interval, from `results/{t.grid}/summary.csv`.")
 
 
+def adjusted_p(row) -> dict:
+    """A summary row's adjusted p-value as the book shows it: the plan's (with its correction and family) in a grid
+    with an analysis plan, else the summary's Holm over every comparison."""
+    if hasattr(row, "p_adjusted"):
+        label = "-" if not isinstance(row.family, str) else f"{row.family}, {row.correction}"
+        return {"adjusted p": "–" if pd.isna(row.p_adjusted) else f"{row.p_adjusted:.2g} ({label})"}
+    p = getattr(row, "p_holm", float("nan"))
+    return {"Holm p": "–" if pd.isna(p) else f"{p:.2g}"}
+
+
 def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
     """A compact table of one condition: per method present and batch size, the paired difference against BN
     (points, 95% t interval), the Holm verdict, the Holm-adjusted p and the seeds in which it beat BN."""
@@ -201,7 +211,7 @@ def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
             rows.append({"method": display_name(m), "batch": int(r.batch_size),
                          "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True),
                          "verdict": r.verdict if isinstance(r.verdict, str) else "cannot tell",
-                         "Holm p": "–" if pd.isna(r.p_holm) else f"{r.p_holm:.2g}",
+                         **adjusted_p(r),
                          "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if not pd.isna(r.wins) else "–"})
     return pd.DataFrame(rows).set_index(["method", "batch"]) if rows else pd.DataFrame()
 
@@ -262,11 +272,10 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                 accuracy += f" n={int(r.n_seeds)}"
             if r.diverged:
                 accuracy += f" ({r.diverged} diverged)"
-            p_holm = getattr(r, "p_holm", float("nan"))
             rows.append({"method": display_name(r.method), "batch": int(r.batch_size), "accuracy (%)": accuracy,
                          "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True) if compared else "",
                          "verdict": r.verdict if compared else "",
-                         "Holm p": ("–" if pd.isna(p_holm) else f"{p_holm:.2g}") if compared else "",
+                         **({k: v if compared else "" for k, v in adjusted_p(r).items()}),
                          "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if compared else ""})
         out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", pd.DataFrame(rows).set_index(["method", "batch"])))
     return out

@@ -96,6 +96,8 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
     plan = analysis.plan_for(grid_dir.name)  # the grid's pre-registered plan (book/analysis-plan.md), if it has one
     if plan is not analysis.NO_PLAN or set(analysis.CORNERS) <= set(table["method"]):
         frames["analysis"] = analysis.comparisons(table, losses, plan)
+    if plan is not analysis.NO_PLAN:  # its summary's verdicts are the plan's
+        frames["summary"] = analysis.with_plan(frames["summary"], frames["analysis"])
     if table["test_acc_recomputed"].notna().any():
         frames["summary_recomputed"] = stats.summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
     if table["test_acc_batchstats"].notna().any():

@@ -137,6 +137,13 @@ def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():
     mech = analysis.comparisons(table, plan=analysis.MECHANISM)
     assert set(mech.loc[mech["family"] == "primary", "comparison"]) <= {*analysis.TWO_BY_TWO, "bnrs - bn"}
     assert (analysis.comparisons(table, plan=analysis.NO_PLAN)["family"] == "exploratory").all()
+    # summary.csv of a grid with a plan carries the plan's verdicts, not a Holm over every row
+    summary = analysis.with_plan(stats.summarise(table), out)
+    assert "p_holm" not in summary
+    rows = summary.assign(method=summary["method"].astype(str)).set_index(["sampler", "batch_size", "method"])
+    assert rows.loc[("iid", 128, "bnwos"), "verdict"] == "equivalent" and rows.loc[("iid", 128, "bnwos"), "family"] == "primary"
+    assert rows.loc[("noniid", 2, "bnrs"), "correction"] == "Benjamini-Hochberg"
+    assert pd.isna(rows.loc[("iid", 2, "bn"), "family"])  # BN is the reference, compared with nothing
 
 
 @pytest.mark.parametrize("verdicts, expected", [

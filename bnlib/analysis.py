@@ -175,6 +175,12 @@ EXPLORATORY_PAIRS = (
 )
 
 
+def _as_key(values) -> tuple:
+    """A condition's key values as a tuple in which a missing value is None, whether it came as NaN or pd.NA (i.i.d.
+    conditions have no classes_per_batch), so the same condition meets itself across tables."""
+    return tuple(None if pd.isna(v) else v for v in (values if isinstance(values, tuple) else (values,)))
+
+
 def plan_for(grid_name: str) -> Plan:
     """The plan a grid's results are analysed under (its own, by name; else everything exploratory)."""
     return PLANS.get(grid_name, NO_PLAN)
@@ -200,14 +206,13 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
             columns={"train_loss": "score"})
     # the same condition's rows of every table, by the tuple of its keys; a missing key is None in every table (one
     # table's NaN is another's pd.NA: i.i.d. conditions, without classes_per_batch, must still meet)
-    as_key = lambda k: tuple(None if pd.isna(v) else v for v in (k if isinstance(k, tuple) else (k,)))  # noqa: E731
-    by_condition = lambda frame: {as_key(k): g for k, g in frame.groupby(keys, dropna=False)}  # noqa: E731
+    by_condition = lambda frame: {_as_key(k): g for k, g in frame.groupby(keys, dropna=False)}  # noqa: E731
     plateau_of = by_condition(plateaus[plateaus["method"] == "bn"]) if len(plateaus) else {}
     outcome_of = {name: by_condition(frame) for name, frame in outcomes.items()}
     rows = []
     for cond, group in final.groupby(keys, dropna=False, sort=True):
         condition = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
-        cond = as_key(cond)
+        cond = _as_key(cond)
         bn = plateau_of.get(cond, pd.DataFrame())
         plateaued = bool(len(bn) and bn["plateaued"].iloc[0])
         primary = plan.primary_at(condition)
@@ -248,9 +253,9 @@ def with_plan(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
     vs_bn = vs_bn.assign(method=vs_bn["comparison"].str.removesuffix(" - bn"))
     keys = [k for k in stats.CONDITION_KEYS if k in out and k in vs_bn]
     # the same condition in both: missing keys (NaN or pd.NA) as None, as in comparisons()
-    as_key = lambda frame: [tuple(None if pd.isna(v) else v for v in row) for row in frame[[*keys, "method"]].astype(object).itertuples(index=False)]  # noqa: E731
-    plan = dict(zip(as_key(vs_bn), vs_bn[list(PLAN_COLUMNS)].to_dict("records")))
-    found = [plan.get(k, {}) for k in as_key(out.assign(method=out["method"].astype(str)))]
+    rows = lambda frame: [_as_key(r) for r in frame[[*keys, "method"]].astype(object).itertuples(index=False, name=None)]  # noqa: E731
+    plan = dict(zip(rows(vs_bn), vs_bn[list(PLAN_COLUMNS)].to_dict("records")))
+    found = [plan.get(k, {}) for k in rows(out.assign(method=out["method"].astype(str)))]
     for column in PLAN_COLUMNS:
         out[column] = [row.get(column) for row in found]
     return out

@@ -707,3 +707,210 @@ def twobytwo_answer(comparisons: pd.DataFrame) -> str:
         n = int(part["n_seeds"].min())
         lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({n} seeds): " + "; ".join(parts) + ".")
     return "\n".join(lines)
+
+
+def _layer_means(trace_summary: pd.DataFrame, phase: str) -> pd.DataFrame:
+    """The trace summary at one phase, averaged over the norm layers: a row per condition (batch_size, sampler) and
+    method."""
+    part = trace_summary[trace_summary["phase"] == phase]
+    metrics = [c for c in part.columns if c in ("log_r_p90", "d_p90", "conv_weight_norm", "gamma_norm", "input_rms",
+                                                 "conv_grad_norm")]
+    return part.groupby(["batch_size", "sampler", "method"], sort=False)[[*metrics, "n_seeds"]].mean()
+
+
+def _size(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _times(x: float) -> str:
+    """A ratio as a multiple: '0.073x', '6.3x', '165x', '3,600x'."""
+    return f"{x:.2g}x" if x < 10 else f"{x:,.0f}x"
+
+
+# short names for the prose of the mechanism chapter (tables and figures use plots.display_name)
+SHORT = {"bn": "BN", "bn_detached": "bn_detached", "bnrs": "BNRS", "brn": "BRN", "online": "Online Norm", "cbn": "CBN",
+         "gn": "GN"}
+
+
+def _short(method: str) -> str:
+    return SHORT.get(method, display_name(method))
+
+
+def trace_answer(trace_summary: pd.DataFrame) -> str:
+    """The traces of the 2x2's corners read out, condition by condition (Markdown): at the end of training, mean over
+    seeds and the norm layers, BN's convolution weight norm (from its start), input RMS of the norm layers and gradient
+    norm of the convolution weights, and the other corners' as multiples of BN's; and the gap between the batch's
+    statistics and those used by the two running-statistics corners (what the figure shows, in numbers)."""
+    lines = []
+    first, last = _layer_means(trace_summary, "first"), _layer_means(trace_summary, "last")
+    metrics = {"conv_weight_norm": "convolution weight norm", "input_rms": "input RMS", "conv_grad_norm": "gradient norm"}
+    for (batch, sampler), part in last.groupby(level=["batch_size", "sampler"], sort=False):
+        at = part.droplevel(["batch_size", "sampler"])
+        if "bn" not in at.index:
+            continue
+        bn = at.loc["bn"]
+        said = [f"BN's {metrics['conv_weight_norm']} {_size(first.loc[(batch, sampler, 'bn'), 'conv_weight_norm'])} at the "
+                f"start, {_size(bn['conv_weight_norm'])} at the end, {metrics['input_rms']} {_size(bn['input_rms'])}, "
+                f"{metrics['conv_grad_norm']} {_size(bn['conv_grad_norm'])}"]
+        for m in [m for m in ("bn_detached", "bnrs", "brn") if m in at.index]:
+            said.append(f"{_short(m)} " + ", ".join(f"{_times(at.loc[m, k] / bn[k])}" for k in metrics))
+        gap = ""
+        if {"brn", "bnrs"} <= set(at.index):
+            gap = (" The gap between the batch's statistics and those the layer normalised with (90th percentiles over "
+                   f"channels): |log r| {at.loc['brn', 'log_r_p90']:.2g} with BRN and {at.loc['bnrs', 'log_r_p90']:.2g} "
+                   f"with BNRS, |d| {at.loc['brn', 'd_p90']:.2g} and {at.loc['bnrs', 'd_p90']:.2g}.")
+        n = int(bn["n_seeds"])
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({n} seeds), at the end of "
+                     "training, mean over the norm layers: " + "; ".join(said) + " (weight norm, input RMS and gradient "
+                     "norm as multiples of BN's)." + gap)
+    return "\n".join(lines)
+
+
+def _effect(comparisons: pd.DataFrame, name: str, batch: int, sampler: str, outcome: str = "accuracy") -> dict | None:
+    rows = comparisons[(comparisons["comparison"] == name) & (comparisons["batch_size"] == batch)
+                       & (comparisons["sampler"] == sampler) & (comparisons["outcome"] == outcome)]
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+def _points(e: dict) -> str:
+    """'+7.5 [+6.2, +8.7] points (above, primary)' for one comparison row."""
+    return f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points ({e['verdict']}, {e['family']})"
+
+
+SWEEP = {"bnrs_m001": 0.01, "bnrs_m003": 0.03, "bnrs": 0.1, "bnrs_m030": 0.3, "bnrs_m100": 1.0}  # BNRS's momentum
+
+
+def sweep_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    """The momentum sweep read out per condition (Markdown): BNRS's final accuracy at each momentum, each against the
+    default 0.1 with its verdict, and the original's BNRS at momentum 1 against bn_detached (the plan expects
+    equivalence: the same forward pass up to the variance's bias, no gradient through the statistics)."""
+    lines = []
+    for (batch, sampler), part in summary.groupby(["batch_size", "sampler"], sort=False):
+        acc = part.assign(method=part["method"].astype(str)).set_index("method")
+        swept = [m for m in SWEEP if m in acc.index and m != "bnrs"]
+        if not swept:
+            continue
+        said = []
+        for m in swept:
+            e = _effect(comparisons, f"{m} - bnrs", batch, sampler)
+            said.append(f"momentum {SWEEP[m]:g} {100 * acc.loc[m, 'mean']:.1f}%"
+                        + (f", {_points(e)} against 0.1" if e else ""))
+        if "bnrs" in acc.index:
+            said.insert(sum(SWEEP[m] < 0.1 for m in swept), f"momentum 0.1 (BNRS) {100 * acc.loc['bnrs', 'mean']:.1f}%")
+        orig = _effect(comparisons, "bnrs_orig_m100 - bn_detached", batch, sampler)
+        tail = f" The original's BNRS at momentum 1 against bn_detached: {_points(orig)}." if orig else ""
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + "." + tail)
+    return "\n".join(lines)
+
+
+FIXES = ("brn", "online", "cbn")  # the methods built to make running statistics work in training
+
+
+def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: pd.DataFrame) -> str:
+    """What makes running statistics work, read out per condition (Markdown): each fix's final accuracy, against BNRS
+    and against BN with verdicts, and its training time per step as a multiple of BN's in the same cells (medians)."""
+    final = evaluations[evaluations["final"]]
+    cost = (final.assign(per_step=final["train_seconds"] / final["steps_total"])
+                 .groupby(["batch_size", "sampler", "method"])["per_step"].median())
+    lines = []
+    for (batch, sampler), part in summary.groupby(["batch_size", "sampler"], sort=False):
+        acc = part.assign(method=part["method"].astype(str)).set_index("method")
+        fixes = [m for m in FIXES if m in acc.index]
+        if not fixes:
+            continue
+        said = []
+        for m in fixes:
+            parts = [f"{_short(m)} {100 * acc.loc[m, 'mean']:.1f}%"]
+            for base in ("bnrs", "bn"):
+                if (e := _effect(comparisons, f"{m} - {base}", batch, sampler)) is not None:
+                    parts.append(f"{_points(e)} against {_short(base)}")
+            if (batch, sampler, "bn") in cost.index and (batch, sampler, m) in cost.index:
+                parts.append(f"{_times(cost.loc[(batch, sampler, m)] / cost.loc[(batch, sampler, 'bn')])} BN's time per step")
+            said.append(", ".join(parts))
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + ".")
+    return "\n".join(lines)
+
+
+def reversal_answer(summary: pd.DataFrame, recomputed: pd.DataFrame, training_loss: pd.DataFrame,
+                    comparisons: pd.DataFrame, sampler: str = "noniid") -> str:
+    """The non-i.i.d. reversal read out (Markdown): BNRS against BN where both images of a batch share a class, and
+    for BN, BNRS and BRN there the last training loss beside the test accuracy with the layers' own and with
+    recomputed population statistics -- a low training loss with a low test accuracy is a train/test mismatch,
+    a high training loss a failure to train."""
+    last = training_loss.sort_values("step").groupby(["cell", "method"]).tail(1)
+    loss = last.groupby(["batch_size", "sampler", "method"])["train_loss"].mean()
+    lines = []
+    for batch, part in summary[summary["sampler"] == sampler].groupby("batch_size", sort=False):
+        acc = part.assign(method=part["method"].astype(str)).set_index("method")
+        rec = recomputed[(recomputed["sampler"] == sampler) & (recomputed["batch_size"] == batch)]
+        rec = rec.assign(method=rec["method"].astype(str)).set_index("method")["mean"]
+        e = _effect(comparisons, "bnrs - bn", batch, sampler)
+        if e is None:
+            continue
+        said = [f"{_short(m)}: training loss {loss.get((batch, sampler, m), float('nan')):.2f}, test accuracy "
+                f"{100 * acc.loc[m, 'mean']:.1f}% ({100 * rec.get(m, float('nan')):.1f}% with recomputed statistics)"
+                for m in ("bn", "bnrs", "brn") if m in acc.index]
+        bn_loss, bnrs_loss = loss.get((batch, sampler, "bn")), loss.get((batch, sampler, "bnrs"))
+        reading = ""
+        if bn_loss is not None and bnrs_loss is not None and e["verdict"] == "above":
+            reading = (" BN reaches the lower training loss and the lower test accuracy: it fits its training batches and "
+                       "fails on the test set, a train/test mismatch; recomputing population statistics does not "
+                       "rescue it." if bn_loss < bnrs_loss and rec.get("bn", 1.0) < rec.get("bnrs", 0.0) else
+                       " BN's training loss is not below BNRS's: BN fails to train here, not only to generalise.")
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({int(e['n_seeds'])} seeds): "
+                     f"BNRS - BN {_points(e)}. " + "; ".join(said) + "." + reading)
+    return "\n".join(lines)
+
+
+# Accounts of why running statistics fail or how to fix them, each checked against the mechanism grid by a rule: the
+# comparison that tests it, and the verdicts that agree with it (the opposite ones contradict it; "cannot tell" and
+# a missing comparison decide nothing).
+TEXTBOOK = (
+    {"account": "Normalising outside the gradient step lets the weights grow while the loss does not improve: training "
+                "fails", "source": "Ioffe & Szegedy (2015), section 2; Ioffe (2017), section 2",
+     "comparison": "2x2: gradient through the statistics (without - with)", "agrees": ("below",),
+     "contradicts": ("equivalent", "above"), "grows": True},
+    {"account": "Running statistics lag the weights, and their stale values in the forward pass cost accuracy",
+     "source": "Yao et al. (2021), the motivation of Cross-Iteration BN",
+     "comparison": "2x2: forward statistics (running - batch)", "agrees": ("below",), "contradicts": ("equivalent", "above")},
+    {"account": "Batch Renormalization beats BN with small or non-i.i.d. batches", "source": "Ioffe (2017)",
+     "comparison": "brn - bn", "agrees": ("above",), "contradicts": ("equivalent", "below"), "small_batches": 4},
+)
+
+
+def textbook_checks(comparisons: pd.DataFrame, trace_summary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each account of :data:`TEXTBOOK` against the data, per condition of the mechanism grid: the comparison that
+    tests it (points, interval, verdict, family) and whether the data agree with it, contradict it or cannot tell.
+    The account of growing weights also needs the traces: it agrees only where the corners without the gradient end
+    with larger convolution weights than BN's. An account of small batches (``small_batches``: the largest) is read at
+    those and at non-i.i.d. batches only."""
+    last = _layer_means(trace_summary, "last") if trace_summary is not None and len(trace_summary) else None
+    rows = []
+    for check in TEXTBOOK:
+        for (batch, sampler), _ in comparisons.groupby(["batch_size", "sampler"], sort=False):
+            e = _effect(comparisons, check["comparison"], batch, sampler)
+            if e is None or (sampler == "iid" and batch > check.get("small_batches", batch)):
+                continue  # not run, or not what the account speaks of
+            reading = ("agrees" if e["verdict"] in check["agrees"] else
+                       "contradicts" if e["verdict"] in check["contradicts"] else "cannot tell")
+            data = f"{check['comparison']}: {_points(e)}"
+            if check.get("grows") and last is not None and (batch, sampler, "bn") in last.index:
+                grown = {m: last.loc[(batch, sampler, m), "conv_weight_norm"] / last.loc[(batch, sampler, "bn"), "conv_weight_norm"]
+                         for m in ("bn_detached", "bnrs") if (batch, sampler, m) in last.index}
+                data += "; weight norm at the end " + ", ".join(f"{_short(m)} {_times(x)} BN's" for m, x in grown.items())
+                if reading == "agrees" and not all(x > 1 for x in grown.values()):
+                    reading = "cannot tell"
+            rows.append({"account": check["account"], "source": check["source"],
+                         "condition": condition_label({"batch_size": batch, "sampler": sampler}), "what the data say": data,
+                         "the data": reading})
+    return pd.DataFrame(rows, columns=["account", "source", "condition", "what the data say", "the data"])
+
+
+def textbook_answer(checks: pd.DataFrame) -> str:
+    """:func:`textbook_checks` as Markdown: each account with its source, then per condition what the data say and
+    whether they agree with it, contradict it or cannot tell."""
+    lines = []
+    for (account, source), part in checks.groupby(["account", "source"], sort=False):
+        lines.append(f"- **{account}** ({source}):")
+        lines += [f"  - {r['condition']}: {r['what the data say']}: **{r['the data']}**." for _, r in part.iterrows()]
+    return "\n".join(lines)

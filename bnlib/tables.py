@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import analysis, stats
@@ -100,6 +101,9 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
         frames["summary"] = analysis.with_plan(frames["summary"], frames["analysis"])
     if table["test_acc_recomputed"].notna().any():
         frames["summary_recomputed"] = stats.summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
+    trace = traces(runs)
+    if len(trace):
+        frames["traces_summary"] = trace_summary(trace)
     if table["test_acc_batchstats"].notna().any():
         frames["summary_batchstats"] = stats.summarise(table[table["test_acc_batchstats"].notna() | table["diverged"]], "test_acc_batchstats")
     return {name: write_csv(frame, grid_dir / f"{name}.csv") for name, frame in frames.items()}
@@ -108,11 +112,11 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
 def traces(runs: list[RunRecord]) -> pd.DataFrame:
     """The norm layers' traces (``trace_every``; :mod:`bnlib.traces`) as a tidy table: one row per cell x method x
     layer x traced step, a column per metric. Built from the metrics files when a page needs it (not written to a
-    CSV: a grid's traces are millions of numbers)."""
+    CSV whole: a grid's traces are millions of numbers; :func:`trace_summary` is)."""
     frames = []
     for run in runs:
         cfg = run.config
-        base = {"cell": run.cell, "seed": cfg["seed"], **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        base = {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
         for method, rec in run.methods.items():
             if not rec.traces:
                 continue
@@ -120,3 +124,26 @@ def traces(runs: list[RunRecord]) -> pd.DataFrame:
                 frame = pd.DataFrame({"step": rec.traces["step"], **values})
                 frames.append(frame.assign(**base, method=method, layer=layer + 1))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+TRACE_PHASES = {"first": 0.0, "half": 0.5, "last": 1.0}  # where in the run a trace is read: start, the lr drop, end
+
+
+def trace_summary(trace: pd.DataFrame) -> pd.DataFrame:
+    """``traces_summary.csv``: per condition, method and norm layer, every trace metric at the first traced step, at
+    the traced step nearest half the run (where the step schedule drops the learning rate) and at the last, as the
+    mean over seeds (``n_seeds`` of them) -- what the book's read-outs of the traces quote."""
+    from .traces import METRICS
+
+    keys = [k for k in CONDITION_KEYS if k in trace]
+    steps = {cell: np.unique(s) for cell, s in trace.groupby("cell")["step"]}
+    frames = []
+    for phase, at in TRACE_PHASES.items():  # per cell, the traced step nearest the phase (the earlier one of a tie)
+        chosen = {cell: s[np.argmin(np.abs(s - (s[0] + at * (s[-1] - s[0]))))] for cell, s in steps.items()}
+        frames.append(trace[trace["step"] == trace["cell"].map(chosen)].assign(phase=phase))
+    picked = pd.concat(frames, ignore_index=True)
+    picked[list(METRICS)] = picked[list(METRICS)].astype(float)
+    grouped = picked.groupby([*keys, "method", "layer", "phase"], dropna=False, sort=False)
+    out = grouped[list(METRICS)].mean().join(grouped["seed"].nunique().rename("n_seeds")).join(
+        grouped["step"].median().rename("step")).reset_index()
+    return out[[*keys, "method", "layer", "phase", "step", "n_seeds", *METRICS]]

@@ -195,6 +195,24 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     grid = plots.traces_over_training(traces, list(analysis.CORNERS))
     assert grid.axes.shape == (len(plots.TRACE_LABELS), 1)
     plots.plt.close("all")
+    # traces_summary.csv: each metric at the first traced step, the one nearest half the run (the earlier of a tie)
+    # and the last, the mean over seeds, per method and layer; the read-outs quote it
+    summary = tables.trace_summary(tables.traces(runs))
+    assert len(summary) == 5 * 4 * 3 and set(summary["n_seeds"]) == {3}
+    assert summary.groupby("phase")["step"].first().to_dict() == {"first": 4, "half": 12, "last": 24}
+    raw = tables.traces(runs)
+    at = raw[(raw["method"] == "bnrs") & (raw["layer"] == 2) & (raw["step"] == 24)]["conv_weight_norm"].mean()
+    row = summary[(summary["method"] == "bnrs") & (summary["layer"] == 2) & (summary["phase"] == "last")]
+    assert row["conv_weight_norm"].iloc[0] == pytest.approx(at)
+    text = book.trace_answer(summary)
+    bn_end = summary[(summary["method"] == "bn") & (summary["phase"] == "last")]["conv_weight_norm"].mean()
+    assert text.startswith("- **i.i.d. batch 8** (3 seeds)") and f"{bn_end:.3g} at the end" in text
+    assert "bn_detached" in text and "BNRS" in text and "|log r|" in text
+    fixes = book.fixes_answer(stats_summary, comparisons, table)
+    assert fixes.startswith("- **i.i.d. batch 8**: BRN ") and "against BNRS" in fixes and "BN's time per step" in fixes
+    checks = book.textbook_checks(comparisons, summary)
+    assert set(checks["the data"]) <= {"agrees", "contradicts", "cannot tell"} and len(checks) == 2  # not brn - bn at 8
+    assert book.reversal_answer(stats_summary, stats_summary, losses, comparisons) == ""  # no non-i.i.d. batches here
 
 
 def test_plateau_uses_every_evaluation_of_a_run_on_one_test_set_and_keeps_its_columns_when_empty():

@@ -332,3 +332,57 @@ def test_the_2x2_answer_reads_out_each_effect_with_its_verdict_and_family():
     assert text.count("\n") == 0 and text.startswith("- **i.i.d. batch 16** (5 seeds): ")
     assert "normalising with running instead of batch statistics +0.0 [-1.0, +1.0] points (equivalent, primary)" in text
     assert "cutting the gradient through the statistics -20.0 [-21.0, -19.0] points (below, primary)" in text
+
+
+def _rows(**effects) -> pd.DataFrame:
+    """Comparison rows at i.i.d. batch 2 and non-i.i.d. batch 2: name -> (mean, verdict), interval +-1 point."""
+    return pd.DataFrame([{"comparison": name, "outcome": "accuracy", "batch_size": 2, "sampler": sampler, "n_seeds": 5,
+                          "mean": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01, "verdict": verdict,
+                          "family": "exploratory"}
+                         for key, (mean, verdict) in effects.items() for sampler in ("iid", "noniid")
+                         for name in [key.replace("__", " - ").replace("_FWD", "2x2: forward statistics (running - batch)")
+                                      .replace("_GRAD", "2x2: gradient through the statistics (without - with)")]])
+
+
+def _traces(weights: dict) -> pd.DataFrame:
+    """A traces_summary with the given end-of-training weight norms per method (one layer, both conditions)."""
+    return pd.DataFrame([{"batch_size": 2, "sampler": s, "method": m, "layer": 1, "phase": phase, "step": 1, "n_seeds": 5,
+                          "log_r_p90": 0.1, "d_p90": 0.1, "conv_weight_norm": w if phase == "last" else 3.0,
+                          "gamma_norm": 1.0, "input_rms": 1.0, "conv_grad_norm": 1.0}
+                         for m, w in weights.items() for s in ("iid", "noniid") for phase in ("first", "last")])
+
+
+def test_textbook_checks_read_each_account_by_its_rule():
+    rows = _rows(_GRAD=(-0.2, "below"), _FWD=(0.0, "equivalent"), brn__bn=(0.0, "cannot tell"))
+    grown = book.textbook_checks(rows, _traces({"bn": 5.0, "bn_detached": 30.0, "bnrs": 20.0}))
+    assert list(grown["the data"]) == ["agrees", "agrees", "contradicts", "contradicts", "cannot tell", "cannot tell"]
+    assert "bn_detached 6x BN's, BNRS 4x BN's" in grown["what the data say"].iloc[0]
+    # the gradient's effect without the weights' growth is not the account's mechanism: it cannot tell
+    flat = book.textbook_checks(rows, _traces({"bn": 5.0, "bn_detached": 4.0, "bnrs": 20.0}))
+    assert flat["the data"].iloc[0] == "cannot tell"
+    # an account of small batches is not read at a large i.i.d. batch
+    large = rows.assign(batch_size=16)
+    assert "Batch Renormalization beats BN with small or non-i.i.d. batches" in set(book.textbook_checks(large)["account"])
+    assert set(book.textbook_checks(large[large.sampler == "iid"])["account"]) == {c["account"] for c in book.TEXTBOOK[:2]}
+    text = book.textbook_answer(grown)
+    assert text.count("\n  - ") == 6 and "**contradicts**" in text
+
+
+def test_sweep_and_reversal_read_outs_quote_their_rows():
+    summary = pd.DataFrame([{"batch_size": 2, "sampler": s, "method": m, "mean": acc}
+                            for s in ("iid", "noniid") for m, acc in
+                            (("bn", 0.2), ("bnrs", 0.6), ("bnrs_m001", 0.5), ("bnrs_m100", 0.7), ("brn", 0.65))])
+    rows = _rows(bnrs_m001__bnrs=(-0.1, "below"), bnrs_m100__bnrs=(0.1, "above"),
+                 bnrs_orig_m100__bn_detached=(0.0, "equivalent"), bnrs__bn=(0.4, "above"))
+    sweep = book.sweep_answer(summary, rows).splitlines()
+    assert sweep[0] == ("- **i.i.d. batch 2**: momentum 0.01 50.0%, -10.0 [-11.0, -9.0] points (below, exploratory) against "
+                        "0.1; momentum 0.1 (BNRS) 60.0%; momentum 1 70.0%, +10.0 [+9.0, +11.0] points (above, exploratory) "
+                        "against 0.1. The original's BNRS at momentum 1 against bn_detached: +0.0 [-1.0, +1.0] points "
+                        "(equivalent, exploratory).")
+    losses = pd.DataFrame([{"cell": f"c{m}", "method": m, "step": 10, "batch_size": 2, "sampler": "noniid", "train_loss": loss}
+                           for m, loss in (("bn", 0.2), ("bnrs", 0.8), ("brn", 1.0))])
+    text = book.reversal_answer(summary, summary, losses, rows)
+    assert text.startswith("- **non-i.i.d. batch 2** (5 seeds): BNRS - BN +40.0 [+39.0, +41.0] points (above, exploratory).")
+    assert "BN: training loss 0.20, test accuracy 20.0%" in text and "train/test mismatch" in text
+    worse = book.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
+    assert "fails to train" in worse

@@ -288,3 +288,27 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     assert re.search(r"<th[^>]*><p>kernels: committed -&gt; re-executed</p></th>", reproducibility) or not verify.SAVED_CROSS_ISA.exists()
     original = _text(site / "book" / "original.html")
     assert "not re-run" in original and re.search(r"holds|does not hold|cannot tell", original)
+
+
+@pytest.mark.slow
+def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_site):
+    """The mechanism chapter's numbers are the committed results/mechanism/ CSVs': the 2x2 table, its read-outs and
+    the textbook checks."""
+    folder = ROOT / "results" / "mechanism"
+    if not (folder / "summary.csv").exists():
+        pytest.skip("results/mechanism holds no finished cell in this checkout")
+    text = _text(published_site / "book" / "mechanism.html").replace("\u2019", "'")  # smart quotes back to plain
+    text = re.sub(r"\s+", " ", text)
+    comparisons, summary = pd.read_csv(folder / "analysis.csv"), pd.read_csv(folder / "summary.csv")
+    corners = summary[summary["method"].isin(["bn", "bn_detached", "brn", "bnrs"])]
+    for row in corners.itertuples():
+        assert book.percent_interval(row.mean, row.ci_low, row.ci_high) in text, row
+    effects = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
+    assert len(effects)
+    for row in effects.itertuples():
+        assert f"{book.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} {row.verdict} ({row.family})" in text, row
+    traces = pd.read_csv(folder / "traces_summary.csv")
+    readouts = [book.twobytwo_answer(comparisons), book.trace_answer(traces),
+                book.textbook_answer(book.textbook_checks(comparisons, traces))]
+    for line in "\n".join(readouts).splitlines():
+        assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line

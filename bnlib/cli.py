@@ -83,6 +83,12 @@ def cmd_run(args) -> int:
     return 0 if report.ok else 1
 
 
+def _source_done(same_as: str, runs: Path, results: Path | None) -> bool:
+    """Whether the cell a twin or reused cell trains as (``same_as``: an id, or ``<grid>/<id>``) has its metrics file."""
+    other, _, cell = same_as.rpartition("/")
+    return ((paths.runs_dir(other, results) if other else runs) / f"{cell}.json").exists()
+
+
 def cmd_status(args) -> int:
     from . import grid as grid_mod
     from . import runner
@@ -121,6 +127,10 @@ def cmd_status(args) -> int:
     if elsewhere:
         print(f"  ... of which {sum('/' in twins[c] for c in waiting)} are trained by grid(s) {', '.join(elsewhere)} "
               f"(this grid's 'reuse'): run {' and '.join(f'`bnlib run {g}`' for g in elsewhere)} for them")
+    ready = [c for c in waiting if _source_done(twins[c], runs, args.results)]
+    if ready:
+        print(f"  {len(ready)} of the pending cells can be copied now (what they train is done): `bnlib run {g.name}` "
+              "copies them before it trains anything")
     if args.verbose:
         for key in ("done", "stale", "started", "pending"):
             for cell in st[key]:

@@ -540,6 +540,8 @@ axes:
     report = runner.run(g2, res, runner.LocalExecutor(jobs=1, threads=1), progress=False)
     assert report.finished == [own.id] and not report.copied  # nothing to copy yet, and the shared cell is not trained here
     assert runner.run(g1, res, runner.LocalExecutor(jobs=1, threads=1), progress=False).finished == [source.id]
+    assert cli.main(["status", str(second), "--results", str(res)]) == 0
+    assert "1 of the pending cells can be copied now" in capsys.readouterr().out
     assert runner.run(g2, res, runner.LocalExecutor(jobs=1, threads=1), progress=False).copied == [shared.id]
     copied = record.read_run(res / "second" / "runs" / f"{shared.id}.json")
     original = record.read_run(res / "first" / "runs" / f"{source.id}.json")

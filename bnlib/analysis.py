@@ -261,6 +261,22 @@ def with_plan(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def exploratory_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """A secondary summary of a grid with a plan (accuracy after recomputed or with batch statistics): every comparison
+    with BN there is exploratory by the plan, so it carries the exploratory family's correction (Benjamini-Hochberg
+    over this table's comparisons) and verdict in the columns of :func:`with_plan`, not a Holm of its own."""
+    out = summary.drop(columns=["p_holm", "verdict"], errors="ignore")
+    compared = out["p_value"].notna() if "p_value" in out else pd.Series(False, index=out.index)
+    out["family"] = np.where(compared, "exploratory", None)
+    out["correction"] = np.where(compared, "Benjamini-Hochberg", None)
+    out["p_adjusted"] = bh(out["p_value"].to_numpy(dtype=float)) if "p_value" in out else np.nan
+    out["p_tost_adjusted"] = np.nan  # no equivalence question is asked of these tables
+    out["verdict"] = [verdict(d, p, np.nan) if f == "exploratory" else None
+                      for d, p, f in zip(out.get("diff_vs_bn", np.nan), out["p_adjusted"], out["family"])]
+    out["note"] = ""
+    return out
+
+
 # The original study's four claims, judged from the re-run study's primary verdicts (book/analysis-plan.md fixes
 # these rules before its data): claim -> how it reads the verdicts (batch size -> verdict) of each comparison.
 CLAIMS = ("BRN(C) beats BN only at tiny batches", "BNRS converges much slower than BN",

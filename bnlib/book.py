@@ -100,7 +100,9 @@ def headline_condition(summary: pd.DataFrame, sampler: str = "iid") -> pd.DataFr
     dataset = "fashionmnist" if (s["dataset"] == "fashionmnist").any() else sorted(s["dataset"].unique())[0]
     part = s[(s["dataset"] == dataset) & (s["sampler"] == sampler)] if (s["sampler"] == sampler).any() else s[s["dataset"] == dataset]
     part = standard_placement(part)
-    if "budget" in part:  # equal samples (a budget in samples or epochs) when the grid has several
+    if "budget" in part and part.groupby("batch_size")["budget"].nunique().max() > 1:
+        # equal samples (a budget in samples or epochs) when a batch size has several; a grid that gives each batch
+        # size its own budget (trained to a plateau) keeps them all
         budgets = sorted(part["budget"].unique(), key=lambda b: (str(b).endswith(" steps"), str(b)))
         part = part[part["budget"] == budgets[0]]
     return part
@@ -180,9 +182,41 @@ def abstract(t: Tables) -> str:
     if said:
         text.append("; ".join(said) + ".")
     text.append(_plateau_sentence(t.folder, part))
-    text.append(f"Differences are paired by seed with Student-t 95% intervals; verdicts are paired t-tests at 5%, "
-                f"Holm-corrected over the grid's {f['family']} comparisons with BN.")
+    text.append("Differences are paired by seed with Student-t 95% intervals; " + correction_sentence(t.summary))
     return " ".join(text)
+
+
+def correction_sentence(summary: pd.DataFrame) -> str:
+    """How the verdicts of ``summary`` were reached: the pre-registered plan's families where the grid has one (the
+    summary carries ``family``), else Holm over every comparison with BN."""
+    if "family" not in summary:
+        n = int(summary["p_value"].notna().sum()) if "p_value" in summary else 0
+        return f"verdicts are paired t-tests at 5%, Holm-corrected over the grid's {n} comparisons with BN."
+    primary = int((summary["family"] == "primary").sum())
+    exploratory = int((summary["family"] == "exploratory").sum())
+    return (f"verdicts are paired t-tests at 5% under the pre-registered analysis plan: Holm over its {primary} primary "
+            f"comparisons with BN here, Benjamini-Hochberg over the {exploratory} exploratory ones; \"equivalent\" where "
+            f"two one-sided tests put the difference within ±{EQUIVALENCE_POINTS:g} point.")
+
+
+ANSWER_CLAUSES = {"bnrs": "normalising with running statistics during training (BNRS)",
+                  "brn": "keeping BN's gradient through the batch statistics while correcting to the running ones (BRN)",
+                  "gn": "batch-independent normalisation (GroupNorm)"}
+
+
+def answer(summary: pd.DataFrame) -> str:
+    """The Summary's answer in one paragraph (Markdown): BNRS, BRN and GroupNorm against BN at the smallest and the
+    largest batch of :func:`headline_condition`, verdict, difference and interval; a method the grid has not run
+    there is left out."""
+    f = headline(summary)
+    said = []
+    for m, clause in ANSWER_CLAUSES.items():
+        ends = [f"at batch {f[k]}: **{f[f'{m}_{k}_verdict']}** ({f[f'{m}_{k}_diff']:+.1f} points, 95% interval "
+                f"{f[f'{m}_{k}_low']:+.1f} to {f[f'{m}_{k}_high']:+.1f})" for k in ("small", "large") if f"{m}_{k}_diff" in f]
+        if ends:
+            said.append(f"{clause} " + ", ".join(ends))
+    head = f"Against BN on {f['dataset_name']} ({f['budget']}, i.i.d. batches): "
+    return head + ("; ".join(said) + "." if said else "no method other than BN has run in this condition yet.")
 
 
 def headline_caption(t: Tables) -> str:
@@ -468,6 +502,8 @@ def gather_runs(folder: Path) -> int:
             if cell.cell_type == "markdown" and cell.source.startswith("# "):
                 cell.source = f"# Cell `{path.stem}`" + cell.source[cell.source.index("\n"):] if "\n" in cell.source else f"# Cell `{path.stem}`"
                 break
+        else:  # a notebook without a title (a cell copied from another grid): its page still needs one
+            nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# Cell `{path.stem}`"))
         nbformat.write(nb, CELLS_DIR / path.name)
         count += 1
     return count

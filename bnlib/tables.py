@@ -99,13 +99,14 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
         frames["analysis"] = analysis.comparisons(table, losses, plan)
     if plan is not analysis.NO_PLAN:  # its summary's verdicts are the plan's
         frames["summary"] = analysis.with_plan(frames["summary"], frames["analysis"])
-    if table["test_acc_recomputed"].notna().any():
-        frames["summary_recomputed"] = stats.summarise(table[table["test_acc_recomputed"].notna() | table["diverged"]], "test_acc_recomputed")
+    secondary = {"summary_recomputed": "test_acc_recomputed", "summary_batchstats": "test_acc_batchstats"}
+    for name, column in secondary.items():  # exploratory by a plan: its correction, not a Holm of their own
+        if table[column].notna().any():
+            frame = stats.summarise(table[table[column].notna() | table["diverged"]], column)
+            frames[name] = frame if plan is analysis.NO_PLAN else analysis.exploratory_summary(frame)
     trace = traces(runs)
     if len(trace):
         frames["traces_summary"] = trace_summary(trace)
-    if table["test_acc_batchstats"].notna().any():
-        frames["summary_batchstats"] = stats.summarise(table[table["test_acc_batchstats"].notna() | table["diverged"]], "test_acc_batchstats")
     return {name: write_csv(frame, grid_dir / f"{name}.csv") for name, frame in frames.items()}
 
 

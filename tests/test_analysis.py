@@ -221,3 +221,20 @@ def test_plateau_uses_every_evaluation_of_a_run_on_one_test_set_and_keeps_its_co
     assert analysis.plateau(pd.DataFrame(rows)).loc[0, "gain_last_quarter"] == pytest.approx(0.0)
     empty = analysis.plateau(pd.DataFrame(rows).iloc[:0])
     assert empty.empty and {"method", "plateaued"} <= set(empty.columns)
+
+
+def test_a_planned_grids_secondary_summary_is_exploratory_under_benjamini_hochberg():
+    summary = pd.DataFrame({"method": ["bn", "a", "b", "c"], "diff_vs_bn": [np.nan, -0.1, 0.05, 0.2],
+                            "p_value": [np.nan, 0.01, 0.04, 0.03], "p_holm": [np.nan, 0.03, 0.06, 0.06],
+                            "verdict": [None, "below", "cannot tell", "cannot tell"]})
+    out = analysis.exploratory_summary(summary)
+    assert "p_holm" not in out and list(out["family"].iloc[1:]) == ["exploratory"] * 3 and pd.isna(out["family"].iloc[0])
+    assert out["p_adjusted"].iloc[1:].tolist() == pytest.approx([0.03, 0.04, 0.04])  # BH: 0.01*3/1, 0.04, 0.03*3/2 -> 0.04
+    assert list(out["verdict"].iloc[1:]) == ["below", "above", "above"]
+    assert book_adjusted(out.iloc[1]) == "0.03 (exploratory, Benjamini-Hochberg)"
+
+
+def book_adjusted(row) -> str:
+    from bnlib import book
+
+    return book.adjusted_p(row)["adjusted p"]

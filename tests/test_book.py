@@ -386,3 +386,32 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
     assert "BN: training loss 0.20, test accuracy 20.0%" in text and "train/test mismatch" in text
     worse = book.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
     assert "fails to train" in worse
+
+
+def _condition_rows(budgets: dict, methods=("bn", "bnrs", "brn")) -> pd.DataFrame:
+    """Summary rows of Fashion-MNIST i.i.d. at the given batch size -> budget, BN at 80%, the others +1 point."""
+    return pd.DataFrame([{"dataset": "fashionmnist", "sampler": "iid", "norm_placement": "all", "batch_size": b, "budget": budget,
+                          "method": m, "n_seeds": 5, "mean": 0.8, "ci_low": 0.79, "ci_high": 0.81, "p_value": 0.01,
+                          "diff_vs_bn": None if m == "bn" else 0.01, "diff_ci_low": None if m == "bn" else 0.005,
+                          "diff_ci_high": None if m == "bn" else 0.015, "wins": 5, "n_pairs": 5,
+                          "verdict": None if m == "bn" else "above"}
+                         for b, budget in budgets.items() for m in methods])
+
+
+def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch_size():
+    summary = _condition_rows({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
+    assert sorted(book.headline_condition(summary)["batch_size"].unique()) == [2, 16, 128]
+    text = book.answer(summary)
+    assert text.startswith("Against BN on Fashion-MNIST") and "GroupNorm" not in text  # not run: left out
+    assert "(BNRS) at batch 2: **above** (+1.0 points, 95% interval +0.5 to +1.5), at batch 128: **above**" in text
+    # two budgets at one batch size (the old study): the equal-samples one
+    two = pd.concat([_condition_rows({2: "6400 samples", 128: "6400 samples"}), _condition_rows({128: "50 steps"})])
+    assert set(book.headline_condition(two)["budget"]) == {"6400 samples"}
+
+
+def test_the_correction_is_named_as_the_grid_applied_it():
+    summary = _condition_rows({2: "40000 steps", 16: "8000 steps"})
+    assert "Holm-corrected over the grid's 6 comparisons" in book.correction_sentence(summary)  # p_value on BN's rows too
+    planned = summary.assign(family=["primary", "primary", "exploratory"] * 2)
+    said = book.correction_sentence(planned)
+    assert "Holm over its 4 primary comparisons" in said and "Benjamini-Hochberg over the 2 exploratory" in said

@@ -115,7 +115,10 @@ def headline(summary: pd.DataFrame) -> dict:
     dataset = str(part["dataset"].iloc[0])
     small, large = int(part["batch_size"].min()), int(part["batch_size"].max())
     family = int(s["p_value"].notna().sum()) if "p_value" in s else 0
-    facts: dict = {"dataset": dataset, "dataset_name": DATASET_NAMES.get(dataset, dataset), "small": small, "large": large, "budget": str(part["budget"].iloc[0]),
+    budgets = part.groupby("batch_size")["budget"].first()  # one per batch size (headline_condition)
+    budget = (str(budgets.iloc[0]) if budgets.nunique() == 1 else
+              ", ".join(f"{b} at batch {int(size)}" for size, b in budgets.items()))
+    facts: dict = {"dataset": dataset, "dataset_name": DATASET_NAMES.get(dataset, dataset), "small": small, "large": large, "budget": budget,
                    "n_seeds": int(part["n_seeds"].min()), "family": family}
     for size, tag in ((small, "small"), (large, "large")):
         rows = part[part["batch_size"] == size].set_index("method")

@@ -402,7 +402,8 @@ def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch
     summary = _condition_rows({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
     assert sorted(book.headline_condition(summary)["batch_size"].unique()) == [2, 16, 128]
     text = book.answer(summary)
-    assert text.startswith("Against BN on Fashion-MNIST") and "GroupNorm" not in text  # not run: left out
+    assert text.startswith("Against BN on Fashion-MNIST (40000 steps at batch 2, 8000 steps at batch 16, 2000 steps at "
+                           "batch 128, i.i.d. batches)") and "GroupNorm" not in text  # not run: left out
     assert "(BNRS) at batch 2: **above** (+1.0 points, 95% interval +0.5 to +1.5), at batch 128: **above**" in text
     # two budgets at one batch size (the old study): the equal-samples one
     two = pd.concat([_condition_rows({2: "6400 samples", 128: "6400 samples"}), _condition_rows({128: "50 steps"})])

@@ -29,14 +29,19 @@ def budget_label(config: dict) -> str:
     return f"{config['epochs']:g} epochs"
 
 
+def run_keys(run: RunRecord) -> dict:
+    """What every tidy table says of a run: its cell, seed, budget and condition (:data:`CONDITION_KEYS`)."""
+    cfg = run.config
+    return {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+
+
 def evaluations(runs: list[RunRecord]) -> pd.DataFrame:
     """The tidy table: one row per cell x method x evaluation."""
     rows = []
     for run in runs:
-        cfg = run.config
-        base = {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), "steps_total": run.steps,
+        base = {"cell": run.cell, "seed": run.config["seed"], "budget": budget_label(run.config), "steps_total": run.steps,
                 "num_classes": run.num_classes, "device": run.device, "device_name": run.provenance.device_name,
-                **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+                **run_keys(run)}  # the run's keys, with what evaluations add after its budget (the CSV's column order)
         for method, rec in run.methods.items():
             common = {**base, "method": method, "diverged": rec.diverged, "diverged_step": rec.diverged_step,
                       "train_seconds": rec.train_seconds, "samples_per_second": rec.samples_per_second}
@@ -44,7 +49,7 @@ def evaluations(runs: list[RunRecord]) -> pd.DataFrame:
             sizes = rec.eval_size or [run.test_size] * n  # test images per evaluation (a subset in training)
             batchstats = rec.test_acc_batchstats or [None] * n  # absent from files written before it existed
             for i, step in enumerate(rec.eval_step):
-                rows.append({**common, "step": step, "samples_seen": step * cfg["batch_size"], "eval_size": sizes[i],
+                rows.append({**common, "step": step, "samples_seen": step * run.config["batch_size"], "eval_size": sizes[i],
                              "test_acc": rec.test_acc[i], "test_loss": rec.test_loss[i],
                              "test_acc_recomputed": rec.test_acc_recomputed[i],
                              "test_loss_recomputed": rec.test_loss_recomputed[i],
@@ -64,11 +69,11 @@ def training_losses(runs: list[RunRecord]) -> pd.DataFrame:
     """One row per cell x method x logged training-loss window."""
     rows = []
     for run in runs:
-        cfg = run.config
-        base = {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        base = run_keys(run)
         for method, rec in run.methods.items():
             for step, loss in zip(rec.train_step, rec.train_loss):
-                rows.append({**base, "method": method, "step": step, "samples_seen": step * cfg["batch_size"], "train_loss": loss})
+                rows.append({**base, "method": method, "step": step, "samples_seen": step * run.config["batch_size"],
+                             "train_loss": loss})
     return pd.DataFrame(rows)
 
 
@@ -116,8 +121,7 @@ def traces(runs: list[RunRecord]) -> pd.DataFrame:
     CSV whole: a grid's traces are millions of numbers; :func:`trace_summary` is)."""
     frames = []
     for run in runs:
-        cfg = run.config
-        base = {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+        base = run_keys(run)
         for method, rec in run.methods.items():
             if not rec.traces:
                 continue

@@ -101,16 +101,21 @@ def correct(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def subset_evaluations(table: pd.DataFrame) -> pd.DataFrame:
+    """The in-training evaluations on the fixed test subset (the final full-set evaluation is another test set and
+    left out); every evaluation where a run used one test set throughout."""
+    size = table.groupby("cell")["eval_size"]
+    same = size.transform("min") == size.transform("max")
+    return table[table["test_acc"].notna() & ((table["eval_size"] < size.transform("max")) | same)]
+
+
 def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PLATEAU_MARGIN) -> pd.DataFrame:
     """The plateau criterion per condition and method: per seed, the mean test accuracy of the last ``window``
     in-training evaluations (the fixed subset; the final full-set evaluation is left out, it is another test set;
     a run evaluated on one test set throughout uses every evaluation)
     minus the mean of the ``window`` evaluations nearest 75% of the run; over seeds, its mean and the upper end of
     its 95% t interval. Plateaued when that upper end is below ``bound``."""
-    size = table.groupby("cell")["eval_size"]
-    # the in-training subset evaluations; every evaluation where a run used one test set throughout
-    same = size.transform("min") == size.transform("max")
-    evals = table[table["test_acc"].notna() & ((table["eval_size"] < size.transform("max")) | same)]
+    evals = subset_evaluations(table)
     keys = [k for k in stats.CONDITION_KEYS if k in evals]
     columns = [*keys, "method", "n_seeds", "gain_last_quarter", "gain_ci_high", "plateaued"]
     rows = []
@@ -127,6 +132,44 @@ def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PL
                      "gain_last_quarter": float(np.mean(gains)) if gains else np.nan, "gain_ci_high": high,
                      "plateaued": bool(high < bound) if gains and not np.isnan(high) else False})
     return pd.DataFrame(rows, columns=columns)
+
+
+def convergence(table: pd.DataFrame, window: int = PLATEAU_WINDOW, margin: float = PLATEAU_MARGIN) -> pd.DataFrame:
+    """How fast each method converges, read from the curves (exploratory: book/analysis-plan.md asks for it in
+    steps and in images seen; this rule was written after the first cells were seen). Per condition and method, the
+    mean over seeds of the subset evaluations at each step; a curve's *level* is the mean of its last ``window``
+    points (as in the plateau criterion). ``steps_to_bn_level``: the first evaluated step at which the method's mean
+    curve comes within ``margin`` of BN's level there (empty when it never does within the budget: a method that
+    ends lower converges to less, not slower); ``steps_to_own_level``: the same for the method's own level. The
+    images seen at those steps are the steps times the batch size."""
+    evals = subset_evaluations(table)
+    keys = [k for k in stats.CONDITION_KEYS if k in evals]
+    columns = [*keys, "method", "n_seeds", "steps_total", "level", "bn_level", "steps_to_bn_level",
+               "images_to_bn_level", "steps_to_own_level", "images_to_own_level"]
+    rows = []
+    for key, condition in evals.groupby(keys, dropna=False, sort=True):
+        curves = {m: run.groupby("step")["test_acc"].mean().sort_index()
+                  for m, run in condition.groupby("method", sort=True)}
+        # as in the plateau criterion, a level needs 2 x window evaluations: fewer do not show a curve's end
+        level = {m: float(c.iloc[-window:].mean()) if len(c) >= 2 * window else np.nan for m, c in curves.items()}
+        bn_level = level.get("bn", np.nan)
+
+        def first_step(curve: pd.Series, target: float) -> float:
+            reached = curve.index[curve.to_numpy() >= target - margin]
+            return float(reached[0]) if not np.isnan(target) and len(reached) else np.nan
+
+        batch = dict(zip(keys, key))["batch_size"]
+        for method, curve in curves.items():
+            to_bn, to_own = first_step(curve, bn_level), first_step(curve, level[method])
+            part = condition[condition["method"] == method]
+            rows.append({**dict(zip(keys, key)), "method": method, "n_seeds": part["seed"].nunique(),
+                         "steps_total": int(part["steps_total"].max()), "level": level[method], "bn_level": bn_level,
+                         "steps_to_bn_level": to_bn, "images_to_bn_level": to_bn * batch,
+                         "steps_to_own_level": to_own, "images_to_own_level": to_own * batch})
+    out = pd.DataFrame(rows, columns=columns)
+    for column in ("steps_to_bn_level", "images_to_bn_level", "steps_to_own_level", "images_to_own_level"):
+        out[column] = out[column].astype("Int64")  # whole steps; empty where never reached
+    return out
 
 
 # --- the plan applied to a grid ----------------------------------------------------------------------------

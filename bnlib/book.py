@@ -160,6 +160,70 @@ def _plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
             + (f" and had not at batch {say(not_done)}." if not_done else "."))
 
 
+def convergence(folder: Path) -> pd.DataFrame:
+    """``convergence.csv`` (:func:`bnlib.analysis.convergence`) of the original network, beside each method's plateau
+    status from ``plateau.csv``; empty where the grid has neither."""
+    path, status = folder / "convergence.csv", folder / "plateau.csv"
+    if not path.exists():
+        return pd.DataFrame()
+    speed = standard_placement(pd.read_csv(path))
+    if status.exists():
+        plateau = pd.read_csv(status)
+        keys = [k for k in (*stats.CONDITION_KEYS, "method") if k in speed and k in plateau]
+        speed = speed.merge(plateau[[*keys, "plateaued"]], on=keys, how="left")
+    return speed[speed["level"].notna()]
+
+
+def convergence_table(speed: pd.DataFrame) -> pd.DataFrame:
+    """One condition's rows of :func:`convergence` as the page shows them."""
+    steps = lambda col: speed[col].map(lambda v: "never" if pd.isna(v) else f"{int(v):,}")  # noqa: E731
+    out = pd.DataFrame({"method": speed["method"].map(display_name).to_numpy(),
+                        "level (%)": speed["level"].map(lambda v: f"{pp(v):.1f}").to_numpy(),
+                        "steps to BN's level": steps("steps_to_bn_level").to_numpy(),
+                        "images to BN's level": steps("images_to_bn_level").to_numpy(),
+                        "steps to its own level": steps("steps_to_own_level").to_numpy(),
+                        "images to its own level": steps("images_to_own_level").to_numpy()})
+    if "plateaued" in speed:
+        out["plateaued"] = speed["plateaued"].map({True: "yes", False: "no"}).fillna("–").to_numpy()
+    return out
+
+
+def convergence_sentence(speed: pd.DataFrame) -> str:
+    """What one condition's :func:`convergence` rows say: when BN reaches its level, which methods never reach it
+    (they converge to less, not slower) and which reach it later, and how many reach their own level only after
+    the learning rate drops."""
+    from . import analysis
+
+    row = speed.iloc[0]
+    bn = speed[speed["method"] == "bn"]
+    if bn.empty:
+        return "BN is not among these runs: no level to compare with."
+    b, bn_steps = int(row["batch_size"]), bn["steps_to_bn_level"].iloc[0]
+    text = [f"BN comes within {pp(analysis.PLATEAU_MARGIN):.0f} point of its level ({pp(bn['level'].iloc[0]):.1f}%) "
+            f"after {int(bn_steps):,} steps ({int(bn_steps) * b:,} images)."]
+    others = speed[speed["method"] != "bn"]
+    never = others[others["steps_to_bn_level"].isna()]
+    later = others[others["steps_to_bn_level"].notna() & (others["steps_to_bn_level"] > bn_steps)]
+    names = lambda frame: "; ".join(display_name(m) for m in frame["method"])  # noqa: E731 - names hold commas
+    if len(never):
+        text.append(f"{names(never)} never come{'s' if len(never) == 1 else ''} within it in "
+                    f"{int(row['steps_total']):,} steps: {'it ends' if len(never) == 1 else 'they end'} lower, at "
+                    f"a level {'it reaches' if len(never) == 1 else 'they reach'} by step "
+                    f"{int(never['steps_to_own_level'].max()):,} at the latest.")
+    if len(later):
+        text.append(f"Later than BN: {'; '.join(f'{display_name(m)} ({int(s):,} steps)' for m, s in zip(later['method'], later['steps_to_bn_level']))}.")
+    if len(others) and not len(never) and not len(later):
+        text.append("No method reaches it later than BN.")
+    if row.get("lr_schedule") == "step":
+        drop = round(float(row["lr_drop_at"]) * int(row["steps_total"]))
+        after = int((speed["steps_to_own_level"] > drop).sum())
+        reach = "reaches its own level" if after == 1 else "reach their own level"
+        text.append(f"{after} of the {len(speed)} methods {reach} only after the learning rate drops (step {drop:,})"
+                    + (", so with this schedule the step counts say more about the schedule than about the methods."
+                       if after > len(speed) / 2 else "."))
+    return " ".join(text)
+
+
 def abstract(t: Tables) -> str:
     """The intro's abstract: the question and the answer in a few sentences, every number from the summary."""
     part = headline_condition(t.summary)
@@ -438,6 +502,12 @@ document.querySelectorAll("table.bnlib-sortable").forEach(function (table) {
 </script>"""
 
 
+def seed_count(frame: pd.DataFrame) -> str:
+    """'5 seeds', or '4 to 5 seeds' where a table's rows (its ``n_seeds``) differ."""
+    low, high = int(frame["n_seeds"].min()), int(frame["n_seeds"].max())
+    return f"{low} seeds" if low == high else f"{low} to {high} seeds"
+
+
 def seeds_caption(frame: pd.DataFrame, what: str) -> str:
     """A figure's caption: what it shows and over how many seeds (per condition, fewest to most)."""
     if "seed" in frame:
@@ -473,6 +543,7 @@ TABLE_FILES = {"summary.csv": "final accuracy per method and condition, with the
                "summary_recomputed.csv": "the same after recomputing population statistics",
                "summary_batchstats.csv": "the same with batch statistics at test time",
                "plateau.csv": "every method's plateau status by the analysis plan's criterion",
+               "convergence.csv": "how fast each method converges: steps and images to BN's level and to its own",
                "analysis.csv": "the analysis plan's comparisons (mechanism grids)",
                "evaluations.csv": "every evaluation of every run",
                "training_loss.csv": "every training-loss window of every run",

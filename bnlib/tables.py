@@ -98,7 +98,7 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
     table = evaluations(runs)
     losses = training_losses(runs)
     frames = {"evaluations": table, "training_loss": losses, "summary": stats.summarise(table),
-              "plateau": analysis.plateau(table)}
+              "plateau": analysis.plateau(table), "convergence": analysis.convergence(table)}
     plan = analysis.plan_for(grid_dir.name)  # the grid's pre-registered plan (book/analysis-plan.md), if it has one
     if plan is not analysis.NO_PLAN or set(analysis.CORNERS) <= set(table["method"]):
         frames["analysis"] = analysis.comparisons(table, losses, plan)

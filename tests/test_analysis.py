@@ -69,6 +69,52 @@ def test_plateau_criterion_on_known_curves():
     assert out.loc["flat", "n_seeds"] == 5
 
 
+def convergence_rows(curves: dict, steps_total: int = 1600, batch_size: int = 16, seeds: int = 3) -> pd.DataFrame:
+    """Evaluation rows for known mean curves (every 100 steps; the final full-set evaluation at 0, left out)."""
+    steps = np.arange(100, steps_total + 100, 100)
+    rows = [{"cell": f"c{seed}", "seed": seed, "method": method, "step": step, "steps_total": steps_total,
+             "eval_size": 10000 if step == steps_total else 2000,
+             "test_acc": 0.0 if step == steps_total else curve(step) + (seed - 1) * 0.001,
+             "dataset": "fashionmnist", "batch_size": batch_size, "sampler": "iid", "lr_schedule": "step",
+             "lr_drop_at": 0.5}
+            for seed in range(seeds) for method, curve in curves.items() for step in steps]
+    return pd.DataFrame(rows)
+
+
+def test_convergence_reads_steps_and_images_to_bns_level_and_to_a_methods_own():
+    """BN climbs to 0.88 by step 800; "slow" reaches the same level at step 1200; "low" levels off at 0.70 by step
+    400 and never comes within a point of BN's level. The mean over seeds is read (seed offsets cancel)."""
+    curves = {"bn": lambda s: min(0.88, 0.5 + 0.000475 * s), "slow": lambda s: min(0.88, 0.5 + 0.000317 * s),
+              "low": lambda s: min(0.70, 0.5 + 0.0005 * s)}
+    out = analysis.convergence(convergence_rows(curves)).set_index("method")
+    assert out.loc["bn", "level"] == pytest.approx(0.88) and (out["bn_level"] == out.loc["bn", "level"]).all()
+    # BN: 0.5 + 0.000475 * 800 = 0.88 -> within a point (0.87) first at 800 (at 700: 0.8325)
+    assert out.loc["bn", "steps_to_bn_level"] == 800 and out.loc["bn", "images_to_bn_level"] == 800 * 16
+    assert out.loc["slow", "steps_to_bn_level"] == 1200 and out.loc["slow", "steps_to_own_level"] == 1200
+    assert pd.isna(out.loc["low", "steps_to_bn_level"]) and pd.isna(out.loc["low", "images_to_bn_level"])
+    assert out.loc["low", "steps_to_own_level"] == 400 and out.loc["low", "images_to_own_level"] == 6400
+    assert out.loc["low", "n_seeds"] == 3 and out.loc["low", "steps_total"] == 1600
+    # too few evaluations to show a curve's end (fewer than twice the window): no level, no steps
+    short = analysis.convergence(convergence_rows(curves, steps_total=500))
+    assert short["level"].isna().all() and short["steps_to_own_level"].isna().all()
+
+
+def test_the_convergence_sentence_names_what_never_reaches_bns_level_and_what_reaches_it_later():
+    from bnlib import book
+
+    curves = {"bn": lambda s: min(0.88, 0.5 + 0.000475 * s), "brn": lambda s: min(0.88, 0.5 + 0.000317 * s),
+              "bnrs": lambda s: min(0.70, 0.5 + 0.0005 * s)}
+    speed = analysis.convergence(convergence_rows(curves))
+    text = book.convergence_sentence(speed)
+    assert "BN comes within 1 point of its level (88.0%) after 800 steps (12,800 images)." in text
+    assert "BN, running stats (BNRS) never comes within it in 1,600 steps: it ends lower" in text
+    assert "by step 400 at the latest" in text and "Later than BN: Batch Renorm (BRN) (1,200 steps)." in text
+    assert "1 of the 3 methods reaches its own level only after the learning rate drops (step 800)." in text
+    table = book.convergence_table(speed.assign(plateaued=[True, False, True]))
+    assert table.set_index("method").loc["BN, running stats (BNRS)", "steps to BN's level"] == "never"
+    assert list(table["plateaued"]) == ["yes", "no", "yes"]
+
+
 def test_comparisons_follow_the_plan_on_a_synthetic_grid():
     """Two conditions of the plan (i.i.d. batch 16: BN flat; non-i.i.d. batch 2: BN still rising) and one outside
     it (SGD): primary rows only where the plan names them and BN plateaued; BNRS - BN primary at non-i.i.d. batch 2

@@ -326,15 +326,28 @@ CLAIMS = ("BRN(C) beats BN only at tiny batches", "BNRS converges much slower th
           "BNWoS fails at batch 2", "BNWoS matches BN at larger batches")
 
 
-def original_claims(comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str = "fashionmnist") -> list[dict]:
+def original_claims(comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str = "fashionmnist",
+                    family: str = "primary") -> list[dict]:
     """Each claim's verdict -- "holds", "does not hold" or "cannot tell" -- and the verdicts it was read from. Only
-    primary rows count: a comparison that is not primary (BN not plateaued, or not run) is read as missing."""
-    rows = comparisons[(comparisons.get("family") == "primary") & (comparisons.get("outcome") == "accuracy")
-                       & (comparisons.get("dataset") == dataset) & (comparisons.get("sampler") == "iid")]
+    rows of ``family`` count: a comparison that is not primary (BN not plateaued, or not run) is read as missing.
+    ``family="exploratory"`` reads the same rules off a dataset the plan leaves exploratory (labelled so)."""
+    ours = comparisons[(comparisons.get("outcome") == "accuracy") & (comparisons.get("dataset") == dataset)
+                       & (comparisons.get("sampler") == "iid")]
+    rows = ours[ours.get("family") == family]
+    run = {(r["comparison"], int(r["batch_size"])) for _, r in ours.iterrows()}
     sizes = sorted({w["batch_size"] for w, _ in plan.primary})
     tiny, larger = sizes[0], sizes[1:]
-    got = {(r["comparison"], int(r["batch_size"])): r["verdict"] for _, r in rows.iterrows()}
-    v = lambda method, b: got.get((f"{method} - bn", b))  # noqa: E731 - None where not primary
+    got = {(r["comparison"], int(r["batch_size"])): r for _, r in rows.iterrows()}
+    v = lambda method, b: got[(f"{method} - bn", b)]["verdict"] if (f"{method} - bn", b) in got else None  # noqa: E731
+
+    def said(method: str, b: int) -> str:
+        row = got.get((f"{method} - bn", b))
+        if row is None:
+            return f"{method} at batch {b}: " + (f"not {family}" if (f"{method} - bn", b) in run else "not run yet")
+        if all(c in row and pd.notna(row[c]) for c in ("mean", "ci_low", "ci_high")):
+            return (f"{method} at batch {b}: {100 * row['mean']:+.1f} [{100 * row['ci_low']:+.1f}, "
+                    f"{100 * row['ci_high']:+.1f}] points, {row['verdict']}")
+        return f"{method} at batch {b}: {row['verdict']}"
     settled = ("below", "equivalent")
 
     def brn():
@@ -365,5 +378,5 @@ def original_claims(comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str 
     read = {CLAIMS[0]: [(m, b) for m in ("brn", "brnc") for b in sizes], CLAIMS[1]: [("bnrs", b) for b in sizes],
             CLAIMS[2]: [("bnwos", tiny)], CLAIMS[3]: [("bnwos", b) for b in larger]}
     return [{"claim": claim, "verdict": judge(),
-             "evidence": "; ".join(f"{m} at batch {b}: {v(m, b) or 'not primary'}" for m, b in read[claim])}
+             "evidence": "; ".join(said(m, b) for m, b in read[claim])}
             for claim, judge in zip(CLAIMS, (brn, slower, fails, matches))]

@@ -115,9 +115,7 @@ def headline(summary: pd.DataFrame) -> dict:
     dataset = str(part["dataset"].iloc[0])
     small, large = int(part["batch_size"].min()), int(part["batch_size"].max())
     family = int(s["p_value"].notna().sum()) if "p_value" in s else 0
-    budgets = part.groupby("batch_size")["budget"].first()  # one per batch size (headline_condition)
-    budget = (str(budgets.iloc[0]) if budgets.nunique() == 1 else
-              ", ".join(f"{b} at batch {int(size)}" for size, b in budgets.items()))
+    budget = budget_words(part)  # one per batch size (headline_condition)
     facts: dict = {"dataset": dataset, "dataset_name": DATASET_NAMES.get(dataset, dataset), "small": small, "large": large, "budget": budget,
                    "n_seeds": int(part["n_seeds"].min()), "family": family}
     for size, tag in ((small, "small"), (large, "large")):
@@ -154,7 +152,7 @@ def _plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
                 f"{2 * analysis.PLATEAU_WINDOW} evaluations) whether they finished training: the numbers describe this budget.")
     done = sorted(int(b) for b in assessed.loc[assessed["plateaued"].astype(bool), "batch_size"])
     not_done = sorted(int(b) for b in assessed.loc[~assessed["plateaued"].astype(bool), "batch_size"])
-    say = lambda sizes: ", ".join(map(str, sizes))  # noqa: E731
+    say = lambda sizes: " and ".join([", ".join(map(str, sizes[:-1])), str(sizes[-1])] if len(sizes) > 1 else map(str, sizes))  # noqa: E731
     return ("By the analysis plan's plateau criterion BN had finished training "
             + (f"at batch {say(done)}" if done else "at no batch size")
             + (f" and had not at batch {say(not_done)}." if not_done else "."))
@@ -264,6 +262,103 @@ def correction_sentence(summary: pd.DataFrame) -> str:
     return (f"verdicts are paired t-tests at 5% under the pre-registered analysis plan: Holm over its {primary} primary "
             f"comparisons with BN here, Benjamini-Hochberg over the {exploratory} exploratory ones; \"equivalent\" where "
             f"two one-sided tests put the difference within ±{EQUIVALENCE_POINTS:g} point.")
+
+
+def questions_preamble(summary: pd.DataFrame) -> str:
+    """The Results page's note on how its questions are answered: on which condition, and by which verdict rule
+    (:func:`correction_sentence`)."""
+    planned = "family" in summary
+    budget = ("each batch size trained until BN plateaued, by the analysis plan's criterion" if planned
+              else "the equal-samples budget")
+    return (f"Each question on the condition the book's answer is told on (the grid's harder dataset, the original "
+            f"network, {budget}): a figure, the verdict in a sentence, and the numbers. Every difference is paired by "
+            f"seed against BN with its Student-t 95% interval; the "
+            + correction_sentence(summary)
+            + " Readings across batch sizes or samplers compare intervals by eye and are exploratory.")
+
+
+PLANNED_CLAIMS = ("Judged by the pre-registered analysis plan's rules from its primary verdicts (Fashion-MNIST, i.i.d. "
+                  "batches, every batch size trained until BN plateaued); the original's digits are exploratory there, "
+                  "so their column applies the same rules to exploratory verdicts and is labelled so. A comparison "
+                  "that is not primary -- not run yet, or BN not plateaued -- counts as unknown.")
+
+
+def claims_preamble(summary: pd.DataFrame) -> str:
+    """How the original's claims are judged on this grid: by the re-run study's plan (its primary verdicts), or
+    under the original's equal-steps budget from the paired intervals."""
+    if "family" in summary:
+        return PLANNED_CLAIMS + " The evidence is on [The original study, side by side](original.md):"
+    return ("Judged under the original's budget (the same number of steps at every batch size) on "
+            "[The original study, side by side](original.md):")
+
+
+def budget_words(part: pd.DataFrame) -> str:
+    """The budget of one condition's rows: '6400 samples' where every batch size has the same, else each batch
+    size's, '40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128' (a grid trained to a plateau)."""
+    budgets = part.groupby("batch_size")["budget"].first()
+    if budgets.nunique() == 1:
+        return str(budgets.iloc[0])
+    said = [f"{int(str(b).split()[0]):,}{' ' + str(b).split()[1] if k == 0 else ''} at batch {int(size)}"
+            for k, (size, b) in enumerate(budgets.items())]
+    return ", ".join(said[:-1]) + " and " + said[-1]
+
+
+def condition_words(part: pd.DataFrame) -> str:
+    """'Fashion-MNIST, i.i.d. batches, budget 6400 samples, 5 seeds' for one condition's summary rows."""
+    dataset = part["dataset"].iloc[0]
+    return (f"{DATASET_NAMES.get(dataset, dataset)}, {'i.i.d.' if part['sampler'].iloc[0] == 'iid' else 'non-i.i.d.'} "
+            f"batches, budget {budget_words(part)}, {int(part['n_seeds'].min())} seeds")
+
+
+def original_page_budget(summary: pd.DataFrame) -> dict[str, str]:
+    """The side-by-side page's words on our budget (glued): the original's kind of budget on the short study; the
+    plateau budgets on a grid with the re-run study's plan."""
+    if "family" in summary:
+        return {"our_budget": f"each batch size trained until BN plateaued: {budget_words(headline_condition(summary))} on "
+                              f"{DATASET_NAMES['fashionmnist']}",
+                "budget_note": "Our budgets differ from the original's 10,001 steps at every batch size: each is what "
+                               "BN needed to plateau here"}
+    return {"our_budget": "under the same kind of budget: the same number of optimiser steps at every batch size",
+            "budget_note": "Our budget is also much shorter than the original's 10,001 steps"}
+
+
+def claims_rule(summary: pd.DataFrame) -> str:
+    """How the side-by-side page's verdicts on the original's claims are reached."""
+    if "family" in summary:
+        return PLANNED_CLAIMS + " The rules are `bnlib.analysis.original_claims`, fixed by the analysis plan before its cells ran."
+    budgets = sorted(equal_steps(summary)["budget"].unique())
+    return ("Each verdict comes from paired differences against BN (same seed: same batches, same initial weights) "
+            f"with 95% intervals, under the equal-steps budget ({budgets[0] if budgets else 'no equal-steps cells yet'}): "
+            "*holds* when the intervals say so, *does not hold* when they say the opposite, *cannot tell* when an "
+            "interval includes the boundary or a condition has fewer than two seeds so far.")
+
+
+def intro_design(summary: pd.DataFrame) -> dict[str, str]:
+    """The intro's words (glued) on how this grid tests and what budget it trains for."""
+    if "family" in summary:
+        return {"design_tests": "paired t-tests under a pre-registered analysis plan (Holm over its primary "
+                                "comparisons, Benjamini-Hochberg over the exploratory ones, an equivalence test where "
+                                "the claim is \"no difference\")",
+                "design_budget": f"every batch size trained until BN's test accuracy has plateaued by a stated "
+                                 f"criterion ({budget_words(headline_condition(summary))} on {DATASET_NAMES['fashionmnist']}), where the "
+                                 f"original's 10,001 steps at every batch size gave batch 2 1/64 of the images batch "
+                                 f"128 saw"}
+    return {"design_tests": "paired t-tests corrected for the number of comparisons (Holm)",
+            "design_budget": "an equal budget of *samples* at every batch size, removing the original's confound in "
+                             "which batch 2 saw 1/64 of the images batch 128 saw"}
+
+
+def claims_table(summary: pd.DataFrame) -> pd.DataFrame | None:
+    """The original's four claims (rows) by dataset (columns; "exploratory" where the plan leaves it so), or None
+    where this grid cannot judge them (no equal-steps cells)."""
+    datasets = sorted(equal_steps(summary)["dataset"].unique())
+    if not datasets:
+        return None
+    sets = {d: original_claims(summary, d) for d in datasets}
+    label = lambda d: DATASET_NAMES.get(d, d) + (" (exploratory)" if sets[d][0].get("family") == "exploratory" else "")  # noqa: E731
+    first = next(iter(sets.values()))
+    return pd.DataFrame({label(d): [c["verdict"] for c in cs] for d, cs in sets.items()},
+                        index=pd.Index([c["claim"] for c in first], name="claim"))
 
 
 ANSWER_CLAUSES = {"bnrs": "normalising with running statistics during training (BNRS)",
@@ -394,10 +489,13 @@ def run_commits(runs_dir: Path) -> list[str]:
     return list(dict.fromkeys((r.provenance.git_commit or "unknown")[:7] for r in runs))
 
 
-def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, commits: list[str] = ()) -> str:
+def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, commits: list[str] = (),
+                    folder: Path | None = None) -> str:
     """The README's first screen: the answer so far in a few sentences from the committed summary (the
-    headline condition's paired differences against BN with their intervals and Holm verdicts), then the
-    original study's four claims judged on every dataset under its equal-steps budget."""
+    headline condition's paired differences against BN with their intervals and verdicts), then the original
+    study's four claims judged on every dataset: by the re-run study's plan where the summary carries one (and
+    BN's plateau status from ``folder``'s plateau.csv), else under the original's equal-steps budget."""
+    planned = "family" in summary
     ran = f", run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
     f = headline(summary)
     figure = paths.README_FIGURE.relative_to(paths.ROOT).as_posix()
@@ -415,13 +513,22 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
              f"{f['bn_small']:.1f}% [{f['bn_small_low']:.1f}, {f['bn_small_high']:.1f}] at batch {small} and "
              f"{f['bn_large']:.1f}% [{f['bn_large_low']:.1f}, {f['bn_large_high']:.1f}] at batch {large}. Against it, paired "
              "by seed: " + "; ".join(f"{display_name(m)} {diffs(m)}" for m in compared) + ". "
-             f"Intervals are Student-t 95%; a verdict is a paired t-test at 5% after Holm's correction over all "
-             f"{f['family']} comparisons with BN in the grid, so at {f['n_seeds']} seeds many read \"cannot tell\". "
-             "These networks were not trained to a plateau: the numbers describe training under a short budget, "
-             "and a re-run to a plateau under a pre-registered analysis plan is planned. The book's Summary page has every "
-             "method and condition."]
+             + (f"Intervals are Student-t 95%; {correction_sentence(summary)} "
+                + (_plateau_sentence(folder, headline_condition(summary)) + " " if folder is not None else "")
+                if planned else
+                f"Intervals are Student-t 95%; a verdict is a paired t-test at 5% after Holm's correction over all "
+                f"{f['family']} comparisons with BN in the grid, so at {f['n_seeds']} seeds many read \"cannot tell\". "
+                "These networks were not trained to a plateau: the numbers describe training under a short budget, "
+                "and a re-run to a plateau under a pre-registered analysis plan is planned. ")
+             + "The book's Summary page has every method and condition."]
     datasets = [d for d in ("mnist5k", "fashionmnist") if d in set(equal_steps(summary)["dataset"])]
-    if datasets:
+    if datasets and planned:
+        table = claims_table(summary)
+        lines += ["", "**The original study's claims**, judged by the pre-registered analysis plan's rules from its "
+                  "primary verdicts (Fashion-MNIST; the digits' column reads the same rules off exploratory verdicts):",
+                  "", "| claim | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+        lines += [f"| {claim} | " + " | ".join(row) + " |" for claim, row in zip(table.index, table.to_numpy())]
+    elif datasets:
         verdicts = {d: original_claims(summary, d) for d in datasets}
         lines += ["", "**The original study's claims**, judged from our paired 95% intervals against BN under its budget "
                   "(the same number of steps at every batch size, i.i.d. batches):", "",
@@ -437,7 +544,7 @@ def headline_digest(summary: pd.DataFrame) -> tuple[str, str]:
     part = headline_condition(summary)
     shown = part[part["method"].isin(HEADLINE_METHODS)].sort_values(["method", "batch_size"])
     numbers = shown[["method", "batch_size", "n_seeds", "mean", "ci_low", "ci_high"]].round(6).to_csv(index=False)
-    caption = (f"Final test accuracy on {DATASET_NAMES.get(shown['dataset'].iloc[0], shown['dataset'].iloc[0])}, i.i.d. batches, budget {shown['budget'].iloc[0]}: "
+    caption = (f"Final test accuracy on {DATASET_NAMES.get(shown['dataset'].iloc[0], shown['dataset'].iloc[0])}, i.i.d. batches, budget {budget_words(shown)}: "
                f"mean over {int(shown['n_seeds'].min())} seeds, Student-t 95% intervals.")
     return hashlib.sha256(numbers.encode()).hexdigest()[:16], caption
 
@@ -456,15 +563,16 @@ def save_headline_png(summary: pd.DataFrame, path: Path = paths.README_FIGURE) -
 
 
 def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, readme: Path = README,
-                          commits: list[str] = ()) -> None:
-    """The findings between the README's markers, and the headline figure they show beside the README."""
+                          commits: list[str] = (), folder: Path | None = None) -> None:
+    """The findings between the README's markers (:func:`readme_findings`), and the headline figure they show
+    beside the README."""
     text = readme.read_text()
     start, end = README_MARKERS
     if start not in text or end not in text:
         raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the tables belong")
     save_headline_png(summary, readme.parent / paths.README_FIGURE.relative_to(paths.ROOT))
     head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits) + "\n" + end + rest.split(end, 1)[1])
+    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits, folder) + "\n" + end + rest.split(end, 1)[1])
 
 
 def runs_table(runs: list[RunRecord]) -> str:
@@ -695,10 +803,29 @@ def _diff(ours: pd.DataFrame, dataset: str, batch: int, method: str) -> tuple[fl
     return pp(h["diff_vs_bn"]), pp(h["diff_ci_low"]), pp(h["diff_ci_high"])
 
 
+def planned_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
+    """The original's four claims on a grid with the re-run study's plan (its summary carries ``family``): the
+    plan's rules (:func:`bnlib.analysis.original_claims`) on its primary verdicts, or -- on a dataset the plan
+    leaves exploratory -- the same rules on the exploratory verdicts, each claim marked with the family read."""
+    from . import analysis
+
+    s = equal_steps(summary)
+    s = s[(s["dataset"] == dataset) & (s["method"] != "bn") & s["diff_vs_bn"].notna()]
+    family = "primary" if (s["family"] == "primary").any() else "exploratory"
+    comparisons = pd.DataFrame({"comparison": s["method"] + " - bn", "outcome": "accuracy", "family": s["family"],
+                                "verdict": s["verdict"], "dataset": s["dataset"], "sampler": s["sampler"],
+                                "batch_size": s["batch_size"], "mean": s["diff_vs_bn"], "ci_low": s["diff_ci_low"],
+                                "ci_high": s["diff_ci_high"]})
+    return [{**claim, "family": family} for claim in analysis.original_claims(comparisons, dataset=dataset, family=family)]
+
+
 def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
-    """The original study's four claims, each judged on one of our datasets under its equal-steps budget from
-    the paired 95% intervals against BN: "holds", "does not hold" or "cannot tell" (an interval that
-    includes the boundary, or a condition not run / with fewer than 2 seeds)."""
+    """The original study's four claims, each judged on one of our datasets: on a grid with a pre-registered plan
+    by its rules (:func:`planned_claims`); otherwise under the equal-steps budget from the paired 95% intervals
+    against BN: "holds", "does not hold" or "cannot tell" (an interval that includes the boundary, or a condition
+    not run / with fewer than 2 seeds)."""
+    if "family" in summary:
+        return planned_claims(summary, dataset)
     ours = equal_steps(summary)
     sizes = sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())
     small, larger = (sizes[0], sizes[1:]) if sizes else (None, [])

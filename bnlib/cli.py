@@ -155,7 +155,7 @@ def cmd_aggregate(args) -> int:
 
         done = len({p.stem for p in (folder / "runs").glob("*.json")} & {c.id for c in g.cells})
         commits = book.run_commits(folder / "runs")
-        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells), commits=commits)
+        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells), commits=commits, folder=folder)
         print(f"wrote the findings tables into {book.README}")
     return 0
 

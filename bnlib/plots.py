@@ -317,15 +317,18 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, value: str = "
                          "final test accuracy", str)
 
 
-VERDICT_COLOURS = {"below": OKABE_ITO["vermillion"], "above": OKABE_ITO["blue"], "cannot tell": OKABE_ITO["grey"]}
+VERDICT_COLOURS = {"below": OKABE_ITO["vermillion"], "above": OKABE_ITO["blue"], "equivalent": OKABE_ITO["bluish green"],
+                   "cannot tell": OKABE_ITO["grey"]}
 
 
 def differences(part: pd.DataFrame, methods) -> plt.Figure:
     """Each method against BN in one condition: the paired difference in points with its 95% t interval, a panel
-    per batch size, a row per method, zero marked; coloured by the Holm verdict (below, above, cannot tell)."""
+    per batch size, a row per method, zero marked; coloured by the summary's verdict (below, above, equivalent where
+    a plan tests equivalence, cannot tell)."""
     shown = [m for m in methods if m in set(part["method"].astype(str)) and m != "bn"]
     sizes = sorted(part["batch_size"].unique())
-    fig, axes = plt.subplots(1, len(sizes), figsize=(min(6.2, 1.9 * len(sizes)), 1.3 + 0.5 * max(len(shown), 1)),
+    # the method names and the legend need about 2.6 inches whatever the number of panels
+    fig, axes = plt.subplots(1, len(sizes), figsize=(min(6.2, 2.6 + 1.5 * len(sizes)), 1.3 + 0.5 * max(len(shown), 1)),
                              sharex=True, sharey=True, squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for k, m in enumerate(shown):
@@ -343,8 +346,10 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
     axes[0][0].set_ylim(len(shown) - 0.5, -0.5)
     from matplotlib.lines import Line2D
 
-    axes[0][-1].legend(handles=[Line2D([], [], color=c, marker="o", lw=1.8, label=v) for v, c in VERDICT_COLOURS.items()],
-                       title="Holm verdict", loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT,
+    verdicts = set(part["verdict"].dropna()) if "verdict" in part else set()
+    axes[0][-1].legend(handles=[Line2D([], [], color=c, marker="o", lw=1.8, label=v) for v, c in VERDICT_COLOURS.items()
+                                if v != "equivalent" or v in verdicts],
+                       title="verdict", loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT,
                        title_fontsize=TEXT_PT)
     fig.tight_layout()
     return fig

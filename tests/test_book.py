@@ -402,8 +402,10 @@ def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch
     summary = _condition_rows({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
     assert sorted(book.headline_condition(summary)["batch_size"].unique()) == [2, 16, 128]
     text = book.answer(summary)
-    assert text.startswith("Against BN on Fashion-MNIST (40000 steps at batch 2, 8000 steps at batch 16, 2000 steps at "
+    assert text.startswith("Against BN on Fashion-MNIST (40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at "
                            "batch 128, i.i.d. batches)") and "GroupNorm" not in text  # not run: left out
+    assert book.condition_words(summary) == ("Fashion-MNIST, i.i.d. batches, budget 40,000 steps at batch 2, 8,000 at "
+                                             "batch 16 and 2,000 at batch 128, 5 seeds")
     assert "(BNRS) at batch 2: **above** (+1.0 points, 95% interval +0.5 to +1.5), at batch 128: **above**" in text
     # two budgets at one batch size (the old study): the equal-samples one
     two = pd.concat([_condition_rows({2: "6400 samples", 128: "6400 samples"}), _condition_rows({128: "50 steps"})])
@@ -416,3 +418,19 @@ def test_the_correction_is_named_as_the_grid_applied_it():
     planned = summary.assign(family=["primary", "primary", "exploratory"] * 2)
     said = book.correction_sentence(planned)
     assert "Holm over its 4 primary comparisons" in said and "Benjamini-Hochberg over the 2 exploratory" in said
+
+
+def test_the_readme_tells_a_planned_grids_answer_by_its_plan(tmp_path):
+    """A summary with the re-run study's plan (family): the README names the plan's correction and BN's plateau
+    status from plateau.csv, not the short study's caveat."""
+    summary = _condition_rows({2: "40000 steps", 16: "8000 steps"}).assign(family="primary")
+    summary.loc[summary["method"] == "bn", "family"] = None
+    pd.DataFrame({"dataset": "fashionmnist", "sampler": "iid", "norm_placement": "all", "batch_size": [2, 16],
+                  "budget": ["40000 steps", "8000 steps"], "method": "bn", "n_seeds": 5,
+                  "plateaued": [True, False]}).to_csv(tmp_path / "plateau.csv", index=False)
+    text = book.readme_findings(summary, 10, 20, ["abc1234"], folder=tmp_path)
+    assert "a budget of 40,000 steps at batch 2 and 8,000 at batch 16" in text
+    assert "under the pre-registered analysis plan: Holm over its 4 primary comparisons" in text
+    assert "BN had finished training at batch 2 and had not at batch 16." in text
+    assert "not trained to a plateau" not in text
+    assert "not trained to a plateau" in book.readme_findings(summary.drop(columns="family"), 10, 20)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -85,7 +86,7 @@ def test_readme_findings_match_the_committed_study():
     committed = text.split(start, 1)[1].split(end, 1)[0].strip()
     done = len(list(STUDY.glob("runs/*.json")))
     expected = book.readme_findings(pd.read_csv(STUDY / "summary.csv"), done, len(grid.load("study").cells),
-                                    book.run_commits(STUDY / "runs"))
+                                    book.run_commits(STUDY / "runs"), folder=STUDY)
     assert committed == expected.strip(), "README findings are out of date: run `bnlib aggregate study --readme` and commit"
 
 
@@ -202,6 +203,33 @@ def test_original_claims_follow_the_intervals():
               (ds, 2, "bnwos"): (-1, -3, 1), (ds, 16, "bnwos"): (0, -2, 2)}
     assert [c["verdict"] for c in book.original_claims(_summary(unsure), ds)] == ["cannot tell"] * 4
     assert [c["verdict"] for c in book.original_claims(_summary(diffs), "mnist5k")] == ["cannot tell"] * 4  # not run
+
+
+def test_a_planned_grids_claims_follow_the_plans_verdicts_not_the_intervals():
+    """On a grid with the re-run study's plan (its summary carries family and verdict), the claims are read from the
+    plan's verdicts: BNWoS at batch 16 is *below* by the plan (Holm) though its interval lies within +-1 point, so
+    "matches BN at larger batches" does not hold; a dataset without primary rows is judged on its exploratory
+    verdicts and labelled so; the page's words name the plan's budgets."""
+    ds = "fashionmnist"
+    diffs = {(d, b, m): (-0.7, -0.8, -0.5) for d in (ds, "mnist5k") for b in (2, 16, 128)
+             for m in ("brn", "brnc", "bnrs", "bnwos")}
+    summary = _summary(diffs)
+    summary["budget"] = summary["batch_size"].map({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
+    summary["family"] = np.where(summary["dataset"] == ds, "primary", "exploratory")
+    summary["verdict"] = "below"
+    claims = book.original_claims(summary, ds)
+    assert [c["verdict"] for c in claims] == ["does not hold", "holds", "holds", "does not hold"]
+    assert {c["family"] for c in claims} == {"primary"}
+    assert "bnwos at batch 16: -0.7 [-0.8, -0.5] points, below" in claims[3]["evidence"]
+    table = book.claims_table(summary)
+    assert list(table.columns) == ["Fashion-MNIST", "MNIST (5,000 digits) (exploratory)"]
+    words = book.original_page_budget(summary)
+    assert "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128" in words["our_budget"]
+    assert "Holm over its 12 primary" in book.questions_preamble(summary)
+    assert "pre-registered" in book.intro_design(summary)["design_tests"]
+    # the short study (no plan): its own rule and words
+    assert "Holm-corrected over the grid's" in book.questions_preamble(_summary(diffs))
+    assert "equal budget of *samples*" in book.intro_design(_summary(diffs))["design_budget"]
 
 
 def test_original_numbers_name_their_source():

@@ -303,6 +303,17 @@ def budget_words(part: pd.DataFrame) -> str:
     return ", ".join(said[:-1]) + " and " + said[-1]
 
 
+def by_budget(frame: pd.DataFrame):
+    """(dataset, budget words, rows) for each figure of a page: one per dataset and budget where a batch size has
+    several budgets (the short study's equal samples and equal steps do not share an axis); one per dataset where
+    each batch size has its own (a grid trained to a plateau: its columns are the batch sizes)."""
+    per_batch = frame.groupby(["dataset", "batch_size"])["budget"].nunique().max() == 1
+    keys = ["dataset"] if per_batch else ["dataset", "budget"]
+    for key, part in frame.groupby(keys, sort=True):
+        dataset = key[0] if isinstance(key, tuple) else key
+        yield dataset, budget_words(part), part
+
+
 def condition_words(part: pd.DataFrame) -> str:
     """'Fashion-MNIST, i.i.d. batches, budget 6400 samples, 5 seeds' for one condition's summary rows."""
     dataset = part["dataset"].iloc[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from . import norms, stats
 from .record import RunRecord
@@ -209,6 +210,13 @@ COLUMN_PT, MIN_TEXT_PT, TEXT_PT = 757 * 0.75, 9.0, 10.5
 PANEL_WIDTH, PANEL_HEIGHT = 1.9, 2.0  # inches
 
 
+def _thousands(value: float, _position=None) -> str:
+    """A tick label in thousands: 0, 500, 25k, 1.5M."""
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:g}M"
+    return f"{value / 1e3:g}k" if abs(value) >= 1e3 else f"{value:g}"
+
+
 def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel: str, col_label=str):
     """Small multiples: a row per panel of methods (:func:`panels`), a column per value of ``col``; ``draw(ax,
     frame, method)`` draws one method's line; each row's legend beside it, titled with the panel."""
@@ -226,6 +234,9 @@ def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel
                 ax.set_title(col_label(value), fontsize="medium")
             ax.set_xlabel(xlabel if i == len(groups) - 1 else "")
             ax.set_ylabel(ylabel if j == 0 else "")
+            if xlabel == "samples seen":  # 25k, not 25000: a narrow panel's ticks stay apart
+                ax.xaxis.set_major_locator(MaxNLocator(3))
+                ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
         axes[i][-1].legend(handles=_handles(methods), title=title, loc="upper left", bbox_to_anchor=(1.03, 1.0),
                            frameon=False, fontsize=TEXT_PT, title_fontsize=TEXT_PT, alignment="left")
     fig.tight_layout()

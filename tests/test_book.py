@@ -407,9 +407,13 @@ def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch
     assert book.condition_words(summary) == ("Fashion-MNIST, i.i.d. batches, budget 40,000 steps at batch 2, 8,000 at "
                                              "batch 16 and 2,000 at batch 128, 5 seeds")
     assert "(BNRS) at batch 2: **above** (+1.0 points, 95% interval +0.5 to +1.5), at batch 128: **above**" in text
+    # its figures: one per dataset, every batch size a column
+    assert [(d, b, len(p)) for d, b, p in book.by_budget(summary)] == [
+        ("fashionmnist", "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128", len(summary))]
     # two budgets at one batch size (the old study): the equal-samples one
     two = pd.concat([_condition_rows({2: "6400 samples", 128: "6400 samples"}), _condition_rows({128: "50 steps"})])
     assert set(book.headline_condition(two)["budget"]) == {"6400 samples"}
+    assert [(d, b) for d, b, _ in book.by_budget(two)] == [("fashionmnist", "50 steps"), ("fashionmnist", "6400 samples")]
 
 
 def test_the_correction_is_named_as_the_grid_applied_it():
@@ -434,3 +438,14 @@ def test_the_readme_tells_a_planned_grids_answer_by_its_plan(tmp_path):
     assert "BN had finished training at batch 2 and had not at batch 16." in text
     assert "not trained to a plateau" not in text
     assert "not trained to a plateau" in book.readme_findings(summary.drop(columns="family"), 10, 20)
+
+
+def test_samples_seen_ticks_read_in_thousands():
+    from bnlib import plots
+
+    assert [plots._thousands(v) for v in (0, 500, 25000, 1500000)] == ["0", "500", "25k", "1.5M"]
+    frame = pd.DataFrame({"method": "bn", "batch_size": 2, "seed": 0, "samples_seen": [20000, 40000, 80000],
+                          "test_acc": [0.5, 0.6, 0.7]})
+    fig = plots.accuracy_over_training(frame)
+    fig.canvas.draw()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()][-1].endswith("k")

@@ -186,6 +186,13 @@ class Plan:
     name: str
     settings: dict = field(default_factory=dict)
     primary: tuple[tuple[dict, tuple[str, ...]], ...] = ()
+    # the grid file the plan named when it was committed (grids/<registered_as>.yaml), where the grid was renamed
+    # since (the re-run study ran as "plateau" before it replaced "study"); the default: its name
+    registered_as: str = ""
+
+    @property
+    def grid_file(self) -> str:
+        return f"grids/{self.registered_as or self.name}.yaml"
 
     def primary_at(self, condition: dict) -> tuple[str, ...]:
         """The comparisons this plan makes primary at ``condition`` (none outside its conditions)."""

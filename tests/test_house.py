@@ -133,18 +133,23 @@ def test_every_method_has_a_style_from_one_colour_blind_safe_palette_and_a_panel
 
 @pytest.mark.parametrize("grid_name", sorted(analysis.PLANS))
 def test_a_grid_with_a_plan_committed_its_plan_before_its_first_cell(grid_name):
-    """Pre-registration, checked from git: the first commit of book/analysis-plan.md that names grids/<grid>.yaml is an
-    ancestor of the first commit that adds a metrics file under results/<grid>/runs/ (if any is committed)."""
+    """Pre-registration, checked from git: the first commit of book/analysis-plan.md that names the plan's grid file
+    (as it was named then: ``Plan.grid_file``) is an ancestor of the commit that first added each metrics file now
+    under results/<grid>/runs/, followed through renames (a grid moved to another folder keeps its history; cells
+    an earlier grid of the same name once had, and no longer has, do not count)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     if git("rev-parse", "--is-shallow-repository") == "true":
         pytest.skip("a shallow clone has no history to check the order in (fetch it with fetch-depth: 0)")
-    cells = git("log", "--diff-filter=A", "--format=%H", "--reverse", "--", f"results/{grid_name}/runs/*.json").splitlines()
-    if not cells:
+    files = git("ls-files", "--", f"results/{grid_name}/runs/*.json").splitlines()
+    if not files:
         return  # no cell committed yet: nothing can precede the plan
-    plans = git("log", f"-Sgrids/{grid_name}.yaml", "--format=%H", "--reverse", "--", "book/analysis-plan.md").splitlines()
-    assert plans, f"results/{grid_name}/ has committed cells but book/analysis-plan.md never named grids/{grid_name}.yaml"
-    ordered = subprocess.run(["git", "merge-base", "--is-ancestor", plans[0], cells[0]], cwd=paths.ROOT).returncode == 0
-    assert ordered and plans[0] != cells[0], (
-        f"the plan for grids/{grid_name}.yaml ({plans[0][:10]}) does not precede its first cell ({cells[0][:10]})")
+    grid_file = analysis.PLANS[grid_name].grid_file
+    plans = git("log", f"-S{grid_file}", "--format=%H", "--reverse", "--", "book/analysis-plan.md").splitlines()
+    assert plans, f"results/{grid_name}/ has committed cells but book/analysis-plan.md never named {grid_file}"
+    for path in files:
+        added = git("log", "--follow", "--diff-filter=A", "--format=%H", "--", path).splitlines()[-1]
+        ordered = subprocess.run(["git", "merge-base", "--is-ancestor", plans[0], added], cwd=paths.ROOT).returncode == 0
+        assert ordered and plans[0] != added, (
+            f"the plan for {grid_file} ({plans[0][:10]}) does not precede {path}'s first commit ({added[:10]})")

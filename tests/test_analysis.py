@@ -169,7 +169,7 @@ def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():
                                  "test_acc": acc + rng.normal(0, 0.002), "test_acc_recomputed": None, "final": final,
                                  "diverged": False, "num_classes": 10})
     table = pd.DataFrame(rows)
-    assert analysis.plan_for("plateau") is analysis.STUDY and analysis.plan_for("default") is analysis.NO_PLAN
+    assert analysis.plan_for(analysis.STUDY.name) is analysis.STUDY and analysis.plan_for("default") is analysis.NO_PLAN
     out = analysis.comparisons(table, plan=analysis.STUDY)
     primary = out[out["family"] == "primary"]
     assert len(primary) == 12 and set(primary["sampler"]) == {"iid"} and set(primary["batch_size"]) == {2, 16, 128}

@@ -152,10 +152,15 @@ def _plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
                 f"{2 * analysis.PLATEAU_WINDOW} evaluations) whether they finished training: the numbers describe this budget.")
     done = sorted(int(b) for b in assessed.loc[assessed["plateaued"].astype(bool), "batch_size"])
     not_done = sorted(int(b) for b in assessed.loc[~assessed["plateaued"].astype(bool), "batch_size"])
-    say = lambda sizes: " and ".join([", ".join(map(str, sizes[:-1])), str(sizes[-1])] if len(sizes) > 1 else map(str, sizes))  # noqa: E731
     return ("By the analysis plan's plateau criterion BN had finished training "
-            + (f"at batch {say(done)}" if done else "at no batch size")
-            + (f" and had not at batch {say(not_done)}." if not_done else "."))
+            + (f"at batch {and_list(map(str, done))}" if done else "at no batch size")
+            + (f" and had not at batch {and_list(map(str, not_done))}." if not_done else "."))
+
+
+def and_list(items) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return " and ".join([", ".join(items[:-1]), items[-1]]) if len(items) > 1 else "".join(items)
 
 
 def convergence(folder: Path) -> pd.DataFrame:
@@ -298,9 +303,8 @@ def budget_words(part: pd.DataFrame) -> str:
     budgets = part.groupby("batch_size")["budget"].first()
     if budgets.nunique() == 1:
         return str(budgets.iloc[0])
-    said = [f"{int(str(b).split()[0]):,}{' ' + str(b).split()[1] if k == 0 else ''} at batch {int(size)}"
-            for k, (size, b) in enumerate(budgets.items())]
-    return ", ".join(said[:-1]) + " and " + said[-1]
+    return and_list(f"{int(str(b).split()[0]):,}{' ' + str(b).split()[1] if k == 0 else ''} at batch {int(size)}"
+                    for k, (size, b) in enumerate(budgets.items()))
 
 
 def by_budget(frame: pd.DataFrame):

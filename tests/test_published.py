@@ -302,6 +302,9 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     facts = book.headline(summary)
     intro = _text(site / "book" / "intro.html")
     assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
+    runs = [read_run(p) for p in sorted((STUDY / "runs").glob("*.json"))]  # the evaluation's share of training time
+    share = sum(round(r.eval_seconds, 1) for r in runs) / sum(round(r.wall_seconds, 1) for r in runs)
+    assert f"evaluation took {share:.0%} of the training time" in _text(site / "book" / "setup.html")
     article = html.unescape(re.sub(r"<[^>]+>", "", (site / "book" / "intro.html").read_text().split("<article", 1)[1]))
     first_screen = article.split("What the original study found", 1)[0]  # the abstract and the headline figure come first
     assert "Abstract." in first_screen and f"{facts['bnrs_small_diff']:+.1f} points [{facts['bnrs_small_low']:+.1f}" in first_screen

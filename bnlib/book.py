@@ -625,9 +625,10 @@ document.querySelectorAll("table.bnlib-sortable").forEach(function (table) {
 </script>"""
 
 
-def seed_count(frame: pd.DataFrame) -> str:
-    """'5 seeds', or '4 to 5 seeds' where a table's rows (its ``n_seeds``) differ."""
-    low, high = int(frame["n_seeds"].min()), int(frame["n_seeds"].max())
+def seed_count(frame: pd.DataFrame, counts: pd.Series | None = None) -> str:
+    """'5 seeds', or '4 to 5 seeds' where a table's rows (its ``n_seeds``, or ``counts``) differ."""
+    counts = frame["n_seeds"] if counts is None else counts
+    low, high = int(counts.min()), int(counts.max())
     return f"{low} seeds" if low == high else f"{low} to {high} seeds"
 
 
@@ -638,8 +639,8 @@ def seeds_caption(frame: pd.DataFrame, what: str) -> str:
         counts = frame.groupby(keys, dropna=False)["seed"].nunique()
     else:  # a summary: its n_seeds column
         counts = frame["n_seeds"]
-    low, high = int(counts.min()), int(counts.max())
-    seeds = f"{low} seeds" if low == high else f"{low} to {high} seeds per condition"
+    seeds = seed_count(frame, counts)
+    seeds += " per condition" if counts.min() != counts.max() else ""
     return f"*{what}; mean over {seeds}, Student-t 95% intervals.*"
 
 

@@ -629,7 +629,7 @@ def seed_count(frame: pd.DataFrame, counts: pd.Series | None = None) -> str:
     """'5 seeds', or '4 to 5 seeds' where a table's rows (its ``n_seeds``, or ``counts``) differ."""
     counts = frame["n_seeds"] if counts is None else counts
     low, high = int(counts.min()), int(counts.max())
-    return f"{low} seeds" if low == high else f"{low} to {high} seeds"
+    return (f"{low} seed" + ("" if low == 1 else "s")) if low == high else f"{low} to {high} seeds"
 
 
 def seeds_caption(frame: pd.DataFrame, what: str) -> str:
@@ -1046,10 +1046,11 @@ def sweep_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
         said = []
         for m in swept:
             e = _effect(comparisons, f"{m} - bnrs", batch, sampler)
-            said.append(f"momentum {SWEEP[m]:g} {100 * acc.loc[m, 'mean']:.1f}%"
+            said.append(f"momentum {SWEEP[m]:g} {100 * acc.loc[m, 'mean']:.1f}% ({seed_count(acc.loc[[m]])})"
                         + (f", {_points(e)} against 0.1" if e else ""))
         if "bnrs" in acc.index:
-            said.insert(sum(SWEEP[m] < 0.1 for m in swept), f"momentum 0.1 (BNRS) {100 * acc.loc['bnrs', 'mean']:.1f}%")
+            said.insert(sum(SWEEP[m] < 0.1 for m in swept),
+                        f"momentum 0.1 (BNRS) {100 * acc.loc['bnrs', 'mean']:.1f}% ({seed_count(acc.loc[['bnrs']])})")
         orig = _effect(comparisons, "bnrs_orig_m100 - bn_detached", batch, sampler)
         tail = f" The original's BNRS at momentum 1 against bn_detached: {_points(orig)}." if orig else ""
         lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + "." + tail)

@@ -369,14 +369,16 @@ def test_textbook_checks_read_each_account_by_its_rule():
 
 
 def test_sweep_and_reversal_read_outs_quote_their_rows():
-    summary = pd.DataFrame([{"batch_size": 2, "sampler": s, "method": m, "mean": acc}
+    summary = pd.DataFrame([{"batch_size": 2, "sampler": s, "method": m, "mean": acc, "n_seeds": 1 if m == "bnrs_m001" else 5}
                             for s in ("iid", "noniid") for m, acc in
                             (("bn", 0.2), ("bnrs", 0.6), ("bnrs_m001", 0.5), ("bnrs_m100", 0.7), ("brn", 0.65))])
     rows = _rows(bnrs_m001__bnrs=(-0.1, "below"), bnrs_m100__bnrs=(0.1, "above"),
                  bnrs_orig_m100__bn_detached=(0.0, "equivalent"), bnrs__bn=(0.4, "above"))
     sweep = book.sweep_answer(summary, rows).splitlines()
-    assert sweep[0] == ("- **i.i.d. batch 2**: momentum 0.01 50.0%, -10.0 [-11.0, -9.0] points (below, exploratory) against "
-                        "0.1; momentum 0.1 (BNRS) 60.0%; momentum 1 70.0%, +10.0 [+9.0, +11.0] points (above, exploratory) "
+    # each value says its seeds: a sweep value can have fewer than its base
+    assert sweep[0] == ("- **i.i.d. batch 2**: momentum 0.01 50.0% (1 seed), -10.0 [-11.0, -9.0] points (below, exploratory) "
+                        "against 0.1; momentum 0.1 (BNRS) 60.0% (5 seeds); momentum 1 70.0% (5 seeds), +10.0 [+9.0, +11.0] "
+                        "points (above, exploratory) "
                         "against 0.1. The original's BNRS at momentum 1 against bn_detached: +0.0 [-1.0, +1.0] points "
                         "(equivalent, exploratory).")
     losses = pd.DataFrame([{"cell": f"c{m}", "method": m, "step": 10, "batch_size": 2, "sampler": "noniid", "train_loss": loss}

@@ -117,7 +117,7 @@ def headline(summary: pd.DataFrame) -> dict:
     family = int(s["p_value"].notna().sum()) if "p_value" in s else 0
     budget = budget_words(part)  # one per batch size (headline_condition)
     facts: dict = {"dataset": dataset, "dataset_name": DATASET_NAMES.get(dataset, dataset), "small": small, "large": large, "budget": budget,
-                   "n_seeds": int(part["n_seeds"].min()), "family": family}
+                   "seeds": seed_count(part), "family": family}
     for size, tag in ((small, "small"), (large, "large")):
         rows = part[part["batch_size"] == size].set_index("method")
         if "bn" in rows.index:
@@ -242,7 +242,7 @@ def abstract(t: Tables) -> str:
             "at inference, and the two differ when batches are small or hold few classes. Why not normalise with the "
             "running statistics in training too?"]
     if "bn_small" in f:
-        text.append(f"On {f['dataset_name']} with i.i.d. batches ({f['budget']}, {f['n_seeds']} seeds), BN ends at "
+        text.append(f"On {f['dataset_name']} with i.i.d. batches ({f['budget']}, {f['seeds']}), BN ends at "
                     f"{f['bn_small']:.1f}% at batch {small} and {f['bn_large']:.1f}% at batch {large}.")
     clauses = {"bnrs": "Against BN, normalising with running statistics in training (BNRS) differs by {}",
                "brn": "Batch Renormalization, which normalises with the same running statistics but keeps the gradient "
@@ -322,7 +322,7 @@ def condition_words(part: pd.DataFrame) -> str:
     """'Fashion-MNIST, i.i.d. batches, budget 6400 samples, 5 seeds' for one condition's summary rows."""
     dataset = part["dataset"].iloc[0]
     return (f"{DATASET_NAMES.get(dataset, dataset)}, {'i.i.d.' if part['sampler'].iloc[0] == 'iid' else 'non-i.i.d.'} "
-            f"batches, budget {budget_words(part)}, {int(part['n_seeds'].min())} seeds")
+            f"batches, budget {budget_words(part)}, {seed_count(part)}")
 
 
 def original_page_budget(summary: pd.DataFrame) -> dict[str, str]:
@@ -400,7 +400,7 @@ def headline_caption(t: Tables) -> str:
     part = headline_condition(t.summary)
     f = headline(t.summary)
     return (f"Final test accuracy against batch size on {f['dataset_name']}, i.i.d. batches, budget {f['budget']}: the mean "
-            f"over {int(part['n_seeds'].min())} seeds with its Student-t 95% interval, from `results/{t.grid}/summary.csv`.")
+            f"over {seed_count(part)} with its Student-t 95% interval, from `results/{t.grid}/summary.csv`.")
 
 
 def adjusted_p(row) -> dict:
@@ -524,7 +524,7 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
     compared = [m for m in ("bnrs", "brn", "bnwos") if f"{m}_small_diff" in f or f"{m}_large_diff" in f]
     lines = [f"![{HEADLINE_ALT}]({figure})", "", f"*{headline_digest(summary)[1]}*", "", f"**The answer so far** ({cells_done} of the study grid's {cells_total} cells committed{ran}; computed from "
              "`results/study/summary.csv`). On "
-             f"{f['dataset_name']} with i.i.d. batches and a budget of {f['budget']} ({f['n_seeds']} seeds), BN ends at "
+             f"{f['dataset_name']} with i.i.d. batches and a budget of {f['budget']} ({f['seeds']}), BN ends at "
              f"{f['bn_small']:.1f}% [{f['bn_small_low']:.1f}, {f['bn_small_high']:.1f}] at batch {small} and "
              f"{f['bn_large']:.1f}% [{f['bn_large_low']:.1f}, {f['bn_large_high']:.1f}] at batch {large}. Against it, paired "
              "by seed: " + "; ".join(f"{display_name(m)} {diffs(m)}" for m in compared) + ". "
@@ -532,7 +532,7 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
                 + (_plateau_sentence(folder, headline_condition(summary)) + " " if folder is not None else "")
                 if planned else
                 f"Intervals are Student-t 95%; a verdict is a paired t-test at 5% after Holm's correction over all "
-                f"{f['family']} comparisons with BN in the grid, so at {f['n_seeds']} seeds many read \"cannot tell\". "
+                f"{f['family']} comparisons with BN in the grid, so at {f['seeds']} many read \"cannot tell\". "
                 "These networks were not trained to a plateau: the numbers describe training under a short budget, "
                 "and a re-run to a plateau under a pre-registered analysis plan is planned. ")
              + "The book's Summary page has every method and condition."]
@@ -560,7 +560,7 @@ def headline_digest(summary: pd.DataFrame) -> tuple[str, str]:
     shown = part[part["method"].isin(HEADLINE_METHODS)].sort_values(["method", "batch_size"])
     numbers = shown[["method", "batch_size", "n_seeds", "mean", "ci_low", "ci_high"]].round(6).to_csv(index=False)
     caption = (f"Final test accuracy on {DATASET_NAMES.get(shown['dataset'].iloc[0], shown['dataset'].iloc[0])}, i.i.d. batches, budget {budget_words(shown)}: "
-               f"mean over {int(shown['n_seeds'].min())} seeds, Student-t 95% intervals.")
+               f"mean over {seed_count(shown)}, Student-t 95% intervals.")
     return hashlib.sha256(numbers.encode()).hexdigest()[:16], caption
 
 

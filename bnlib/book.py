@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -903,6 +904,7 @@ def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
 # --- the mechanism chapter -------------------------------------------------------------------------
 
 MECHANISM_GRID = "mechanism"
+ROBUSTNESS_GRID = "mechanism-robustness"  # the 2x2 under other optimisers and learning rates (its own family)
 
 
 def condition_label(row) -> str:
@@ -910,29 +912,45 @@ def condition_label(row) -> str:
     return f"{'i.i.d.' if row['sampler'] == 'iid' else 'non-i.i.d.'} batch {int(row['batch_size'])}"
 
 
-def mechanism_tables(folder: Path | None = None) -> Tables | None:
-    """The committed mechanism grid's tables (the repository's results/mechanism/), or None before any of its
-    cells is committed."""
-    folder = folder or paths.ROOT / "results" / MECHANISM_GRID
-    return tables(MECHANISM_GRID, folder) if (folder / "summary.csv").exists() else None
+OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD with momentum 0.9"}  # as bnlib.train builds them
 
 
-def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
-    """Per condition: the four corners' final accuracy (mean [95% t interval], %) and the three effects of the
-    2x2 on it (points [interval], verdict after the family's correction, the family)."""
+def optimisation_label(row) -> str:
+    """'Adam, lr 0.001', 'SGD with momentum 0.9, lr 0.03' ... for a row with optimizer and lr."""
+    return f"{OPTIMIZER_NAMES.get(row['optimizer'], row['optimizer'])}, lr {float(row['lr']):g}"
+
+
+# how the 2x2's read-outs tell its conditions apart: by batch and sampler (the mechanism grid), or by optimiser and
+# learning rate (its robustness grid, one batch and sampler)
+BY_CONDITION = (("batch_size", "sampler"), condition_label)
+BY_OPTIMISATION = (("optimizer", "lr"), optimisation_label)
+
+
+def mechanism_tables(folder: Path | None = None, grid: str = MECHANISM_GRID) -> Tables | None:
+    """The committed tables of the mechanism grid (or of ``grid``, e.g. its robustness checks) from the
+    repository's results/<grid>/, or None before any of its cells is committed."""
+    folder = folder or paths.ROOT / "results" / grid
+    return tables(grid, folder) if (folder / "summary.csv").exists() else None
+
+
+def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame, by=BY_CONDITION) -> pd.DataFrame:
+    """Per condition (``by``: its keys and how to name it): the four corners' final accuracy (mean [95% t interval],
+    %) and the three effects of the 2x2 on it (points [interval], verdict after the family's correction, the
+    family)."""
     from . import analysis
 
+    keys, label = by
     s = summary.copy()
     s["method"] = s["method"].astype(str)
     rows = []
-    for cond, part in s.groupby(["batch_size", "sampler"], sort=False):
-        row = {"condition": condition_label(dict(zip(["batch_size", "sampler"], cond)))}
+    for cond, part in s.groupby(list(keys), sort=False):
+        row = {"condition": label(dict(zip(keys, cond)))}
         means = part.set_index("method")
         for m in analysis.CORNERS:
             if m in means.index:
                 row[display_name(m)] = percent_interval(means.loc[m, "mean"], means.loc[m, "ci_low"], means.loc[m, "ci_high"])
-        eff = comparisons[(comparisons["batch_size"] == cond[0]) & (comparisons["sampler"] == cond[1])
-                          & (comparisons["outcome"] == "accuracy")].set_index("comparison")
+        here = np.logical_and.reduce([comparisons[k] == v for k, v in zip(keys, cond)])
+        eff = comparisons[here & (comparisons["outcome"] == "accuracy")].set_index("comparison")
         for name in analysis.EFFECTS:
             key = f"2x2: {name}"
             if key in eff.index:
@@ -942,9 +960,10 @@ def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("condition")
 
 
-def twobytwo_answer(comparisons: pd.DataFrame) -> str:
-    """The 2x2's answer in words, condition by condition: each effect on the final accuracy with its interval,
-    its verdict and its family (Markdown; what the table beside it holds, read out)."""
+def twobytwo_answer(comparisons: pd.DataFrame, by=BY_CONDITION) -> str:
+    """The 2x2's answer in words, condition by condition (``by``: its keys and how to name it): each effect on the
+    final accuracy with its interval, its verdict and its family (Markdown; what the table beside it holds, read
+    out)."""
     from . import analysis
 
     said = {"forward statistics (running - batch)": "normalising with running instead of batch statistics",
@@ -952,14 +971,35 @@ def twobytwo_answer(comparisons: pd.DataFrame) -> str:
             "interaction": "the two together beyond their sum"}
     acc = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
     lines = []
-    for (batch, sampler), part in acc.groupby(["batch_size", "sampler"], sort=False):
+    keys, label = by
+    for cond, part in acc.groupby(list(keys), sort=False):
         eff = part.set_index("comparison")
         parts = [f"{said[name]} {percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points "
                  f"({e['verdict']}, {e['family']})" for name in analysis.EFFECTS
                  if (key := f"2x2: {name}") in eff.index for e in [eff.loc[key]]]
-        n = int(part["n_seeds"].min())
-        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({n} seeds): " + "; ".join(parts) + ".")
+        lines.append(f"- **{label(dict(zip(keys, cond)))}** ({seed_count(part)}): " + "; ".join(parts) + ".")
     return "\n".join(lines)
+
+
+def robustness_answer(comparisons: pd.DataFrame) -> str:
+    """Whether the 2x2's answer survives other optimisers and learning rates (Markdown, one line per effect): how
+    many of the settings give each verdict on the final accuracy, and which settings disagree with the most common
+    one."""
+    from . import analysis
+
+    acc = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
+    settings = acc[["optimizer", "lr"]].drop_duplicates()
+    lines = []
+    for name in analysis.EFFECTS:
+        part = acc[acc["comparison"] == f"2x2: {name}"]
+        if part.empty:
+            continue
+        counts = part["verdict"].value_counts()
+        common = counts.index[0]
+        others = [f"{r.verdict} with {optimisation_label(r._asdict())}" for r in part.itertuples() if r.verdict != common]
+        lines.append(f"- {name}: {common} in {counts.iloc[0]} of the {len(part)} settings"
+                     + (f" ({'; '.join(others)})" if others else "") + ".")
+    return (f"Across the {len(settings)} optimiser settings:\n\n" + "\n".join(lines)) if lines else ""
 
 
 def _layer_means(trace_summary: pd.DataFrame, phase: str) -> pd.DataFrame:

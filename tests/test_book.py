@@ -451,3 +451,26 @@ def test_samples_seen_ticks_read_in_thousands():
     fig = plots.accuracy_over_training(frame)
     fig.canvas.draw()
     assert [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()][-1].endswith("k")
+
+
+def test_the_2x2_read_out_by_optimiser_names_each_setting_and_counts_the_verdicts():
+    """The robustness checks' read-out: conditions told apart by optimiser and learning rate, and per effect how
+    many settings give the most common verdict, naming the ones that do not."""
+    from bnlib import analysis
+
+    settings = [("adam", 0.001), ("adam", 0.0003), ("sgd", 0.03)]
+    rows = [{"comparison": f"2x2: {name}", "outcome": "accuracy", "batch_size": 16, "sampler": "iid", "optimizer": o,
+             "lr": lr, "n_seeds": 3, "mean": -0.2, "ci_low": -0.21, "ci_high": -0.19, "family": "exploratory",
+             "verdict": "cannot tell" if (name.startswith("gradient") and o == "sgd") else "below"}
+            for name in analysis.EFFECTS for o, lr in settings]
+    comparisons = pd.DataFrame(rows)
+    text = book.twobytwo_answer(comparisons, by=book.BY_OPTIMISATION)
+    assert text.splitlines()[2].startswith("- **SGD with momentum 0.9, lr 0.03** (3 seeds): ")
+    summary = pd.DataFrame([{"batch_size": 16, "sampler": "iid", "optimizer": o, "lr": lr, "method": m, "mean": 0.8,
+                             "ci_low": 0.79, "ci_high": 0.81} for o, lr in settings for m in analysis.CORNERS])
+    assert list(book.twobytwo(summary, comparisons, by=book.BY_OPTIMISATION).index) == [
+        "Adam, lr 0.001", "Adam, lr 0.0003", "SGD with momentum 0.9, lr 0.03"]
+    answer = book.robustness_answer(comparisons)
+    assert answer.startswith("Across the 3 optimiser settings:")
+    assert "- gradient through the statistics (without - with): below in 2 of the 3 settings (cannot tell with SGD with momentum 0.9, lr 0.03)." in answer
+    assert "- interaction: below in 3 of the 3 settings." in answer

@@ -278,6 +278,10 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
     plans = {}
     for cid in chosen:  # every cell's kernels and stack decided before the first one runs
         committed = read_run(runs / f"{cid}.json")
+        first = _first_recorded_step(committed)
+        if steps is not None and steps < min(first, committed.steps):  # a prefix with nothing in it proves nothing
+            raise grid_mod.GridError(f"--steps {steps}: cell {cid} records nothing in its first {steps} steps (its first "
+                                     f"recorded number is at step {first}); give --steps {first} or more")
         plans[cid] = committed, _stack_of(grid, by_id[cid], committed), *plan_kernels(committed.provenance.numerics, isa, native)
     checks = []
     with tempfile.TemporaryDirectory(prefix="bnlib-verify-") as tmp:
@@ -307,6 +311,12 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
             if progress:
                 print("  " + check.explain(), flush=True)
     return checks
+
+
+def _first_recorded_step(run: RunRecord) -> int:
+    """The earliest step at which the record holds a number (a training-loss window or an evaluation)."""
+    steps = [s for m in run.methods.values() for s in (m.train_step or [])[:1] + (m.eval_step or [])[:1]]
+    return min(steps, default=run.steps)
 
 
 def _stack_of(grid: grid_mod.Grid, cell: grid_mod.Cell, committed: RunRecord) -> list[grid_mod.Cell]:

@@ -135,6 +135,17 @@ def _copy_smoke(smoke_results, tmp_path):
     return dst
 
 
+def test_a_prefix_that_records_nothing_is_refused_before_anything_runs(smoke_results, tmp_path, capsys):
+    """`--steps K` shorter than a cell's first recorded number would compare nothing and still read 'bit-identical':
+    it is refused, naming the cell and the smallest K that compares something."""
+    folder = _copy_smoke(smoke_results, tmp_path)
+    cell = grid.load("smoke").cells[0].id
+    first = verify._first_recorded_step(read_run(folder / "runs" / f"{cell}.json"))
+    assert first > 1
+    assert cli.main(["verify", "smoke", "--results", str(folder.parent), "--cell", cell, "--steps", str(first - 1)]) == 2
+    assert f"cell {cell} records nothing in its first {first - 1} steps" in capsys.readouterr().err
+
+
 @needs_x86
 @pytest.mark.slow
 def test_a_re_execution_with_other_kernels_is_within_tolerance_and_a_changed_number_differs(smoke_results, tmp_path, capsys):

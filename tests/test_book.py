@@ -440,6 +440,10 @@ def test_the_readme_tells_a_planned_grids_answer_by_its_plan(tmp_path):
     assert "BN had finished training at batch 2 and had not at batch 16." in text
     assert "not trained to a plateau" not in text
     assert "not trained to a plateau" in book.readme_findings(summary.drop(columns="family"), 10, 20)
+    # the claims table speaks of a digits column only where there is one
+    assert "(Fashion-MNIST; the digits have no cell yet)" in text and "digits' column" not in text
+    digits = pd.concat([summary, summary.assign(dataset="mnist5k", family="exploratory")], ignore_index=True)
+    assert "the digits' column reads the same rules off exploratory verdicts" in book.readme_findings(digits, 10, 20, folder=tmp_path)
 
 
 def test_samples_seen_ticks_read_in_thousands():

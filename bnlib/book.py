@@ -192,6 +192,33 @@ def convergence_table(speed: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def slower_answer(speed: pd.DataFrame, method: str = "bnrs", dataset: str = "fashionmnist") -> str:
+    """The original's "converges much slower" read from the curves (:func:`convergence` rows, i.i.d. batches): per
+    batch size the level ``method`` settles at and when, against BN's level and when BN reaches it; whether the
+    method ever comes within the plateau margin of BN's level (it converges slower) or not (it converges to less)."""
+    from . import analysis
+
+    part = speed[(speed["dataset"] == dataset) & (speed["sampler"] == "iid")]
+    bn, it = part[part["method"] == "bn"].set_index("batch_size"), part[part["method"] == method].set_index("batch_size")
+    sizes = sorted(set(bn.index) & set(it.index))
+    if not sizes:
+        return ""
+    said = []
+    for b in sizes:
+        m, ref = it.loc[b], bn.loc[b]
+        margin = f"{pp(analysis.PLATEAU_MARGIN):.0f} point"
+        reach = (f"comes within {margin} of BN's {pp(ref['level']):.1f}% at step {int(m['steps_to_bn_level']):,} (BN: "
+                 f"{int(ref['steps_to_bn_level']):,})" if pd.notna(m["steps_to_bn_level"]) else
+                 f"never comes within {margin} of BN's {pp(ref['level']):.1f}% (BN: step {int(ref['steps_to_bn_level']):,})")
+        said.append(f"at batch {b} it ends at {pp(m['level']):.1f}% (first within {margin} of that at step "
+                    f"{int(m['steps_to_own_level']):,}) and {reach}")
+    never = it.loc[sizes, "steps_to_bn_level"].isna()
+    verdict = ("it does not converge slower, it converges to less" if never.all() else
+               "it converges slower" if not never.any() else "slower at some batch sizes, to less at others")
+    return (f"Read from the curves (exploratory; a level is the mean of a curve's last three evaluations, over seeds): "
+            f"{display_name(method)}: " + "; ".join(said) + f". On these curves {verdict}.")
+
+
 def convergence_sentence(speed: pd.DataFrame) -> str:
     """What one condition's :func:`convergence` rows say: when BN reaches its level, which methods never reach it
     (they converge to less, not slower) and which reach it later, and how many reach their own level only after

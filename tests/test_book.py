@@ -478,3 +478,18 @@ def test_the_2x2_read_out_by_optimiser_names_each_setting_and_counts_the_verdict
     assert answer.startswith("Across the 3 optimiser settings:")
     assert "- gradient through the statistics (without - with): below in 2 of the 3 settings (cannot tell with SGD with momentum 0.9, lr 0.03)." in answer
     assert "- interaction: below in 3 of the 3 settings." in answer
+
+
+def test_converges_slower_or_to_less_is_read_from_the_levels():
+    """BNRS never within the margin of BN's level: 'converges to less'; reaching it later: 'converges slower'."""
+    def rows(bnrs_reaches):
+        return pd.DataFrame([{"dataset": "fashionmnist", "sampler": "iid", "batch_size": b, "method": m,
+                              "level": level, "steps_to_bn_level": reach, "steps_to_own_level": own}
+                             for b in (2, 16) for m, level, reach, own in
+                             (("bn", 0.88, 1000, 1000), ("bnrs", 0.66 if bnrs_reaches is None else 0.875, bnrs_reaches, 800))])
+    less = book.slower_answer(rows(None))
+    assert "at batch 2 it ends at 66.0% (first within 1 point of that at step 800) and never comes within 1 point of BN's 88.0% (BN: step 1,000)" in less
+    assert less.endswith("On these curves it does not converge slower, it converges to less.")
+    slower = book.slower_answer(rows(3000))
+    assert "comes within 1 point of BN's 88.0% at step 3,000 (BN: 1,000)" in slower and slower.endswith("it converges slower.")
+    assert book.slower_answer(rows(None).assign(dataset="mnist5k")) == ""

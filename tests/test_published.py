@@ -322,6 +322,9 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     assert re.search(r"<th[^>]*><p>kernels: committed -&gt; re-executed</p></th>", reproducibility) or not verify.SAVED_CROSS_ISA.exists()
     original = _text(site / "book" / "original.html")
     assert "not re-run" in original and re.search(r"holds|does not hold|cannot tell", original)
+    slower = book.slower_answer(book.convergence(STUDY))  # "converges slower" read from the committed curves
+    if slower:
+        assert re.sub(r"\s+", " ", slower) in re.sub(r"\s+", " ", original.replace("\u2019", "'"))
 
 
 @pytest.mark.slow

@@ -1155,11 +1155,12 @@ def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: 
 
 
 def reversal_answer(summary: pd.DataFrame, recomputed: pd.DataFrame, training_loss: pd.DataFrame,
-                    comparisons: pd.DataFrame, sampler: str = "noniid") -> str:
+                    comparisons: pd.DataFrame, sampler: str = "noniid", trace_summary: pd.DataFrame | None = None) -> str:
     """The non-i.i.d. reversal read out (Markdown): BNRS against BN where both images of a batch share a class, and
     for BN, BNRS and BRN there the last training loss beside the test accuracy with the layers' own and with
     recomputed population statistics -- a low training loss with a low test accuracy is a train/test mismatch,
-    a high training loss a failure to train."""
+    a high training loss a failure to train. With ``trace_summary``: how far a batch's statistics sit from the
+    running ones over training (:func:`gap_sentence`)."""
     last = training_loss.sort_values("step").groupby(["cell", "method"]).tail(1)
     loss = last.groupby(["batch_size", "sampler", "method"])["train_loss"].mean()
     lines = []
@@ -1180,9 +1181,32 @@ def reversal_answer(summary: pd.DataFrame, recomputed: pd.DataFrame, training_lo
                        "fails on the test set, a train/test mismatch; recomputing population statistics does not "
                        "rescue it." if bn_loss < bnrs_loss and rec.get("bn", 1.0) < rec.get("bnrs", 0.0) else
                        " BN's training loss is not below BNRS's: BN fails to train here, not only to generalise.")
+        gap = gap_sentence(trace_summary, batch, sampler) if trace_summary is not None and len(trace_summary) else ""
         lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({int(e['n_seeds'])} seeds): "
-                     f"BNRS - BN {_points(e)}. " + "; ".join(said) + "." + reading)
+                     f"BNRS - BN {_points(e)}. " + "; ".join(said) + "." + reading + (" " + gap if gap else ""))
     return "\n".join(lines)
+
+
+def gap_sentence(trace_summary: pd.DataFrame, batch: int, sampler: str, method: str = "brn") -> str:
+    """How far a batch's statistics sit from the running ones, at the first and the last trace, under ``sampler``
+    and with i.i.d. batches of the same size: measured in BRN, which normalises with running statistics corrected
+    to the batch's and so traces r = sigma_B / sigma_running and d = (mu_B - mu_running) / sigma_running in a network
+    trained like BN (90th percentiles over channels, mean over the norm layers and seeds)."""
+    ends = {phase: _layer_means(trace_summary, phase) for phase in ("first", "last")}
+
+    def at(s):
+        key = (batch, s, method)
+        if not all(key in f.index for f in ends.values()):
+            return None
+        first, last = ends["first"].loc[key], ends["last"].loc[key]
+        return (f"|log r| {first['log_r_p90']:.2f} at the first trace and {last['log_r_p90']:.2f} at the last, |d| "
+                f"{first['d_p90']:.2f} and {last['d_p90']:.2f}")
+    here, iid = at(sampler), at("iid") if sampler != "iid" else None
+    if here is None:
+        return ""
+    return (f"How far a batch's statistics sit from the running ones over training, measured in {_short(method)} (its "
+            f"traced r = sigma_B / sigma_running and d, 90th percentiles over channels): {here}"
+            + (f"; with i.i.d. batches of {batch}: {iid}" if iid else "") + ".")
 
 
 # Accounts of why running statistics fail or how to fix them, each checked against the mechanism grid by a rule: the

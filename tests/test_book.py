@@ -388,6 +388,16 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
     assert "BN: training loss 0.20, test accuracy 20.0%" in text and "train/test mismatch" in text
     worse = book.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
     assert "fails to train" in worse
+    # with traces: BRN's gap between batch and running statistics, first and last trace, beside i.i.d. batches
+    traces = pd.DataFrame([{"batch_size": 2, "sampler": s, "method": "brn", "layer": layer, "phase": phase, "n_seeds": 5,
+                            "log_r_p90": (0.3 if phase == "first" else (0.9 if s == "noniid" else 0.4)) + 0.01 * layer,
+                            "d_p90": 0.5} for s in ("iid", "noniid") for phase in ("first", "half", "last")
+                           for layer in (1, 2)])
+    traced = book.reversal_answer(summary, summary, losses, rows, trace_summary=traces)
+    assert traced.endswith("measured in BRN (its traced r = sigma_B / sigma_running and d, 90th percentiles over channels): "
+                           "|log r| 0.32 at the first trace and 0.92 at the last, |d| 0.50 and 0.50; with i.i.d. batches of "
+                           "2: |log r| 0.32 at the first trace and 0.42 at the last, |d| 0.50 and 0.50.")
+    assert book.reversal_answer(summary, summary, losses, rows, trace_summary=traces[traces.sampler == "iid"]) == text
 
 
 def _condition_rows(budgets: dict, methods=("bn", "bnrs", "brn")) -> pd.DataFrame:

@@ -1131,10 +1131,20 @@ FIXES = ("brn", "online", "cbn")  # the methods built to make running statistics
 
 def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: pd.DataFrame) -> str:
     """What makes running statistics work, read out per condition (Markdown): each fix's final accuracy, against BNRS
-    and against BN with verdicts, and its training time per step as a multiple of BN's in the same cells (medians)."""
+    and against BN with verdicts, and its training time per step as a multiple of a reference's in the same cells
+    (the same machine and batches; median over cells): BN's, or GroupNorm's where BN is not in its cells."""
     final = evaluations[evaluations["final"]]
-    cost = (final.assign(per_step=final["train_seconds"] / final["steps_total"])
-                 .groupby(["batch_size", "sampler", "method"])["per_step"].median())
+    per_step = final.assign(per_step=final["train_seconds"] / final["steps_total"])
+
+    def relative_cost(batch, sampler, method):
+        here = per_step[(per_step["batch_size"] == batch) & (per_step["sampler"] == sampler)]
+        of = lambda m: here[here["method"] == m].set_index("cell")["per_step"]  # noqa: E731
+        for ref in ("bn", "gn"):
+            common = of(method).index.intersection(of(ref).index)
+            if len(common):
+                return f"{_times((of(method)[common] / of(ref)[common]).median())} {_short(ref)}'s time per step in its cells"
+        return ""
+
     lines = []
     for (batch, sampler), part in summary.groupby(["batch_size", "sampler"], sort=False):
         acc = part.assign(method=part["method"].astype(str)).set_index("method")
@@ -1147,8 +1157,8 @@ def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: 
             for base in ("bnrs", "bn"):
                 if (e := _effect(comparisons, f"{m} - {base}", batch, sampler)) is not None:
                     parts.append(f"{_points(e)} against {_short(base)}")
-            if (batch, sampler, "bn") in cost.index and (batch, sampler, m) in cost.index:
-                parts.append(f"{_times(cost.loc[(batch, sampler, m)] / cost.loc[(batch, sampler, 'bn')])} BN's time per step")
+            if cost := relative_cost(batch, sampler, m):
+                parts.append(cost)
             said.append(", ".join(parts))
         lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + ".")
     return "\n".join(lines)

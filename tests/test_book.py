@@ -503,3 +503,15 @@ def test_converges_slower_or_to_less_is_read_from_the_levels():
     slower = book.slower_answer(rows(3000))
     assert "comes within 1 point of BN's 88.0% at step 3,000 (BN: 1,000)" in slower and slower.endswith("it converges slower.")
     assert book.slower_answer(rows(None).assign(dataset="mnist5k")) == ""
+
+
+def test_a_fix_s_cost_is_a_multiple_of_a_reference_trained_in_the_same_cells():
+    """Per-step cost compares methods on the same machine and batches only: against BN where it shares the cells,
+    else against GroupNorm in them (the fixes group ran in other cells, perhaps on another machine)."""
+    evals = pd.DataFrame([{"cell": cell, "batch_size": 16, "sampler": "iid", "method": m, "final": True, "steps_total": 100,
+                           "train_seconds": secs} for cell, m, secs in
+                          (("a", "bn", 10.0), ("a", "brn", 11.0), ("b", "online", 30.0), ("b", "gn", 20.0))])
+    summary = pd.DataFrame([{"batch_size": 16, "sampler": "iid", "method": m, "mean": 0.8} for m in ("bn", "brn", "online", "gn")])
+    text = book.fixes_answer(summary, pd.DataFrame(columns=["comparison", "batch_size", "sampler", "outcome"]), evals)
+    assert "BRN 80.0%, 1.1x BN's time per step in its cells" in text
+    assert "Online Norm 80.0%, 1.5x GN's time per step in its cells" in text

@@ -203,10 +203,9 @@ def slower_answer(speed: pd.DataFrame, method: str = "bnrs", dataset: str = "fas
     sizes = sorted(set(bn.index) & set(it.index))
     if not sizes:
         return ""
-    said = []
+    margin, said = f"{pp(analysis.PLATEAU_MARGIN):.0f} point", []
     for b in sizes:
         m, ref = it.loc[b], bn.loc[b]
-        margin = f"{pp(analysis.PLATEAU_MARGIN):.0f} point"
         reach = (f"comes within {margin} of BN's {pp(ref['level']):.1f}% at step {int(m['steps_to_bn_level']):,} (BN: "
                  f"{int(ref['steps_to_bn_level']):,})" if pd.notna(m["steps_to_bn_level"]) else
                  f"never comes within {margin} of BN's {pp(ref['level']):.1f}% (BN: step {int(ref['steps_to_bn_level']):,})")

@@ -1163,6 +1163,18 @@ def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: 
     return "\n".join(lines)
 
 
+def cost_per_step(evaluations: pd.DataFrame) -> pd.DataFrame:
+    """Median training milliseconds per step, one row per method and one column per batch size and machine: time per
+    step is only comparable on one machine, and a grid's groups of methods may have run on different ones."""
+    final = evaluations[evaluations["final"]]
+    ms = final.assign(ms=1000 * final["train_seconds"] / final["steps_total"],
+                      machine=final["device_name"].fillna("unknown machine").astype(str).str.replace(r"\(R\)", "", regex=True))
+    table = ms.groupby(["method", "batch_size", "machine"])["ms"].median().unstack(["batch_size", "machine"]).sort_index(axis=1)
+    table.columns = [f"batch {b}, {m}" for b, m in table.columns]
+    table.index = [display_name(m) for m in table.index]
+    return table.round(1)
+
+
 def reversal_answer(summary: pd.DataFrame, recomputed: pd.DataFrame, training_loss: pd.DataFrame,
                     comparisons: pd.DataFrame, sampler: str = "noniid", trace_summary: pd.DataFrame | None = None) -> str:
     """The non-i.i.d. reversal read out (Markdown): BNRS against BN where both images of a batch share a class, and

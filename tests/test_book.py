@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnlib import book, grid
+from bnlib import book, grid, plots
 from browser import CHROMIUM_FLAGS, chromium, needs_chromium, probe  # tests/browser.py
 
 pytestmark = pytest.mark.slow
@@ -515,3 +515,16 @@ def test_a_fix_s_cost_is_a_multiple_of_a_reference_trained_in_the_same_cells():
     text = book.fixes_answer(summary, pd.DataFrame(columns=["comparison", "batch_size", "sampler", "outcome"]), evals)
     assert "BRN 80.0%, 1.1x BN's time per step in its cells" in text
     assert "Online Norm 80.0%, 1.5x GN's time per step in its cells" in text
+
+
+def test_cost_per_step_keeps_machines_apart():
+    """Milliseconds per step from two machines never share a column: a median over both would compare machines."""
+    evals = pd.DataFrame([{"cell": c, "batch_size": 16, "method": m, "final": f, "steps_total": 100, "train_seconds": s,
+                           "device_name": d} for c, m, f, s, d in
+                          (("a", "bn", True, 1.0, "AMD EPYC"), ("a", "bn", False, 9.0, "AMD EPYC"),
+                           ("b", "bn", True, 3.0, "Intel(R) Xeon(R) Processor"), ("b", "gn", True, 5.0, "Intel(R) Xeon(R) Processor"))])
+    table = book.cost_per_step(evals)
+    assert list(table.columns) == ["batch 16, AMD EPYC", "batch 16, Intel Xeon Processor"]
+    assert table.loc["BN", "batch 16, AMD EPYC"] == 10.0 and table.loc["BN", "batch 16, Intel Xeon Processor"] == 30.0
+    gn = plots.display_name("gn")
+    assert pd.isna(table.loc[gn, "batch 16, AMD EPYC"]) and table.loc[gn, "batch 16, Intel Xeon Processor"] == 50.0

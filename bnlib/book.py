@@ -1098,13 +1098,83 @@ def _points(e: dict) -> str:
     return f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points ({e['verdict']}, {e['family']})"
 
 
+EFFECT_WORDS = {"forward statistics (running - batch)": "normalising with running instead of batch statistics",
+                "gradient through the statistics (without - with)": "cutting the gradient through the statistics"}
+
+
+def failure_answer(comparisons: pd.DataFrame) -> str:
+    """Training failure or train/test mismatch, read out per condition (Markdown): for the 2x2's two main effects,
+    the effect on the last training loss and on the accuracy after recomputing population statistics, and the reading
+    their verdicts give: a higher loss with a lower accuracy is a failure to train; a lower accuracy without a higher
+    loss is a train/test mismatch that recomputing does not undo; a lower loss with a higher accuracy trains better; a
+    higher loss with a higher accuracy fits the training batches in a way that does not carry to the test set."""
+    lines = []
+    for (batch, sampler), _ in comparisons.groupby(["batch_size", "sampler"], sort=False):
+        said = []
+        for name, words in EFFECT_WORDS.items():
+            loss = _effect(comparisons, f"2x2: {name}", batch, sampler, "training loss")
+            acc = _effect(comparisons, f"2x2: {name}", batch, sampler, "recomputed accuracy")
+            if loss is None or acc is None:
+                continue
+            reading = ("a failure to train" if loss["verdict"] == "above" and acc["verdict"] == "below" else
+                       "a train/test mismatch" if loss["verdict"] in ("below", "equivalent") and acc["verdict"] == "below" else
+                       "it trains better" if loss["verdict"] == "below" and acc["verdict"] == "above" else
+                       "a worse fit of the training batches that tests better: the lower loss did not carry to the test "
+                       "set" if loss["verdict"] == "above" and acc["verdict"] == "above" else
+                       "no reading (the verdicts do not fit one)")
+            said.append(f"{words}: training loss {loss['mean']:+.3f} [{loss['ci_low']:+.3f}, {loss['ci_high']:+.3f}] "
+                        f"({loss['verdict']}), accuracy with recomputed statistics {_points(acc)} - {reading}")
+        if said:
+            lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + ".")
+    return "\n".join(lines)
+
+
+SPLIT = {"bn_detached_mean": "the variance's gradient only", "bn_detached_var": "the mean's gradient only"}  # kept
+
+
+def split_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    """Which statistic's gradient matters, read out per condition (Markdown): BN and bn_detached (gradient through both
+    statistics, through neither), then each half-cut variant with its accuracy, against bn_detached with its verdict,
+    and how many of the points cutting both costs it wins back by keeping one gradient."""
+    lines = []
+    for (batch, sampler), part in summary.groupby(["batch_size", "sampler"], sort=False):
+        acc = part.assign(method=part["method"].astype(str)).set_index("method")["mean"]
+        halves = [m for m in SPLIT if m in acc.index]
+        if not halves or not {"bn", "bn_detached"} <= set(acc.index):
+            continue
+        lost = acc["bn"] - acc["bn_detached"]
+        said = [f"BN {100 * acc['bn']:.1f}%, bn_detached {100 * acc['bn_detached']:.1f}% (cutting both gradients "
+                + (f"costs {100 * lost:.1f} points)" if lost > 0 else f"gains {-100 * lost:.1f} points)")]
+        for m in halves:
+            e = _effect(comparisons, f"{m} - bn_detached", batch, sampler)
+            said.append(f"keeping {SPLIT[m]} ({m}) {100 * acc[m]:.1f}%" + (f", {_points(e)} against bn_detached" if e else "")
+                        + (f", winning back {100 * (acc[m] - acc['bn_detached']) / lost:.0f}% of those points" if lost > 0 else ""))
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({seed_count(part[part['method'].astype(str).isin(['bn', 'bn_detached', *halves])])}): "
+                     + "; ".join(said) + ".")
+    return "\n".join(lines)
+
+
 SWEEP = {"bnrs_m001": 0.01, "bnrs_m003": 0.03, "bnrs": 0.1, "bnrs_m030": 0.3, "bnrs_m100": 1.0}  # BNRS's momentum
 
 
-def sweep_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+def same_training(evaluations: pd.DataFrame, a: str, b: str, batch: int, sampler: str) -> tuple[int, int, float] | None:
+    """Whether two methods trained the same network, judged where their inference statistics cannot differ: the final
+    accuracy after recomputing population statistics, paired by seed. (seeds that agree to the image, seeds with
+    both, the largest difference); None where no seed has both."""
+    final = evaluations[evaluations["final"] & (evaluations["batch_size"] == batch) & (evaluations["sampler"] == sampler)]
+    acc = final.groupby(["seed", "method"])["test_acc_recomputed"].first().unstack("method")
+    if a not in acc or b not in acc or not len(both := acc[[a, b]].dropna()):
+        return None
+    gap = (both[a] - both[b]).abs()
+    return int((gap == 0).sum()), len(both), float(gap.max())
+
+
+def sweep_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: pd.DataFrame | None = None) -> str:
     """The momentum sweep read out per condition (Markdown): BNRS's final accuracy at each momentum, each against the
     default 0.1 with its verdict, and the original's BNRS at momentum 1 against bn_detached (the plan expects
-    equivalence: the same forward pass up to the variance's bias, no gradient through the statistics)."""
+    equivalence: the same forward pass up to the variance's bias, no gradient through the statistics). With
+    ``evaluations``: whether the two trained the same network (:func:`same_training`) - at momentum 1 the original
+    keeps the last batch's statistics for inference, so the two can differ at test time alone."""
     lines = []
     for (batch, sampler), part in summary.groupby(["batch_size", "sampler"], sort=False):
         acc = part.assign(method=part["method"].astype(str)).set_index("method")
@@ -1120,7 +1190,14 @@ def sweep_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
             said.insert(sum(SWEEP[m] < 0.1 for m in swept),
                         f"momentum 0.1 (BNRS) {100 * acc.loc['bnrs', 'mean']:.1f}% ({seed_count(acc.loc[['bnrs']])})")
         orig = _effect(comparisons, "bnrs_orig_m100 - bn_detached", batch, sampler)
-        tail = f" The original's BNRS at momentum 1 against bn_detached: {_points(orig)}." if orig else ""
+        tail = f" The original's BNRS at momentum 1 against bn_detached: {_points(orig)}" if orig else ""
+        if orig and evaluations is not None and (same := same_training(evaluations, "bnrs_orig_m100", "bn_detached", batch, sampler)):
+            agree, n, largest = same
+            tail += (f"; with recomputed population statistics the two get the same number of test images right in "
+                     f"{agree} of {n} seed{'s' if n > 1 else ''}")
+            tail += (": what they train is the same, and the gap is in what momentum 1 keeps for inference, the last "
+                     "batch's statistics" if agree == n else f" (the largest difference {100 * largest:.2f} points)")
+        tail += "." if orig else ""
         lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + "." + tail)
     return "\n".join(lines)
 

@@ -381,6 +381,15 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
                         "points (above, exploratory) "
                         "against 0.1. The original's BNRS at momentum 1 against bn_detached: +0.0 [-1.0, +1.0] points "
                         "(equivalent, exploratory).")
+    # with evaluations: the same network is judged with recomputed statistics, where inference statistics cannot differ
+    evals = pd.DataFrame([{"seed": seed, "method": m, "batch_size": 2, "sampler": "iid", "final": True, "test_acc_recomputed": a}
+                          for seed, pair in enumerate(((0.5, 0.5), (0.6, 0.6))) for m, a in zip(("bnrs_orig_m100", "bn_detached"), pair)])
+    same = book.sweep_answer(summary, rows, evals).splitlines()[0]
+    assert same.endswith("(equivalent, exploratory); with recomputed population statistics the two get the same number of "
+                         "test images right in 2 of 2 seeds: what they train is the same, and the gap is in what momentum 1 "
+                         "keeps for inference, the last batch's statistics.")
+    apart = book.sweep_answer(summary, rows, evals.assign(test_acc_recomputed=[0.5, 0.5, 0.6, 0.61])).splitlines()[0]
+    assert apart.endswith("in 1 of 2 seeds (the largest difference 1.00 points).")
     losses = pd.DataFrame([{"cell": f"c{m}", "method": m, "step": 10, "batch_size": 2, "sampler": "noniid", "train_loss": loss}
                            for m, loss in (("bn", 0.2), ("bnrs", 0.8), ("brn", 1.0))])
     text = book.reversal_answer(summary, summary, losses, rows)
@@ -528,3 +537,35 @@ def test_cost_per_step_keeps_machines_apart():
     assert table.loc["BN", "batch 16, AMD EPYC"] == 10.0 and table.loc["BN", "batch 16, Intel Xeon Processor"] == 30.0
     gn = plots.display_name("gn")
     assert pd.isna(table.loc[gn, "batch 16, AMD EPYC"]) and table.loc[gn, "batch 16, Intel Xeon Processor"] == 50.0
+
+
+def test_split_answer_says_how_much_of_the_cut_each_kept_gradient_wins_back():
+    summary = pd.DataFrame([{"batch_size": 16, "sampler": "iid", "method": m, "mean": a, "n_seeds": 5} for m, a in
+                            (("bn", 0.9), ("bn_detached", 0.5), ("bn_detached_mean", 0.6), ("bn_detached_var", 0.8))])
+    comparisons = pd.DataFrame([{"comparison": "bn_detached_var - bn_detached", "batch_size": 16, "sampler": "iid",
+                                 "outcome": "accuracy", "mean": 0.3, "ci_low": 0.2, "ci_high": 0.4, "verdict": "above",
+                                 "family": "exploratory"}])
+    text = book.split_answer(summary, comparisons)
+    assert "cutting both gradients costs 40.0 points" in text
+    assert "(bn_detached_mean) 60.0%, winning back 25% of those points" in text
+    assert "(bn_detached_var) 80.0%, +30.0 [+20.0, +40.0] points (above, exploratory) against bn_detached, winning back 75%" in text
+    # where cutting both gains, there is nothing to win back
+    flipped = summary.assign(mean=summary["mean"].where(summary["method"] != "bn", 0.4))
+    assert "gains 10.0 points" in book.split_answer(flipped, comparisons)
+    assert "winning back" not in book.split_answer(flipped, comparisons)
+
+
+def test_failure_answer_reads_the_loss_beside_the_recomputed_accuracy():
+    def row(effect, outcome, mean, verdict):
+        return {"comparison": f"2x2: {effect}", "batch_size": 16, "sampler": "iid", "outcome": outcome, "mean": mean,
+                "ci_low": mean - 0.01, "ci_high": mean + 0.01, "verdict": verdict, "family": "exploratory"}
+    forward, gradient = "forward statistics (running - batch)", "gradient through the statistics (without - with)"
+    comparisons = pd.DataFrame([row(gradient, "training loss", 0.6, "above"), row(gradient, "recomputed accuracy", -0.2, "below"),
+                                row(forward, "training loss", -0.02, "cannot tell"), row(forward, "recomputed accuracy", -0.05, "below")])
+    text = book.failure_answer(comparisons)
+    assert ("cutting the gradient through the statistics: training loss +0.600 [+0.590, +0.610] (above), accuracy with "
+            "recomputed statistics -20.0 [-21.0, -19.0] points (below, exploratory) - a failure to train") in text
+    assert "(cannot tell), accuracy with recomputed statistics -5.0 [-6.0, -4.0] points (below, exploratory) - no reading" in text
+    flipped = comparisons.assign(verdict=["above", "above", "below", "below"])
+    assert "- a worse fit of the training batches that tests better" in book.failure_answer(flipped)
+    assert "- a train/test mismatch" in book.failure_answer(flipped)

@@ -345,8 +345,11 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
     for row in effects.itertuples():
         assert f"{book.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} {row.verdict} ({row.family})" in text, row
     traces = pd.read_csv(folder / "traces_summary.csv")
+    t = book.mechanism_tables(folder)
     readouts = [book.twobytwo_answer(comparisons), book.trace_answer(traces),
-                book.textbook_answer(book.textbook_checks(comparisons, traces))]
+                book.textbook_answer(book.textbook_checks(comparisons, traces)), book.split_answer(summary, comparisons),
+                book.failure_answer(comparisons),
+                book.sweep_answer(t.summary, comparisons, t.evaluations), book.fixes_answer(t.summary, comparisons, t.evaluations)]
     for line in "\n".join(readouts).splitlines():
         assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line
 

@@ -254,8 +254,36 @@ def convergence_sentence(speed: pd.DataFrame) -> str:
     return " ".join(text)
 
 
-def abstract(t: Tables) -> str:
-    """The intro's abstract: the question and the answer in a few sentences, every number from the summary."""
+def why_sentence(comparisons: pd.DataFrame) -> str:
+    """The mechanism grid's answer in a sentence or two (for the abstract): the 2x2's two main effects on the final
+    accuracy wherever both are primary comparisons, and what they say when their verdicts agree on one cause ('' where
+    the grid has no primary 2x2 effect)."""
+    primary = comparisons[(comparisons["family"] == "primary") & (comparisons["outcome"] == "accuracy")]
+    effects = {name: [] for name in EFFECT_WORDS}
+    causes = set()
+    for (batch, sampler), part in primary.groupby(["batch_size", "sampler"], sort=False):
+        eff = part.set_index("comparison")
+        if not all(f"2x2: {name}" in eff.index for name in EFFECT_WORDS):
+            continue
+        for name in EFFECT_WORDS:
+            e = eff.loc[f"2x2: {name}"]
+            effects[name].append(f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points at "
+                                 f"{condition_label({'batch_size': batch, 'sampler': sampler})} ({e['verdict']})")
+        forward, gradient = (eff.loc[f"2x2: {name}", "verdict"] for name in EFFECT_WORDS)
+        causes.add("gradient" if gradient == "below" and forward in ("equivalent", "above") else "other")
+    if not causes:
+        return ""
+    (fw, forward), (gw, gradient) = ((EFFECT_WORDS[name], " and ".join(said)) for name, said in effects.items())
+    text = (f"Why, from a pre-registered 2x2 ablation (each effect averaged over the other factor): {fw} changes the "
+            f"final accuracy by {forward}; {gw} by {gradient}.")
+    if causes == {"gradient"}:
+        text += " The accuracy is lost by cutting the gradient through the statistics, not by normalising with running ones."
+    return text
+
+
+def abstract(t: Tables, mechanism: pd.DataFrame | None = None) -> str:
+    """The intro's abstract: the question and the answer in a few sentences, every number from the summary; with the
+    mechanism grid's comparisons (``mechanism``), its answer to why (:func:`why_sentence`)."""
     part = headline_condition(t.summary)
     f = headline(t.summary)
     small, large = f["small"], f["large"]
@@ -279,6 +307,8 @@ def abstract(t: Tables) -> str:
     if said:
         text.append("; ".join(said) + ".")
     text.append(_plateau_sentence(t.folder, part))
+    if mechanism is not None and (why := why_sentence(mechanism)):
+        text.append(why)
     text.append("Differences are paired by seed with Student-t 95% intervals; " + correction_sentence(t.summary))
     return " ".join(text)
 

@@ -569,3 +569,22 @@ def test_failure_answer_reads_the_loss_beside_the_recomputed_accuracy():
     flipped = comparisons.assign(verdict=["above", "above", "below", "below"])
     assert "- a worse fit of the training batches that tests better" in book.failure_answer(flipped)
     assert "- a train/test mismatch" in book.failure_answer(flipped)
+
+
+def test_why_sentence_reads_the_primary_2x2_and_concludes_only_when_every_condition_agrees():
+    def rows(batch, forward, gradient, family="primary"):
+        return [{"comparison": f"2x2: {name}", "batch_size": batch, "sampler": "iid", "outcome": "accuracy", "mean": m,
+                 "ci_low": m - 0.01, "ci_high": m + 0.01, "verdict": v, "family": family}
+                for name, (m, v) in zip(("forward statistics (running - batch)", "gradient through the statistics (without - with)"),
+                                        (forward, gradient))]
+    both = pd.DataFrame(rows(16, (0.0, "equivalent"), (-0.2, "below")) + rows(2, (0.05, "above"), (-0.3, "below"))
+                        + rows(4, (-0.5, "below"), (0.0, "cannot tell"), family="exploratory"))
+    text = book.why_sentence(both)
+    assert ("normalising with running instead of batch statistics changes the final accuracy by +0.0 [-1.0, +1.0] points "
+            "at i.i.d. batch 16 (equivalent) and +5.0 [+4.0, +6.0] points at i.i.d. batch 2 (above); cutting the gradient "
+            "through the statistics by -20.0 [-21.0, -19.0] points at i.i.d. batch 16 (below) and -30.0") in text
+    assert "batch 4" not in text  # exploratory effects are not the abstract's
+    assert text.endswith("The accuracy is lost by cutting the gradient through the statistics, not by normalising with running ones.")
+    split = pd.DataFrame(rows(16, (0.0, "equivalent"), (-0.2, "below")) + rows(2, (-0.05, "below"), (-0.3, "below")))
+    assert "The accuracy is lost" not in book.why_sentence(split)
+    assert book.why_sentence(both[both["family"] == "exploratory"]) == ""

@@ -302,6 +302,9 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     facts = book.headline(summary)
     intro = _text(site / "book" / "intro.html")
     assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
+    if (mechanism := ROOT / "results" / "mechanism" / "analysis.csv").exists():  # the abstract says why, measured
+        why = book.why_sentence(pd.read_csv(mechanism))
+        assert why and re.sub(r"\s+", " ", why) in re.sub(r"\s+", " ", intro.replace("\u2019", "'"))
     runs = [read_run(p) for p in sorted((STUDY / "runs").glob("*.json"))]  # the evaluation's share of training time
     share = sum(round(r.eval_seconds, 1) for r in runs) / sum(round(r.wall_seconds, 1) for r in runs)
     assert f"evaluation took {share:.0%} of the training time" in _text(site / "book" / "setup.html")

@@ -561,12 +561,19 @@ def run_commits(runs_dir: Path) -> list[str]:
     return list(dict.fromkeys((r.provenance.git_commit or "unknown")[:7] for r in runs))
 
 
+def why_from(folder: Path) -> str:
+    """:func:`why_sentence` from a mechanism grid's results folder ('' where it has no analysis yet)."""
+    table = folder / "analysis.csv"
+    return why_sentence(pd.read_csv(table)) if table.exists() else ""
+
+
 def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, commits: list[str] = (),
-                    folder: Path | None = None) -> str:
+                    folder: Path | None = None, why: str = "") -> str:
     """The README's first screen: the answer so far in a few sentences from the committed summary (the
-    headline condition's paired differences against BN with their intervals and verdicts), then the original
-    study's four claims judged on every dataset: by the re-run study's plan where the summary carries one (and
-    BN's plateau status from ``folder``'s plateau.csv), else under the original's equal-steps budget."""
+    headline condition's paired differences against BN with their intervals and verdicts), ``why`` (the mechanism
+    grid's answer, :func:`why_from`) where given, then the original study's four claims judged on every dataset: by
+    the re-run study's plan where the summary carries one (and BN's plateau status from ``folder``'s plateau.csv),
+    else under the original's equal-steps budget."""
     planned = "family" in summary
     ran = f", run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
     f = headline(summary)
@@ -593,6 +600,9 @@ def readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, co
                 "These networks were not trained to a plateau: the numbers describe training under a short budget, "
                 "and a re-run to a plateau under a pre-registered analysis plan is planned. ")
              + "The book's Summary page has every method and condition."]
+    if why:
+        lines += ["", f"**{why.split(':', 1)[0]}** (computed from `results/{MECHANISM_GRID}/analysis.csv`; the book's "
+                  f"chapter \"Why running statistics fail in training\"):{why.split(':', 1)[1]}"]
     datasets = [d for d in ("mnist5k", "fashionmnist") if d in set(equal_steps(summary)["dataset"])]
     if datasets and planned:
         table = claims_table(summary)
@@ -637,7 +647,7 @@ def save_headline_png(summary: pd.DataFrame, path: Path = paths.README_FIGURE) -
 
 
 def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: int, readme: Path = README,
-                          commits: list[str] = (), folder: Path | None = None) -> None:
+                          commits: list[str] = (), folder: Path | None = None, why: str = "") -> None:
     """The findings between the README's markers (:func:`readme_findings`), and the headline figure they show
     beside the README."""
     text = readme.read_text()
@@ -646,7 +656,7 @@ def write_readme_findings(summary: pd.DataFrame, cells_done: int, cells_total: i
         raise ValueError(f"{readme}: the markers {start} and {end} are missing; add them where the tables belong")
     save_headline_png(summary, readme.parent / paths.README_FIGURE.relative_to(paths.ROOT))
     head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits, folder) + "\n" + end + rest.split(end, 1)[1])
+    readme.write_text(head + start + "\n" + readme_findings(summary, cells_done, cells_total, commits, folder, why) + "\n" + end + rest.split(end, 1)[1])
 
 
 def runs_table(runs: list[RunRecord]) -> str:

@@ -155,7 +155,9 @@ def cmd_aggregate(args) -> int:
 
         done = len({p.stem for p in (folder / "runs").glob("*.json")} & {c.id for c in g.cells})
         commits = book.run_commits(folder / "runs")
-        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells), commits=commits, folder=folder)
+        why = book.why_from(paths.grid_results(book.MECHANISM_GRID, args.results))
+        book.write_readme_findings(pd.read_csv(written["summary"]), done, len(g.cells), commits=commits, folder=folder,
+                                   why=why)
         print(f"wrote the findings tables into {book.README}")
     return 0
 

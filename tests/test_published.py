@@ -86,7 +86,8 @@ def test_readme_findings_match_the_committed_study():
     committed = text.split(start, 1)[1].split(end, 1)[0].strip()
     done = len(list(STUDY.glob("runs/*.json")))
     expected = book.readme_findings(pd.read_csv(STUDY / "summary.csv"), done, len(grid.load("study").cells),
-                                    book.run_commits(STUDY / "runs"), folder=STUDY)
+                                    book.run_commits(STUDY / "runs"), folder=STUDY,
+                                    why=book.why_from(ROOT / "results" / book.MECHANISM_GRID))
     assert committed == expected.strip(), "README findings are out of date: run `bnlib aggregate study --readme` and commit"
 
 
@@ -112,6 +113,10 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the study grid's 6 cells" in text
     assert "code of commit abc1234" in text
     assert "BN ends at" in text and ("below" in text or "cannot tell" in text)
+    assert "**Why" not in text  # no mechanism grid given: no why
+    book.write_readme_findings(summary, 3, 6, readme=readme, why="Why, from an ablation: cutting costs 20 points.")
+    assert ("\n\n**Why, from an ablation** (computed from `results/mechanism/analysis.csv`; the book's chapter \"Why running "
+            "statistics fail in training\"): cutting costs 20 points.\n") in readme.read_text()
     from PIL import Image  # the figure beside the README, with the fingerprint of what it draws
 
     png = tmp_path / paths.README_FIGURE.relative_to(ROOT)

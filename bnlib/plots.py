@@ -7,6 +7,7 @@ from __future__ import annotations
 # No backend is forced: kernels use the inline backend (figures become PNG outputs); elsewhere matplotlib
 # falls back to Agg by itself when there is no display.
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -418,31 +419,54 @@ TRACE_LABELS = {"log_r_p90": "|log r|, 90th pct. of channels", "d_p90": "|d|, 90
                 "conv_grad_norm": "conv weight gradient norm"}
 
 
-def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition"):
-    """The norm layers' traces over training: a row per metric, a column per condition, a line per method (the
-    mean over seeds and layers, with the t band over seeds of the layer mean); the legend beside the first row."""
-    from matplotlib.ticker import NullFormatter
+def _decade_label(y: float, _pos=None) -> str:
+    """A log10 value's tick label as the plain number: 0.01, 0.3, 3, 30, 1,000."""
+    x = 10 ** y
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2g}"
 
-    data = frame[frame["method"].isin(methods)].groupby([col, "method", "seed", "step"], as_index=False)[list(metrics)].mean()
-    long = data.melt(id_vars=[col, "method", "seed", "step"], value_vars=list(metrics), var_name="metric")
+
+def _thousands(x: float, _pos=None) -> str:
+    return f"{x / 1000:g}k" if x else "0"
+
+
+def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition",
+                         smooth: int = 9):
+    """The norm layers' traces over training: a row per metric, a column per condition, a line per method (the
+    mean over layers, each seed's trace smoothed for display by a centred running mean over ``smooth`` traces, then
+    the mean over seeds with the t band over seeds); norms and RMS on a log scale (their log10 averaged, so a band
+    never reaches below zero); the legend above the panels."""
+    keys = [col, "method", "seed"]
+    data = frame[frame["method"].isin(methods)].groupby([*keys, "step"], as_index=False)[list(metrics)].mean()
+    logged = [m for m in metrics if any(w in TRACE_LABELS[m] for w in ("norm", "RMS"))]
+    data[logged] = np.log10(data[logged].clip(lower=1e-12))
+    data = data.sort_values([*keys, "step"])
+    data[list(metrics)] = data.groupby(keys)[list(metrics)].transform(
+        lambda v: v.rolling(smooth, center=True, min_periods=1).mean())
+    long = data.melt(id_vars=[*keys, "step"], value_vars=list(metrics), var_name="metric")
     long["metric"] = long["metric"].map(TRACE_LABELS)
     order = [m for m in methods if m in set(data["method"])]
     grid = sns.relplot(data=long, x="step", y="value", **_styled(order), row="metric", col=col, kind="line", legend=False,
-                       errorbar=stats.t_interval, height=1.9, aspect=1.15,
+                       errorbar=stats.t_interval, height=1.7, aspect=1.3,
                        facet_kws={"sharex": False, "sharey": False, "legend_out": False})
     grid.set_titles(template="{col_name}", size=TEXT_PT)
+    logged_labels = {TRACE_LABELS[m] for m in logged}
     for i, (label, row) in enumerate(zip(grid.row_names, grid.axes)):  # the metric as the row's y label
-        row[0].set_ylabel(wrapped(label, 18), fontsize=TEXT_PT)
+        row[0].set_ylabel(wrapped(label + (" (log)" if label in logged_labels else ""), 18), fontsize=TEXT_PT)
         for ax in row:
             if i:
                 ax.set_title("")
-            if any(w in label for w in ("norm", "RMS")):  # sizes on a log scale, labelled at the decades only
-                ax.set_yscale("log")
-                ax.yaxis.set_minor_formatter(NullFormatter())
-    grid.axes[0][-1].legend(handles=_handles(order), loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
+            if label in logged_labels:
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 5, 10]))
+                ax.yaxis.set_major_formatter(FuncFormatter(_decade_label))
     import warnings
 
-    with warnings.catch_warnings():  # one condition so far: a single column, its legend outside (the SVG's bbox holds it)
+    with warnings.catch_warnings():  # tight_layout cannot account for the figure legend: room is made for it below
         warnings.simplefilter("ignore", UserWarning)
         grid.figure.tight_layout()
+    grid.figure.subplots_adjust(top=1 - 0.85 / grid.figure.get_figheight())  # room for the legend and the titles
+    grid.figure.legend(handles=_handles(order), labels=[wrapped(display_name(m), 20) for m in order], loc="upper center",
+                       bbox_to_anchor=(0.5, 1.0), ncol=len(order), frameon=False, fontsize=TEXT_PT, columnspacing=1.0,
+                       handlelength=1.8)
     return grid

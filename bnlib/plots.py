@@ -425,10 +425,6 @@ def _decade_label(y: float, _pos=None) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.2g}"
 
 
-def _thousands(x: float, _pos=None) -> str:
-    return f"{x / 1000:g}k" if x else "0"
-
-
 def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition",
                          smooth: int = 9):
     """The norm layers' traces over training: a row per metric, a column per condition, a line per method (the

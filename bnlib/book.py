@@ -1034,9 +1034,7 @@ def twobytwo_answer(comparisons: pd.DataFrame, by=BY_CONDITION) -> str:
     out)."""
     from . import analysis
 
-    said = {"forward statistics (running - batch)": "normalising with running instead of batch statistics",
-            "gradient through the statistics (without - with)": "cutting the gradient through the statistics",
-            "interaction": "the two together beyond their sum"}
+    said = {**EFFECT_WORDS, "interaction": "the two together beyond their sum"}
     acc = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
     lines = []
     keys, label = by

@@ -1187,7 +1187,8 @@ def split_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
             e = _effect(comparisons, f"{m} - bn_detached", batch, sampler)
             said.append(f"keeping {SPLIT[m]} ({m}) {100 * acc[m]:.1f}%" + (f", {_points(e)} against bn_detached" if e else "")
                         + (f", winning back {100 * (acc[m] - acc['bn_detached']) / lost:.0f}% of those points" if lost > 0 else ""))
-        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({seed_count(part[part['method'].astype(str).isin(['bn', 'bn_detached', *halves])])}): "
+        read = part[part["method"].astype(str).isin(["bn", "bn_detached", *halves])]
+        lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({seed_count(read)}): "
                      + "; ".join(said) + ".")
     return "\n".join(lines)
 

@@ -291,6 +291,29 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     return correct(pd.DataFrame(rows))
 
 
+def sampler_cost(table: pd.DataFrame, of: str = "noniid", against: str = "iid") -> pd.DataFrame:
+    """What batches drawn by the sampler ``of`` (one class per batch) cost each method against ``against`` (i.i.d.),
+    per condition and method trained under both: the final accuracy under ``of`` minus under ``against``, paired by
+    seed (the same seed: the same initial weights; the batch streams differ), and the 2x2's effects on that cost
+    (``2x2: <effect>``: which factor makes a method sensitive to the batches' composition). Not in any plan: its own
+    exploratory family, Benjamini-Hochberg, verdicts as :func:`verdict`."""
+    final = stats.final_scores(table)
+    keys = [k for k in stats.CONDITION_KEYS if k in final and k not in ("sampler", "classes_per_batch")]
+    rows = []
+    for cond, group in final.groupby(keys, dropna=False, sort=True):
+        condition = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
+        scores = group.pivot_table(index=["method", "seed"], columns="sampler", values="score", aggfunc="first")
+        if of not in scores or against not in scores:
+            continue
+        cost = (scores[of] - scores[against]).dropna().rename("score").reset_index()
+        for method, part in cost.groupby("method", sort=False):
+            rows.append({**compare(part["score"], "exploratory", f"{method}: {of} - {against}", condition), "method": method})
+        for name, weights in EFFECTS.items():
+            if len(values := contrast(cost, weights)):
+                rows.append({**compare(values, "exploratory", f"2x2: {name}", condition), "method": None})
+    return correct(pd.DataFrame(rows)) if rows else pd.DataFrame()
+
+
 PLAN_COLUMNS = ("family", "correction", "p_adjusted", "p_tost_adjusted", "verdict", "note")
 
 

@@ -1087,7 +1087,8 @@ def _times(x: float) -> str:
 
 
 # short names for the prose of the mechanism chapter (tables and figures use plots.display_name)
-SHORT = {"bn": "BN", "bn_detached": "bn_detached", "bnrs": "BNRS", "brn": "BRN", "online": "Online Norm", "cbn": "CBN",
+SHORT = {"bn": "BN", "bn_detached": "bn_detached", "bn_detached_mean": "bn_detached_mean",
+         "bn_detached_var": "bn_detached_var", "bnrs": "BNRS", "brn": "BRN", "online": "Online Norm", "cbn": "CBN",
          "gn": "GN"}
 
 
@@ -1344,6 +1345,48 @@ def gap_sentence(trace_summary: pd.DataFrame, batch: int, sampler: str, method: 
     return (f"How far a batch's statistics sit from the running ones over training, measured in {_short(method)} (its "
             f"traced r = sigma_B / sigma_running and d, 90th percentiles over channels): {here}"
             + (f"; with i.i.d. batches of {batch}: {iid}" if iid else "") + ".")
+
+
+# Where the current batch's statistics enter a method in training: (its forward pass, its gradient). BRN (unclipped)
+# normalises with the running statistics, as BNRS, and takes its gradient through the batch's; Online Norm takes its
+# gradient through streaming estimates (its control process); CBN pools the current batch with earlier ones; GN's
+# statistics are each image's own.
+CURRENT_BATCH = {"bn": (True, True), "bn_detached": (True, False), "bn_detached_mean": (True, True),
+                 "bn_detached_var": (True, True), "cbn": (True, True), "brn": (False, True), "bnrs": (False, False),
+                 "online": (False, False), "gn": (False, False)}
+
+
+def one_class_answer(cost: pd.DataFrame) -> str:
+    """What one-class batches cost each method, read out per batch size (Markdown) from
+    :func:`bnlib.analysis.sampler_cost`: the methods they hurt and those they are not shown to hurt, each with its
+    cost in points and verdict, and the 2x2's effects on that cost. Where every method of :data:`CURRENT_BATCH` is
+    hurt exactly when the current batch enters its forward pass or its gradient, a last sentence says so (a rule
+    written after the cells were seen: exploratory)."""
+    lines = []
+    for batch, part in cost.groupby("batch_size", sort=False):
+        per = part[part["method"].notna()]
+        points = lambda r: f"{percent_interval(r['mean'], r['ci_low'], r['ci_high'], signed=True)} ({r['verdict']})"  # noqa: E731
+        said = lambda rows: ", ".join(f"{_short(r['method'])} {points(r)}" for _, r in rows.iterrows())  # noqa: E731
+        hurt, spared = per[per["verdict"] == "below"], per[per["verdict"] != "below"]
+        line = (f"- **Batch {batch}** ({seed_count(per)} per method), points of accuracy: one-class batches instead of "
+                "i.i.d. ones cost " + (said(hurt) if len(hurt) else "no method accuracy") + "."
+                + (f" They are not shown to hurt {said(spared)}." if len(spared) else ""))
+        effect = part.set_index("comparison")
+        effects = [f"{EFFECT_WORDS[name]} changes that cost by {points(effect.loc[f'2x2: {name}'])}"
+                   for name in EFFECT_WORDS if f"2x2: {name}" in effect.index]
+        line += (" Across the 2x2's four corners (a positive change: a smaller cost), " + "; ".join(effects) + ".") if effects else ""
+        known = per[per["method"].isin(list(CURRENT_BATCH))]
+        enters = known["method"].map(lambda m: any(CURRENT_BATCH[m]))
+        if len(known) == len(per) and enters.any() and (~enters).any() and ((known["verdict"] == "below") == enters).all():
+            forward = [_short(m) for m in known.loc[enters, "method"] if CURRENT_BATCH[m][0]]
+            gradient = [_short(m) for m in known.loc[enters, "method"] if not CURRENT_BATCH[m][0]]
+            line += (" Read together (a grouping written after the cells were seen): one-class batches hurt every method "
+                     "here whose training uses the current batch's statistics, in its forward pass ("
+                     + ", ".join(forward) + ")" + (f" or only in its gradient ({', '.join(gradient)})" if gradient else "")
+                     + ", and none of those where the current batch enters neither (" + ", ".join(
+                         _short(m) for m in known.loc[~enters, "method"]) + ").")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # Accounts of why running statistics fail or how to fix them, each checked against the mechanism grid by a rule: the

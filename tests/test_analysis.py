@@ -288,3 +288,26 @@ def book_adjusted(row) -> str:
     from bnlib import book
 
     return book.adjusted_p(row)["adjusted p"]
+
+
+def test_sampler_cost_pairs_each_method_by_seed_across_samplers_with_its_own_family():
+    """Known costs: BN loses 0.60 with one-class batches, BNRS nothing, bn_detached 0.20 and BRN 0.10 (plus seed noise
+    shared by both samplers of a seed, which pairing removes); a method run under one sampler only has no cost row.
+    The 2x2's effects on the cost: forward ((-0.10 + 0.60) + (0.00 + 0.20)) / 2 = +0.35, gradient
+    ((-0.20 + 0.60) + (0.00 + 0.10)) / 2 = +0.25, interaction (0.00 + 0.10) - (-0.20 + 0.60) = -0.30."""
+    cost = {"bn": -0.60, "bnrs": 0.0, "bn_detached": -0.20, "brn": -0.10}
+    noise = [0.0, 0.02, -0.01, 0.015, -0.02]
+    rows = [{"dataset": "fashionmnist", "batch_size": 2, "sampler": sampler, "classes_per_batch": 1 if sampler == "noniid" else None,
+             "method": m, "seed": s, "final": True, "diverged": False, "num_classes": 10,
+             "test_acc": 0.85 + n + (c if sampler == "noniid" else 0.0) + 0.001 * (sampler == "noniid") * (s % 2)}
+            for m, c in cost.items() for s, n in enumerate(noise) for sampler in ("iid", "noniid")]
+    rows += [{**rows[0], "method": "gn", "seed": s} for s in range(5)]  # i.i.d. only
+    out = analysis.sampler_cost(pd.DataFrame(rows)).set_index("comparison")
+    assert "gn: noniid - iid" not in out.index
+    for m, c in cost.items():
+        assert out.loc[f"{m}: noniid - iid", "mean"] == pytest.approx(c + 0.0004, abs=1e-9)
+        assert out.loc[f"{m}: noniid - iid", "method"] == m
+    assert out.loc["bn: noniid - iid", "verdict"] == "below" and out.loc["bnrs: noniid - iid", "verdict"] == "equivalent"
+    assert [out.loc[f"2x2: {name}", "mean"] for name in analysis.EFFECTS] == pytest.approx([0.35, 0.25, -0.30])
+    assert set(out["family"]) == {"exploratory"} and set(out["correction"]) == {"Benjamini-Hochberg"}
+    assert analysis.sampler_cost(pd.DataFrame(rows).query("sampler == 'iid'")).empty

@@ -588,3 +588,22 @@ def test_why_sentence_reads_the_primary_2x2_and_concludes_only_when_every_condit
     split = pd.DataFrame(rows(16, (0.0, "equivalent"), (-0.2, "below")) + rows(2, (-0.05, "below"), (-0.3, "below")))
     assert "The accuracy is lost" not in book.why_sentence(split)
     assert book.why_sentence(both[both["family"] == "exploratory"]) == ""
+
+
+def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_when_the_data_do():
+    def row(method, mean, verdict):
+        return {"batch_size": 2, "comparison": f"{method}: noniid - iid", "method": method, "n_seeds": 5, "mean": mean,
+                "ci_low": mean - 0.01, "ci_high": mean + 0.01, "verdict": verdict, "family": "exploratory"}
+    cost = pd.DataFrame([row("bn", -0.6, "below"), row("brn", -0.1, "below"), row("bnrs", 0.02, "cannot tell"),
+                         row("online", 0.0, "equivalent"),
+                         {**row(None, 0.4, "above"), "comparison": "2x2: forward statistics (running - batch)"}])
+    text = book.one_class_answer(cost)
+    assert "cost BN -60.0 [-61.0, -59.0] (below), BRN -10.0 [-11.0, -9.0] (below)." in text
+    assert "not shown to hurt BNRS +2.0 [+1.0, +3.0] (cannot tell), Online Norm +0.0 [-1.0, +1.0] (equivalent)." in text
+    assert "normalising with running instead of batch statistics changes that cost by +40.0 [+39.0, +41.0] (above)" in text
+    assert "in its forward pass (BN) or only in its gradient (BRN), and none of those where the current batch enters " \
+           "neither (BNRS, Online Norm)." in text
+    # a method the grouping spares that one-class batches hurt: no grouping sentence
+    assert "Read together" not in book.one_class_answer(cost.assign(verdict=cost["verdict"].replace("equivalent", "below")))
+    # a method the grouping does not know: no grouping sentence
+    assert "Read together" not in book.one_class_answer(pd.concat([cost, pd.DataFrame([row("frn", -0.2, "below")])]))

@@ -357,7 +357,8 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
     readouts = [book.twobytwo_answer(comparisons), book.trace_answer(traces),
                 book.textbook_answer(book.textbook_checks(comparisons, traces)), book.split_answer(summary, comparisons),
                 book.failure_answer(comparisons),
-                book.sweep_answer(t.summary, comparisons, t.evaluations), book.fixes_answer(t.summary, comparisons, t.evaluations)]
+                book.sweep_answer(t.summary, comparisons, t.evaluations), book.fixes_answer(t.summary, comparisons, t.evaluations),
+                book.one_class_answer(analysis.sampler_cost(t.evaluations)), book.why_sentence(comparisons)]
     for line in "\n".join(readouts).splitlines():
         assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line
 

@@ -994,6 +994,21 @@ BY_CONDITION = (("batch_size", "sampler"), condition_label)
 BY_OPTIMISATION = (("optimizer", "lr"), optimisation_label)
 
 
+def plateau_answer(plateau: pd.DataFrame, by=BY_CONDITION) -> str:
+    """BN's plateau per condition (``by``) by the plan's criterion, in one line (Markdown) from a grid's plateau.csv:
+    whether it plateaued, the gain over the last quarter of training and its 95% upper bound, the seeds."""
+    from . import analysis
+
+    keys, label = by
+    bn = plateau[plateau["method"] == "bn"]
+    return ("**BN's plateau** (the plan's criterion: the 95% upper bound of the gain over the last quarter below "
+            f"{100 * analysis.PLATEAU_MARGIN:g} point): " + "; ".join(
+                f"{label(r)}: {'plateaued' if r['plateaued'] else 'not plateaued'} ({100 * r['gain_last_quarter']:+.2f} points"
+                + ("" if pd.isna(r["gain_ci_high"]) else f", upper bound {100 * r['gain_ci_high']:+.2f}")
+                + f", {int(r['n_seeds'])} seed{'s' if r['n_seeds'] > 1 else ''})"
+                for _, r in bn.iterrows()))
+
+
 def mechanism_tables(folder: Path | None = None, grid: str = MECHANISM_GRID) -> Tables | None:
     """The committed tables of the mechanism grid (or of ``grid``, e.g. its robustness checks) from the
     repository's results/<grid>/, or None before any of its cells is committed."""

@@ -607,3 +607,18 @@ def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_
     assert "Read together" not in book.one_class_answer(cost.assign(verdict=cost["verdict"].replace("equivalent", "below")))
     # a method the grouping does not know: no grouping sentence
     assert "Read together" not in book.one_class_answer(pd.concat([cost, pd.DataFrame([row("frn", -0.2, "below")])]))
+
+
+def test_plateau_answer_reads_bns_row_per_condition_or_setting():
+    plateau = pd.DataFrame([
+        {"method": "bn", "batch_size": 2, "sampler": "iid", "optimizer": "sgd", "lr": 0.01, "n_seeds": 3,
+         "gain_last_quarter": 0.004, "gain_ci_high": 0.008, "plateaued": True},
+        {"method": "bn", "batch_size": 2, "sampler": "noniid", "optimizer": "adam", "lr": 0.001, "n_seeds": 1,
+         "gain_last_quarter": 0.02, "gain_ci_high": float("nan"), "plateaued": False},
+        {"method": "bnrs", "batch_size": 2, "sampler": "iid", "optimizer": "sgd", "lr": 0.01, "n_seeds": 3,
+         "gain_last_quarter": 0.05, "gain_ci_high": 0.09, "plateaued": False}])
+    text = book.plateau_answer(plateau)
+    assert "below 1 point): i.i.d. batch 2: plateaued (+0.40 points, upper bound +0.80, 3 seeds); non-i.i.d. batch 2: " \
+           "not plateaued (+2.00 points, 1 seed)" in text  # no bound from one seed
+    assert "+5.00" not in text  # BN's rows only
+    assert "SGD with momentum 0.9, lr 0.01: plateaued" in book.plateau_answer(plateau, by=book.BY_OPTIMISATION)

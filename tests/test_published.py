@@ -358,7 +358,10 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
                 book.textbook_answer(book.textbook_checks(comparisons, traces)), book.split_answer(summary, comparisons),
                 book.failure_answer(comparisons),
                 book.sweep_answer(t.summary, comparisons, t.evaluations), book.fixes_answer(t.summary, comparisons, t.evaluations),
-                book.one_class_answer(analysis.sampler_cost(t.evaluations)), book.why_sentence(comparisons)]
+                book.one_class_answer(analysis.sampler_cost(t.evaluations)), book.why_sentence(comparisons),
+                book.plateau_answer(pd.read_csv(folder / "plateau.csv"))]
+    robust = ROOT / "results" / book.ROBUSTNESS_GRID / "plateau.csv"
+    readouts += [book.plateau_answer(pd.read_csv(robust), by=book.BY_OPTIMISATION)] if robust.exists() else []
     for line in "\n".join(readouts).splitlines():
         assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line
 

@@ -314,6 +314,22 @@ def sampler_cost(table: pd.DataFrame, of: str = "noniid", against: str = "iid") 
     return correct(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
+def evaluation_gap(table: pd.DataFrame, column: str = "test_acc_batchstats", against: str = "test_acc") -> pd.DataFrame:
+    """Per condition and method, the final accuracy evaluated as ``column`` minus as ``against`` (the same network
+    evaluated two ways), paired by seed; methods or runs without both left out. Its own exploratory family,
+    Benjamini-Hochberg, verdicts as :func:`verdict`."""
+    final = table[table["final"]]
+    keys = [k for k in stats.CONDITION_KEYS if k in final]
+    rows = []
+    for cond, group in final.groupby(keys, dropna=False, sort=True):
+        condition = dict(zip(keys, cond if isinstance(cond, tuple) else (cond,)))
+        for method, part in group.groupby("method", sort=False):
+            values = (part[column].astype(float) - part[against].astype(float)).dropna()
+            if len(values):
+                rows.append({**compare(values, "exploratory", f"{method}: {column} - {against}", condition), "method": method})
+    return correct(pd.DataFrame(rows)) if rows else pd.DataFrame()
+
+
 PLAN_COLUMNS = ("family", "correction", "p_adjusted", "p_tost_adjusted", "verdict", "note")
 
 

@@ -1404,6 +1404,48 @@ def one_class_answer(cost: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+BATCHSTATS_GRID = "mechanism-batchstats"  # the reversal's check: one-class networks on one-class test batches
+
+
+def batchstats_answer(evaluations: pd.DataFrame, gap: pd.DataFrame) -> str:
+    """The check of the non-i.i.d. reversal read out per training sampler (Markdown): each method's final accuracy
+    with its running statistics, with recomputed population statistics and with the statistics of test batches
+    composed as its training batches were, and the last minus the first (:func:`bnlib.analysis.evaluation_gap`,
+    with its verdict). Where BN trained on one-class batches is above with them, the reading the analysis plan
+    wrote before the cells ran: what it learned works, and its loss is a mismatch between the statistics it
+    trained with and those it is tested with; where it is not, that it failed to learn."""
+    final = evaluations[evaluations["final"]]
+    lines = []
+    for sampler, part in final.groupby("sampler", sort=False):
+        said = []
+        for method, runs in part.groupby("method", sort=False):
+            e = _effect(gap.assign(outcome="accuracy"), f"{method}: test_acc_batchstats - test_acc", int(runs["batch_size"].iloc[0]),
+                        sampler)
+            if e is None:
+                continue
+            of = lambda c: percent_interval(runs[c].mean(), *stats.t_interval(runs[c].dropna()))  # noqa: E731
+            said.append(f"{_short(method)}: accuracy (%) {of('test_acc')} with its running statistics, "
+                        f"{of('test_acc_recomputed')} with recomputed ones, {of('test_acc_batchstats')} with the test "
+                        f"batches' own, {percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points "
+                        f"({e['verdict']})")
+        if not said:
+            continue
+        batch = int(part["batch_size"].iloc[0])
+        kind = "one-class" if sampler == "noniid" else "i.i.d."
+        line = (f"- **Trained on {kind} batches of {batch}** ({seed_count(part, part.groupby('method')['seed'].nunique())}"
+                f", tested on {kind} batches of {batch}): " + "; ".join(said) + ".")
+        bn = _effect(gap.assign(outcome="accuracy"), "bn: test_acc_batchstats - test_acc", batch, sampler)
+        if sampler == "noniid" and bn is not None:
+            line += {"above": " As the plan reads it: BN's network works with the statistics it trained with, and its "
+                              "loss with one-class batches is a mismatch between those statistics and the ones it is "
+                              "tested with, not a failure to learn.",
+                     "cannot tell": " As the plan reads it: cannot tell whether BN's network works with the statistics "
+                                    "it trained with."}.get(bn["verdict"], " As the plan reads it: BN's network does not "
+                                                            "work better even with the statistics it trained with: it failed to learn.")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 # Accounts of why running statistics fail or how to fix them, each checked against the mechanism grid by a rule: the
 # comparison that tests it, and the verdicts that agree with it (the opposite ones contradict it; "cannot tell" and
 # a missing comparison decide nothing).

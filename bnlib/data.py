@@ -222,6 +222,20 @@ def noniid_batches(labels: Tensor, batch_size: int, classes_per_batch: int, gene
             yield batch[torch.randperm(batch_size, generator=generator)]
 
 
+def one_pass(labels: Tensor, batch_size: int, sampler: str, seed: int, classes_per_batch: int | None = None) -> Tensor:
+    """The indices of one pass of :func:`batches` over ``labels`` (its first epoch), batch after batch: every
+    ``batch_size`` consecutive indices are one batch as the sampler composes them. Samples the sampler leaves out of
+    an epoch (partial batches or groups) are not in it."""
+    seen, out = set(), []
+    for batch in batches(labels, batch_size, sampler, seed, classes_per_batch):
+        members = batch.tolist()
+        if seen.intersection(members):  # the next epoch begins
+            break
+        seen.update(members)
+        out.append(batch)
+    return torch.cat(out)
+
+
 def batches(labels: Tensor, batch_size: int, sampler: str, seed: int, classes_per_batch: int | None = None) -> Iterator[Tensor]:
     """The training batches (CPU index tensors) of a run: a function of the seed only, never of the method."""
     generator = torch.Generator().manual_seed(seed)

@@ -89,7 +89,7 @@ LOCAL_KEYS = train.LOCAL_KEYS  # where a cell runs, not what it computes: left o
 # Keys added after grids were run, left out of the id while at the value that reproduces the earlier
 # results (adding an option must not orphan finished cells); any other value is hashed as usual.
 ID_NEUTRAL = {"eval_batch_stats": False, "recompute_evals": "all", "compile": "off", "trace_every": None,
-              "lr_schedule": "constant", "lr_drop_at": 2 / 3}
+              "lr_schedule": "constant", "lr_drop_at": 2 / 3, "eval_batch_composition": "iid"}
 
 
 def _resolved(config: train.Config) -> dict:

@@ -110,7 +110,7 @@ class Final:
     test_acc: float | None = None  # accuracy on the full test set with the model's inference statistics
     test_loss: float | None = None  # mean cross-entropy there
     test_acc_recomputed: float | None = None  # after recomputing population statistics (config.recompute)
-    test_acc_batchstats: float | None = ABSENT  # with batch statistics at test time (config.eval_batch_stats)
+    test_acc_batchstats: float | None = ABSENT  # with batch statistics at test time (config.eval_batch_stats; batches composed by config.eval_batch_composition)
     train_loss: float | None = None  # the last training-loss window's mean
 
 

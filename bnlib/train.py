@@ -38,6 +38,7 @@ PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "step")
 LR_DROP_FACTOR = 0.1  # lr_schedule step: the learning rate's factor after the drop
 RECOMPUTE_EVALS = ("all", "last")
+EVAL_BATCH_COMPOSITIONS = ("iid", "training")
 # Config keys that say where a cell runs, finds its data or saves its checkpoints, not what it computes:
 # left out of cell ids and checkpoint keys.
 LOCAL_KEYS = ("device", "data_dir", "download", "checkpoint_minutes")
@@ -77,6 +78,9 @@ class Config:
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
     recompute_evals: str = "all"  # all | last: which evaluations also recompute (last: the final one only, a long run's saving)
     eval_batch_stats: bool = False  # also evaluate with batch statistics at test time (test batches of batch_size)
+    # ... composed how: iid (the test set in its order) | training (one pass of the training's sampler over the test
+    # labels: with noniid, batches of classes_per_batch classes; a diagnostic that uses the test labels to form batches)
+    eval_batch_composition: str = "iid"
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
     init_samples: int = 1000  # training images for Batchless Norm's data-dependent start (its authors'); 0: mean 0, std 1
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
@@ -191,6 +195,10 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
         fail("compile", f"choose one of {', '.join(compiling.MODES)}")
     if config.recompute_evals not in RECOMPUTE_EVALS:
         fail("recompute_evals", f"choose one of {', '.join(RECOMPUTE_EVALS)}")
+    if config.eval_batch_composition not in EVAL_BATCH_COMPOSITIONS:
+        fail("eval_batch_composition", f"choose one of {', '.join(EVAL_BATCH_COMPOSITIONS)}")
+    if config.eval_batch_composition != "iid" and not config.eval_batch_stats:
+        fail("eval_batch_composition", "composes the test batches of eval_batch_stats: set eval_batch_stats: true")
     for key in ("eval_every", "log_every", "eval_samples", "evals", "trace_every"):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -368,10 +376,13 @@ class MethodRun:
         self.loss_sum.zero_()
         self.window = 0
 
-    def evaluate(self, step: int, x: torch.Tensor, y: torch.Tensor, recompute_batches, last: bool) -> None:
+    def evaluate(self, step: int, x: torch.Tensor, y: torch.Tensor, recompute_batches, last: bool,
+                 batch_xy: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """One evaluation of every seed, appended to its record (or its divergence recorded); ``last``: the run's
-        final one."""
+        final one; ``batch_xy``: the test set in the order whose consecutive batches the evaluation with batch
+        statistics takes (default ``x, y``)."""
         config = self.config
+        xb, yb = batch_xy if batch_xy is not None else (x, y)
         running = norms.keeps_running_statistics(self.model)
         recompute = config.recompute and running and (config.recompute_evals == "all" or last)
         batch_stats = config.eval_batch_stats and running
@@ -380,7 +391,7 @@ class MethodRun:
             plain = evaluate_mod.evaluate_stacked(self.model, x, y, config.precision)
             recomputed = (evaluate_mod.evaluate_stacked(self.model, x, y, config.precision, recompute_batches=recompute_batches)
                           if recompute else nothing)
-            batch = (evaluate_mod.evaluate_stacked(self.model, x, y, config.precision, batch_stats_size=config.batch_size)
+            batch = (evaluate_mod.evaluate_stacked(self.model, xb, yb, config.precision, batch_stats_size=config.batch_size)
                      if batch_stats else nothing)
             for rec, p, r, b in zip(self.recs, plain, recomputed, batch):
                 if rec.diverged:
@@ -400,7 +411,7 @@ class MethodRun:
             return
         recomputed = (evaluate_mod.evaluate_recomputed(self.model, recompute_batches, x, y, config.precision, self.forward)
                       if recompute else (None, None))
-        batch = (evaluate_mod.evaluate_batch_statistics(self.model, x, y, config.batch_size, config.precision)
+        batch = (evaluate_mod.evaluate_batch_statistics(self.model, xb, yb, config.batch_size, config.precision)
                  if batch_stats else (None, None))
         rec.append_evaluation(step, len(y), plain, recomputed, batch)
 
@@ -504,6 +515,12 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     subset = torch.randperm(len(ds.y_test), generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
     subset = subset[: config.eval_samples or len(subset)].sort().values.to(device)
     x_sub, y_sub = ds.x_test[subset], ds.y_test[subset]
+    composed = {}  # the test sets in the order the evaluation with batch statistics takes them, by size
+    if config.eval_batch_stats and config.eval_batch_composition == "training":
+        for xs, ys in ((x_sub, y_sub), (ds.x_test, ds.y_test)):
+            order = data_mod.one_pass(ys.cpu(), config.batch_size, config.sampler, EVAL_SUBSET_SEED,
+                                      config.classes_per_batch).to(device)
+            composed[len(ys)] = (xs[order], ys[order])
     init_batches, recompute_batches = zip(*(_fixed_batches(ds, config, seed, device) for seed in seeds))
     # Stacked: seed k's recompute batches in input channels k*C ... (k+1)*C, as its training batches.
     recompute = [torch.cat(group, 1) for group in zip(*recompute_batches)] if stacked else recompute_batches[0]
@@ -551,7 +568,7 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
             x_eval, y_eval = (ds.x_test, ds.y_test) if step == plan.steps else (x_sub, y_sub)
             for run in runs.values():
                 if run.live:
-                    run.evaluate(step, x_eval, y_eval, recompute, last=step == plan.steps)
+                    run.evaluate(step, x_eval, y_eval, recompute, last=step == plan.steps, batch_xy=composed.get(len(y_eval)))
             bar.set_postfix({m: f"{r.recs[0].test_acc[-1]:.3f}" for m, r in runs.items()
                              if r.recs[0].test_acc and not r.recs[0].diverged}, refresh=False)
             eval_seconds += time.perf_counter() - t_eval

@@ -311,3 +311,18 @@ def test_sampler_cost_pairs_each_method_by_seed_across_samplers_with_its_own_fam
     assert [out.loc[f"2x2: {name}", "mean"] for name in analysis.EFFECTS] == pytest.approx([0.35, 0.25, -0.30])
     assert set(out["family"]) == {"exploratory"} and set(out["correction"]) == {"Benjamini-Hochberg"}
     assert analysis.sampler_cost(pd.DataFrame(rows).query("sampler == 'iid'")).empty
+
+
+def test_evaluation_gap_pairs_two_evaluations_of_each_network_by_seed():
+    """bn's networks are 0.70 better with their test batches' statistics than with running ones, gn has no batch
+    statistics (left out), and a diverged run without numbers drops out of its pair."""
+    rows = [{"dataset": "fashionmnist", "batch_size": 2, "sampler": "noniid", "method": m, "seed": s, "final": True,
+             "test_acc": 0.15 + 0.01 * s, "test_acc_batchstats": b}
+            for s in range(3) for m, b in (("bn", 0.85 + 0.01 * s + 0.002 * (s == 1)), ("gn", None))]
+    rows.append({**rows[0], "seed": 3, "test_acc": None, "test_acc_batchstats": None})
+    rows.append({**rows[0], "final": False, "test_acc_batchstats": 0.1})  # not the last evaluation
+    out = analysis.evaluation_gap(pd.DataFrame(rows)).set_index("comparison")
+    assert list(out.index) == ["bn: test_acc_batchstats - test_acc"]
+    row = out.loc["bn: test_acc_batchstats - test_acc"]
+    assert row["n_seeds"] == 3 and row["mean"] == pytest.approx(0.70 + 0.002 / 3) and row["verdict"] == "above"
+    assert row["family"] == "exploratory" and row["method"] == "bn"

@@ -622,3 +622,22 @@ def test_plateau_answer_reads_bns_row_per_condition_or_setting():
            "not plateaued (+2.00 points, 1 seed)" in text  # no bound from one seed
     assert "+5.00" not in text  # BN's rows only
     assert "SGD with momentum 0.9, lr 0.01: plateaued" in book.plateau_answer(plateau, by=book.BY_OPTIMISATION)
+
+
+def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
+    def runs(sampler, method, running, batch):
+        return [{"final": True, "batch_size": 2, "sampler": sampler, "method": method, "seed": s, "test_acc": running + 0.01 * s,
+                 "test_acc_recomputed": running, "test_acc_batchstats": batch + 0.01 * s} for s in range(3)]
+    evaluations = pd.DataFrame(runs("noniid", "bn", 0.15, 0.85) + runs("iid", "bn", 0.85, 0.80))
+    def gap(verdict):
+        return pd.DataFrame([{"comparison": "bn: test_acc_batchstats - test_acc", "batch_size": 2, "sampler": s, "mean": m,
+                              "ci_low": m - 0.01, "ci_high": m + 0.01, "verdict": v}
+                             for s, m, v in (("noniid", 0.7, verdict), ("iid", -0.05, "below"))])
+    text = book.batchstats_answer(evaluations, gap("above"))
+    assert ("**Trained on one-class batches of 2** (3 seeds, tested on one-class batches of 2): BN: accuracy (%) 16.0 "
+            "[13.5, 18.5] with its running statistics, 15.0 [15.0, 15.0] with recomputed ones, 86.0 [83.5, 88.5] with the "
+            "test batches' own, +70.0 [+69.0, +71.0] points (above).") in text
+    assert "not a failure to learn" in text and "i.i.d. batches of 2): BN: accuracy" in text
+    assert text.count("As the plan reads it") == 1  # the reading is of one-class training only
+    assert "it failed to learn" in book.batchstats_answer(evaluations, gap("equivalent"))
+    assert "cannot tell whether" in book.batchstats_answer(evaluations, gap("cannot tell"))

@@ -192,3 +192,21 @@ def test_missing_fashionmnist_names_the_debian_package(tmp_path, monkeypatch):
     message = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in message and str(tmp_path / "nowhere") in message
     assert str(tmp_path / "FashionMNIST" / "raw") in message
+
+
+@pytest.mark.parametrize("sampler,classes_per_batch", [("noniid", 1), ("noniid", 2), ("iid", None)])
+def test_one_pass_is_the_samplers_first_epoch_batch_after_batch(sampler, classes_per_batch):
+    """Unbalanced labels (class 0 has one sample more than the others): the pass holds each sample at most once,
+    every consecutive batch_size indices are the stream's batch (one class each with classes_per_batch 1), and it
+    stops where the next epoch would begin."""
+    labels = torch.cat([torch.arange(60) % 6, torch.tensor([0])])
+    order = data.one_pass(labels, 4, sampler, seed=2, classes_per_batch=classes_per_batch)
+    stream = data.batches(labels, 4, sampler, seed=2, classes_per_batch=classes_per_batch)
+    assert len(set(order.tolist())) == len(order) and len(order) % 4 == 0
+    for batch in order.view(-1, 4):
+        assert torch.equal(batch, next(stream))
+        if classes_per_batch == 1:
+            assert len(set(labels[batch].tolist())) == 1
+    assert set(next(stream).tolist()) & set(order.tolist())  # the next batch repeats a sample: the next epoch's
+    # groups of 4 (one class per batch): 2 per class, 48 samples; of 2: 5 per class, 60; i.i.d.: 61 less the partial batch
+    assert len(order) == {1: 48, 2: 60, None: 60}[classes_per_batch]

@@ -72,7 +72,8 @@ def test_cell_ids_are_stable_and_distinct(tmp_path):
     # pinned: the same id on every machine and in every process (update it only with a deliberate Config change)
     assert grid.cell_id({"steps": 5}) == "digits-b16-iid-s0-575b0a071e"
     assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, "eval_batch_stats": True})
-    for key, default, other in (("compile", "off", "on"), ("recompute_evals", "all", "last")):
+    for key, default, other in (("compile", "off", "on"), ("recompute_evals", "all", "last"),
+                                ("eval_batch_composition", "iid", "training")):
         assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, key: default})
         assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, key: other})
 

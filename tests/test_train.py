@@ -516,3 +516,20 @@ def test_step_schedule_drops_the_learning_rate_for_the_last_third_only():
         a, b = constant["methods"][m], stepped["methods"][m]
         assert a["train_loss"][:4] == b["train_loss"][:4]  # the first 20 steps are the same run
         assert a["train_loss"][4:] != b["train_loss"][4:]
+
+
+def test_eval_batch_composition_training_takes_the_test_batches_as_the_sampler_composes_them():
+    """With one-class training batches, 'training' evaluates with batch statistics on one-class test batches (one pass
+    of the sampler over the test labels); the other evaluations are unchanged, and the value needs eval_batch_stats."""
+    base = dict(methods=["bn"], batch_size=4, steps=6, evals=1, eval_batch_stats=True, sampler="noniid", classes_per_batch=1)
+    iid = _train(train.Config(**base), dataset=digits(), progress=False)["methods"]["bn"]
+    composed = _train(train.Config(**base, eval_batch_composition="training"), dataset=digits(), progress=False)["methods"]["bn"]
+    assert composed["test_acc"] == iid["test_acc"] and composed["test_acc_batchstats"] != iid["test_acc_batchstats"]
+    # the order it evaluates in: one pass of one-class batches of 4 over the test labels
+    ds = digits()
+    order = data.one_pass(ds.y_test, 4, "noniid", train.EVAL_SUBSET_SEED, 1)
+    assert all(len(set(ds.y_test[b].tolist())) == 1 for b in order.view(-1, 4))
+    with pytest.raises(train.ConfigError, match="eval_batch_composition"):
+        train.validate(train.Config(**{**base, "eval_batch_stats": False}, eval_batch_composition="training"))
+    with pytest.raises(train.ConfigError, match="choose one of iid, training"):
+        train.validate(train.Config(**base, eval_batch_composition="sorted"))

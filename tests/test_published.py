@@ -362,6 +362,8 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
                 book.plateau_answer(pd.read_csv(folder / "plateau.csv"))]
     robust = ROOT / "results" / book.ROBUSTNESS_GRID / "plateau.csv"
     readouts += [book.plateau_answer(pd.read_csv(robust), by=book.BY_OPTIMISATION)] if robust.exists() else []
+    if (checked := book.mechanism_tables(grid=book.BATCHSTATS_GRID)) is not None:
+        readouts.append(book.batchstats_answer(checked.evaluations, analysis.evaluation_gap(checked.evaluations)))
     for line in "\n".join(readouts).splitlines():
         assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line
 

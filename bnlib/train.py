@@ -78,9 +78,8 @@ class Config:
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
     recompute_evals: str = "all"  # all | last: which evaluations also recompute (last: the final one only, a long run's saving)
     eval_batch_stats: bool = False  # also evaluate with batch statistics at test time (test batches of batch_size)
-    # ... composed how: iid (the test set in its order) | training (one pass of the training's sampler over the test
-    # labels: with noniid, batches of classes_per_batch classes; a diagnostic that uses the test labels to form batches)
-    eval_batch_composition: str = "iid"
+    # training: one pass of the training's sampler over the test labels (a diagnostic: the labels form the batches)
+    eval_batch_composition: str = "iid"  # those test batches: iid (the test set in order) | training (as the training's)
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
     init_samples: int = 1000  # training images for Batchless Norm's data-dependent start (its authors'); 0: mean 0, std 1
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}

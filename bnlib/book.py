@@ -1442,6 +1442,12 @@ def batchstats_answer(evaluations: pd.DataFrame, gap: pd.DataFrame) -> str:
                      "cannot tell": " As the plan reads it: cannot tell whether BN's network works with the statistics "
                                     "it trained with."}.get(bn["verdict"], " As the plan reads it: BN's network does not "
                                                             "work better even with the statistics it trained with: it failed to learn.")
+            with_own = part.loc[part["method"] == "bn", "test_acc_batchstats"].mean()
+            iid = final.loc[(final["sampler"] == "iid") & (final["method"] == "bn"), "test_acc"]
+            if bn["verdict"] == "above" and len(iid) and with_own > iid.max():
+                line += (f" Read after the cells were seen: its {100 * with_own:.1f}% is above BN trained and tested on "
+                         f"i.i.d. batches here (at most {100 * iid.max():.1f}% in any seed), so a one-class batch's "
+                         "statistics tell the network something about the class, and it uses that.")
         lines.append(line)
     return "\n".join(lines)
 

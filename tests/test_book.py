@@ -638,6 +638,11 @@ def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
             "[13.5, 18.5] with its running statistics, 15.0 [15.0, 15.0] with recomputed ones, 86.0 [83.5, 88.5] with the "
             "test batches' own, +70.0 [+69.0, +71.0] points (above).") in text
     assert "not a failure to learn" in text and "i.i.d. batches of 2): BN: accuracy" in text
+    # above BN's best i.i.d. seed (87.0%) with one-class test batches (86.0% on average): no such reading
+    assert "Read after the cells were seen" not in text
+    better = evaluations.assign(test_acc_batchstats=evaluations["test_acc_batchstats"].where(evaluations["sampler"] == "iid", 0.95))
+    assert ("its 95.0% is above BN trained and tested on i.i.d. batches here (at most 87.0% in any seed)"
+            in book.batchstats_answer(better, gap("above")))
     assert text.count("As the plan reads it") == 1  # the reading is of one-class training only
     assert "it failed to learn" in book.batchstats_answer(evaluations, gap("equivalent"))
     assert "cannot tell whether" in book.batchstats_answer(evaluations, gap("cannot tell"))

@@ -246,6 +246,18 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_compact(args) -> int:
+    from . import published
+
+    folder = paths.grid_results(args.grid, args.results)
+    if not (folder / "runs").is_dir():
+        print(f"bnlib compact: {folder / 'runs'} does not exist; nothing to compact", file=sys.stderr)
+        return 1
+    rewritten, saved = published.compact(folder)
+    print(f"{folder}: {rewritten} notebook(s) rewritten with 256-colour figures, {saved / 1e6:.1f} MB saved")
+    return 0
+
+
 def cmd_book(args) -> int:
     from .book import build
 
@@ -356,6 +368,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--save", type=Path, default=None, metavar="CSV", help="also write every cell's largest difference per "
                    "method and quantity to this CSV (how book/data/verify_cross_isa.csv is made)")
     v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("compact", help="store the figures of a grid's finished run notebooks as 256-colour PNGs "
+                       "(a third of the bytes; the runner does it for new cells; `published.check` requires it)")
+    c.add_argument("grid", help="grid name: results/<grid>/runs is compacted")
+    c.add_argument("--results", type=paths.results_root, default=None, help=RESULTS_HELP)
+    c.set_defaults(func=cmd_compact)
 
     k = sub.add_parser("book", help="build the Jupyter Book from a grid's results (offline, warnings as errors)")
     k.add_argument("--grid", default="study", help="whose results the book shows (default: study, the published grid)")

@@ -1,12 +1,14 @@
 """Integrity of a committed (published) grid folder, ``results/<grid>/``: what CI checks before it builds.
 
-Every metrics file parses and names its own cell; every finished cell has its executed notebook and the
-notebook parses; the aggregated CSVs are present and equal a fresh aggregation of the metrics files. A
-problem raises :class:`PublishedError` naming the file.
+Every metrics file parses and names its own cell; every finished cell has its executed notebook, the
+notebook parses and its figures are compact (:func:`compact`); the aggregated CSVs are present and equal a
+fresh aggregation of the metrics files. A problem raises :class:`PublishedError` naming the file.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import nbformat
 import pandas as pd
 
 from . import tables
-from .record import CorruptRun, read_run
+from .record import CorruptRun, atomic_write, read_run
 
 TABLES = ("evaluations", "training_loss", "summary")
 
@@ -42,9 +44,12 @@ def check(grid_dir: str | Path) -> int:
         if not notebook.exists():
             raise PublishedError(f"{notebook}: missing (the notebook of finished cell {path.stem})")
         try:
-            nbformat.read(notebook, as_version=4)
+            nb = nbformat.read(notebook, as_version=4)
         except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt notebook
             raise PublishedError(f"{notebook}: not a readable notebook ({err})") from None
+        if any(not _is_palette_png(o["data"]["image/png"]) for o in _png_outputs(nb)):
+            raise PublishedError(f"{notebook}: has full-colour PNG figures; run `bnlib compact {grid_dir.name}` "
+                                 "(256-colour figures keep the committed results small) and commit it")
     for name in TABLES:
         if not (grid_dir / f"{name}.csv").exists():
             raise PublishedError(f"{grid_dir / f'{name}.csv'}: missing; run `bnlib aggregate {grid_dir.name}` and commit it")
@@ -64,3 +69,61 @@ def check(grid_dir: str | Path) -> int:
                 raise PublishedError(f"{committed}: differs from a fresh aggregation of {runs} ({str(err).splitlines()[0]}); "
                                      f"run `bnlib aggregate {grid_dir.name}` and commit it") from None
     return len(metrics)
+
+
+# --- compact figures ------------------------------------------------------------------------------
+# A run notebook's figures are a view of its metrics file (which holds every number); stored as 256-colour
+# palette PNGs they take about a third of the bytes and look the same, which keeps results/ small enough to
+# publish (the matplotlib PNGs were 80% of the notebooks' bytes).
+
+
+def _png_outputs(nb) -> list[dict]:
+    return [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+
+
+def _is_palette_png(b64: str) -> bool:
+    head = base64.b64decode(b64[:44])  # the IHDR chunk: colour type is byte 25, 3 = palette
+    return len(head) > 25 and head[25] == 3
+
+
+def compact_png(b64: str) -> str:
+    """A base64 PNG re-encoded as a 256-colour palette PNG (unchanged if it already is one)."""
+    from PIL import Image
+
+    if _is_palette_png(b64):
+        return b64
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    opaque = image.mode == "RGB" or (image.mode == "RGBA" and image.getchannel("A").getextrema()[0] == 255)
+    if opaque:  # matplotlib's figures: median cut, no dithering, keeps thin lines and text crisp
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    else:  # transparency: the quantiser that keeps an alpha channel
+        palette = image.convert("RGBA").quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    palette.save(out, "PNG", optimize=True, dpi=image.info.get("dpi", (72, 72)))
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def compact_notebook(path: str | Path) -> int:
+    """Re-encode a notebook's PNG figures as palette PNGs (:func:`compact_png`), in place and atomically;
+    returns the bytes saved (0 and the file untouched when every figure already is one)."""
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    outputs = [o for o in _png_outputs(nb) if not _is_palette_png(o["data"]["image/png"])]
+    if not outputs:
+        return 0
+    before = path.stat().st_size
+    for o in outputs:
+        o["data"]["image/png"] = compact_png(o["data"]["image/png"])
+    atomic_write(path, nbformat.writes(nb) + "\n")
+    return before - path.stat().st_size
+
+
+def compact(grid_dir: str | Path) -> tuple[int, int]:
+    """Compact the notebooks of a grid folder's finished cells (those with a metrics file; a running cell's
+    notebook is papermill's to write). Returns (notebooks rewritten, bytes saved)."""
+    rewritten = saved = 0
+    for metrics in sorted((Path(grid_dir) / "runs").glob("*.json")):
+        notebook = metrics.with_suffix(".ipynb")
+        if notebook.exists() and (n := compact_notebook(notebook)):
+            rewritten, saved = rewritten + 1, saved + n
+    return rewritten, saved

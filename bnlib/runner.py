@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths, train
+from . import paths, published, train
 from .grid import Cell, Grid, GridError, condition_key
 from .provenance import is_current
 from .record import ABSENT, CorruptRun, atomic_write, read_run, write_json
@@ -310,6 +310,8 @@ def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str |
             error = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     # each cell's share of a stack's time: what `bnlib run --dry-run` estimates a cell of this grid from
     seconds = (time.perf_counter() - started) / len(cells)
+    if (runs / f"{lead.id}.ipynb").exists():
+        published.compact_notebook(runs / f"{lead.id}.ipynb")  # its figures as 256-colour PNGs: a third of the bytes
     copy_stacked_notebooks(cells, runs)
     outcomes = []
     for c in cells:

@@ -61,6 +61,59 @@ def test_missing_notebook_and_stale_summary_are_named(smoke_results, tmp_path):
         published.check(folder)
 
 
+def _full_colour_png(seed: int = 0) -> str:
+    """A matplotlib figure as the inline backend stores it: a full-colour (RGBA) PNG, base64."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 2.5))
+    rng = np.random.default_rng(seed)
+    for k in range(4):
+        ax.plot(rng.normal(size=200).cumsum(), label=f"seed {k}")
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_runner_writes_compact_figures_and_a_full_colour_one_is_named_then_compacted(smoke_results, tmp_path):
+    """The runner stores its notebooks' figures as palette PNGs; a full-colour figure (a notebook run by older
+    code, or edited) fails the check naming the notebook; `bnlib compact` rewrites it once, nearly pixel-equal."""
+    import base64
+    import io
+
+    import nbformat
+    from PIL import Image
+
+    folder = _copy_grid(smoke_results, tmp_path)
+    notebooks = sorted((folder / "runs").glob("*.ipynb"))
+    figures = [o["data"]["image/png"] for nb in notebooks for o in published._png_outputs(nbformat.read(nb, as_version=4))]
+    assert figures and all(published._is_palette_png(f) for f in figures)
+    assert published.compact(folder) == (0, 0)  # nothing to do: the runner did it
+
+    victim = notebooks[0]
+    nb = nbformat.read(victim, as_version=4)
+    original = _full_colour_png()
+    nb.cells[-1].setdefault("outputs", []).append(nbformat.v4.new_output("display_data", data={"image/png": original}))
+    nbformat.write(nb, victim)
+    with pytest.raises(published.PublishedError, match=re.escape(str(victim)) + ".*bnlib compact smoke"):
+        published.check(folder)
+    assert cli.main(["compact", "smoke", "--results", str(folder.parent)]) == 0
+    published.check(folder)
+    assert published.compact(folder) == (0, 0)  # idempotent: a finished cell's files change once
+    stored = [o["data"]["image/png"] for o in published._png_outputs(nbformat.read(victim, as_version=4))][-1]
+    assert len(stored) < 0.6 * len(original)
+    before, after = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=float)
+                     for b in (original, stored))
+    assert before.shape == after.shape and np.abs(before - after).mean() < 1.0  # out of 255: the same picture
+
+
 COMMITTED = sorted(p.parent.parent.name for p in (ROOT / "results").glob("*/runs/*.json")
                    if p.parent.parent.name not in ("smoke", "default"))
 

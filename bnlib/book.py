@@ -1415,11 +1415,12 @@ def batchstats_answer(evaluations: pd.DataFrame, gap: pd.DataFrame) -> str:
     wrote before the cells ran: what it learned works, and its loss is a mismatch between the statistics it
     trained with and those it is tested with; where it is not, that it failed to learn."""
     final = evaluations[evaluations["final"]]
+    gap = gap.assign(outcome="accuracy")  # _effect reads a comparisons table; the gap is one in accuracy
     lines = []
     for sampler, part in final.groupby("sampler", sort=False):
         said = []
         for method, runs in part.groupby("method", sort=False):
-            e = _effect(gap.assign(outcome="accuracy"), f"{method}: test_acc_batchstats - test_acc", int(runs["batch_size"].iloc[0]),
+            e = _effect(gap, f"{method}: test_acc_batchstats - test_acc", int(runs["batch_size"].iloc[0]),
                         sampler)
             if e is None:
                 continue
@@ -1434,7 +1435,7 @@ def batchstats_answer(evaluations: pd.DataFrame, gap: pd.DataFrame) -> str:
         kind = "one-class" if sampler == "noniid" else "i.i.d."
         line = (f"- **Trained on {kind} batches of {batch}** ({seed_count(part, part.groupby('method')['seed'].nunique())}"
                 f", tested on {kind} batches of {batch}): " + "; ".join(said) + ".")
-        bn = _effect(gap.assign(outcome="accuracy"), "bn: test_acc_batchstats - test_acc", batch, sampler)
+        bn = _effect(gap, "bn: test_acc_batchstats - test_acc", batch, sampler)
         if sampler == "noniid" and bn is not None:
             line += {"above": " As the plan reads it: BN's network works with the statistics it trained with, and its "
                               "loss with one-class batches is a mismatch between those statistics and the ones it is "

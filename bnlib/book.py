@@ -83,7 +83,7 @@ def standard_placement(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-# How the prose names the datasets (bnlib.data's ids)
+# How the prose names the datasets (bnlib.train.data's ids)
 DATASET_NAMES = {"digits": "the 8x8 digits", "mnist5k": "MNIST (5,000 digits)", "mnist": "MNIST",
                  "fashionmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 

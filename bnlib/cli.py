@@ -385,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .data import DatasetUnavailable
+    from .train.data import DatasetUnavailable
     from .grid import GridError
     from .record import CorruptRun
     from .slurm import SlurmUnavailable

@@ -2,8 +2,9 @@
 
 A finished cell is *stale* when the training code that ran it is neither the current code nor one the current
 code is known to reproduce (the data file ``bnlib/reproduced_training_code.yaml``, each entry with its
-evidence). The fingerprint of the training code covers the modules a cell's numbers depend on and the cell
-notebook; a listed file that does not exist is an error, so a module split or renamed cannot drop out of it.
+evidence). The fingerprint of the training code covers every file of the packages a cell's numbers depend on
+(``bnlib/train/`` and ``bnlib/norms/``) and the cell notebook, so a module split, added or renamed there cannot drop
+out of it.
 """
 
 from __future__ import annotations
@@ -16,34 +17,41 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 
 import yaml
 
 from . import machine, paths
 from .record import Provenance
 
-# The modules a cell's numbers depend on (with the cell notebook): a change to them makes finished cells stale.
-TRAINING_CODE = ("checkpoint.py", "compiling.py", "data.py", "evaluate.py", "models.py", "norms.py", "stacked.py", "traces.py", "train.py")
+# The packages a cell's numbers depend on -- every module in them, at any depth, with the cell notebook: a change to
+# them makes finished cells stale. A file moved, added or split inside them is covered without anyone listing it.
+TRAINING_PACKAGES = ("train", "norms")
+# The only modules outside those packages that the training code may import: the contracts it meets at (the run
+# record, the paths, the provenance it records). tests/test_house.py fails on any other import.
+TRAINING_CONTRACTS = ("record", "paths", "provenance")
 
 
-def code_fingerprint(modules: tuple[str, ...] | None = None) -> str:
-    """sha256 of the code a cell runs: ``modules`` of bnlib (default: every ``bnlib/*.py``) and the cell
-    notebook (what git's dirty flag cannot tell apart)."""
-    files = sorted(paths.PACKAGE.glob("*.py")) if modules is None else [paths.PACKAGE / m for m in sorted(modules)]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(f"the training-code fingerprint lists {', '.join(missing)}, which do not exist: "
-                                "update bnlib.provenance.TRAINING_CODE")
+def training_files() -> list[Path]:
+    """Every module of :data:`TRAINING_PACKAGES`, at any depth, in a fixed order."""
+    return sorted(f for pkg in TRAINING_PACKAGES for f in (paths.PACKAGE / pkg).rglob("*.py"))
+
+
+def code_fingerprint(files: list[Path] | None = None) -> str:
+    """sha256 of the code a cell runs: ``files`` of bnlib (default: every ``.py`` file of the package, at any depth),
+    each keyed by its path relative to ``bnlib/``, and the cell notebook (what git's dirty flag cannot tell apart)."""
+    files = sorted(paths.PACKAGE.rglob("*.py")) if files is None else files
     digest = hashlib.sha256()
-    for path in files + [paths.NOTEBOOK]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in files:
+        digest.update(path.relative_to(paths.PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(paths.NOTEBOOK.name.encode() + b"\0" + paths.NOTEBOOK.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 # Taken when the module is imported (a cell's kernel imports it before training), not when the metrics
 # file is written: an edit to bnlib during a long cell must not be credited to that cell.
 CODE_SHA256 = code_fingerprint()
-TRAINING_SHA256 = code_fingerprint(TRAINING_CODE)
+TRAINING_SHA256 = code_fingerprint(training_files())
 
 
 def reproduced_training_code() -> dict[str, str]:

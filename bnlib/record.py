@@ -135,7 +135,7 @@ class MethodRecord:
     samples_per_second: float | None = None
     final: Final = field(default_factory=Final)
     # config.trace_every: {"step": [...], "layers": [{metric: [...]}, ...]}, per norm layer in network order, one
-    # value per traced step; the metrics and their meaning: bnlib.traces (ABSENT when not traced)
+    # value per traced step; the metrics and their meaning: bnlib.train.traces (ABSENT when not traced)
     traces: dict = ABSENT
 
     def append_evaluation(self, step: int, size: int, plain: tuple, recomputed: tuple, batch_stats: tuple) -> None:
@@ -214,7 +214,7 @@ class RunRecord:
     stacked_in: str = ABSENT  # the cell whose notebook trained it (stacked seeds)
     same_training_as: str = ABSENT  # a twin: the cell that trained exactly this, whose results these are
     stopped_at_step: int = ABSENT  # a prefix re-execution (`bnlib verify --steps`) that stopped here: never a finished cell
-    compiled: bool = ABSENT  # config.compile not off: whether the training step ran compiled (bnlib.compiling)
+    compiled: bool = ABSENT  # config.compile not off: whether the training step ran compiled (bnlib.train.compiling)
     compile_reason: str = ABSENT  # ... and why (e.g. "compile: on, but no C++ compiler for inductor ...: eager")
 
     # the keys every metrics file has, in the order of the files: cell, parameters, provenance, then the run

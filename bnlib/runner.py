@@ -170,7 +170,7 @@ def check_notebook(grid: Grid, notebook: Path = NOTEBOOK) -> None:
 
 def check_datasets(grid: Grid) -> None:
     """Load (and if needed download) each dataset once, so missing data fails before any cell runs."""
-    from . import data
+    from .train import data
 
     seen = set()
     for cell in grid.cells:

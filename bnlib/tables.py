@@ -116,7 +116,7 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
 
 
 def traces(runs: list[RunRecord]) -> pd.DataFrame:
-    """The norm layers' traces (``trace_every``; :mod:`bnlib.traces`) as a tidy table: one row per cell x method x
+    """The norm layers' traces (``trace_every``; :mod:`bnlib.train.traces`) as a tidy table: one row per cell x method x
     layer x traced step, a column per metric. Built from the metrics files when a page needs it (not written to a
     CSV whole: a grid's traces are millions of numbers; :func:`trace_summary` is)."""
     frames = []
@@ -138,7 +138,7 @@ def trace_summary(trace: pd.DataFrame) -> pd.DataFrame:
     """``traces_summary.csv``: per condition, method and norm layer, every trace metric at the first traced step, at
     the traced step nearest half the run (where the step schedule drops the learning rate) and at the last, as the
     mean over seeds (``n_seeds`` of them) -- what the book's read-outs of the traces quote."""
-    from .traces import METRICS
+    from .train.traces import METRICS
 
     keys = [k for k in CONDITION_KEYS if k in trace]
     steps = {cell: np.unique(s) for cell, s in trace.groupby("cell")["step"]}

@@ -59,7 +59,7 @@ class Tolerance:
 
 
 TOLERANCE = Tolerance()
-# A compiled run (``compile: on``/``auto``, bnlib.compiling) against an eager one, or a compiled cell re-executed
+# A compiled run (``compile: on``/``auto``, bnlib.train.compiling) against an eager one, or a compiled cell re-executed
 # eager: inductor sums in another order, and training amplifies that difference step by step, far beyond the
 # kernels' (above). Measured 2026-12-02 on a 2-core AMD EPYC, the study's 12 methods on Fashion-MNIST (`bnlib
 # bench long`, and a batch-16 cell of 400 steps): the largest differences were 0.37 points and a relative 0.0073

@@ -225,7 +225,8 @@ def test_the_original_claims_read_the_primary_verdicts_as_the_plan_says(verdicts
 def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     """The chapter's pieces end to end on a tiny real run (digits, 3 seeds, the 2x2 and GroupNorm, traced): the
     2x2 table names every corner and effect per condition, and the traces figure draws a panel per metric."""
-    from bnlib import book, data, plots, tables, train
+    from bnlib import book, plots, tables, train
+    from bnlib.train import data
 
     config = train.Config(methods=["bn", "bn_detached", "brn", "bnrs", "gn"], batch_size=8, steps=24, evals=8,
                           eval_samples=100, log_every=4, trace_every=4)

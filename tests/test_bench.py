@@ -89,7 +89,7 @@ def test_isa_rows_time_every_instruction_set_the_machine_can_run_against_its_own
 def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
     """``bench long``'s plumbing on a tiny cell: three paths, training and evaluation apart, ratios against the
     old path, the new path's numbers judged against the old path's, the saved table the book shows."""
-    from bnlib import compiling
+    from bnlib.train import compiling
 
     rows = bench.bench_long(dataset="digits", sizes=(8,), steps={8: 6}, evals={8: 2}, eval_samples=50, methods=["bn", "gn"])
     frame = pd.DataFrame(rows)

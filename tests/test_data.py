@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnlib import data, models, norms
+from bnlib import norms
+from bnlib.train import data, models
 
 
 @pytest.mark.parametrize("name,shape,n", [("digits", (1, 8, 8), 1797), ("mnist5k", (1, 28, 28), 5000)])

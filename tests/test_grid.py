@@ -13,7 +13,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from bnlib import cli, grid, provenance, record, runner, stats, tables, train
+from bnlib import cli, grid, norms, provenance, record, runner, stats, tables, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -52,7 +52,7 @@ def test_default_grid_covers_the_study():
     cfgs = [c.config() for c in g.cells]
     assert {c.batch_size for c in cfgs} >= {2, 16, 128}
     assert len({c.seed for c in cfgs}) >= 3 and {c.sampler for c in cfgs} == {"iid", "noniid"}
-    assert set(cfgs[0].methods) == set(train.norms.METHODS)
+    assert set(cfgs[0].methods) == set(norms.METHODS)
     paper = [c.config() for c in grid.load("paper").cells]
     assert {c.dataset for c in paper} == {"mnist", "cifar100"} and len({c.seed for c in paper}) >= 5
     assert {c.steps is not None for c in paper} == {True, False}  # both budgets
@@ -401,8 +401,8 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     assert "1 cells run, 3 already done" in capsys.readouterr().out
     assert json.loads(old.read_text())["provenance"]["training_code_sha256"] == provenance.TRAINING_SHA256
     # the fingerprint covers the training modules and the notebook, not the book or the runner
-    assert provenance.code_fingerprint(provenance.TRAINING_CODE) == provenance.TRAINING_SHA256
-    assert "book.py" not in provenance.TRAINING_CODE and "grid.py" not in provenance.TRAINING_CODE
+    assert provenance.code_fingerprint(provenance.training_files()) == provenance.TRAINING_SHA256
+    assert not {"book.py", "grid.py"} & {f.name for f in provenance.training_files()}
 
 
 def test_provenance_names_the_gpu_a_cuda_cell_ran_on(monkeypatch):

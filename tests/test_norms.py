@@ -9,6 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from bnlib import norms
+from bnlib.norms import streaming
 
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 SHAPES = [(6, 5), (4, 5, 3, 3), (3, 5, 2, 2, 2)]
@@ -231,7 +232,7 @@ def test_mabn_function_gradcheck():
     def f(x, gamma, beta):
         # s follows x as in the layer: computed without gradient; the Function supplies its gradient
         s = torch.sqrt((x.detach() ** 2).mean([0, 2, 3]) + 1e-5)
-        return norms._MovingAverageNormalise.apply(x, gamma, beta, s, r, psi, torch.tensor(0), torch.tensor(True))
+        return streaming._MovingAverageNormalise.apply(x, gamma, beta, s, r, psi, torch.tensor(0), torch.tensor(True))
 
     assert torch.autograd.gradcheck(f, (x, gamma, beta), eps=1e-6, atol=1e-7)
     # and, as an independent reference, it equals autograd through gamma x / sqrt(mean(x^2) + eps) + beta
@@ -967,7 +968,7 @@ def F_conv(x, w):
 def test_cbn_finds_the_convolution_through_an_activation_and_burns_in_on_the_run():
     conv = nn.Conv2d(3, 5, 3, bias=False)
     x = conv(_inputs((2, 3, 4, 4)))
-    assert norms._producing_conv_weight(x) is conv.weight
-    assert norms._producing_conv_weight(torch.nn.functional.gelu(x)) is conv.weight
-    assert norms._producing_conv_weight(_inputs((2, 5))) is None
+    assert streaming._producing_conv_weight(x) is conv.weight
+    assert streaming._producing_conv_weight(torch.nn.functional.gelu(x)) is conv.weight
+    assert streaming._producing_conv_weight(_inputs((2, 5))) is None
     assert norms.run_options("cbn", 1200, 16) == {"burnin": 800}  # the authors' 8 of 12 epochs

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from bnlib import checkpoint, compiling, data, evaluate, models, norms, train, verify
+from bnlib import norms, train, verify
+from bnlib.train import checkpoint, compiling, data, evaluate, models
+from bnlib.train import stacked as stacked_mod
 
 DIGITS = None
 
@@ -179,7 +181,7 @@ def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods, 
 def test_a_diverged_stacked_seed_leaves_the_others_untouched(monkeypatch):
     """NaN in one seed's channels stays there: that seed is recorded as diverged at the end of the log window
     where it happened (as a solo run is), the other seeds finish with their solo numbers."""
-    stack = train.stacked_mod.StackedNet
+    stack = stacked_mod.StackedNet
 
     class Poisoned(stack):
         calls = 0
@@ -192,7 +194,7 @@ def test_a_diverged_stacked_seed_leaves_the_others_untouched(monkeypatch):
                 out[:, 1] = float("nan")
             return out
 
-    monkeypatch.setattr(train.stacked_mod, "StackedNet", Poisoned)
+    monkeypatch.setattr(stacked_mod, "StackedNet", Poisoned)
     config = train.Config(methods=["bn"], batch_size=8, steps=40, eval_every=10, log_every=5)
     outs = _train_seeds(config, [0, 1, 2], dataset=digits(), progress=False)
     bad = outs[1]["methods"]["bn"]
@@ -463,7 +465,7 @@ def test_traces_record_every_norm_layer_and_change_no_other_number():
     """trace_every: per method, per norm layer, one value per traced step; BN normalises with its batch's statistics
     (r = 1 up to eps, d = 0), BNRS with running ones (a gap); stacked seeds trace what their solo runs trace; the rest
     of the record equals the untraced run's."""
-    from bnlib import traces
+    from bnlib.train import traces
     base = dict(methods=["bn", "bnrs", "gn", "frn", "none"], batch_size=8, steps=12, evals=2, log_every=4)
     plain = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
     traced = _strip_timings(_train(train.Config(**base, trace_every=5), dataset=digits(), progress=False))
@@ -538,7 +540,8 @@ def test_eval_batch_composition_training_takes_the_test_batches_as_the_sampler_c
 _COMPILED_RUN = """
 import json, sys, torch
 torch.set_num_threads(1)
-from bnlib import compiling, data, train
+from bnlib import train
+from bnlib.train import compiling, data
 config = train.Config(methods=["bn", "brn"], batch_size=8, steps=30, evals=2, recompute=False, seed=0, compile="on")
 record = train.train(config, data.load("digits"), progress=False)
 print(json.dumps({"cache": str(compiling.cache_folder()), "record": record.to_dict()}))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import norms
+from .. import norms
 
 PLACEMENTS = ("all", "first", "none")
 POSITIONS = ("pre", "post")

@@ -1,6 +1,6 @@
 """Several seeds of one method trained as one model: their networks side by side along the channels.
 
-Every layer of :class:`bnlib.models.Net` works per channel (convolution filters, the BN family, MABN, BLN,
+Every layer of :class:`bnlib.train.models.Net` works per channel (convolution filters, the BN family, MABN, BLN,
 FRN) or per group of channels (GroupNorm, EvoNorm). S networks of one method stacked along the channel
 dimension -- convolutions with ``groups=S`` (group s sees only seed s's channels), norms over S*C channels
 with S*G groups, the classifier as a batched matrix product -- therefore compute what the S networks
@@ -9,7 +9,7 @@ one kernel per layer instead of S. Adam is elementwise, so one optimiser over th
 each seed's update. Scalar state (a BN layer's step counter) is the same for all seeds, who step together.
 
 The stacked model is built from the S seeds' own networks (their initial weights and, for BLN, their
-data-dependent start). Its small-batch passes are evaluated stacked too (:func:`bnlib.evaluate.evaluate_stacked`:
+data-dependent start). Its small-batch passes are evaluated stacked too (:func:`bnlib.train.evaluate.evaluate_stacked`:
 the test images enter every seed's input channels), its large-batch passes by each seed's own network
 (:meth:`StackedNet.seed_networks`), whichever is faster. Grouped and plain convolutions round differently in the last bits: a
 stacked seed equals its solo run to float tolerance, not bit for bit (``tests/test_train.py`` checks every method). Over long runs an
@@ -24,7 +24,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from . import models, norms
+from .. import norms
+from . import models
 
 # Attributes that count a norm layer's channels or groups of channels: multiplied by S when stacking.
 _CHANNEL_COUNTS = ("num_features", "num_channels")

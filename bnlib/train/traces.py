@@ -36,7 +36,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from . import norms
+from .. import norms
+from ..norms.base import _Norm
 
 GAP_METRICS = ("log_r_median", "log_r_p90", "d_median", "d_p90")
 METRICS = (*GAP_METRICS, "conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm")
@@ -49,13 +50,13 @@ def _rounded(values: Tensor) -> list:
 
 
 def norm_layers(model: nn.Module) -> list[tuple[nn.Module | None, nn.Module]]:
-    """(the convolution before it, the norm layer) for every norm layer of a :class:`bnlib.models.Net` or
-    :class:`bnlib.stacked.StackedNet`, in the order the forward pass meets them."""
+    """(the convolution before it, the norm layer) for every norm layer of a :class:`bnlib.train.models.Net` or
+    :class:`bnlib.train.stacked.StackedNet`, in the order the forward pass meets them."""
     pairs, conv = [], None
     for layer in model.features:
         if isinstance(layer, nn.Conv2d):
             conv = layer
-        elif isinstance(layer, (norms._Norm, nn.GroupNorm)):
+        elif isinstance(layer, (_Norm, nn.GroupNorm)):
             pairs.append((conv, layer))
     return pairs
 
@@ -80,7 +81,7 @@ class Tracer:
                 h.remove()
 
     def _per_seed(self, values: Tensor) -> Tensor:
-        """(S*C, ...) -> (S, C * ...): seed s's channels are the s-th block (bnlib.stacked)."""
+        """(S*C, ...) -> (S, C * ...): seed s's channels are the s-th block (bnlib.train.stacked)."""
         return values.reshape(self.seeds, -1)
 
     def _hook(self, index: int):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import paths
+from .. import paths
 
 EMBEDDED = ("digits", "mnist5k")
 DOWNLOADABLE = ("mnist", "fashionmnist", "cifar10", "cifar100")

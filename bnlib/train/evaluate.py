@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import norms
+from .. import norms
 from . import stacked as stacked_mod
 
 # Test samples per forward pass. On a CPU a batch whose activations fit the caches wins (28x28, one thread:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .provenance import TRAINING_SHA256
-from .record import atomic_write
+from ..provenance import TRAINING_SHA256
+from ..record import atomic_write
 
 
 def key(config, seeds: list[int], local_keys: tuple[str, ...]) -> dict:

@@ -31,8 +31,13 @@ from .batch import BatchNorm, BatchRenorm, DetachedBatchNorm, GhostBatchNorm, Ru
 from .batch_free import BatchlessNorm, EvoNormS0, FilterResponseNorm
 from .original import OriginalBatchRenorm, OriginalRunningStatsBatchNorm
 from .registry import METHODS, MOMENTUM_SWEEP, REGISTRY, Method, convert, make, run_options, spec
-from .statistics import (auxiliary_loss, batch_statistics, initialise_statistics, keeps_running_statistics,
-                         recompute_statistics)
+from .statistics import (
+    auxiliary_loss,
+    batch_statistics,
+    initialise_statistics,
+    keeps_running_statistics,
+    recompute_statistics,
+)
 from .streaming import CrossIterationBatchNorm, MovingAverageBatchNorm, OnlineNorm
 from .weights import WeightCentredConv2d, WeightStandardisedConv2d
 

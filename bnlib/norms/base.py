@@ -4,7 +4,6 @@ float32 under half precision, the training/eval dispatch) and ``_RunningStatsNor
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,7 +51,8 @@ class _Norm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
 
     def meet_conv(self, conv: nn.Module) -> None:
-        """Told the convolution whose output it normalises (by :class:`bnlib.train.models.Net`); most layers ignore it."""
+        """Told the convolution whose output it normalises (by :class:`bnlib.train.models.Net`); most layers ignore
+        it."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:

@@ -5,12 +5,11 @@ mechanism ablation's detached BN, and Ghost BN.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import _RunningStatsNorm, _batch_stats, _per_channel, _reduce_dims
+from .base import _batch_stats, _per_channel, _reduce_dims, _RunningStatsNorm
 
 
 class BatchNorm(_RunningStatsNorm):
@@ -98,7 +97,9 @@ class BatchRenorm(_RunningStatsNorm):
         self.warmup_steps, self.rmax_ramp_steps, self.dmax_ramp_steps = warmup_steps, rmax_ramp_steps, dmax_ramp_steps
 
     def extra_repr(self) -> str:
-        clip = f", rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}" if self.rmax or self.dmax else ""
+        clip = (
+            f", rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}" if self.rmax or self.dmax else ""
+        )
         return super().extra_repr() + clip
 
     def _limits(self, step: Tensor) -> tuple[Tensor | float | None, Tensor | float | None]:
@@ -154,7 +155,9 @@ class UnsyncedBatchNorm(_RunningStatsNorm):
     Deviation from the original study: the number of devices is an option (it hard-coded two).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, devices: int = 2):
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, devices: int = 2
+    ):
         super().__init__(num_features, eps, momentum, affine)
         if devices < 1:
             raise ValueError(f"UnsyncedBatchNorm: devices must be >= 1, got {devices}")
@@ -198,8 +201,15 @@ class DetachedBatchNorm(_RunningStatsNorm):
     Not in the original study.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 detach_mean: bool = True, detach_var: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        detach_mean: bool = True,
+        detach_var: bool = True,
+    ):
         super().__init__(num_features, eps, momentum, affine)
         self.detach_mean, self.detach_var = detach_mean, detach_var
 
@@ -232,8 +242,14 @@ class GhostBatchNorm(_RunningStatsNorm):
     only the first device's). Eval: as BN. With ``virtual_batch`` >= the batch size it is BN exactly.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 virtual_batch: int = 16):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        virtual_batch: int = 16,
+    ):
         super().__init__(num_features, eps, momentum, affine)
         if virtual_batch < 2:
             raise ValueError(f"GhostBatchNorm: virtual_batch must be >= 2, got {virtual_batch}")
@@ -243,7 +259,17 @@ class GhostBatchNorm(_RunningStatsNorm):
         return super().extra_repr() + f", virtual_batch={self.virtual_batch}"
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        parts = [F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
-                              self._next_momentum(), self.eps)
-                 for chunk in torch.split(x, self.virtual_batch, dim=0)]
+        parts = [
+            F.batch_norm(
+                chunk,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                True,
+                self._next_momentum(),
+                self.eps,
+            )
+            for chunk in torch.split(x, self.virtual_batch, dim=0)
+        ]
         return torch.cat(parts) if len(parts) > 1 else parts[0]

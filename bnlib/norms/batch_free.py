@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import _Norm, _batch_stats, _copy_affine, _per_channel
+from .base import _batch_stats, _copy_affine, _Norm, _per_channel
 
 
 class BatchlessNorm(_Norm):
@@ -84,8 +84,14 @@ class EvoNormS0(_Norm):
     and v learned per channel (initialised at 1). It includes its activation: the model adds no GELU after it.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True,
-                 num_groups: int = 8):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        affine: bool = True,
+        num_groups: int = 8,
+    ):
         super().__init__(num_features, eps, momentum, affine)
         self.groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
         self.v = nn.Parameter(torch.ones(num_features))
@@ -108,7 +114,14 @@ class EvoNormS0(_Norm):
 class _GroupNorm(nn.GroupNorm):
     """``gn``: GroupNorm with PyTorch's BN-style constructor (num_features first; eps, affine)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True, num_groups: int = 8):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        affine: bool = True,
+        num_groups: int = 8,
+    ):
         # the largest group count <= num_groups that divides the channels
         groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
         super().__init__(groups, num_features, eps=eps, affine=affine)

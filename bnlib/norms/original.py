@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
-from .base import _RunningStatsNorm, _batch_stats, _per_channel, _reduce_dims
+from .base import _batch_stats, _per_channel, _reduce_dims, _RunningStatsNorm
 
 
 def _safe_rsqrt(var: Tensor) -> Tensor:
@@ -30,7 +29,8 @@ class _OriginalStudyNorm(_RunningStatsNorm):
         return mean_b, var_b
 
     def _running_normalise(self, x: Tensor) -> Tensor:
-        # gamma (x - mu) / sqrt(var + eps) + beta with the (already updated) running statistics, no gradient through them
+        # gamma (x - mu) / sqrt(var + eps) + beta with the (already updated) running statistics, no gradient through
+        # them
         gamma, beta = self._affine(x)
         with torch.no_grad():
             inv = _safe_rsqrt(self.running_var.to(x.dtype) + self.eps)
@@ -82,8 +82,15 @@ class OriginalBatchRenorm(_OriginalStudyNorm):
     rounding noise, which eps = 0 normalises to unit scale, as the original did.
     """
 
-    def __init__(self, num_features: int, eps: float = 0.0, momentum: float | None = 0.1, affine: bool = True,
-                 rmax: float | None = None, dmax: float | None = None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 0.0,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        rmax: float | None = None,
+        dmax: float | None = None,
+    ):
         super().__init__(num_features, eps, momentum, affine)
         self.rmax, self.dmax = rmax, dmax
 

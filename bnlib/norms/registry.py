@@ -16,7 +16,6 @@ from .original import OriginalBatchRenorm, OriginalRunningStatsBatchNorm
 from .streaming import CrossIterationBatchNorm, MovingAverageBatchNorm, OnlineNorm
 from .weights import WeightCentredConv2d, WeightStandardisedConv2d
 
-
 # --- the registry: one id, constructor and needs per method, in display order (names, colours: bnlib.plots) ---
 
 
@@ -67,8 +66,11 @@ def _brn_schedule(steps: int, batch_size: int) -> dict:
     # the paper's 5k / 25k / 40k of a 40k run, scaled to this run: rmax = 1 and dmax = 0 for the first
     # 1/8 of the steps, dmax reaches 5 at 5/8 and rmax reaches 3 at the end
     warmup = round(steps / 8)
-    return {"warmup_steps": warmup, "dmax_ramp_steps": max(round(steps * 5 / 8) - warmup, 0),
-            "rmax_ramp_steps": max(steps - warmup, 0)}
+    return {
+        "warmup_steps": warmup,
+        "dmax_ramp_steps": max(round(steps * 5 / 8) - warmup, 0),
+        "rmax_ramp_steps": max(steps - warmup, 0),
+    }
 
 
 REGISTRY: dict[str, Method] = {
@@ -78,8 +80,7 @@ REGISTRY: dict[str, Method] = {
         Method("bnrs", RunningStatsBatchNorm, {}, True),
         Method("brn", BatchRenorm, {}, True),
         Method("brnc", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
-        Method("brnc_warmup", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True,
-               _brn_schedule),
+        Method("brnc_warmup", BatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True, _brn_schedule),
         Method("bnrs_orig", OriginalRunningStatsBatchNorm, {}, True),
         Method("brn_orig", OriginalBatchRenorm, {}, True),
         Method("brnc_orig", OriginalBatchRenorm, {"rmax": 3.0, "dmax": 5.0}, True),
@@ -89,14 +90,15 @@ REGISTRY: dict[str, Method] = {
         Method("bn_detached_mean", DetachedBatchNorm, {"detach_var": False}, True),
         Method("bn_detached_var", DetachedBatchNorm, {"detach_mean": False}, True),
         # the running statistics' momentum swept (bnrs and bnrs_orig are 0.1): the digits are hundredths
-        *(Method(f"{base}_m{round(100 * momentum):03d}", factory, {"momentum": momentum}, True, pinned=True)
-          for base, factory in (("bnrs", RunningStatsBatchNorm), ("bnrs_orig", OriginalRunningStatsBatchNorm))
-          for momentum in MOMENTUM_SWEEP),
+        *(
+            Method(f"{base}_m{round(100 * momentum):03d}", factory, {"momentum": momentum}, True, pinned=True)
+            for base, factory in (("bnrs", RunningStatsBatchNorm), ("bnrs_orig", OriginalRunningStatsBatchNorm))
+            for momentum in MOMENTUM_SWEEP
+        ),
         Method("online", OnlineNorm, {}, True),
         Method("cbn", CrossIterationBatchNorm, {}, True, _cbn_run_options, compiles=False),
         Method("gbn", GhostBatchNorm, {}, True),
-        Method("mabn", MovingAverageBatchNorm, {}, True, _mabn_run_options,
-               conv=WeightCentredConv2d),
+        Method("mabn", MovingAverageBatchNorm, {}, True, _mabn_run_options, conv=WeightCentredConv2d),
         Method("bln", BatchlessNorm, {}, False),
         Method("gn", _GroupNorm, {}, False),
         Method("gn_ws", _GroupNorm, {}, False, conv=WeightStandardisedConv2d),
@@ -132,8 +134,10 @@ def make(method: str, num_features: int, **options) -> nn.Module:
     spec = _method(method)
     changed = sorted(k for k in spec.defaults if spec.pinned and k in options and options[k] != spec.defaults[k])
     if changed:
-        raise ValueError(f"method {method!r} is defined by {', '.join(f'{k}={spec.defaults[k]}' for k in changed)}; "
-                         f"to train another value, give the option to the base method")
+        raise ValueError(
+            f"method {method!r} is defined by {', '.join(f'{k}={spec.defaults[k]}' for k in changed)}; "
+            f"to train another value, give the option to the base method"
+        )
     try:
         return spec.factory(num_features, **{**spec.defaults, **options})
     except TypeError as err:

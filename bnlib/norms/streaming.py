@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import _RunningStatsNorm, _per_channel, _reduce_dims
+from .base import _per_channel, _reduce_dims, _RunningStatsNorm
 
 
 class _OnlineNormalise(torch.autograd.Function):
@@ -82,9 +81,19 @@ class OnlineNorm(_RunningStatsNorm):
     Not in the original study.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = None, affine: bool = True,
-                 alpha_fwd: float = 0.999, alpha_bkw: float = 0.99, ecm: str = "ls", ls_eps: float = 1e-5,
-                 clamp_val: float = 5.0, num_groups: int = 1):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        affine: bool = True,
+        alpha_fwd: float = 0.999,
+        alpha_bkw: float = 0.99,
+        ecm: str = "ls",
+        ls_eps: float = 1e-5,
+        clamp_val: float = 5.0,
+        num_groups: int = 1,
+    ):
         super().__init__(num_features, eps, momentum, affine)
         if not (0 < alpha_fwd < 1 and 0 < alpha_bkw < 1):
             raise ValueError(f"OnlineNorm: alpha_fwd and alpha_bkw must lie in (0, 1), got {alpha_fwd}, {alpha_bkw}")
@@ -99,8 +108,11 @@ class OnlineNorm(_RunningStatsNorm):
         self.register_buffer("v", torch.zeros(num_features))
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, ecm={self.ecm}"
-                + (f", num_groups={self.num_groups}" if self.num_groups != 1 else ""))
+        return (
+            super().extra_repr()
+            + f", alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, ecm={self.ecm}"
+            + (f", num_groups={self.num_groups}" if self.num_groups != 1 else "")
+        )
 
     def _compensate(self, y: Tensor) -> Tensor:
         if self.ecm == "ls":
@@ -180,8 +192,18 @@ class CrossIterationBatchNorm(_RunningStatsNorm):
     Not in the original study.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 buffer_num: int = 3, rho: float = 1.0, burnin: int = 0, two_stage: bool = True, weight_size: int = 0):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        buffer_num: int = 3,
+        rho: float = 1.0,
+        burnin: int = 0,
+        two_stage: bool = True,
+        weight_size: int = 0,
+    ):
         super().__init__(num_features, eps, momentum, affine)
         if buffer_num < 0 or burnin < 0:
             raise ValueError(f"CrossIterationBatchNorm: buffer_num and burnin must be >= 0, got {buffer_num}, {burnin}")
@@ -202,7 +224,9 @@ class CrossIterationBatchNorm(_RunningStatsNorm):
         layer used alone sizes them at its first buffered step)."""
         c, size = self.num_features, conv.weight[0].numel()
         for name in ("pre_dmudw", "pre_dmeanx2dw", "pre_weight"):
-            setattr(self, name, torch.zeros(self.buffer_num, c, size, dtype=self.pre_mu.dtype, device=self.pre_mu.device))
+            setattr(
+                self, name, torch.zeros(self.buffer_num, c, size, dtype=self.pre_mu.dtype, device=self.pre_mu.device)
+            )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the filter size is known once the layer has met its convolution: take the saved buffers' shape
@@ -236,25 +260,38 @@ class CrossIterationBatchNorm(_RunningStatsNorm):
             w_now = weight.detach().reshape(c, -1).to(x.dtype)
             if self.pre_weight.shape[-1] != w_now.shape[-1]:  # first buffered step: size the buffers to the filters
                 for name in ("pre_dmudw", "pre_dmeanx2dw", "pre_weight"):
-                    setattr(self, name, torch.zeros(self.buffer_num, c, w_now.shape[-1], dtype=self.pre_mu.dtype, device=x.device))
+                    setattr(
+                        self,
+                        name,
+                        torch.zeros(self.buffer_num, c, w_now.shape[-1], dtype=self.pre_mu.dtype, device=x.device),
+                    )
             n = int(self.buffered)
             with torch.no_grad():
                 # the earlier iterations' statistics, moved to today's weights by a Taylor step (no gradient)
                 shift = w_now - self.pre_weight[:n].to(x.dtype)
                 mu_prev = self.pre_mu[:n].to(x.dtype) + self.rho * (self.pre_dmudw[:n].to(x.dtype) * shift).sum(2)
-                meanx2_prev = self.pre_meanx2[:n].to(x.dtype) + self.rho * (self.pre_dmeanx2dw[:n].to(x.dtype) * shift).sum(2)
+                meanx2_prev = self.pre_meanx2[:n].to(x.dtype) + self.rho * (
+                    self.pre_dmeanx2dw[:n].to(x.dtype) * shift
+                ).sum(2)
             mu_all = torch.cat([cur_mu[None], mu_prev])
             meanx2_all = torch.cat([cur_meanx2[None], meanx2_prev])
-            valid = (meanx2_all - mu_all * mu_all >= 0).to(x.dtype)  # an iteration whose compensated variance < 0 is left out
+            valid = (meanx2_all - mu_all * mu_all >= 0).to(
+                x.dtype
+            )  # an iteration whose compensated variance < 0 is left out
             count = valid.sum(0)
             mu = (mu_all * valid).sum(0) / count
             var = (meanx2_all * valid).sum(0) / count - mu * mu
             with torch.no_grad():
                 kept = min(n, k - 1)  # the official keeps the current entry and the k - 1 most recent before it
-                for name, new in (("pre_mu", cur_mu), ("pre_meanx2", cur_meanx2), ("pre_dmudw", dmudw),
-                                  ("pre_dmeanx2dw", dmeanx2dw), ("pre_weight", w_now)):
+                for name, new in (
+                    ("pre_mu", cur_mu),
+                    ("pre_meanx2", cur_meanx2),
+                    ("pre_dmudw", dmudw),
+                    ("pre_dmeanx2dw", dmeanx2dw),
+                    ("pre_weight", w_now),
+                ):
                     buf = getattr(self, name)
-                    buf[1: kept + 1] = buf[:kept].clone()
+                    buf[1 : kept + 1] = buf[:kept].clone()
                     buf[0] = new.detach().to(buf.dtype)
                 self.buffered.fill_(kept + 1)
         else:
@@ -373,8 +410,10 @@ class MovingAverageBatchNorm(_RunningStatsNorm):
         self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", buffer_size={self.buffer_size}, warmup_steps={self.warmup_steps}, "
-                f"renorm_after={self.renorm_after}, renorm_rmax={self.renorm_rmax}, rmax={self.rmax}")
+        return (
+            super().extra_repr() + f", buffer_size={self.buffer_size}, warmup_steps={self.warmup_steps}, "
+            f"renorm_after={self.renorm_after}, renorm_rmax={self.renorm_rmax}, rmax={self.rmax}"
+        )
 
     def _train_forward(self, x: Tensor) -> Tensor:
         gamma, beta = self._affine(x)
@@ -392,7 +431,9 @@ class MovingAverageBatchNorm(_RunningStatsNorm):
             if self.renorm_after is None:
                 r = torch.ones_like(s)
             else:
-                r = (s / torch.sqrt(self.running_var.to(x.dtype) + self.eps)).clamp(1.0 / self.renorm_rmax, self.renorm_rmax)
+                r = (s / torch.sqrt(self.running_var.to(x.dtype) + self.eps)).clamp(
+                    1.0 / self.renorm_rmax, self.renorm_rmax
+                )
                 r = torch.where(t > max(self.renorm_after, self.warmup_steps), r, torch.ones_like(r))
         y = _MovingAverageNormalise.apply(x, gamma, beta, s, r, self.psi_buffer, slot, use_batch)
         self._update_second_moment(chi)

@@ -19,8 +19,11 @@ from ..record import atomic_write
 def key(config, seeds: list[int], local_keys: tuple[str, ...]) -> dict:
     """What a checkpoint must match to be resumed: the training settings less ``local_keys`` (where the cell
     runs), the seeds and the training code."""
-    return {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in local_keys}, "seeds": list(seeds),
-            "training_code_sha256": TRAINING_SHA256}
+    return {
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in local_keys},
+        "seeds": list(seeds),
+        "training_code_sha256": TRAINING_SHA256,
+    }
 
 
 def save(path: Path, state: dict) -> None:

@@ -80,16 +80,20 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-def decide(mode: str, train_samples: int, eval_images: int, image_shape: tuple[int, ...],
-           device: torch.device) -> Decision:
+def decide(
+    mode: str, train_samples: int, eval_images: int, image_shape: tuple[int, ...], device: torch.device
+) -> Decision:
     """Whether a run that trains on ``train_samples`` samples and evaluates ``eval_images`` test images of
     ``image_shape`` (C, H, W) compiles."""
     if mode == "off":
         return Decision(False, "compile: off")
     work = (train_samples + eval_images) * image_shape[-1] * image_shape[-2]
     if mode == "auto" and work < AUTO_MIN_SAMPLE_PIXELS:
-        return Decision(False, f"compile: auto, and {work:,} sample-pixels per method is below "
-                               f"{AUTO_MIN_SAMPLE_PIXELS:,}: too short for compiling to pay")
+        return Decision(
+            False,
+            f"compile: auto, and {work:,} sample-pixels per method is below "
+            f"{AUTO_MIN_SAMPLE_PIXELS:,}: too short for compiling to pay",
+        )
     why_not = unavailable(device)
     if why_not is not None:
         return Decision(False, f"compile: {mode}, but {why_not}: eager")

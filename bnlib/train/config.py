@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import compiling
-from . import data as data_mod
 from .. import norms
-from . import models
-
+from . import compiling, models
+from . import data as data_mod
 
 ORIGINAL_METHODS = ("bn", "bnrs", "brn", "brnc", "bnwos")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -48,30 +46,30 @@ class Config:
     depth: int = 4  # conv layers, dilation 1, 2, 4, ...
     steps: int | None = None  # budget in optimiser steps (equal steps: small batches see fewer samples) ...
     epochs: float | None = None  # ... or in epochs (equal samples seen at every batch size) ...
-    samples: int | None = None  # ... or in training samples (equal samples, the same number on every dataset); exactly one
+    samples: int | None = None  # ... or in training samples (the same number on every dataset); exactly one
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-3  # learning rate
     lr_schedule: str = "constant"  # constant | step (the learning rate x0.1 once lr_drop_at of the steps are done)
     lr_drop_at: float = 2 / 3  # lr_schedule step: the fraction of the steps after which the learning rate drops
     eval_every: int | None = None  # steps between test evaluations (default: `evals` over the run)
     evals: int = 10  # evaluations over the run when eval_every is not given (the last at the last step)
-    eval_samples: int | None = 2000  # test samples of every evaluation before the last (a fixed subset; None: all); the last uses all
+    eval_samples: int | None = 2000  # test samples of evaluations before the last (a fixed subset; None: all)
     log_every: int | None = None  # steps per training-loss record, the mean over the window (default: 100 over the run)
     recompute: bool = False  # also evaluate after recomputing population statistics (precise BN)
     recompute_samples: int = 2048  # training samples used for that, in batches of batch_size
-    recompute_evals: str = "all"  # all | last: which evaluations also recompute (last: the final one only, a long run's saving)
+    recompute_evals: str = "all"  # all | last: evaluations that also recompute (last: the final one, saves time)
     eval_batch_stats: bool = False  # also evaluate with batch statistics at test time (test batches of batch_size)
     # training: one pass of the training's sampler over the test labels (a diagnostic: the labels form the batches)
-    eval_batch_composition: str = "iid"  # those test batches: iid (the test set in order) | training (as the training's)
+    eval_batch_composition: str = "iid"  # those test batches: iid (the test set in order) | training (as trained)
     aux_weight: float = 1.0  # weight of Batchless Norm's auxiliary likelihood loss
-    init_samples: int = 1000  # training images for Batchless Norm's data-dependent start (its authors'); 0: mean 0, std 1
+    init_samples: int = 1000  # training images for Batchless Norm's data-dependent start; 0: mean 0, std 1
     norm_options: dict = field(default_factory=dict)  # per method, e.g. {"brnc": {"warmup_steps": 500}}
     seed: int = 0  # data order and initial weights
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     checkpoint_minutes: float = 10  # minutes between checkpoints of a cell that has a checkpoint file (0: every step)
     precision: str = "fp32"  # fp32 | bf16 (autocast for convs and linear layers; norm statistics stay in fp32)
-    compile: str = "off"  # off | auto | on: the training step through torch.compile (bnlib.train.compiling; auto: long runs only)
-    trace_every: int | None = None  # steps between traces of every norm layer (bnlib.train.traces, in the run record); None: off
+    compile: str = "off"  # off | auto | on: the training step through torch.compile (train.compiling; auto: long runs)
+    trace_every: int | None = None  # steps between traces of every norm layer (train.traces); None: off
     data_dir: str | None = None  # torchvision datasets (default $BNLIB_DATA or data/)
     download: bool = True  # fetch missing torchvision datasets
 
@@ -93,7 +91,9 @@ def _typed(key: str, value, hint, source: str):
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
-    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    base = (
+        next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    )
     origin = typing.get_origin(base) or base
 
     def bad(expected: str):

@@ -56,14 +56,23 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device: torch.device | str) -> "Dataset":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Dataset(self.name, move(self.x_train), move(self.y_train), move(self.x_test), move(self.y_test), self.num_classes)
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return Dataset(
+            self.name, move(self.x_train), move(self.y_train), move(self.x_test), move(self.y_test), self.num_classes
+        )
 
 
 def default_data_dir() -> Path:
     """$BNLIB_DATA, else data/ at the repository root (not the working directory: the runner and the
     notebooks it starts must agree wherever the command was typed)."""
     return paths.data_root()
+
+
+def _labels(a) -> Tensor:
+    """Class labels as int64, as every loss and comparison takes them."""
+    return torch.as_tensor(np.asarray(a).astype(np.int64))
 
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:
@@ -81,8 +90,7 @@ def _split_embedded(name: str, x: np.ndarray, y: np.ndarray, side: int, scale: f
     x = x.reshape(-1, 1, side, side)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=SPLIT_SEED)
     x_tr, x_te = _standardise(x_tr, x_te, scale)
-    labels = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
-    return Dataset(name, x_tr, labels(y_tr), x_te, labels(y_te), int(np.max(y)) + 1)
+    return Dataset(name, x_tr, _labels(y_tr), x_te, _labels(y_te), int(np.max(y)) + 1)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -112,8 +120,7 @@ def _from_idx_folder(name: str, folder: Path) -> Dataset:
 
     x_tr, y_tr, x_te, y_te = (read(f) for f in IDX_FILES)
     x_tr, x_te = _standardise(x_tr[:, None], x_te[:, None], 255.0)
-    labels = lambda a: torch.as_tensor(a.astype(np.int64))  # noqa: E731
-    return Dataset(name, x_tr, labels(y_tr), x_te, labels(y_te), int(y_tr.max()) + 1)
+    return Dataset(name, x_tr, _labels(y_tr), x_te, _labels(y_te), int(y_tr.max()) + 1)
 
 
 def _torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
@@ -152,11 +159,14 @@ def _missing_message(name: str, cls, data_dir: Path, why: str) -> str:
     system = ""
     if name in SYSTEM_FOLDERS:
         where, package = SYSTEM_FOLDERS[name]
-        system = (f" Nor is it in {where}, where Debian's package {package} puts it: `apt-get install {package}` "
-                  "installs it with no other network than the package mirror.")
+        system = (
+            f" Nor is it in {where}, where Debian's package {package} puts it: `apt-get install {package}` "
+            "installs it with no other network than the package mirror."
+        )
     return (
         f"dataset {name!r} is not in {data_dir.resolve()} and {why}. torchvision expects the files "
-        f"{', '.join(files)} in {folder.resolve()}.{system} Run once with a network (bnlib downloads them), copy them there, "
+        f"{', '.join(files)} in {folder.resolve()}.{system} Run once with a network (bnlib downloads them), copy them "
+        "there, "
         "or point data_dir (a grid setting) or the environment variable BNLIB_DATA at a folder that holds them."
     )
 
@@ -190,7 +200,9 @@ def iid_batches(num_samples: int, batch_size: int, generator: torch.Generator) -
         yield from order[: num_samples - num_samples % batch_size].view(-1, batch_size)
 
 
-def noniid_batches(labels: Tensor, batch_size: int, classes_per_batch: int, generator: torch.Generator) -> Iterator[Tensor]:
+def noniid_batches(
+    labels: Tensor, batch_size: int, classes_per_batch: int, generator: torch.Generator
+) -> Iterator[Tensor]:
     """Every batch holds ``classes_per_batch`` classes with ``batch_size / classes_per_batch`` samples each.
 
     Per epoch each class is shuffled and cut into groups of that size (partial groups dropped); each batch
@@ -236,7 +248,9 @@ def one_pass(labels: Tensor, batch_size: int, sampler: str, seed: int, classes_p
     return torch.cat(out)
 
 
-def batches(labels: Tensor, batch_size: int, sampler: str, seed: int, classes_per_batch: int | None = None) -> Iterator[Tensor]:
+def batches(
+    labels: Tensor, batch_size: int, sampler: str, seed: int, classes_per_batch: int | None = None
+) -> Iterator[Tensor]:
     """The training batches (CPU index tensors) of a run: a function of the seed only, never of the method."""
     generator = torch.Generator().manual_seed(seed)
     if sampler == "iid":

@@ -31,8 +31,9 @@ def eval_batch(device: torch.device) -> int:
     return EVAL_BATCH.get(device.type, 1024)
 
 
-def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, precision: str,
-            seeds: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, precision: str, seeds: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct predictions, summed cross-entropy) on (x, y) in batches of ``size``, in the model's current mode.
     With ``seeds`` (a stacked model) per seed: the test images enter every seed's input channels, logits come
     out as [n, seeds, classes]."""
@@ -41,7 +42,7 @@ def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int,
     loss = torch.zeros(shape, dtype=torch.float64, device=x.device)
     with torch.inference_mode(), autocast(x.device, precision):
         for i in range(0, len(x), size):
-            xb, yb = x[i: i + size], y[i: i + size]
+            xb, yb = x[i : i + size], y[i : i + size]
             if seeds is None:
                 logits = model(xb).float()
                 loss += F.cross_entropy(logits, yb, reduction="sum").double()
@@ -70,10 +71,12 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision
     return int(correct) / len(x), float(loss) / len(x)  # one host sync per evaluation
 
 
-def evaluate_batch_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                              precision: str = "fp32") -> tuple[float, float]:
+def evaluate_batch_statistics(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, precision: str = "fp32"
+) -> tuple[float, float]:
     """:func:`evaluate` with batch statistics at test time: the test set in batches of the training batch size
     (a smaller last one), each normalised with its own statistics; no state changes."""
+
     def score():
         with norms.batch_statistics(model):
             return _scores(model, x, y, batch_size, precision)
@@ -98,8 +101,14 @@ class _SavedBuffers:
                 buf.copy_(self.saved[name])
 
 
-def evaluate_recomputed(model: torch.nn.Module, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        precision: str = "fp32", forward: torch.nn.Module | None = None) -> tuple[float, float]:
+def evaluate_recomputed(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str = "fp32",
+    forward: torch.nn.Module | None = None,
+) -> tuple[float, float]:
     """:func:`evaluate` after recomputing population statistics from ``batches`` (precise BN); the model's own
     buffers are restored afterwards. ``forward``: what evaluates (the model compiled; default the model)."""
     with _SavedBuffers(model):
@@ -112,9 +121,14 @@ def _per_seed(correct: torch.Tensor, loss: torch.Tensor, n: int) -> list[tuple[f
     return [(c / n, v / n) for c, v in zip(correct.tolist(), loss.tolist())]  # one host sync
 
 
-def evaluate_stacked(model: stacked_mod.StackedNet, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32",
-                     recompute_batches: list[torch.Tensor] | None = None,
-                     batch_stats_size: int | None = None) -> list[tuple[float, float]]:
+def evaluate_stacked(
+    model: stacked_mod.StackedNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str = "fp32",
+    recompute_batches: list[torch.Tensor] | None = None,
+    batch_stats_size: int | None = None,
+) -> list[tuple[float, float]]:
     """Per seed, what :func:`evaluate` gives for its own network; with ``recompute_batches`` (every seed's
     batches side by side along the channels, as in training) :func:`evaluate_recomputed`'s, with
     ``batch_stats_size`` :func:`evaluate_batch_statistics`'s. Passes of at most ``STACKED_EVAL_MAX_BATCH``
@@ -128,7 +142,9 @@ def evaluate_stacked(model: stacked_mod.StackedNet, x: torch.Tensor, y: torch.Te
                 norms.recompute_statistics(model, recompute_batches)
         if batch_stats_size is not None:
             if batch_stats_size > stacked_max:
-                return [evaluate_batch_statistics(net, x, y, batch_stats_size, precision) for net in model.seed_networks()]
+                return [
+                    evaluate_batch_statistics(net, x, y, batch_stats_size, precision) for net in model.seed_networks()
+                ]
             with norms.batch_statistics(model):
                 return _per_seed(*_scores(model, x, y, batch_stats_size, precision, model.seeds), len(x))
         size = eval_batch(x.device)

@@ -21,19 +21,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import norms
+from ..record import ABSENT, Final, MethodRecord, RunRecord
 from . import checkpoint as checkpoint_mod
-from . import compiling
+from . import compiling, models
 from . import data as data_mod
 from . import evaluate as evaluate_mod
-from .. import norms
-from . import models
 from . import stacked as stacked_mod
 from . import traces as traces_mod
+from .config import (
+    EVAL_SUBSET_SEED,
+    LOCAL_KEYS,
+    Config,
+    ConfigError,
+    learning_rate,
+    resolve_device,
+    total_steps,
+    validate,
+)
 from .evaluate import autocast
-from ..record import ABSENT, Final, MethodRecord, RunRecord
-
-from .config import (EVAL_SUBSET_SEED, LOCAL_KEYS, Config, ConfigError, learning_rate, resolve_device, total_steps,
-                     validate)
 
 
 def _optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -89,8 +95,9 @@ class _Plan:
     def of(cls, config: Config, num_train: int) -> "_Plan":
         steps = total_steps(config, num_train)
         eval_every = config.eval_every or math.ceil(steps / config.evals)  # exactly `evals`, the last at the last step
-        return cls(steps, config.log_every or max(1, steps // 100),
-                   set(range(eval_every, steps + 1, eval_every)) | {steps})
+        return cls(
+            steps, config.log_every or max(1, steps // 100), set(range(eval_every, steps + 1, eval_every)) | {steps}
+        )
 
 
 class MethodRun:
@@ -98,8 +105,15 @@ class MethodRun:
     the open training-loss window, its norm layers' traces (``trace_every``) and one
     :class:`~bnlib.record.MethodRecord` per seed."""
 
-    def __init__(self, model: torch.nn.Module, config: Config, seeds: list[int], device: torch.device,
-                 compiled: bool = False, method: str = "bn"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: Config,
+        seeds: list[int],
+        device: torch.device,
+        compiled: bool = False,
+        method: str = "bn",
+    ):
         self.model, self.config, self.stacked, self.method = model, config, len(seeds) > 1, method
         # the training forward (compiled or the model itself); evaluation and checkpoints use the model
         # (a method whose forward pass calls autograd, Cross-Iteration BN, stays eager: Method.compiles)
@@ -124,7 +138,7 @@ class MethodRun:
         self.clock.start()
         tracing = trace_step is not None and self.tracer is not None
         forward = self.model if tracing else self.forward
-        with autocast(device, config.precision), (self.tracer.capture() if tracing else contextlib.nullcontext()):
+        with autocast(device, config.precision), self.tracer.capture() if tracing else contextlib.nullcontext():
             if self.stacked:
                 loss = F.cross_entropy(forward(x).float().permute(0, 2, 1), y, reduction="none").mean(0)
                 total = loss.sum() + config.aux_weight * stacked_mod.auxiliary_loss(self.model)
@@ -163,8 +177,15 @@ class MethodRun:
         self.loss_sum.zero_()
         self.window = 0
 
-    def evaluate(self, step: int, x: torch.Tensor, y: torch.Tensor, recompute_batches, last: bool,
-                 batch_xy: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def evaluate(
+        self,
+        step: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        recompute_batches,
+        last: bool,
+        batch_xy: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """One evaluation of every seed, appended to its record (or its divergence recorded); ``last``: the run's
         final one; ``batch_xy``: the test set in the order whose consecutive batches the evaluation with batch
         statistics takes (default ``x, y``)."""
@@ -176,10 +197,16 @@ class MethodRun:
         if self.stacked:  # one pass for every seed; a diverged seed is evaluated along and its record left alone
             nothing = [(None, None)] * len(self.recs)
             plain = evaluate_mod.evaluate_stacked(self.model, x, y, config.precision)
-            recomputed = (evaluate_mod.evaluate_stacked(self.model, x, y, config.precision, recompute_batches=recompute_batches)
-                          if recompute else nothing)
-            batch = (evaluate_mod.evaluate_stacked(self.model, xb, yb, config.precision, batch_stats_size=config.batch_size)
-                     if batch_stats else nothing)
+            recomputed = (
+                evaluate_mod.evaluate_stacked(self.model, x, y, config.precision, recompute_batches=recompute_batches)
+                if recompute
+                else nothing
+            )
+            batch = (
+                evaluate_mod.evaluate_stacked(self.model, xb, yb, config.precision, batch_stats_size=config.batch_size)
+                if batch_stats
+                else nothing
+            )
             for rec, p, r, b in zip(self.recs, plain, recomputed, batch):
                 if rec.diverged:
                     continue
@@ -192,40 +219,65 @@ class MethodRun:
         if rec.diverged:
             return
         # compiled, the inference passes run through the compiled forward too (statistics are recomputed eagerly)
-        plain = self._checked(step, "evaluation", lambda forward: evaluate_mod.evaluate(forward, x, y, config.precision))
+        plain = self._checked(
+            step, "evaluation", lambda forward: evaluate_mod.evaluate(forward, x, y, config.precision)
+        )
         if not math.isfinite(plain[1]):
             rec.mark_diverged(step)
             return
-        recomputed = (self._checked(step, "evaluation with recomputed statistics", lambda forward: evaluate_mod.evaluate_recomputed(
-                          self.model, recompute_batches, x, y, config.precision, forward)) if recompute else (None, None))
-        batch = (evaluate_mod.evaluate_batch_statistics(self.model, xb, yb, config.batch_size, config.precision)
-                 if batch_stats else (None, None))
+        recomputed = (
+            self._checked(
+                step,
+                "evaluation with recomputed statistics",
+                lambda forward: evaluate_mod.evaluate_recomputed(
+                    self.model, recompute_batches, x, y, config.precision, forward
+                ),
+            )
+            if recompute
+            else (None, None)
+        )
+        batch = (
+            evaluate_mod.evaluate_batch_statistics(self.model, xb, yb, config.batch_size, config.precision)
+            if batch_stats
+            else (None, None)
+        )
         rec.append_evaluation(step, len(y), plain, recomputed, batch)
 
     def _checked(self, step: int, what: str, score) -> tuple[float, float]:
         """``score(forward)`` through the training forward. A compiled one that is not finite is re-done eagerly: a
         divergence shows in both (returned: the caller records it), while a finite eager score means the compiled
-        code is wrong, which must never be recorded as a result (:class:`bnlib.train.compiling.CompiledEvaluationError`)."""
+        code is wrong, which must never be recorded as a result
+        (:class:`bnlib.train.compiling.CompiledEvaluationError`)."""
         result = score(self.forward)
         if math.isfinite(result[1]) or self.forward is self.model:
             return result
         eager = score(self.model)
         if not math.isfinite(eager[1]):
             return eager
-        weights = all(bool(torch.isfinite(t).all()) for t in [*self.model.parameters(), *self.model.buffers()]
-                      if t.is_floating_point())
+        weights = all(
+            bool(torch.isfinite(t).all())
+            for t in [*self.model.parameters(), *self.model.buffers()]
+            if t.is_floating_point()
+        )
         window = bool(torch.isfinite(self.loss_sum).all())
         raise compiling.CompiledEvaluationError(
             f"{self.method}: the compiled {what} at step {step} gave a test loss of {result[1]}, the same network "
             f"evaluated eagerly {eager[1]:.6g} (weights {'finite' if weights else 'NOT finite'}, open training-loss "
-            f"window {'finite' if window else 'NOT finite'}): the compiled code is wrong, not the training. Nothing was "
-            f"recorded. Delete the compile cache {compiling.cache_folder()} and run again, or run with compile: off")
+            f"window {'finite' if window else 'NOT finite'}): the compiled code is wrong, not the training. Nothing "
+            f"was recorded. Delete the compile cache {compiling.cache_folder()} and run again, or run with compile: off"
+        )
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "loss_sum": self.loss_sum,
-                "seconds": self.clock.read(), "steps": self.steps, "window": self.window,
-                "recs": [rec.to_dict() for rec in self.recs],
-                **({"traces": self.tracer.traces} if self.tracer is not None else {})}
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "loss_sum": self.loss_sum,
+            "seconds": self.clock.read(),
+            "steps": self.steps,
+            "window": self.window,
+            "recs": [rec.to_dict() for rec in self.recs],
+            **({"traces": self.tracer.traces} if self.tracer is not None else {}),
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
@@ -243,15 +295,27 @@ class MethodRun:
                 rec.traces = self.tracer.traces[k]
             rec.train_seconds = seconds = self.clock.read() / seeds
             rec.samples_per_second = self.steps * batch_size / seconds if seconds else None
-            last = lambda values: values[-1] if values and not rec.diverged else None  # noqa: E731
-            rec.final = Final(test_acc=last(rec.test_acc), test_loss=last(rec.test_loss),
-                              test_acc_recomputed=last(rec.test_acc_recomputed),
-                              test_acc_batchstats=last(rec.test_acc_batchstats), train_loss=last(rec.train_loss))
+
+            def last(values, rec=rec):
+                return values[-1] if values and not rec.diverged else None
+
+            rec.final = Final(
+                test_acc=last(rec.test_acc),
+                test_loss=last(rec.test_loss),
+                test_acc_recomputed=last(rec.test_acc_recomputed),
+                test_acc_batchstats=last(rec.test_acc_batchstats),
+                train_loss=last(rec.train_loss),
+            )
         return self.recs
 
 
-def train(config: Config, dataset: data_mod.Dataset | None = None, progress: bool = True,
-          checkpoint: str | Path | None = None, stop_after: int | None = None) -> RunRecord:
+def train(
+    config: Config,
+    dataset: data_mod.Dataset | None = None,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    stop_after: int | None = None,
+) -> RunRecord:
     """Train ``config.methods`` in lockstep; returns the run's record (:class:`bnlib.record.RunRecord`).
 
     With ``checkpoint`` (a file path), the state of the run -- models, optimisers, norm buffers, the
@@ -269,36 +333,61 @@ def train(config: Config, dataset: data_mod.Dataset | None = None, progress: boo
 
 def _fixed_batches(ds: data_mod.Dataset, config: Config, seed: int, device: torch.device) -> tuple[list, list]:
     """A fixed slice of training data, a function of the seed: BLN's initialisation uses its first
-    init_samples (in evaluation batches), precise statistics its first recompute_samples (at the training batch size)."""
+    init_samples (in evaluation batches), precise statistics its first recompute_samples (at the training batch
+    size)."""
     eval_batch = evaluate_mod.eval_batch(device)
     order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
     init_idx = order[: config.init_samples].to(device)
-    init = [ds.x_train[init_idx[i: i + eval_batch]] for i in range(0, len(init_idx), eval_batch)]
+    init = [ds.x_train[init_idx[i : i + eval_batch]] for i in range(0, len(init_idx), eval_batch)]
     recompute_idx = order[: max(config.batch_size, min(config.recompute_samples, len(order)))]
-    recompute = [ds.x_train[recompute_idx[i: i + config.batch_size].to(device)]
-                 for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)]
+    recompute = [
+        ds.x_train[recompute_idx[i : i + config.batch_size].to(device)]
+        for i in range(0, len(recompute_idx) - config.batch_size + 1, config.batch_size)
+    ]
     return init, recompute
 
 
-def _build(method: str, config: Config, seeds: list[int], ds: data_mod.Dataset, steps: int, device: torch.device,
-           init_batches: list[list], compiled: bool) -> MethodRun:
+def _build(
+    method: str,
+    config: Config,
+    seeds: list[int],
+    ds: data_mod.Dataset,
+    steps: int,
+    device: torch.device,
+    init_batches: list[list],
+    compiled: bool,
+) -> MethodRun:
     """Every seed's network of one method (its data-dependent start done), stacked when there are several seeds."""
     nets = []
     for seed, init in zip(seeds, init_batches):
         net = models.build(
-            method, seed, ds.input_shape[0], ds.num_classes, width=config.width, depth=config.depth,
-            norm_placement=config.norm_placement, norm_position=config.norm_position,
+            method,
+            seed,
+            ds.input_shape[0],
+            ds.num_classes,
+            width=config.width,
+            depth=config.depth,
+            norm_placement=config.norm_placement,
+            norm_position=config.norm_position,
             norm_options={**norms.run_options(method, steps, config.batch_size), **config.norm_options.get(method, {})},
         ).to(device)
         if init:
             with autocast(device, config.precision):
                 norms.initialise_statistics(net, init)
         nets.append(net)
-    return MethodRun(stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device, compiled, method)
+    return MethodRun(
+        stacked_mod.StackedNet(nets) if len(seeds) > 1 else nets[0], config, seeds, device, compiled, method
+    )
 
 
-def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | None = None, progress: bool = True,
-                checkpoint: str | Path | None = None, stop_after: int | None = None) -> list[RunRecord]:
+def train_seeds(
+    config: Config,
+    seeds: list[int],
+    dataset: data_mod.Dataset | None = None,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    stop_after: int | None = None,
+) -> list[RunRecord]:
     """:func:`train` for each of ``seeds`` (``config.seed`` aside), the seeds of a method trained as one stacked
     model (:mod:`bnlib.train.stacked`): one kernel per layer serves every seed. Each seed keeps its own batches,
     initial weights and evaluation, and its result equals ``train`` with that seed to float tolerance; its
@@ -324,8 +413,9 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     composed = {}  # the test sets in the order the evaluation with batch statistics takes them, by size
     if config.eval_batch_stats and config.eval_batch_composition == "training":
         for xs, ys in ((x_sub, y_sub), (ds.x_test, ds.y_test)):
-            order = data_mod.one_pass(ys.cpu(), config.batch_size, config.sampler, EVAL_SUBSET_SEED,
-                                      config.classes_per_batch).to(device)
+            order = data_mod.one_pass(
+                ys.cpu(), config.batch_size, config.sampler, EVAL_SUBSET_SEED, config.classes_per_batch
+            ).to(device)
             composed[len(ys)] = (xs[order], ys[order])
     init_batches, recompute_batches = zip(*(_fixed_batches(ds, config, seed, device) for seed in seeds))
     # Stacked: seed k's recompute batches in input channels k*C ... (k+1)*C, as its training batches.
@@ -334,14 +424,21 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
     path = compiling.decide(config.compile, plan.steps * config.batch_size, eval_images, ds.input_shape, device)
     runs = {m: _build(m, config, seeds, ds, plan.steps, device, init_batches, path.compiled) for m in config.methods}
 
-    streams = [data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, seed, config.classes_per_batch)
-               for seed in seeds]
+    streams = [
+        data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, seed, config.classes_per_batch)
+        for seed in seeds
+    ]
     eval_seconds, elapsed, done, resumed = 0.0, 0.0, 0, []
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     key = checkpoint_mod.key(config, seeds, LOCAL_KEYS)
     state = checkpoint_mod.load(checkpoint, key) if checkpoint is not None else None
     if state is not None:
-        done, eval_seconds, elapsed, resumed = state["step"], state["eval_seconds"], state["elapsed"], state["resumed"] + [state["step"]]
+        done, eval_seconds, elapsed, resumed = (
+            state["step"],
+            state["eval_seconds"],
+            state["elapsed"],
+            state["resumed"] + [state["step"]],
+        )
         for m, run in runs.items():
             run.load_state_dict(state["runs"][m])
         torch.set_rng_state(state["rng"])
@@ -352,7 +449,9 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
 
     started = time.perf_counter() - elapsed
     saved_at = time.perf_counter()
-    bar = tqdm(total=last, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False)
+    bar = tqdm(
+        total=last, initial=done, desc=f"{config.dataset} b={config.batch_size}", disable=not progress, leave=False
+    )
     for step in range(done + 1, last + 1):
         idx = [next(stream).to(device, non_blocking=True) for stream in streams]
         if stacked:  # seed k's images in input channels k*C ... (k+1)*C, its labels in column k
@@ -374,27 +473,58 @@ def train_seeds(config: Config, seeds: list[int], dataset: data_mod.Dataset | No
             x_eval, y_eval = (ds.x_test, ds.y_test) if step == plan.steps else (x_sub, y_sub)
             for run in runs.values():
                 if run.live:
-                    run.evaluate(step, x_eval, y_eval, recompute, last=step == plan.steps, batch_xy=composed.get(len(y_eval)))
-            bar.set_postfix({m: f"{r.recs[0].test_acc[-1]:.3f}" for m, r in runs.items()
-                             if r.recs[0].test_acc and not r.recs[0].diverged}, refresh=False)
+                    run.evaluate(
+                        step, x_eval, y_eval, recompute, last=step == plan.steps, batch_xy=composed.get(len(y_eval))
+                    )
+            bar.set_postfix(
+                {
+                    m: f"{r.recs[0].test_acc[-1]:.3f}"
+                    for m, r in runs.items()
+                    if r.recs[0].test_acc and not r.recs[0].diverged
+                },
+                refresh=False,
+            )
             eval_seconds += time.perf_counter() - t_eval
         bar.update(1)
-        if checkpoint is not None and step < plan.steps and time.perf_counter() - saved_at >= 60 * config.checkpoint_minutes:
-            checkpoint_mod.save(checkpoint, {
-                "key": key, "step": step, "eval_seconds": eval_seconds, "resumed": resumed,
-                "elapsed": time.perf_counter() - started, "rng": torch.get_rng_state(),
-                "runs": {m: r.state_dict() for m, r in runs.items()}})
+        if (
+            checkpoint is not None
+            and step < plan.steps
+            and time.perf_counter() - saved_at >= 60 * config.checkpoint_minutes
+        ):
+            checkpoint_mod.save(
+                checkpoint,
+                {
+                    "key": key,
+                    "step": step,
+                    "eval_seconds": eval_seconds,
+                    "resumed": resumed,
+                    "elapsed": time.perf_counter() - started,
+                    "rng": torch.get_rng_state(),
+                    "runs": {m: r.state_dict() for m, r in runs.items()},
+                },
+            )
             saved_at = time.perf_counter()
     bar.close()
 
     wall_seconds = time.perf_counter() - started
     records = {m: run.finish(len(seeds), config.batch_size) for m, run in runs.items()}
-    return [RunRecord(config={**dataclasses.asdict(config), "seed": seed}, device=str(device), steps=plan.steps,
-                      samples_per_step=config.batch_size, train_size=len(ds.y_train), test_size=len(ds.y_test),
-                      num_classes=ds.num_classes, wall_seconds=wall_seconds, eval_seconds=eval_seconds,
-                      methods={m: recs[k] for m, recs in records.items()},
-                      stacked_seeds=list(seeds) if stacked else ABSENT, resumed_at_steps=resumed or ABSENT,
-                      stopped_at_step=last if last < plan.steps else ABSENT,
-                      compiled=ABSENT if config.compile == "off" else path.compiled,
-                      compile_reason=ABSENT if config.compile == "off" else path.reason)
-            for k, seed in enumerate(seeds)]
+    return [
+        RunRecord(
+            config={**dataclasses.asdict(config), "seed": seed},
+            device=str(device),
+            steps=plan.steps,
+            samples_per_step=config.batch_size,
+            train_size=len(ds.y_train),
+            test_size=len(ds.y_test),
+            num_classes=ds.num_classes,
+            wall_seconds=wall_seconds,
+            eval_seconds=eval_seconds,
+            methods={m: recs[k] for m, recs in records.items()},
+            stacked_seeds=list(seeds) if stacked else ABSENT,
+            resumed_at_steps=resumed or ABSENT,
+            stopped_at_step=last if last < plan.steps else ABSENT,
+            compiled=ABSENT if config.compile == "off" else path.compiled,
+            compile_reason=ABSENT if config.compile == "off" else path.reason,
+        )
+        for k, seed in enumerate(seeds)
+    ]

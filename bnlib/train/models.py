@@ -52,8 +52,11 @@ class Net(nn.Module):
             spec = norms.spec(method)
             conv_cls = spec.conv if normed and spec.conv else nn.Conv2d
             dilation = 2**i
-            layers.append(conv_cls(channels, width, 3, padding=dilation, dilation=dilation,
-                                   bias=not normed or norm_position == "post"))
+            layers.append(
+                conv_cls(
+                    channels, width, 3, padding=dilation, dilation=dilation, bias=not normed or norm_position == "post"
+                )
+            )
             norm = [norms.make(method, width, **(norm_options or {}))] if normed else []
             if norm and hasattr(norm[0], "meet_conv"):
                 norm[0].meet_conv(layers[-1])

@@ -11,10 +11,10 @@ each seed's update. Scalar state (a BN layer's step counter) is the same for all
 The stacked model is built from the S seeds' own networks (their initial weights and, for BLN, their
 data-dependent start). Its small-batch passes are evaluated stacked too (:func:`bnlib.train.evaluate.evaluate_stacked`:
 the test images enter every seed's input channels), its large-batch passes by each seed's own network
-(:meth:`StackedNet.seed_networks`), whichever is faster. Grouped and plain convolutions round differently in the last bits: a
-stacked seed equals its solo run to float tolerance, not bit for bit (``tests/test_train.py`` checks every method). Over long runs an
-ill-conditioned layer amplifies those bits as it would another CPU's (FRN at batch 2 drifts apart after a
-few hundred steps), so a stacked cell is re-executed stacked to be reproduced exactly.
+(:meth:`StackedNet.seed_networks`), whichever is faster. Grouped and plain convolutions round differently in the
+last bits: a stacked seed equals its solo run to float tolerance, not bit for bit (``tests/test_train.py`` checks
+every method). Over long runs an ill-conditioned layer amplifies those bits as it would another CPU's (FRN at
+batch 2 drifts apart after a few hundred steps), so a stacked cell is re-executed stacked to be reproduced exactly.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class StackedNet(nn.Module):
         super().__init__()
         self.seeds = len(nets)
         self._nets = nets  # the seeds' own networks, not submodules: see seed_networks
-        self.features = nn.Sequential(*[_stack_layer([n.features[i] for n in nets]) for i in range(len(nets[0].features))])
+        self.features = nn.Sequential(
+            *[_stack_layer([n.features[i] for n in nets]) for i in range(len(nets[0].features))]
+        )
         self.classifier = StackedLinear([n.classifier for n in nets])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -93,7 +95,11 @@ def _stack_layer(layers: list[nn.Module]) -> nn.Module:
     first, count = layers[0], len(layers)
     out = copy.deepcopy(first)
     if isinstance(first, nn.Conv2d):
-        out.in_channels, out.out_channels, out.groups = first.in_channels * count, first.out_channels * count, first.groups * count
+        out.in_channels, out.out_channels, out.groups = (
+            first.in_channels * count,
+            first.out_channels * count,
+            first.groups * count,
+        )
         out.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]))
         if first.bias is not None:
             out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]))

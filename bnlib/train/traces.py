@@ -92,16 +92,29 @@ class Tracer:
             x_rows = x.transpose(0, 1).reshape(c, -1)  # per channel: every value of the batch
             summary = {"input_rms": self._per_seed(x_rows.square().mean(1)).mean(1).sqrt()}
             if self.affine_output:
-                gamma = module.weight.detach().double() if getattr(module, "weight", None) is not None else torch.ones(c, dtype=torch.float64)
-                beta = module.bias.detach().double() if getattr(module, "bias", None) is not None else torch.zeros(c, dtype=torch.float64)
+                gamma = (
+                    module.weight.detach().double()
+                    if getattr(module, "weight", None) is not None
+                    else torch.ones(c, dtype=torch.float64)
+                )
+                beta = (
+                    module.bias.detach().double()
+                    if getattr(module, "bias", None) is not None
+                    else torch.zeros(c, dtype=torch.float64)
+                )
                 gamma = torch.where(gamma.abs() < _TINY, torch.full_like(gamma, _TINY), gamma)
                 y_hat = (y.transpose(0, 1).reshape(c, -1) - beta[:, None]) / gamma[:, None]
                 std, mean = torch.std_mean(y_hat, dim=1, correction=0)
                 log_r = self._per_seed(std.clamp_min(_TINY).log().abs())
                 d = self._per_seed(mean.abs())
-                summary.update(log_r_median=log_r.median(1).values, log_r_p90=torch.quantile(log_r, 0.9, dim=1),
-                               d_median=d.median(1).values, d_p90=torch.quantile(d, 0.9, dim=1))
+                summary.update(
+                    log_r_median=log_r.median(1).values,
+                    log_r_p90=torch.quantile(log_r, 0.9, dim=1),
+                    d_median=d.median(1).values,
+                    d_p90=torch.quantile(d, 0.9, dim=1),
+                )
             self._pending[index] = summary
+
         return hook
 
     @torch.no_grad()
@@ -109,14 +122,18 @@ class Tracer:
         """Append this step's traces (after the optimiser step: weights updated, gradients of this step) to the
         seeds in ``live``."""
         if len(self._pending) != len(self.pairs):
-            raise RuntimeError(f"traced step {step}: {len(self._pending)} of {len(self.pairs)} norm layers ran; "
-                               "record() must follow a training step inside capture()")
+            raise RuntimeError(
+                f"traced step {step}: {len(self._pending)} of {len(self.pairs)} norm layers ran; "
+                "record() must follow a training step inside capture()"
+            )
         for i, (conv, norm) in enumerate(self.pairs):
             values = dict(self._pending[i])
             if conv is not None:
                 values["conv_weight_norm"] = self._per_seed(conv.weight.detach().double()).norm(dim=1)
                 grad = conv.weight.grad
-                values["conv_grad_norm"] = self._per_seed(grad.detach().double()).norm(dim=1) if grad is not None else None
+                values["conv_grad_norm"] = (
+                    self._per_seed(grad.detach().double()).norm(dim=1) if grad is not None else None
+                )
             if getattr(norm, "weight", None) is not None:
                 values["gamma_norm"] = self._per_seed(norm.weight.detach().double()).norm(dim=1)
             for s in range(self.seeds):
@@ -124,7 +141,7 @@ class Tracer:
                     layer = self.traces[s]["layers"][i]
                     for k in METRICS:
                         v = values.get(k)
-                        layer[k].append(None if v is None else _rounded(v[s: s + 1])[0])
+                        layer[k].append(None if v is None else _rounded(v[s : s + 1])[0])
         for s in range(self.seeds):
             if live[s]:
                 self.traces[s]["step"].append(step)

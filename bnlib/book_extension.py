@@ -51,7 +51,9 @@ def _alt_text(app, doctree) -> None:
             found = re.search(r"<dc:title>(.*?)</dc:title>", path.read_text(errors="replace"), re.S)
             title = found and html.unescape(found.group(1)).strip()
         if not title and docname.startswith("book/runs/cells/"):
-            title = f"Cell {docname.rsplit('/', 1)[1]}: training loss and test accuracy over the steps, a line per method."
+            title = (
+                f"Cell {docname.rsplit('/', 1)[1]}: training loss and test accuracy over the steps, a line per method."
+            )
         if title:
             image["alt"] = title
 

@@ -88,8 +88,15 @@ def resolve(grid: str | Path) -> Path:
 LOCAL_KEYS = train.LOCAL_KEYS  # where a cell runs, not what it computes: left out of the cell id
 # Keys added after grids were run, left out of the id while at the value that reproduces the earlier
 # results (adding an option must not orphan finished cells); any other value is hashed as usual.
-ID_NEUTRAL = {"eval_batch_stats": False, "recompute_evals": "all", "compile": "off", "trace_every": None,
-              "lr_schedule": "constant", "lr_drop_at": 2 / 3, "eval_batch_composition": "iid"}
+ID_NEUTRAL = {
+    "eval_batch_stats": False,
+    "recompute_evals": "all",
+    "compile": "off",
+    "trace_every": None,
+    "lr_schedule": "constant",
+    "lr_drop_at": 2 / 3,
+    "eval_batch_composition": "iid",
+}
 
 
 def _resolved(config: train.Config) -> dict:
@@ -101,8 +108,11 @@ def cell_id(parameters: dict) -> str:
     """Readable prefix + hash of the full resolved configuration (``train.Config``'s defaults included, so
     changing a default gives new cells instead of silently counting old results as done); stable across
     runs and machines."""
-    resolved = {k: v for k, v in _resolved(train.Config.from_dict(parameters)).items()
-                if not (k in ID_NEUTRAL and v == ID_NEUTRAL[k])}
+    resolved = {
+        k: v
+        for k, v in _resolved(train.Config.from_dict(parameters)).items()
+        if not (k in ID_NEUTRAL and v == ID_NEUTRAL[k])
+    }
     canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
     p = parameters
@@ -146,7 +156,9 @@ def load(grid: str | Path, overrides: dict | None = None, _loading: frozenset = 
     and name the grid ``<grid>+KEY=VALUE``: its results go to their own folder."""
     path = resolve(grid)
     if path.resolve() in _loading:
-        raise GridError(f"{path}: 'reuse' names grids that reuse each other in a circle; one of them must train its cells")
+        raise GridError(
+            f"{path}: 'reuse' names grids that reuse each other in a circle; one of them must train its cells"
+        )
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -155,14 +167,18 @@ def load(grid: str | Path, overrides: dict | None = None, _loading: frozenset = 
         raise GridError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
     unknown = sorted(set(spec) - TOP_KEYS)
     if unknown:
-        raise GridError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TOP_KEYS))}")
+        raise GridError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TOP_KEYS))}"
+        )
     settings = spec.get("settings") or {}
     axes = spec.get("axes") or {}
     if not isinstance(settings, dict) or not isinstance(axes, dict):
         raise GridError(f"{path}: 'settings' and 'axes' must be mappings")
     for key in settings:
         if key not in CONFIG_KEYS or key == "methods":
-            raise GridError(f"{path}: settings: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS - {'methods'}))}")
+            raise GridError(
+                f"{path}: settings: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS - {'methods'}))}"
+            )
     choices = []
     for axis, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -178,7 +194,9 @@ def load(grid: str | Path, overrides: dict | None = None, _loading: frozenset = 
                 )
             for key in entry:
                 if key not in CONFIG_KEYS:
-                    raise GridError(f"{path}: axes.{axis}[{i}]: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}")
+                    raise GridError(
+                        f"{path}: axes.{axis}[{i}]: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}"
+                    )
         choices.append(values)
     methods = spec.get("methods")
     if methods is not None and not isinstance(methods, list):
@@ -214,8 +232,10 @@ def load(grid: str | Path, overrides: dict | None = None, _loading: frozenset = 
         raise GridError(f"{path}: 'slurm' must be a mapping")
     # an overridden grid keeps its results apart (results/<grid>+lr=0.0003/): aggregation never mixes them
     typed = cells[0].parameters if cells else {}
-    name = path.stem + "".join(f"+{k}={json.dumps(typed.get(k, v), separators=(',', ':')).strip(chr(34))}"
-                               for k, v in sorted((overrides or {}).items()))
+    name = path.stem + "".join(
+        f"+{k}={json.dumps(typed.get(k, v), separators=(',', ':')).strip(chr(34))}"
+        for k, v in sorted((overrides or {}).items())
+    )
     stack_seeds = spec.get("stack_seeds", False)
     if not isinstance(stack_seeds, bool):
         raise GridError(f"{path}: 'stack_seeds' must be true or false, not {stack_seeds!r}")
@@ -248,7 +268,9 @@ def select(grid: Grid, only: list[str]) -> Grid:
         raise GridError(f"{grid.path}: no cell matches {' and '.join(only)}")
     kept = {c.id for c in keep}
     # a selected cell whose twin (in this grid) is not selected trains itself; another grid's cell stays its source
-    keep = [c if c.same_as in kept or c.same_as is None or c.reused else dataclasses.replace(c, same_as=None) for c in keep]
+    keep = [
+        c if c.same_as in kept or c.same_as is None or c.reused else dataclasses.replace(c, same_as=None) for c in keep
+    ]
     return dataclasses.replace(grid, cells=keep)
 
 

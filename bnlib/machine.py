@@ -27,18 +27,52 @@ X86_LEVELS = ("DEFAULT", "AVX2", "AVX512")
 ISA_ENV = {
     "DEFAULT": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
     "AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "AVX512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "AVX512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
 }
 ENV_KEYS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
 # CPU flags that select kernels (the rest of /proc/cpuinfo's list does not change a number).
-SIMD_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+SIMD_FLAGS = (
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+    "sve2",
+)
 # What must agree for two runs to be bit-identical (besides the training code and the cell's configuration).
 # The CPU model is not among them: the same kernels give the same bits on any model (checked by forcing AVX2 on
 # an AVX-512 CPU, issue 25), and the kernels actually used are.
-SAME_BITS_KEYS = ("arch", "torch", "torch_cpu_capability", "onednn_isa", "onednn_version", "mkl_version", "threads",
-                  "device_type", "cuda_device", "cuda_capability", "cudnn_version", "deterministic_algorithms",
-                  "cudnn_deterministic", "cudnn_benchmark")
+SAME_BITS_KEYS = (
+    "arch",
+    "torch",
+    "torch_cpu_capability",
+    "onednn_isa",
+    "onednn_version",
+    "mkl_version",
+    "threads",
+    "device_type",
+    "cuda_device",
+    "cuda_capability",
+    "cudnn_version",
+    "deterministic_algorithms",
+    "cudnn_deterministic",
+    "cudnn_benchmark",
+)
 
 _PROBE = """
 import os, sys, torch
@@ -73,10 +107,14 @@ def cpu_info() -> dict:
     except OSError:
         pass
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    return {"cpu_vendor": fields.get("vendor_id") or fields.get("CPU implementer"), "cpu_family": fields.get("cpu family"),
-            "cpu_model": fields.get("model"), "cpu_stepping": fields.get("stepping"),
-            "cpu_model_name": fields.get("model name") or platform.processor() or None,
-            "cpu_flags": [f for f in SIMD_FLAGS if f in flags]}
+    return {
+        "cpu_vendor": fields.get("vendor_id") or fields.get("CPU implementer"),
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model": fields.get("model"),
+        "cpu_stepping": fields.get("stepping"),
+        "cpu_model_name": fields.get("model name") or platform.processor() or None,
+        "cpu_flags": [f for f in SIMD_FLAGS if f in flags],
+    }
 
 
 def numerics(device: str = "cpu") -> dict:
@@ -87,17 +125,29 @@ def numerics(device: str = "cpu") -> dict:
     config = torch.__config__.show()
     mkl = re.search(r"Math Kernel Library Version ([\w.\-]+)", config)
     dnnl = re.search(r"MKL-DNN v([\w.]+)", config)
-    out = {"arch": platform.machine(), "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "onednn_isa": onednn_isa(), "onednn_version": dnnl.group(1) if dnnl else None,
-           "mkl_version": mkl.group(1) if mkl else None, "threads": torch.get_num_threads(),
-           "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
-           "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-           "device_type": device.split(":")[0], **cpu_info()}
+    out = {
+        "arch": platform.machine(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa": onednn_isa(),
+        "onednn_version": dnnl.group(1) if dnnl else None,
+        "mkl_version": mkl.group(1) if mkl else None,
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "device_type": device.split(":")[0],
+        **cpu_info(),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
-        out.update(cuda_device=torch.cuda.get_device_name(index), cuda_capability=".".join(map(str, torch.cuda.get_device_capability(index))),
-                   cuda_runtime=torch.version.cuda, cudnn_version=torch.backends.cudnn.version(),
-                   cudnn_deterministic=torch.backends.cudnn.deterministic, cudnn_benchmark=torch.backends.cudnn.benchmark)
+        out.update(
+            cuda_device=torch.cuda.get_device_name(index),
+            cuda_capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+            cuda_runtime=torch.version.cuda,
+            cudnn_version=torch.backends.cudnn.version(),
+            cudnn_deterministic=torch.backends.cudnn.deterministic,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
     return out
 
 
@@ -122,7 +172,9 @@ def native_capability() -> str:
 
 def can_run(capability: str, native: str) -> bool:
     """Whether a machine whose widest capability is ``native`` can run ``capability``'s kernels (x86 only)."""
-    return capability in X86_LEVELS and native in X86_LEVELS and X86_LEVELS.index(capability) <= X86_LEVELS.index(native)
+    return (
+        capability in X86_LEVELS and native in X86_LEVELS and X86_LEVELS.index(capability) <= X86_LEVELS.index(native)
+    )
 
 
 def force_env(capability: str) -> dict[str, str]:

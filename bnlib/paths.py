@@ -17,7 +17,9 @@ BOOK = ROOT / "book"
 NOTEBOOK = BOOK / "notebooks" / "run.ipynb"  # the cell notebook papermill runs once per grid cell
 BOOK_DATA = BOOK / "data"  # committed data the book reads (the original study's numbers, saved benchmarks)
 BOOK_CELLS = BOOK / "runs" / "cells"  # the executed cell notebooks, gathered at every build (git-ignored)
-BOOK_TABLES = BOOK / "runs" / "tables"  # the grid's aggregated tables, gathered at every build for download (git-ignored)
+BOOK_TABLES = (
+    BOOK / "runs" / "tables"
+)  # the grid's aggregated tables, gathered at every build for download (git-ignored)
 README = ROOT / "README.md"
 README_FIGURE = BOOK / "figures" / "headline.png"  # the headline figure on the README's first screen
 BOOK_CONFIG = ROOT / "_config.yml"

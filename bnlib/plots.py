@@ -43,7 +43,10 @@ def describe(fig) -> str:
     """A figure in words, from what it draws: its axes' labels, its panels' titles and its legends' entries (the
     alt text of the book's figures)."""
     axes = [ax for ax in fig.axes if ax.has_data()]
-    unique = lambda items: list(dict.fromkeys(i for i in items if i))  # noqa: E731
+
+    def unique(items):
+        return list(dict.fromkeys(i for i in items if i))
+
     ys, xs = unique(ax.get_ylabel() for ax in axes), unique(ax.get_xlabel() for ax in axes)
     if ys:
         text = " and ".join(ys) + (" against " + " and ".join(xs) if xs else "")
@@ -62,8 +65,16 @@ def describe(fig) -> str:
 
 # One colour-blind-safe palette for the whole book: Okabe & Ito's, without its yellow (unreadable as a line on
 # white), with grey for "no normalisation". Black is BN's alone: BN is the reference drawn in every panel.
-OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73",
-             "blue": "#0072B2", "vermillion": "#D55E00", "reddish purple": "#CC79A7", "grey": "#999999"}
+OKABE_ITO = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky blue": "#56B4E9",
+    "bluish green": "#009E73",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish purple": "#CC79A7",
+    "grey": "#999999",
+}
 
 # Per method id: its display name and its colour, in the registry's order. Colours repeat across the book, never
 # within a panel (PANELS), the headline figure (bn, bnrs, brn, gn) or the 2x2 (bn, bn_detached, brn, bnrs).
@@ -109,7 +120,13 @@ PANELS = {
     "other statistics for small batches": ("mabn", "bln", "online", "cbn"),
     "BNRS's momentum": ("bnrs_m001", "bnrs_m003", "bnrs", "bnrs_m030", "bnrs_m100"),
     "running statistics, the original's code": ("bnrs_orig", "brn_orig", "brnc_orig"),
-    "the original's BNRS, its momentum": ("bnrs_orig_m001", "bnrs_orig_m003", "bnrs_orig", "bnrs_orig_m030", "bnrs_orig_m100"),
+    "the original's BNRS, its momentum": (
+        "bnrs_orig_m001",
+        "bnrs_orig_m003",
+        "bnrs_orig",
+        "bnrs_orig_m030",
+        "bnrs_orig_m100",
+    ),
     "batch-independent": ("gn", "gn_ws", "frn", "evonorm", "none"),
 }
 
@@ -141,12 +158,34 @@ def colour(method: str) -> str:
 # Families of methods, in the order legends list them: members, dash pattern (matplotlib on/off lengths in
 # points; () is a solid line) and the pattern's name for the key under the figures.
 FAMILIES = {
-    "batch statistics in training": (("bn", "bnwos", "gbn", "bn_detached", "bn_detached_mean", "bn_detached_var"), (),
-                                     "solid"),
-    "running statistics in training": (("bnrs", "brn", "brnc", "brnc_warmup", "mabn", "bln", "online", "cbn", "bnrs_m001",
-                                        "bnrs_m003", "bnrs_m030", "bnrs_m100"), (5, 2), "dashed"),
-    "running statistics, the original's code": (("bnrs_orig", "brn_orig", "brnc_orig", "bnrs_orig_m001", "bnrs_orig_m003",
-                                                 "bnrs_orig_m030", "bnrs_orig_m100"), (6, 2, 1.5, 2), "dash-dot"),
+    "batch statistics in training": (
+        ("bn", "bnwos", "gbn", "bn_detached", "bn_detached_mean", "bn_detached_var"),
+        (),
+        "solid",
+    ),
+    "running statistics in training": (
+        (
+            "bnrs",
+            "brn",
+            "brnc",
+            "brnc_warmup",
+            "mabn",
+            "bln",
+            "online",
+            "cbn",
+            "bnrs_m001",
+            "bnrs_m003",
+            "bnrs_m030",
+            "bnrs_m100",
+        ),
+        (5, 2),
+        "dashed",
+    ),
+    "running statistics, the original's code": (
+        ("bnrs_orig", "brn_orig", "brnc_orig", "bnrs_orig_m001", "bnrs_orig_m003", "bnrs_orig_m030", "bnrs_orig_m100"),
+        (6, 2, 1.5, 2),
+        "dash-dot",
+    ),
     "batch-independent": (("gn", "gn_ws", "frn", "evonorm"), (1.5, 1.5), "dotted"),
     "no normalisation": (("none",), (9, 3), "long dashes"),
 }
@@ -170,8 +209,10 @@ def linestyle(method: str):
 
 def style_key() -> str:
     """The line-style legend of every figure, as a Markdown list (the book's Results page shows it)."""
-    return "\n".join(f"- {style}: {family} ({'; '.join(display_name(m) for m in members)})"
-                     for family, (members, _, style) in FAMILIES.items())
+    return "\n".join(
+        f"- {style}: {family} ({'; '.join(display_name(m) for m in members)})"
+        for family, (members, _, style) in FAMILIES.items()
+    )
 
 
 def palette(methods) -> dict[str, str]:
@@ -186,8 +227,14 @@ def _order(methods) -> list[str]:
 
 def _styled(methods) -> dict:
     """relplot keywords: colour per method, dash pattern per family, one legend entry per method."""
-    return {"hue": "method", "hue_order": methods, "palette": palette(methods), "style": "method", "style_order": methods,
-            "dashes": {m: dashes(m) for m in methods}}
+    return {
+        "hue": "method",
+        "hue_order": methods,
+        "palette": palette(methods),
+        "style": "method",
+        "style_order": methods,
+        "dashes": {m: dashes(m) for m in methods},
+    }
 
 
 def _handles(methods) -> list:
@@ -223,8 +270,13 @@ def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel
     frame, method)`` draws one method's line; each row's legend beside it, titled with the panel."""
     groups = panels(data["method"].unique())
     cols = sorted(data[col].unique()) if col else [None]
-    fig, axes = plt.subplots(len(groups), len(cols), squeeze=False, sharey=True,
-                             figsize=(max(PANEL_WIDTH * len(cols), 3.0) + 2.2, PANEL_HEIGHT * len(groups) + 0.5))
+    fig, axes = plt.subplots(
+        len(groups),
+        len(cols),
+        squeeze=False,
+        sharey=True,
+        figsize=(max(PANEL_WIDTH * len(cols), 3.0) + 2.2, PANEL_HEIGHT * len(groups) + 0.5),
+    )
     for i, (title, methods) in enumerate(groups):
         for j, value in enumerate(cols):
             ax = axes[i][j]
@@ -238,8 +290,16 @@ def _panel_figure(data: pd.DataFrame, col: str | None, draw, xlabel: str, ylabel
             if xlabel == "samples seen":  # 25k, not 25000: a narrow panel's ticks stay apart
                 ax.xaxis.set_major_locator(MaxNLocator(3))
                 ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
-        axes[i][-1].legend(handles=_handles(methods), title=title, loc="upper left", bbox_to_anchor=(1.03, 1.0),
-                           frameon=False, fontsize=TEXT_PT, title_fontsize=TEXT_PT, alignment="left")
+        axes[i][-1].legend(
+            handles=_handles(methods),
+            title=title,
+            loc="upper left",
+            bbox_to_anchor=(1.03, 1.0),
+            frameon=False,
+            fontsize=TEXT_PT,
+            title_fontsize=TEXT_PT,
+            alignment="left",
+        )
     fig.tight_layout()
     return fig
 
@@ -259,8 +319,14 @@ def _legend_names(ax) -> None:
     """The axes' legend with display names, beside the axes (a cell draws every method of its grid in one axes)."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, [display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels], fontsize="small",
-                  loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        ax.legend(
+            handles,
+            [display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels],
+            fontsize="small",
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            frameon=False,
+        )
 
 
 def cell_curves(result: RunRecord):
@@ -282,9 +348,16 @@ def final_table(result: RunRecord) -> pd.DataFrame:
     """One cell: the final numbers per method."""
     rows = []
     for m, rec in result.methods.items():
-        rows.append({"method": display_name(m), "final test acc": rec.final.test_acc,
-                     "with recomputed stats": rec.final.test_acc_recomputed, "final train loss": rec.final.train_loss,
-                     "diverged at step": rec.diverged_step, "samples / s": rec.samples_per_second})
+        rows.append(
+            {
+                "method": display_name(m),
+                "final test acc": rec.final.test_acc,
+                "with recomputed stats": rec.final.test_acc_recomputed,
+                "final train loss": rec.final.train_loss,
+                "diverged at step": rec.diverged_step,
+                "samples / s": rec.samples_per_second,
+            }
+        )
     return pd.DataFrame(rows).set_index("method")
 
 
@@ -292,19 +365,32 @@ def _batch_label(value) -> str:
     return f"batch {value}"
 
 
-def accuracy_over_training(evals: pd.DataFrame, column: str = "test_acc", x: str = "samples_seen", col: str = "batch_size"):
+def accuracy_over_training(
+    evals: pd.DataFrame, column: str = "test_acc", x: str = "samples_seen", col: str = "batch_size"
+):
     """The original study's figure with statistics: mean test accuracy over seeds with its Student-t 95% band, a
     row per panel of methods, a column per ``col`` value."""
     data = evals[evals[column].notna()]
-    return _panel_figure(data, col, lambda ax, f, m: _mean_band(ax, f, x, column, m),
-                         "samples seen" if x == "samples_seen" else x, "test accuracy",
-                         _batch_label if col == "batch_size" else str)
+    return _panel_figure(
+        data,
+        col,
+        lambda ax, f, m: _mean_band(ax, f, x, column, m),
+        "samples seen" if x == "samples_seen" else x,
+        "test accuracy",
+        _batch_label if col == "batch_size" else str,
+    )
 
 
 def loss_over_training(losses: pd.DataFrame, col: str = "batch_size"):
     """Training loss (window means) over samples seen, as :func:`accuracy_over_training`, log scale."""
-    fig = _panel_figure(losses, col, lambda ax, f, m: _mean_band(ax, f, "samples_seen", "train_loss", m),
-                        "samples seen", "training loss", _batch_label if col == "batch_size" else str)
+    fig = _panel_figure(
+        losses,
+        col,
+        lambda ax, f, m: _mean_band(ax, f, "samples_seen", "train_loss", m),
+        "samples seen",
+        "training loss",
+        _batch_label if col == "batch_size" else str,
+    )
     for ax in fig.axes:
         ax.set_yscale("log")
     return fig
@@ -320,17 +406,24 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, value: str = "
         err = [(g[value] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g[value]).clip(lower=0).fillna(0)]
         k = list(map(str, summary["method"].unique())).index(m)  # dodge overlapping bars
         xs = [p * (1 + 0.025 * (k % 6 - 2.5)) for p in sizes]
-        ax.errorbar(xs, g[value], yerr=err, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4)
+        ax.errorbar(
+            xs, g[value], yerr=err, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=4, capsize=2, lw=1.4
+        )
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
 
-    return _panel_figure(summary.assign(method=summary["method"].astype(str)), col, draw, "batch size",
-                         "final test accuracy", str)
+    return _panel_figure(
+        summary.assign(method=summary["method"].astype(str)), col, draw, "batch size", "final test accuracy", str
+    )
 
 
-VERDICT_COLOURS = {"below": OKABE_ITO["vermillion"], "above": OKABE_ITO["blue"], "equivalent": OKABE_ITO["bluish green"],
-                   "cannot tell": OKABE_ITO["grey"]}
+VERDICT_COLOURS = {
+    "below": OKABE_ITO["vermillion"],
+    "above": OKABE_ITO["blue"],
+    "equivalent": OKABE_ITO["bluish green"],
+    "cannot tell": OKABE_ITO["grey"],
+}
 
 
 def differences(part: pd.DataFrame, methods) -> plt.Figure:
@@ -340,8 +433,14 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
     shown = [m for m in methods if m in set(part["method"].astype(str)) and m != "bn"]
     sizes = sorted(part["batch_size"].unique())
     # the method names and the legend need about 2.6 inches whatever the number of panels
-    fig, axes = plt.subplots(1, len(sizes), figsize=(min(6.2, 2.6 + 1.5 * len(sizes)), 1.3 + 0.5 * max(len(shown), 1)),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(sizes),
+        figsize=(min(6.2, 2.6 + 1.5 * len(sizes)), 1.3 + 0.5 * max(len(shown), 1)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     for ax, size in zip(axes[0], sizes):
         for k, m in enumerate(shown):
             r = part[(part["method"].astype(str) == m) & (part["batch_size"] == size)]
@@ -349,8 +448,16 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
                 continue
             d, lo, hi = (100 * r[c].iloc[0] for c in ("diff_vs_bn", "diff_ci_low", "diff_ci_high"))
             verdict = r["verdict"].iloc[0] if isinstance(r["verdict"].iloc[0], str) else "cannot tell"
-            ax.errorbar([d], [k], xerr=[[max(d - lo, 0)], [max(hi - d, 0)]], color=VERDICT_COLOURS.get(verdict, OKABE_ITO["grey"]),
-                        marker="o", ms=5, capsize=3, lw=1.8)
+            ax.errorbar(
+                [d],
+                [k],
+                xerr=[[max(d - lo, 0)], [max(hi - d, 0)]],
+                color=VERDICT_COLOURS.get(verdict, OKABE_ITO["grey"]),
+                marker="o",
+                ms=5,
+                capsize=3,
+                lw=1.8,
+            )
         ax.axvline(0, color=colour("bn"), lw=1)
         ax.set_title(f"batch {size}", fontsize="medium")
         ax.set_xlabel("vs BN (points)")
@@ -359,10 +466,19 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
     from matplotlib.lines import Line2D
 
     verdicts = set(part["verdict"].dropna()) if "verdict" in part else set()
-    axes[0][-1].legend(handles=[Line2D([], [], color=c, marker="o", lw=1.8, label=v) for v, c in VERDICT_COLOURS.items()
-                                if v != "equivalent" or v in verdicts],
-                       title="verdict", loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=TEXT_PT,
-                       title_fontsize=TEXT_PT)
+    axes[0][-1].legend(
+        handles=[
+            Line2D([], [], color=c, marker="o", lw=1.8, label=v)
+            for v, c in VERDICT_COLOURS.items()
+            if v != "equivalent" or v in verdicts
+        ],
+        title="verdict",
+        loc="upper left",
+        bbox_to_anchor=(1.03, 1.0),
+        frameon=False,
+        fontsize=TEXT_PT,
+        title_fontsize=TEXT_PT,
+    )
     fig.tight_layout()
     return fig
 
@@ -377,8 +493,18 @@ def headline_figure(part: pd.DataFrame, methods) -> plt.Figure:
         g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
         err = [(g["mean"] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g["mean"]).clip(lower=0).fillna(0)]
         xs = [b * (1 + 0.04 * (k - (len(shown) - 1) / 2)) for b in sizes]
-        ax.errorbar(xs, 100 * g["mean"], yerr=[100 * e for e in err], color=colour(m), ls=linestyle(m), marker="o", ms=5,
-                    capsize=3, lw=1.8, label=display_name(m))
+        ax.errorbar(
+            xs,
+            100 * g["mean"],
+            yerr=[100 * e for e in err],
+            color=colour(m),
+            ls=linestyle(m),
+            marker="o",
+            ms=5,
+            capsize=3,
+            lw=1.8,
+            label=display_name(m),
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.minorticks_off()
@@ -414,19 +540,25 @@ def seeds_needed(halfwidths: pd.DataFrame):
     return _panel_figure(halfwidths, None, draw, "seeds", "95% half-width (points)")
 
 
-TRACE_LABELS = {"log_r_p90": "|log r|, 90th pct. of channels", "d_p90": "|d|, 90th pct. of channels",
-                "conv_weight_norm": "conv weight norm", "gamma_norm": "gamma norm", "input_rms": "input RMS",
-                "conv_grad_norm": "conv weight gradient norm"}
+TRACE_LABELS = {
+    "log_r_p90": "|log r|, 90th pct. of channels",
+    "d_p90": "|d|, 90th pct. of channels",
+    "conv_weight_norm": "conv weight norm",
+    "gamma_norm": "gamma norm",
+    "input_rms": "input RMS",
+    "conv_grad_norm": "conv weight gradient norm",
+}
 
 
 def _decade_label(y: float, _pos=None) -> str:
     """A log10 value's tick label as the plain number: 0.01, 0.3, 3, 30, 1,000."""
-    x = 10 ** y
+    x = 10**y
     return f"{x:,.0f}" if x >= 100 else f"{x:.2g}"
 
 
-def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition",
-                         smooth: int = 9):
+def traces_over_training(
+    frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABELS), col: str = "condition", smooth: int = 9
+):
     """The norm layers' traces over training: a row per metric, a column per condition, a line per method (the
     mean over layers, each seed's trace smoothed for display by a centred running mean over ``smooth`` traces, then
     the mean over seeds with the t band over seeds); norms and RMS on a log scale (their log10 averaged, so a band
@@ -437,13 +569,25 @@ def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABEL
     data[logged] = np.log10(data[logged].clip(lower=1e-12))
     data = data.sort_values([*keys, "step"])
     data[list(metrics)] = data.groupby(keys)[list(metrics)].transform(
-        lambda v: v.rolling(smooth, center=True, min_periods=1).mean())
+        lambda v: v.rolling(smooth, center=True, min_periods=1).mean()
+    )
     long = data.melt(id_vars=[*keys, "step"], value_vars=list(metrics), var_name="metric")
     long["metric"] = long["metric"].map(TRACE_LABELS)
     order = [m for m in methods if m in set(data["method"])]
-    grid = sns.relplot(data=long, x="step", y="value", **_styled(order), row="metric", col=col, kind="line", legend=False,
-                       errorbar=stats.t_interval, height=1.7, aspect=1.3,
-                       facet_kws={"sharex": False, "sharey": False, "legend_out": False})
+    grid = sns.relplot(
+        data=long,
+        x="step",
+        y="value",
+        **_styled(order),
+        row="metric",
+        col=col,
+        kind="line",
+        legend=False,
+        errorbar=stats.t_interval,
+        height=1.7,
+        aspect=1.3,
+        facet_kws={"sharex": False, "sharey": False, "legend_out": False},
+    )
     grid.set_titles(template="{col_name}", size=TEXT_PT)
     logged_labels = {TRACE_LABELS[m] for m in logged}
     for i, (label, row) in enumerate(zip(grid.row_names, grid.axes)):  # the metric as the row's y label
@@ -462,7 +606,15 @@ def traces_over_training(frame: pd.DataFrame, methods, metrics=tuple(TRACE_LABEL
         warnings.simplefilter("ignore", UserWarning)
         grid.figure.tight_layout()
     grid.figure.subplots_adjust(top=1 - 0.85 / grid.figure.get_figheight())  # room for the legend and the titles
-    grid.figure.legend(handles=_handles(order), labels=[wrapped(display_name(m), 20) for m in order], loc="upper center",
-                       bbox_to_anchor=(0.5, 1.0), ncol=len(order), frameon=False, fontsize=TEXT_PT, columnspacing=1.0,
-                       handlelength=1.8)
+    grid.figure.legend(
+        handles=_handles(order),
+        labels=[wrapped(display_name(m), 20) for m in order],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=len(order),
+        frameon=False,
+        fontsize=TEXT_PT,
+        columnspacing=1.0,
+        handlelength=1.8,
+    )
     return grid

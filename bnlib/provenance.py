@@ -66,14 +66,20 @@ REPRODUCED_TRAINING_CODE = reproduced_training_code()
 def is_current(training_code_sha256: str | None) -> bool:
     """Whether a cell recorded with this training-code fingerprint counts as run by the current code
     (files written before the fingerprint existed do)."""
-    return (not training_code_sha256 or training_code_sha256 == TRAINING_SHA256
-            or training_code_sha256 in REPRODUCED_TRAINING_CODE)
+    return (
+        not training_code_sha256
+        or training_code_sha256 == TRAINING_SHA256
+        or training_code_sha256 in REPRODUCED_TRAINING_CODE
+    )
 
 
 def git_commit() -> str | None:
     """HEAD of the repository, with ``-dirty`` when tracked files differ from it."""
+
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        run = lambda *args: subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
         commit, dirty = run("rev-parse", "HEAD"), run("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -100,10 +106,20 @@ def provenance(device: str = "cpu") -> Provenance:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return Provenance(
-        versions=versions, python=sys.version.split()[0], git_commit=git_commit(), code_sha256=CODE_SHA256,
-        training_code_sha256=TRAINING_SHA256, host=socket.gethostname(), platform=platform.platform(), device=device,
-        device_name=device_name(device), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_array_job_id=os.environ.get("SLURM_ARRAY_JOB_ID"),
-        slurm_array_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions=versions,
+        python=sys.version.split()[0],
+        git_commit=git_commit(),
+        code_sha256=CODE_SHA256,
+        training_code_sha256=TRAINING_SHA256,
+        host=socket.gethostname(),
+        platform=platform.platform(),
+        device=device,
+        device_name=device_name(device),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        slurm_array_job_id=os.environ.get("SLURM_ARRAY_JOB_ID"),
+        slurm_array_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         numerics=machine.numerics(device),
     )

@@ -38,8 +38,10 @@ def check(grid_dir: str | Path) -> int:
         except CorruptRun as err:
             raise PublishedError(f"{err}; restore it from git or re-run its cell") from None
         if run.stopped_at_step:
-            raise PublishedError(f"{path}: a prefix re-execution (stopped at step {run.stopped_at_step} by `bnlib verify "
-                                 "--steps`), not a finished cell; restore it from git or re-run its cell")
+            raise PublishedError(
+                f"{path}: a prefix re-execution (stopped at step {run.stopped_at_step} by `bnlib verify "
+                "--steps`), not a finished cell; restore it from git or re-run its cell"
+            )
         notebook = path.with_suffix(".ipynb")
         if not notebook.exists():
             raise PublishedError(f"{notebook}: missing (the notebook of finished cell {path.stem})")
@@ -48,11 +50,15 @@ def check(grid_dir: str | Path) -> int:
         except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt notebook
             raise PublishedError(f"{notebook}: not a readable notebook ({err})") from None
         if any(not _is_palette_png(o["data"]["image/png"]) for o in _png_outputs(nb)):
-            raise PublishedError(f"{notebook}: has full-colour PNG figures; run `bnlib compact {grid_dir.name}` "
-                                 "(256-colour figures keep the committed results small) and commit it")
+            raise PublishedError(
+                f"{notebook}: has full-colour PNG figures; run `bnlib compact {grid_dir.name}` "
+                "(256-colour figures keep the committed results small) and commit it"
+            )
     for name in TABLES:
         if not (grid_dir / f"{name}.csv").exists():
-            raise PublishedError(f"{grid_dir / f'{name}.csv'}: missing; run `bnlib aggregate {grid_dir.name}` and commit it")
+            raise PublishedError(
+                f"{grid_dir / f'{name}.csv'}: missing; run `bnlib aggregate {grid_dir.name}` and commit it"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp) / grid_dir.name
         (fresh / "runs").mkdir(parents=True)
@@ -66,8 +72,10 @@ def check(grid_dir: str | Path) -> int:
             try:
                 pd.testing.assert_frame_equal(pd.read_csv(committed), pd.read_csv(path), check_exact=False, rtol=1e-9)
             except AssertionError as err:
-                raise PublishedError(f"{committed}: differs from a fresh aggregation of {runs} ({str(err).splitlines()[0]}); "
-                                     f"run `bnlib aggregate {grid_dir.name}` and commit it") from None
+                raise PublishedError(
+                    f"{committed}: differs from a fresh aggregation of {runs} ({str(err).splitlines()[0]}); "
+                    f"run `bnlib aggregate {grid_dir.name}` and commit it"
+                ) from None
     return len(metrics)
 
 

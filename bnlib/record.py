@@ -78,8 +78,9 @@ def write_json(path: str | Path, payload: dict) -> Path:
 
 
 def _dumps(obj, indent: str) -> str:
-    nested = isinstance(obj, (dict, list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in
-                                                          (obj.values() if isinstance(obj, dict) else obj))
+    nested = isinstance(obj, (dict, list, tuple)) and any(
+        isinstance(v, (dict, list, tuple)) for v in (obj.values() if isinstance(obj, dict) else obj)
+    )
     if isinstance(obj, dict) and obj and (nested or len(obj) > 1):
         inner = indent + " "
         items = (f"{inner}{json.dumps(str(k))}: {_dumps(v, inner)}" for k, v in obj.items())
@@ -110,7 +111,8 @@ class Final:
     test_acc: float | None = None  # accuracy on the full test set with the model's inference statistics
     test_loss: float | None = None  # mean cross-entropy there
     test_acc_recomputed: float | None = None  # after recomputing population statistics (config.recompute)
-    test_acc_batchstats: float | None = ABSENT  # with batch statistics at test time (config.eval_batch_stats; batches composed by config.eval_batch_composition)
+    # with batch statistics at test time (config.eval_batch_stats; batches composed by config.eval_batch_composition)
+    test_acc_batchstats: float | None = ABSENT
     train_loss: float | None = None  # the last training-loss window's mean
 
 
@@ -122,7 +124,9 @@ class MethodRecord:
     train_step: list[int] = field(default_factory=list)  # the last step of each training-loss window
     train_loss: list[float] = field(default_factory=list)  # the mean training loss over that window
     eval_step: list[int] = field(default_factory=list)  # steps with a test evaluation (the last: the last step)
-    eval_size: list[int] = field(default_factory=list)  # test images of that evaluation (a fixed subset before the last)
+    eval_size: list[int] = field(
+        default_factory=list
+    )  # test images of that evaluation (a fixed subset before the last)
     test_acc: list[float] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     test_acc_recomputed: list[float | None] = field(default_factory=list)
@@ -185,7 +189,9 @@ class Provenance:
     slurm_array_job_id: str | None = None
     slurm_array_task_id: str | None = None
     finished_at: str | None = None
-    numerics: dict = ABSENT  # what decides the bits: kernels, threads, versions (bnlib.machine.numerics; ABSENT: older files)
+    numerics: dict = (
+        ABSENT  # what decides the bits: kernels, threads, versions (bnlib.machine.numerics; ABSENT: older files)
+    )
 
     def to_dict(self) -> dict:
         return _present(self)
@@ -213,7 +219,9 @@ class RunRecord:
     resumed_at_steps: list[int] = ABSENT  # steps at which the run resumed from its checkpoint
     stacked_in: str = ABSENT  # the cell whose notebook trained it (stacked seeds)
     same_training_as: str = ABSENT  # a twin: the cell that trained exactly this, whose results these are
-    stopped_at_step: int = ABSENT  # a prefix re-execution (`bnlib verify --steps`) that stopped here: never a finished cell
+    stopped_at_step: int = (
+        ABSENT  # a prefix re-execution (`bnlib verify --steps`) that stopped here: never a finished cell
+    )
     compiled: bool = ABSENT  # config.compile not off: whether the training step ran compiled (bnlib.train.compiling)
     compile_reason: str = ABSENT  # ... and why (e.g. "compile: on, but no C++ compiler for inductor ...: eager")
 
@@ -231,7 +239,9 @@ class RunRecord:
     @classmethod
     def from_dict(cls, values: dict, where: str = "run record") -> "RunRecord":
         values = dict(values)
-        values["methods"] = {m: MethodRecord.from_dict(r, f"{where}: methods.{m}") for m, r in (values.get("methods") or {}).items()}
+        values["methods"] = {
+            m: MethodRecord.from_dict(r, f"{where}: methods.{m}") for m, r in (values.get("methods") or {}).items()
+        }
         if values.get("provenance") is not None:
             values["provenance"] = _from(Provenance, values["provenance"], f"{where}: provenance")
         return _from(cls, values, where)

@@ -48,7 +48,10 @@ RUNNER_PARAMETERS = {
     "output_path": ('""', "where to write the metrics file, last (empty: do not write)"),
     "threads": ("0", "torch threads in this kernel (0: torch's default)"),
     "checkpoint_path": ('""', "where to keep this cell's checkpoint; a re-run resumes from it (empty: none)"),
-    "stack": ("{}", 'cells differing only in seed, trained with this one as one stacked model: {cell id: {"seed", "output_path"}}'),
+    "stack": (
+        "{}",
+        'cells differing only in seed, trained with this one as one stacked model: {cell id: {"seed", "output_path"}}',
+    ),
     "stop_after_step": ("None", "train only the first steps of the run (`bnlib verify --steps`; None: all of it)"),
 }
 # train.Config has no budget by default (a grid gives exactly one); the notebook run by hand trains this one.
@@ -131,7 +134,10 @@ def parameters_cell() -> str:
     import re
 
     comments = dict(re.findall(r"^    (\w+): [^=]+=.*?  # (.*)$", inspect.getsource(train.Config), flags=re.M))
-    lines = ["# Training configuration: the fields of bnlib.train.Config, with its defaults. The grid runner sets every one per cell."]
+    lines = [
+        "# Training configuration: the fields of bnlib.train.Config, with its defaults. The grid runner sets every "
+        "one per cell."
+    ]
     for f in dataclasses.fields(train.Config):
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         value = INTERACTIVE.get(f.name, default)
@@ -257,8 +263,15 @@ def _kernel_manager_class(log_path: Path, env: dict[str, str] | None = None):
     return IPCKernelManager
 
 
-def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = None, notebook: Path = NOTEBOOK,
-                 env: dict[str, str] | None = None, stop_after: int | None = None) -> dict:
+def execute_cell(
+    cell: Cell,
+    runs: Path,
+    threads: int = 0,
+    device: str | None = None,
+    notebook: Path = NOTEBOOK,
+    env: dict[str, str] | None = None,
+    stop_after: int | None = None,
+) -> dict:
     """Run one cell's notebook through papermill; returns {'cell', 'ok', 'seconds', 'error'}.
 
     The notebook writes ``<cell>.json`` as its last act; a cell whose notebook raised, or that ended
@@ -267,8 +280,15 @@ def execute_cell(cell: Cell, runs: Path, threads: int = 0, device: str | None = 
     return execute_group([cell], runs, threads, device, notebook, env, stop_after)[0]
 
 
-def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str | None = None,
-                  notebook: Path = NOTEBOOK, env: dict[str, str] | None = None, stop_after: int | None = None) -> list[dict]:
+def execute_group(
+    cells: list[Cell],
+    runs: Path,
+    threads: int = 0,
+    device: str | None = None,
+    notebook: Path = NOTEBOOK,
+    env: dict[str, str] | None = None,
+    stop_after: int | None = None,
+) -> list[dict]:
     """Run cells that differ only in their seed as ONE notebook execution, the seeds stacked into one model
     (see :func:`groups`); one cell is :func:`execute_cell`. The first cell leads: its notebook trains every
     seed and writes every member's metrics file; each member gets a copy of the notebook. Returns each
@@ -287,16 +307,27 @@ def execute_group(cells: list[Cell], runs: Path, threads: int = 0, device: str |
     if device is not None and params.get("device", "auto") == "auto":
         params["device"] = device
     checkpoint = runs / f"{lead.id}.ckpt"  # a killed cell resumes from it; removed once the cell is done
-    params.update(cell_id=lead.id, output_path=str((runs / f"{lead.id}.json").resolve()), threads=threads,
-                  checkpoint_path=str(checkpoint.resolve()), stop_after_step=stop_after,
-                  stack={c.id: {"seed": c.config().seed, "output_path": str((runs / f"{c.id}.json").resolve())}
-                         for c in cells[1:]})
+    params.update(
+        cell_id=lead.id,
+        output_path=str((runs / f"{lead.id}.json").resolve()),
+        threads=threads,
+        checkpoint_path=str(checkpoint.resolve()),
+        stop_after_step=stop_after,
+        stack={
+            c.id: {"seed": c.config().seed, "output_path": str((runs / f"{c.id}.json").resolve())} for c in cells[1:]
+        },
+    )
     started = time.perf_counter()
     error = None
     try:
         papermill.execute_notebook(
-            str(notebook), str(runs / f"{lead.id}.ipynb"), parameters=params, kernel_name=KERNEL,
-            progress_bar=False, cwd=str(paths.ROOT), kernel_manager_class=_kernel_manager_class(runs / f"{lead.id}.kernel.log", env),
+            str(notebook),
+            str(runs / f"{lead.id}.ipynb"),
+            parameters=params,
+            kernel_name=KERNEL,
+            progress_bar=False,
+            cwd=str(paths.ROOT),
+            kernel_manager_class=_kernel_manager_class(runs / f"{lead.id}.kernel.log", env),
         )
         missing = [c.id for c in cells if not (runs / f"{c.id}.json").exists()]
         if missing:
@@ -349,11 +380,15 @@ def copy_stacked_notebooks(cells: list[Cell], runs: Path) -> list[str]:
         target = runs / f"{cell.id}.ipynb"
         seeds = run.stacked_seeds or []
         nb = nbformat.read(runs / f"{lead}.ipynb", as_version=4)
-        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
-            f"**Cell `{cell.id}` (seed {run.config['seed']}) was trained in one stacked model with seeds "
-            f"{', '.join(map(str, seeds))}**, in the notebook of cell `{lead}`, which wrote this "
-            f"cell's metrics file. Below is that notebook as it ran: the curves are seed "
-            f"{(seeds or ['?'])[0]}'s, the last table has every seed's final numbers."))
+        nb.cells.insert(
+            0,
+            nbformat.v4.new_markdown_cell(
+                f"**Cell `{cell.id}` (seed {run.config['seed']}) was trained in one stacked model with seeds "
+                f"{', '.join(map(str, seeds))}**, in the notebook of cell `{lead}`, which wrote this "
+                f"cell's metrics file. Below is that notebook as it ran: the curves are seed "
+                f"{(seeds or ['?'])[0]}'s, the last table has every seed's final numbers."
+            ),
+        )
         text = nbformat.writes(nb) + "\n"
         if target.exists() and target.read_text() == text:
             continue  # written earlier: a finished cell's files never change
@@ -467,13 +502,17 @@ def runner_lock(folder: Path, wait: bool = False):
             handle.seek(0)
             holder = handle.read().strip() or "another runner"
             if not wait:
-                raise GridError(f"{folder} is being run by {holder}; wait for it to end, or pass --wait "
-                                "to start when it does (finished cells are then skipped)") from None
+                raise GridError(
+                    f"{folder} is being run by {holder}; wait for it to end, or pass --wait "
+                    "to start when it does (finished cells are then skipped)"
+                ) from None
             print(f"waiting for {holder} to finish with {folder} ...", flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as err:  # e.g. a filesystem mounted without lock support
-            raise GridError(f"cannot lock {folder / '.runner.lock'} ({err}): this filesystem does not support "
-                            "file locks; run the grid from a folder on one that does") from None
+            raise GridError(
+                f"cannot lock {folder / '.runner.lock'} ({err}): this filesystem does not support "
+                "file locks; run the grid from a folder on one that does"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"host {socket.gethostname()}, PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -483,8 +522,16 @@ def runner_lock(folder: Path, wait: bool = False):
         handle.close()  # releases the lock
 
 
-def run(grid: Grid, results: Path, executor=None, force: bool = False, progress: bool = True, notebook: Path = NOTEBOOK,
-        wait: bool = False, stale: bool = False) -> Report:
+def run(
+    grid: Grid,
+    results: Path,
+    executor=None,
+    force: bool = False,
+    progress: bool = True,
+    notebook: Path = NOTEBOOK,
+    wait: bool = False,
+    stale: bool = False,
+) -> Report:
     """Run the grid's cells that are not done (all with ``force``; stale ones too with ``stale``); finished
     cells are never redone otherwise (stale ones are kept and counted in the report).
     Holds the grid's :func:`runner_lock` throughout (``wait``: wait for another runner instead of refusing)."""
@@ -498,7 +545,9 @@ def to_run(states: dict[str, str], force: bool = False, stale: bool = False) -> 
     return [cid for cid, s in states.items() if force or s not in keep]
 
 
-def _run(grid: Grid, results: Path, executor, force: bool, progress: bool, notebook: Path, stale: bool = False) -> Report:
+def _run(
+    grid: Grid, results: Path, executor, force: bool, progress: bool, notebook: Path, stale: bool = False
+) -> Report:
     from tqdm.auto import tqdm
 
     _INTERRUPTED.clear()  # a Ctrl-C of an earlier run in this process is not this run's
@@ -564,28 +613,49 @@ def copy_shared_results(grid: Grid, runs: Path, results: Path | None = None) -> 
             continue  # its source is redone first
         config = train.Config.from_dict(cell.parameters)
         budget = {k: getattr(config, k) for k in ("steps", "epochs", "samples")}
-        methods = source.methods if other is None else {
-            m: dataclasses.replace(rec, traces=ABSENT) for m, rec in source.methods.items()}
-        payload = dataclasses.replace(source, cell=cell.id, same_training_as=cell.same_as, methods=methods,
-                                      parameters={**source.parameters, **budget}, config={**source.config, **budget}).to_dict()
+        methods = (
+            source.methods
+            if other is None
+            else {m: dataclasses.replace(rec, traces=ABSENT) for m, rec in source.methods.items()}
+        )
+        payload = dataclasses.replace(
+            source,
+            cell=cell.id,
+            same_training_as=cell.same_as,
+            methods=methods,
+            parameters={**source.parameters, **budget},
+            config={**source.config, **budget},
+        ).to_dict()
         target = runs / f"{cell.id}.json"
         if target.exists() and "same_training_as" not in target.read_text():
             continue  # it ran itself (e.g. before its twin was in the grid): its own results stay
-        if target.exists() and json.dumps(json.loads(target.read_text()), sort_keys=True) == json.dumps(payload, sort_keys=True):
+        if target.exists() and json.dumps(json.loads(target.read_text()), sort_keys=True) == json.dumps(
+            payload, sort_keys=True
+        ):
             continue  # compared as text: NaN never equals itself
         steps = ", ".join(f"{k}={v}" for k, v in budget.items() if v is not None)
         if other is None:
             nb = nbformat.read(runs / f"{source_id}.ipynb", as_version=4)
-            nb.cells.insert(0, nbformat.v4.new_markdown_cell(
-                f"**Cell `{cell.id}` trains exactly what cell `{source_id}` trains** (the same resolved configuration; "
-                f"its budget, {steps}, is the same number of steps). The runner ran that cell once and copied its "
-                "results here; below is its notebook as it ran."))
+            nb.cells.insert(
+                0,
+                nbformat.v4.new_markdown_cell(
+                    f"**Cell `{cell.id}` trains exactly what cell `{source_id}` trains** (the same resolved "
+                    f"configuration; its budget, {steps}, is the same number of steps). The runner ran that cell once "
+                    "and copied its results here; below is its notebook as it ran."
+                ),
+            )
         else:
-            nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
-                f"**Cell `{cell.id}` trains exactly what cell `{source_id}` of grid `{other}` trains** (the same "
-                f"resolved configuration; budget {steps}), so this grid did not train it again: its results are "
-                f"copied from `results/{other}/runs/{source_id}.json`, less the per-layer traces, which stay there. "
-                f"The notebook that trained it is `results/{other}/runs/{source_id}.ipynb`.")])
+            nb = nbformat.v4.new_notebook(
+                cells=[
+                    nbformat.v4.new_markdown_cell(
+                        f"**Cell `{cell.id}` trains exactly what cell `{source_id}` of grid `{other}` trains** "
+                        f"(the same resolved configuration; budget {steps}), so this grid did not train it again: its "
+                        f"results are copied from `results/{other}/runs/{source_id}.json`, less the per-layer "
+                        f"traces, which stay there. The notebook that trained it is "
+                        f"`results/{other}/runs/{source_id}.ipynb`."
+                    )
+                ]
+            )
         atomic_write(runs / f"{cell.id}.ipynb", lambda tmp: nbformat.write(nb, tmp))
         write_json(target, payload)  # last: the done marker
         written.append(cell.id)

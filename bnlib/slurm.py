@@ -37,12 +37,32 @@ from . import grid as grid_mod
 from . import paths, runner
 from .record import write_json
 
-DEFAULTS = {"partition": None, "gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 4.0, "time_min": 60,
-            "array_parallelism": 64, "retries": 0, "signal_delay_s": 90, "sbatch": {}}
+DEFAULTS = {
+    "partition": None,
+    "gpus_per_task": 0,
+    "cpus_per_task": 1,
+    "mem_gb": 4.0,
+    "time_min": 60,
+    "array_parallelism": 64,
+    "retries": 0,
+    "signal_delay_s": 90,
+    "sbatch": {},
+}
 OPTION_KEYS = set(DEFAULTS)
 # Slurm states of a task that may still write its cell's result
-LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-               "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
+LIVE_STATES = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+)
 
 
 class CellTask(submitit.helpers.Checkpointable):
@@ -61,7 +81,9 @@ class SlurmUnavailable(RuntimeError):
 def _merge_options(grid_options: dict, args) -> dict:
     unknown = sorted(set(grid_options) - OPTION_KEYS)
     if unknown:
-        raise grid_mod.GridError(f"slurm: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OPTION_KEYS))}")
+        raise grid_mod.GridError(
+            f"slurm: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OPTION_KEYS))}"
+        )
     options = {**DEFAULTS, **grid_options}
     for key in ("partition", "gpus_per_task", "cpus_per_task", "mem_gb", "time_min", "array_parallelism", "retries"):
         value = getattr(args, key, None)
@@ -84,15 +106,21 @@ class SlurmExecutor:
 
     def __init__(self, folder: Path, options: dict, poll_s: float = 15.0):
         if any(shutil.which(tool) is None for tool in ("sbatch", "sacct", "squeue")):
-            raise SlurmUnavailable("--executor slurm needs Slurm's sbatch, squeue and sacct on PATH (and SLURM_CONF if the "
-                                   "configuration is not in its default place)")
+            raise SlurmUnavailable(
+                "--executor slurm needs Slurm's sbatch, squeue and sacct on PATH (and SLURM_CONF if the "
+                "configuration is not in its default place)"
+            )
         self.folder = Path(folder)
         self.options = options
         self.poll_s = poll_s
 
     @classmethod
     def from_options(cls, grid: grid_mod.Grid, results: Path, args) -> "SlurmExecutor":
-        return cls(paths.grid_results(grid.name, results) / "slurm", _merge_options(grid.slurm, args), poll_s=getattr(args, "poll_s", 15.0) or 15.0)
+        return cls(
+            paths.grid_results(grid.name, results) / "slurm",
+            _merge_options(grid.slurm, args),
+            poll_s=getattr(args, "poll_s", 15.0) or 15.0,
+        )
 
     def _executor(self):
         o = self.options
@@ -100,9 +128,15 @@ class SlurmExecutor:
         extra = dict(o["sbatch"])
         if int(o["retries"]) > 0:
             extra.setdefault("requeue", True)  # Slurm requeues the task when its node fails
-        params = {"cpus_per_task": int(o["cpus_per_task"]), "time": int(o["time_min"]), "mem": f"{int(float(o['mem_gb']) * 1024)}M",
-                  "array_parallelism": int(o["array_parallelism"]), "job_name": "bnlib",
-                  "signal_delay_s": int(o["signal_delay_s"]), "additional_parameters": extra}
+        params = {
+            "cpus_per_task": int(o["cpus_per_task"]),
+            "time": int(o["time_min"]),
+            "mem": f"{int(float(o['mem_gb']) * 1024)}M",
+            "array_parallelism": int(o["array_parallelism"]),
+            "job_name": "bnlib",
+            "signal_delay_s": int(o["signal_delay_s"]),
+            "additional_parameters": extra,
+        }
         if o["partition"]:
             params["partition"] = o["partition"]
         if o["gpus_per_task"]:
@@ -117,13 +151,17 @@ class SlurmExecutor:
         """{cell id: job id} of the cells whose task from an earlier submission is still pending or running."""
         # A task that has written its result can write nothing more, even while squeue still lists it
         # (COMPLETING, on a busy node for seconds): it is over, and its cell is submitted again if unfinished.
-        wanted = {c.id: record[c.id] for c in cells
-                  if c.id in record and not self._job(record[c.id]).paths.result_pickle.exists()}
+        wanted = {
+            c.id: record[c.id]
+            for c in cells
+            if c.id in record and not self._job(record[c.id]).paths.result_pickle.exists()
+        }
         if not wanted:
             return {}
         # squeue asks slurmctld itself: sacct reads the accounting database, which may not list a task yet
-        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True, timeout=60
+        ).stdout
         states = dict(line.partition("|")[::2] for line in out.splitlines() if "|" in line)
         return {cell: job for cell, job in wanted.items() if states.get(job, "") in LIVE_STATES}
 
@@ -138,8 +176,11 @@ class SlurmExecutor:
         pending = {self._job(job): cells for job, cells in pending.items()}
         if live:
             arrays = ", ".join(sorted({j.split("_")[0] for j in live.values()}))
-            print(f"{len(live)} cells are still pending or running in Slurm from an earlier submission (array {arrays}): "
-                  "not submitted again; waiting for them", flush=True)
+            print(
+                f"{len(live)} cells are still pending or running in Slurm from an earlier submission (array {arrays}): "
+                "not submitted again; waiting for them",
+                flush=True,
+            )
         fresh = [kept for g in groups if (kept := [c for c in g if c.id not in live])]
         if fresh:
             ex = self._executor()
@@ -149,7 +190,10 @@ class SlurmExecutor:
             jobs = ex.map_array(CellTask(), fresh, [runs] * n, [threads] * n, [None] * n, [notebook] * n)
             submitted.update({c.id: j.job_id for g, j in zip(fresh, jobs) for c in g})
             pending.update(zip(jobs, fresh))
-            print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {n} tasks; logs in {self.folder}", flush=True)
+            print(
+                f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {n} tasks; logs in {self.folder}",
+                flush=True,
+            )
         write_json(self.folder / "jobs.json", {"submitted_at": time.time(), "cells": submitted})
         try:
             while pending:
@@ -163,8 +207,11 @@ class SlurmExecutor:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
             arrays = " ".join(sorted({j.job_id.split("_")[0] for j in pending}))
-            print(f"\nthe Slurm tasks keep running; `bnlib status` shows them, `scancel {arrays}` stops them; "
-                  "`bnlib run` again waits for them instead of submitting them twice", flush=True)
+            print(
+                f"\nthe Slurm tasks keep running; `bnlib status` shows them, `scancel {arrays}` stops them; "
+                "`bnlib run` again waits for them instead of submitting them twice",
+                flush=True,
+            )
             raise
 
     @staticmethod
@@ -175,8 +222,15 @@ class SlurmExecutor:
         except Exception as err:  # noqa: BLE001 - Slurm ended the task without a result: record why, keep going
             why = f"{type(err).__name__} without a result; log: {job.paths.stdout}"
             # a cell whose metrics file exists finished its work before Slurm ended the task
-            outcomes = [{"cell": c.id, "ok": (runs / f"{c.id}.json").exists(), "seconds": None,
-                         "error": None if (runs / f"{c.id}.json").exists() else why} for c in cells]
+            outcomes = [
+                {
+                    "cell": c.id,
+                    "ok": (runs / f"{c.id}.json").exists(),
+                    "seconds": None,
+                    "error": None if (runs / f"{c.id}.json").exists() else why,
+                }
+                for c in cells
+            ]
         if all(o["ok"] for o in outcomes):
             return outcomes
         # A task that Slurm cancels or kills often still returns a result (its kernel died first): say so.
@@ -201,8 +255,12 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids or shutil.which("sacct") is None:
         return {}
     arrays = sorted({job.split("_")[0] for job in job_ids})
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(arrays)],
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(arrays)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     rows = dict(line.partition("|")[::2] for line in out.splitlines() if "|" in line)
     states = {}
     for job in job_ids:

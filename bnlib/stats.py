@@ -26,7 +26,20 @@ ALPHA = 0.05
 CORRECTION = "Holm"
 REFERENCE = "bn"  # every method is compared with it
 # Condition columns that identify a comparison (everything a grid may vary except the seed).
-CONDITION_KEYS = ("dataset", "batch_size", "sampler", "classes_per_batch", "norm_placement", "budget", "width", "depth", "optimizer", "lr", "lr_schedule", "lr_drop_at")
+CONDITION_KEYS = (
+    "dataset",
+    "batch_size",
+    "sampler",
+    "classes_per_batch",
+    "norm_placement",
+    "budget",
+    "width",
+    "depth",
+    "optimizer",
+    "lr",
+    "lr_schedule",
+    "lr_drop_at",
+)
 
 
 def t_interval(values) -> tuple[float, float]:
@@ -92,8 +105,14 @@ def halfwidth_by_seeds(final: pd.DataFrame, keys: list[str], reference: str = "b
             diff = (scores[common] - ref[common]).to_numpy(dtype=float)
             for n in range(2, len(diff) + 1):
                 low, high = t_interval(diff[:n])
-                rows.append({**dict(zip(keys, cond if isinstance(cond, tuple) else (cond,))), "method": method,
-                             "n_seeds": n, "halfwidth_points": 100 * (high - low) / 2})
+                rows.append(
+                    {
+                        **dict(zip(keys, cond if isinstance(cond, tuple) else (cond,))),
+                        "method": method,
+                        "n_seeds": n,
+                        "halfwidth_points": 100 * (high - low) / 2,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -119,15 +138,30 @@ def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
         for method, g in group.groupby("method", sort=False):
             scores = g.set_index("seed")["score"]
             low, high = t_interval(scores.values)
-            row = {**cond, "method": method, "n_seeds": len(scores), "diverged": int(g["diverged"].sum()),
-                   "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else float("nan"),
-                   "ci_low": low, "ci_high": high}
+            row = {
+                **cond,
+                "method": method,
+                "n_seeds": len(scores),
+                "diverged": int(g["diverged"].sum()),
+                "mean": scores.mean(),
+                "std": scores.std(ddof=1) if len(scores) > 1 else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+            }
             common = scores.index.intersection(ref.index)
             if method != REFERENCE and len(common):
                 diff = scores[common] - ref[common]
                 d_low, d_high = t_interval(diff.values)
-                row.update({"diff_vs_bn": diff.mean(), "diff_ci_low": d_low, "diff_ci_high": d_high, "n_pairs": len(common),
-                            "wins": int((diff > 0).sum()), "p_value": paired_test(diff.values)})
+                row.update(
+                    {
+                        "diff_vs_bn": diff.mean(),
+                        "diff_ci_low": d_low,
+                        "diff_ci_high": d_high,
+                        "n_pairs": len(common),
+                        "wins": int((diff > 0).sum()),
+                        "p_value": paired_test(diff.values),
+                    }
+                )
             rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -135,5 +169,7 @@ def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
     out = add_verdicts(out)
     from .norms import METHODS
 
-    out["method"] = pd.Categorical(out["method"], categories=[m for m in METHODS if m in set(out["method"])], ordered=True)
+    out["method"] = pd.Categorical(
+        out["method"], categories=[m for m in METHODS if m in set(out["method"])], ordered=True
+    )
     return out.sort_values(keys + ["method"]).reset_index(drop=True)

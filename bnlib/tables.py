@@ -32,33 +32,70 @@ def budget_label(config: dict) -> str:
 def run_keys(run: RunRecord) -> dict:
     """What every tidy table says of a run: its cell, seed, budget and condition (:data:`CONDITION_KEYS`)."""
     cfg = run.config
-    return {"cell": run.cell, "seed": cfg["seed"], "budget": budget_label(cfg), **{k: cfg[k] for k in CONDITION_KEYS if k in cfg}}
+    return {
+        "cell": run.cell,
+        "seed": cfg["seed"],
+        "budget": budget_label(cfg),
+        **{k: cfg[k] for k in CONDITION_KEYS if k in cfg},
+    }
 
 
 def evaluations(runs: list[RunRecord]) -> pd.DataFrame:
     """The tidy table: one row per cell x method x evaluation."""
     rows = []
     for run in runs:
-        base = {"cell": run.cell, "seed": run.config["seed"], "budget": budget_label(run.config), "steps_total": run.steps,
-                "num_classes": run.num_classes, "device": run.device, "device_name": run.provenance.device_name,
-                **run_keys(run)}  # the run's keys, with what evaluations add after its budget (the CSV's column order)
+        base = {
+            "cell": run.cell,
+            "seed": run.config["seed"],
+            "budget": budget_label(run.config),
+            "steps_total": run.steps,
+            "num_classes": run.num_classes,
+            "device": run.device,
+            "device_name": run.provenance.device_name,
+            **run_keys(run),
+        }  # the run's keys, with what evaluations add after its budget (the CSV's column order)
         for method, rec in run.methods.items():
-            common = {**base, "method": method, "diverged": rec.diverged, "diverged_step": rec.diverged_step,
-                      "train_seconds": rec.train_seconds, "samples_per_second": rec.samples_per_second}
+            common = {
+                **base,
+                "method": method,
+                "diverged": rec.diverged,
+                "diverged_step": rec.diverged_step,
+                "train_seconds": rec.train_seconds,
+                "samples_per_second": rec.samples_per_second,
+            }
             n = len(rec.eval_step)
             sizes = rec.eval_size or [run.test_size] * n  # test images per evaluation (a subset in training)
             batchstats = rec.test_acc_batchstats or [None] * n  # absent from files written before it existed
             for i, step in enumerate(rec.eval_step):
-                rows.append({**common, "step": step, "samples_seen": step * run.config["batch_size"], "eval_size": sizes[i],
-                             "test_acc": rec.test_acc[i], "test_loss": rec.test_loss[i],
-                             "test_acc_recomputed": rec.test_acc_recomputed[i],
-                             "test_loss_recomputed": rec.test_loss_recomputed[i],
-                             "test_acc_batchstats": batchstats[i],
-                             "final": i == n - 1 and not rec.diverged})
+                rows.append(
+                    {
+                        **common,
+                        "step": step,
+                        "samples_seen": step * run.config["batch_size"],
+                        "eval_size": sizes[i],
+                        "test_acc": rec.test_acc[i],
+                        "test_loss": rec.test_loss[i],
+                        "test_acc_recomputed": rec.test_acc_recomputed[i],
+                        "test_loss_recomputed": rec.test_loss_recomputed[i],
+                        "test_acc_batchstats": batchstats[i],
+                        "final": i == n - 1 and not rec.diverged,
+                    }
+                )
             if rec.diverged or n == 0:  # a row that says the run ended without a final evaluation
-                rows.append({**common, "step": rec.diverged_step, "samples_seen": None, "eval_size": None, "test_acc": None,
-                             "test_loss": None, "test_acc_recomputed": None, "test_loss_recomputed": None,
-                             "test_acc_batchstats": None, "final": True})
+                rows.append(
+                    {
+                        **common,
+                        "step": rec.diverged_step,
+                        "samples_seen": None,
+                        "eval_size": None,
+                        "test_acc": None,
+                        "test_loss": None,
+                        "test_acc_recomputed": None,
+                        "test_loss_recomputed": None,
+                        "test_acc_batchstats": None,
+                        "final": True,
+                    }
+                )
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame["classes_per_batch"] = frame["classes_per_batch"].astype("Int64")
@@ -72,8 +109,15 @@ def training_losses(runs: list[RunRecord]) -> pd.DataFrame:
         base = run_keys(run)
         for method, rec in run.methods.items():
             for step, loss in zip(rec.train_step, rec.train_loss):
-                rows.append({**base, "method": method, "step": step, "samples_seen": step * run.config["batch_size"],
-                             "train_loss": loss})
+                rows.append(
+                    {
+                        **base,
+                        "method": method,
+                        "step": step,
+                        "samples_seen": step * run.config["batch_size"],
+                        "train_loss": loss,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -90,15 +134,22 @@ def aggregate(grid_dir: str | Path, cells: set[str] | None = None) -> dict[str, 
     if cells is not None:
         others = sorted(r.cell for r in runs if r.cell not in cells)
         if others:
-            print(f"aggregate: left out {len(others)} finished cells that {grid_dir.name}'s grid file no longer has "
-                  f"(settings changed since they ran): {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
+            print(
+                f"aggregate: left out {len(others)} finished cells that {grid_dir.name}'s grid file no longer has "
+                f"(settings changed since they ran): {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
+            )
         runs = [r for r in runs if r.cell in cells]
     if not runs:
         raise FileNotFoundError(f"no finished cells in {grid_dir / 'runs'}: run the grid first (bnlib run ...)")
     table = evaluations(runs)
     losses = training_losses(runs)
-    frames = {"evaluations": table, "training_loss": losses, "summary": stats.summarise(table),
-              "plateau": analysis.plateau(table), "convergence": analysis.convergence(table)}
+    frames = {
+        "evaluations": table,
+        "training_loss": losses,
+        "summary": stats.summarise(table),
+        "plateau": analysis.plateau(table),
+        "convergence": analysis.convergence(table),
+    }
     plan = analysis.plan_for(grid_dir.name)  # the grid's pre-registered plan (book/analysis-plan.md), if it has one
     if plan is not analysis.NO_PLAN or set(analysis.CORNERS) <= set(table["method"]):
         frames["analysis"] = analysis.comparisons(table, losses, plan)
@@ -149,6 +200,11 @@ def trace_summary(trace: pd.DataFrame) -> pd.DataFrame:
     picked = pd.concat(frames, ignore_index=True)
     picked[list(METRICS)] = picked[list(METRICS)].astype(float)
     grouped = picked.groupby([*keys, "method", "layer", "phase"], dropna=False, sort=False)
-    out = grouped[list(METRICS)].mean().join(grouped["seed"].nunique().rename("n_seeds")).join(
-        grouped["step"].median().rename("step")).reset_index()
+    out = (
+        grouped[list(METRICS)]
+        .mean()
+        .join(grouped["seed"].nunique().rename("n_seeds"))
+        .join(grouped["step"].median().rename("step"))
+        .reset_index()
+    )
     return out[[*keys, "method", "layer", "phase", "step", "n_seeds", *METRICS]]

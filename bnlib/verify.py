@@ -99,7 +99,9 @@ class CellCheck:
     same_bits: bool  # both runs recorded the same numerics: bit-identity is required
     structure: list[str] = field(default_factory=list)  # steps, evaluations, divergence that do not match
     differences: list[Difference] = field(default_factory=list)
-    finals: list[tuple] = field(default_factory=list)  # (method, metric, step, committed, rerun) at the last compared evaluation
+    finals: list[tuple] = field(
+        default_factory=list
+    )  # (method, metric, step, committed, rerun) at the last compared evaluation
     compared: int = 0  # recorded numbers compared
     tolerance: Tolerance = TOLERANCE
     recorded: str | None = None  # the CPU capability the committed run recorded (None: not recorded)
@@ -117,12 +119,15 @@ class CellCheck:
     @property
     def within_tolerance(self) -> bool:
         acc, loss = self.largest("accuracy"), self.largest("loss")
-        return (not self.structure and (acc is None or acc.size <= self.tolerance.accuracy_points)
-                and (loss is None or loss.size <= self.tolerance.loss_relative))
+        return (
+            not self.structure
+            and (acc is None or acc.size <= self.tolerance.accuracy_points)
+            and (loss is None or loss.size <= self.tolerance.loss_relative)
+        )
 
     @property
     def verdict(self) -> str:
-        """"bit-identical", "within tolerance" or "differs"."""
+        """ "bit-identical", "within tolerance" or "differs"."""
         if self.identical:
             return "bit-identical"
         if self.same_bits or not self.within_tolerance:
@@ -141,8 +146,10 @@ class CellCheck:
         if self.structure:
             return "differs: " + "; ".join(self.structure[:4]) + (" ..." if len(self.structure) > 4 else "")
         if self.same_bits:
-            return ("differs: the same kernels, threads and software as the committed run, so every number must be "
-                    f"identical, and {len(self.differences)} are not (largest {', '.join(largest)})")
+            return (
+                "differs: the same kernels, threads and software as the committed run, so every number must be "
+                f"identical, and {len(self.differences)} are not (largest {', '.join(largest)})"
+            )
         tol = self.tolerance
         limits = f"accuracies {tol.accuracy_points:g} points, losses a relative {tol.loss_relative:g}"
         if self.within_tolerance:
@@ -169,8 +176,14 @@ def _same(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
-def compare(committed: RunRecord, rerun: RunRecord, upto: int | None = None, tolerance: Tolerance = TOLERANCE,
-            kernels: str = "", same_bits: bool = False) -> CellCheck:
+def compare(
+    committed: RunRecord,
+    rerun: RunRecord,
+    upto: int | None = None,
+    tolerance: Tolerance = TOLERANCE,
+    kernels: str = "",
+    same_bits: bool = False,
+) -> CellCheck:
     """Every number ``committed`` holds (up to step ``upto``: a prefix re-execution) against ``rerun``."""
     steps = upto if upto is not None and upto < committed.steps else committed.steps
     check = CellCheck(committed.cell or "", steps, committed.steps, kernels, same_bits, tolerance=tolerance)
@@ -182,11 +195,16 @@ def compare(committed: RunRecord, rerun: RunRecord, upto: int | None = None, tol
             continue
         old_diverged = old.diverged and old.diverged_step <= steps
         if old_diverged != new.diverged or (old_diverged and old.diverged_step != new.diverged_step):
-            check.structure.append(f"{method} diverged at step {old.diverged_step if old_diverged else 'never'} in the committed run, "
-                                   f"{new.diverged_step if new.diverged else 'never'} in the re-execution")
+            check.structure.append(
+                f"{method} diverged at step {old.diverged_step if old_diverged else 'never'} in the committed run, "
+                f"{new.diverged_step if new.diverged else 'never'} in the re-execution"
+            )
             continue
         aligned = True
-        for axis, curves in (("train_step", ("train_loss",)), ("eval_step", ("eval_size",) + ACCURACY_CURVES + LOSS_CURVES)):
+        for axis, curves in (
+            ("train_step", ("train_loss",)),
+            ("eval_step", ("eval_size",) + ACCURACY_CURVES + LOSS_CURVES),
+        ):
             old_steps = [s for s in getattr(old, axis) if s <= steps]
             new_steps = list(getattr(new, axis))
             if old_steps != new_steps:
@@ -199,13 +217,17 @@ def compare(committed: RunRecord, rerun: RunRecord, upto: int | None = None, tol
                     continue
                 if curve == "eval_size":
                     if list(old_values[: len(old_steps)]) != list(new_values):
-                        check.structure.append(f"{method} evaluated on {old_values} test images, re-executed on {new_values}")
+                        check.structure.append(
+                            f"{method} evaluated on {old_values} test images, re-executed on {new_values}"
+                        )
                     continue
                 kind = "accuracy" if curve in ACCURACY_CURVES else "loss"
                 for step, a, b in zip(old_steps, old_values, new_values):
                     check.compared += a is not None
                     if not _same(a, b):
-                        check.differences.append(Difference(method, curve, step, a, b, _size(a, b, kind, tolerance), kind))
+                        check.differences.append(
+                            Difference(method, curve, step, a, b, _size(a, b, kind, tolerance), kind)
+                        )
         if steps == committed.steps:  # the final numbers, and that they are what the run's last step holds
             for key in FINAL_KEYS:
                 a, b = getattr(old.final, key), getattr(new.final, key)
@@ -213,13 +235,22 @@ def compare(committed: RunRecord, rerun: RunRecord, upto: int | None = None, tol
                 if a is ABSENT or b is ABSENT or _same(a, b):
                     continue
                 kind = "accuracy" if "acc" in key else "loss"
-                check.differences.append(Difference(method, f"final.{key}", None, a, b, _size(a, b, kind, tolerance), kind))
+                check.differences.append(
+                    Difference(method, f"final.{key}", None, a, b, _size(a, b, kind, tolerance), kind)
+                )
         if aligned and new.eval_step:
             for metric in ("test_acc", "test_acc_recomputed"):
                 old_values = getattr(old, metric)
                 if old_values is not ABSENT and old_values[len(new.eval_step) - 1] is not None:
-                    check.finals.append((method, metric, new.eval_step[-1], old_values[len(new.eval_step) - 1],
-                                         getattr(new, metric)[-1]))
+                    check.finals.append(
+                        (
+                            method,
+                            metric,
+                            new.eval_step[-1],
+                            old_values[len(new.eval_step) - 1],
+                            getattr(new, metric)[-1],
+                        )
+                    )
     return check
 
 
@@ -233,12 +264,18 @@ def plan_kernels(recorded: dict | None, isa: str, native: str) -> tuple[dict[str
     if isa != "recorded":
         wanted = isa.upper()
         if not machine.can_run(wanted, native):
-            raise grid_mod.GridError(f"--isa {isa}: this machine's widest CPU capability is {native}; it cannot run "
-                                     f"{wanted} kernels (choose one of {', '.join(machine.X86_LEVELS[: machine.X86_LEVELS.index(native) + 1]) if native in machine.X86_LEVELS else 'native'})")
+            levels = machine.X86_LEVELS
+            choices = ", ".join(levels[: levels.index(native) + 1]) if native in levels else "native"
+            raise grid_mod.GridError(
+                f"--isa {isa}: this machine's widest CPU capability is {native}; it cannot run "
+                f"{wanted} kernels (choose one of {choices})"
+            )
         return machine.force_env(wanted), f"forced to {wanted} (--isa; this machine: {native})"
     if not recorded:
-        return {}, (f"this machine's own ({native}): the committed file does not record its kernels (written before "
-                    "bnlib recorded them), so bit-identity cannot be required")
+        return {}, (
+            f"this machine's own ({native}): the committed file does not record its kernels (written before "
+            "bnlib recorded them), so bit-identity cannot be required"
+        )
     capability = recorded.get("torch_cpu_capability")
     forced = {k: v for k, v in (recorded.get("env") or {}).items() if k in machine.ISA_ENV["AVX2"]}
     if forced and machine.can_run(capability, native):
@@ -250,9 +287,17 @@ def plan_kernels(recorded: dict | None, isa: str, native: str) -> tuple[dict[str
     return {}, f"this machine's own ({native}): it cannot run the recorded {capability} kernels"
 
 
-def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, count: int = 1, seed: int = 1,
-           steps: int | None = None, isa: str = "recorded", tolerance: Tolerance = TOLERANCE,
-           progress: bool = True) -> list[CellCheck]:
+def verify(
+    grid: grid_mod.Grid,
+    results: Path,
+    cells: list[str] | None = None,
+    count: int = 1,
+    seed: int = 1,
+    steps: int | None = None,
+    isa: str = "recorded",
+    tolerance: Tolerance = TOLERANCE,
+    progress: bool = True,
+) -> list[CellCheck]:
     """Re-execute the chosen committed cells of ``grid`` into a temporary folder (their first ``steps`` steps, or
     all); one :class:`CellCheck` per cell. Bad arguments fail before anything runs."""
     runs = runner.runs_dir(results, grid)
@@ -264,7 +309,9 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
     if cells:
         unknown = [c for c in cells if c not in by_id]
         if unknown:
-            raise grid_mod.GridError(f"{grid.path}: no cell {', '.join(unknown)} in this grid (`bnlib status {grid.name} -v` lists them)")
+            raise grid_mod.GridError(
+                f"{grid.path}: no cell {', '.join(unknown)} in this grid (`bnlib status {grid.name} -v` lists them)"
+            )
         missing = [c for c in cells if c not in done]
         if missing:
             raise grid_mod.GridError(f"cell(s) {', '.join(missing)} have no committed metrics file in {runs}")
@@ -280,9 +327,15 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
         committed = read_run(runs / f"{cid}.json")
         first = _first_recorded_step(committed)
         if steps is not None and steps < min(first, committed.steps):  # a prefix with nothing in it proves nothing
-            raise grid_mod.GridError(f"--steps {steps}: cell {cid} records nothing in its first {steps} steps (its first "
-                                     f"recorded number is at step {first}); give --steps {first} or more")
-        plans[cid] = committed, _stack_of(grid, by_id[cid], committed), *plan_kernels(committed.provenance.numerics, isa, native)
+            raise grid_mod.GridError(
+                f"--steps {steps}: cell {cid} records nothing in its first {steps} steps (its first "
+                f"recorded number is at step {first}); give --steps {first} or more"
+            )
+        plans[cid] = (
+            committed,
+            _stack_of(grid, by_id[cid], committed),
+            *plan_kernels(committed.provenance.numerics, isa, native),
+        )
     checks = []
     with tempfile.TemporaryDirectory(prefix="bnlib-verify-") as tmp:
         for i, cid in enumerate(chosen, 1):
@@ -291,19 +344,29 @@ def verify(grid: grid_mod.Grid, results: Path, cells: list[str] | None = None, c
             prefix = steps if steps is not None and steps < committed.steps else None
             if progress:
                 span = f"the first {prefix} of {committed.steps} steps" if prefix else f"all {committed.steps} steps"
-                print(f"[{i}/{len(chosen)}] re-executing {cid}: {span}, {threads} thread(s), CPU kernels {kernels}"
-                      + (f", in its stack of seeds {committed.stacked_seeds}" if len(stack) > 1 else ""), flush=True)
+                print(
+                    f"[{i}/{len(chosen)}] re-executing {cid}: {span}, {threads} thread(s), CPU kernels {kernels}"
+                    + (f", in its stack of seeds {committed.stacked_seeds}" if len(stack) > 1 else ""),
+                    flush=True,
+                )
             folder = Path(tmp) / cid
-            outcomes = {o["cell"]: o for o in runner.execute_group(stack, folder, threads=threads, env=env, stop_after=prefix)}
+            outcomes = {
+                o["cell"]: o for o in runner.execute_group(stack, folder, threads=threads, env=env, stop_after=prefix)
+            }
             if not outcomes[cid]["ok"]:
                 raise RuntimeError(f"re-executing {cid} failed: {outcomes[cid]['error']}")
             rerun = read_run(folder / f"{cid}.json")
             # identical bits are expected only on the same kernels and the same path (compiled or eager) as recorded;
             # across paths the default tolerance is the compiled-vs-eager one
             same_path = bool(committed.compiled) == bool(rerun.compiled)
-            check = compare(committed, rerun, prefix,
-                            COMPILED_VS_EAGER if not same_path and tolerance == TOLERANCE else tolerance, kernels,
-                            same_path and machine.same_bits(committed.provenance.numerics, rerun.provenance.numerics))
+            check = compare(
+                committed,
+                rerun,
+                prefix,
+                COMPILED_VS_EAGER if not same_path and tolerance == TOLERANCE else tolerance,
+                kernels,
+                same_path and machine.same_bits(committed.provenance.numerics, rerun.provenance.numerics),
+            )
             check.recorded = (committed.provenance.numerics or {}).get("torch_cpu_capability")
             check.rerun_capability = (rerun.provenance.numerics or {}).get("torch_cpu_capability")
             check.seconds = outcomes[cid]["seconds"]
@@ -329,8 +392,10 @@ def _stack_of(grid: grid_mod.Grid, cell: grid_mod.Cell, committed: RunRecord) ->
     by_seed = {c.config().seed: c for c in grid.cells if grid_mod.condition_key(c) == key}
     missing = [s for s in seeds if s not in by_seed]
     if missing:
-        raise grid_mod.GridError(f"{cell.id} was trained stacked with seeds {seeds}, but {grid.path} has no cell of seed "
-                                 f"{', '.join(map(str, missing))} for it; put the seeds back to re-execute it")
+        raise grid_mod.GridError(
+            f"{cell.id} was trained stacked with seeds {seeds}, but {grid.path} has no cell of seed "
+            f"{', '.join(map(str, missing))} for it; put the seeds back to re-execute it"
+        )
     return [by_seed[s] for s in seeds]
 
 
@@ -341,13 +406,29 @@ def report(checks: list[CellCheck]) -> tuple[str, bool]:
 
     blocks = []
     for check in checks:
-        frame = pd.DataFrame([{"method": m, "metric": metric, "step": step, "committed %": round(100 * a, 2),
-                               "re-executed %": None if b is None else round(100 * b, 2),
-                               "difference (points)": None if b is None else round(100 * (b - a), 3)}
-                              for m, metric, step, a, b in check.finals])
-        span = f"first {check.steps_compared} of {check.steps_total} steps" if check.steps_compared < check.steps_total else f"all {check.steps_total} steps"
-        blocks.append(f"{check.cell} ({span}; CPU kernels {check.kernels})\n"
-                      + (frame.to_string(index=False) + "\n" if len(frame) else "") + f"verdict: {check.explain()}")
+        frame = pd.DataFrame(
+            [
+                {
+                    "method": m,
+                    "metric": metric,
+                    "step": step,
+                    "committed %": round(100 * a, 2),
+                    "re-executed %": None if b is None else round(100 * b, 2),
+                    "difference (points)": None if b is None else round(100 * (b - a), 3),
+                }
+                for m, metric, step, a, b in check.finals
+            ]
+        )
+        span = (
+            f"first {check.steps_compared} of {check.steps_total} steps"
+            if check.steps_compared < check.steps_total
+            else f"all {check.steps_total} steps"
+        )
+        blocks.append(
+            f"{check.cell} ({span}; CPU kernels {check.kernels})\n"
+            + (frame.to_string(index=False) + "\n" if len(frame) else "")
+            + f"verdict: {check.explain()}"
+        )
     counts = {v: sum(c.verdict == v for c in checks) for v in ("bit-identical", "within tolerance", "differs")}
     summary = f"{len(checks)} cell(s) re-executed: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     return "\n\n".join(blocks + [summary]), counts["differs"] == 0
@@ -357,19 +438,44 @@ def rows(checks: list[CellCheck]) -> list[dict]:
     """Per cell, method and quantity, its largest difference (for ``--save``); a cell with none gets one row."""
     out = []
     for check in checks:
-        base = {"cell": check.cell, "steps_compared": check.steps_compared, "steps_total": check.steps_total,
-                "kernels_committed": check.recorded or "not recorded", "kernels_rerun": check.rerun_capability,
-                "seconds": check.seconds, "verdict": check.verdict}
+        base = {
+            "cell": check.cell,
+            "steps_compared": check.steps_compared,
+            "steps_total": check.steps_total,
+            "kernels_committed": check.recorded or "not recorded",
+            "kernels_rerun": check.rerun_capability,
+            "seconds": check.seconds,
+            "verdict": check.verdict,
+        }
         largest: dict[tuple, Difference] = {}
         for d in check.differences:
             key = (d.method, d.quantity)
             if key not in largest or d.size > largest[key].size:
                 largest[key] = d
         for d in largest.values():
-            out.append({**base, "method": d.method, "quantity": d.quantity, "step": d.step, "committed": d.committed,
-                        "rerun": d.rerun, "difference": d.size})
+            out.append(
+                {
+                    **base,
+                    "method": d.method,
+                    "quantity": d.quantity,
+                    "step": d.step,
+                    "committed": d.committed,
+                    "rerun": d.rerun,
+                    "difference": d.size,
+                }
+            )
         if not largest:
-            out.append({**base, "method": None, "quantity": None, "step": None, "committed": None, "rerun": None, "difference": 0.0})
+            out.append(
+                {
+                    **base,
+                    "method": None,
+                    "quantity": None,
+                    "step": None,
+                    "committed": None,
+                    "rerun": None,
+                    "difference": 0.0,
+                }
+            )
     return out
 
 
@@ -378,8 +484,11 @@ def cross_isa_markdown(frame, tolerance: Tolerance = TOLERANCE) -> str:
     how they stand against ``tolerance`` (judged now, so the table follows the tolerance it set)."""
     import pandas as pd
 
-    lines = ["| cell | steps compared | kernels: committed -> re-executed | re-execution (s) | largest accuracy difference | "
-             "largest loss difference (relative) | within the tolerance |", "|" + "---|" * 7]
+    lines = [
+        "| cell | steps compared | kernels: committed -> re-executed | re-execution (s) | "
+        "largest accuracy difference | largest loss difference (relative) | within the tolerance |",
+        "|" + "---|" * 7,
+    ]
     for cell, rows in frame.groupby("cell", sort=False):
         first = rows.iloc[0]
         found = rows.dropna(subset=["quantity"])
@@ -397,6 +506,9 @@ def cross_isa_markdown(frame, tolerance: Tolerance = TOLERANCE) -> str:
         loss_text, loss_max = largest(loss, lambda v: f"{v:.2g}")
         within = acc_max <= tolerance.accuracy_points and loss_max <= tolerance.loss_relative
         seconds = "" if pd.isna(first.get("seconds")) else f"{first['seconds']:.0f}"
-        lines.append(f"| {cell} | {int(first['steps_compared'])} of {int(first['steps_total'])} | {first['kernels_committed']} -> "
-                     f"{first['kernels_rerun']} | {seconds} | {acc_text} | {loss_text} | {'yes' if within else 'no'} |")
+        lines.append(
+            f"| {cell} | {int(first['steps_compared'])} of {int(first['steps_total'])} | "
+            f"{first['kernels_committed']} -> {first['kernels_rerun']} | {seconds} | {acc_text} | {loss_text} | "
+            f"{'yes' if within else 'no'} |"
+        )
     return "\n".join(lines)

@@ -42,7 +42,11 @@ def smoke_results(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def book_build_lock(tmp_path_factory) -> FileLock:
     """Held around a jupyter-book build of this repository, across pytest-xdist workers."""
-    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_path_factory.getbasetemp()
+    shared = (
+        tmp_path_factory.getbasetemp().parent
+        if os.environ.get("PYTEST_XDIST_WORKER")
+        else tmp_path_factory.getbasetemp()
+    )
     return FileLock(str(shared / "book-build.lock"))
 
 

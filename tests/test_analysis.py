@@ -10,7 +10,9 @@ from bnlib import analysis, stats
 
 
 def _final(scores: dict[str, list[float]]) -> pd.DataFrame:
-    return pd.DataFrame([{"method": m, "seed": s, "score": v} for m, values in scores.items() for s, v in enumerate(values)])
+    return pd.DataFrame(
+        [{"method": m, "seed": s, "score": v} for m, values in scores.items() for s, v in enumerate(values)]
+    )
 
 
 def test_effects_of_the_2x2_are_the_textbook_contrasts():
@@ -36,13 +38,15 @@ def test_tost_against_two_one_sided_t_tests_by_hand():
 
 
 def test_families_are_corrected_apart_and_verdicts_follow():
-    rows = pd.DataFrame([
-        {"comparison": "a", "family": "primary", "mean": -0.1, "p_value": 0.01, "p_tost": 0.9},
-        {"comparison": "b", "family": "primary", "mean": 0.001, "p_value": 0.8, "p_tost": 0.001},
-        {"comparison": "c", "family": "exploratory", "mean": 0.05, "p_value": 0.02, "p_tost": 0.9},
-        {"comparison": "d", "family": "exploratory", "mean": 0.05, "p_value": 0.04, "p_tost": 0.9},
-        {"comparison": "e", "family": "exploratory", "mean": 0.05, "p_value": 0.5, "p_tost": 0.9},
-    ])
+    rows = pd.DataFrame(
+        [
+            {"comparison": "a", "family": "primary", "mean": -0.1, "p_value": 0.01, "p_tost": 0.9},
+            {"comparison": "b", "family": "primary", "mean": 0.001, "p_value": 0.8, "p_tost": 0.001},
+            {"comparison": "c", "family": "exploratory", "mean": 0.05, "p_value": 0.02, "p_tost": 0.9},
+            {"comparison": "d", "family": "exploratory", "mean": 0.05, "p_value": 0.04, "p_tost": 0.9},
+            {"comparison": "e", "family": "exploratory", "mean": 0.05, "p_value": 0.5, "p_tost": 0.9},
+        ]
+    )
     out = analysis.correct(rows)
     assert list(out["correction"]) == ["Holm"] * 2 + ["Benjamini-Hochberg"] * 3
     assert out["p_adjusted"].tolist() == pytest.approx([0.02, 0.8, 0.06, 0.06, 0.5])  # Holm of 2; BH of 3
@@ -59,9 +63,19 @@ def test_plateau_criterion_on_known_curves():
         for method, curve in (("flat", 0.85 + 0 * steps), ("rising", 0.70 + 0.0001 * steps)):
             acc = curve + rng.normal(0, 0.003, len(steps))
             for i, (step, a) in enumerate(zip(steps, acc)):
-                rows.append({"cell": f"c{seed}", "seed": seed, "method": method, "step": step, "steps_total": 1600,
-                             "eval_size": 10000 if step == 1600 else 2000, "test_acc": 0.0 if step == 1600 else a,
-                             "dataset": "fashionmnist", "batch_size": 16})
+                rows.append(
+                    {
+                        "cell": f"c{seed}",
+                        "seed": seed,
+                        "method": method,
+                        "step": step,
+                        "steps_total": 1600,
+                        "eval_size": 10000 if step == 1600 else 2000,
+                        "test_acc": 0.0 if step == 1600 else a,
+                        "dataset": "fashionmnist",
+                        "batch_size": 16,
+                    }
+                )
     out = analysis.plateau(pd.DataFrame(rows)).set_index("method")
     assert out.loc["flat", "plateaued"] and not out.loc["rising", "plateaued"]
     # rising: last three subset evaluations (1300-1500) minus the three nearest step 1200 (1100-1300)
@@ -72,20 +86,36 @@ def test_plateau_criterion_on_known_curves():
 def convergence_rows(curves: dict, steps_total: int = 1600, batch_size: int = 16, seeds: int = 3) -> pd.DataFrame:
     """Evaluation rows for known mean curves (every 100 steps; the final full-set evaluation at 0, left out)."""
     steps = np.arange(100, steps_total + 100, 100)
-    rows = [{"cell": f"c{seed}", "seed": seed, "method": method, "step": step, "steps_total": steps_total,
-             "eval_size": 10000 if step == steps_total else 2000,
-             "test_acc": 0.0 if step == steps_total else curve(step) + (seed - 1) * 0.001,
-             "dataset": "fashionmnist", "batch_size": batch_size, "sampler": "iid", "lr_schedule": "step",
-             "lr_drop_at": 0.5}
-            for seed in range(seeds) for method, curve in curves.items() for step in steps]
+    rows = [
+        {
+            "cell": f"c{seed}",
+            "seed": seed,
+            "method": method,
+            "step": step,
+            "steps_total": steps_total,
+            "eval_size": 10000 if step == steps_total else 2000,
+            "test_acc": 0.0 if step == steps_total else curve(step) + (seed - 1) * 0.001,
+            "dataset": "fashionmnist",
+            "batch_size": batch_size,
+            "sampler": "iid",
+            "lr_schedule": "step",
+            "lr_drop_at": 0.5,
+        }
+        for seed in range(seeds)
+        for method, curve in curves.items()
+        for step in steps
+    ]
     return pd.DataFrame(rows)
 
 
 def test_convergence_reads_steps_and_images_to_bns_level_and_to_a_methods_own():
     """BN climbs to 0.88 by step 800; "slow" reaches the same level at step 1200; "low" levels off at 0.70 by step
     400 and never comes within a point of BN's level. The mean over seeds is read (seed offsets cancel)."""
-    curves = {"bn": lambda s: min(0.88, 0.5 + 0.000475 * s), "slow": lambda s: min(0.88, 0.5 + 0.000317 * s),
-              "low": lambda s: min(0.70, 0.5 + 0.0005 * s)}
+    curves = {
+        "bn": lambda s: min(0.88, 0.5 + 0.000475 * s),
+        "slow": lambda s: min(0.88, 0.5 + 0.000317 * s),
+        "low": lambda s: min(0.70, 0.5 + 0.0005 * s),
+    }
     out = analysis.convergence(convergence_rows(curves)).set_index("method")
     assert out.loc["bn", "level"] == pytest.approx(0.88) and (out["bn_level"] == out.loc["bn", "level"]).all()
     # BN: 0.5 + 0.000475 * 800 = 0.88 -> within a point (0.87) first at 800 (at 700: 0.8325)
@@ -102,8 +132,11 @@ def test_convergence_reads_steps_and_images_to_bns_level_and_to_a_methods_own():
 def test_the_convergence_sentence_names_what_never_reaches_bns_level_and_what_reaches_it_later():
     from bnlib import book
 
-    curves = {"bn": lambda s: min(0.88, 0.5 + 0.000475 * s), "brn": lambda s: min(0.88, 0.5 + 0.000317 * s),
-              "bnrs": lambda s: min(0.70, 0.5 + 0.0005 * s)}
+    curves = {
+        "bn": lambda s: min(0.88, 0.5 + 0.000475 * s),
+        "brn": lambda s: min(0.88, 0.5 + 0.000317 * s),
+        "bnrs": lambda s: min(0.70, 0.5 + 0.0005 * s),
+    }
     speed = analysis.convergence(convergence_rows(curves))
     text = book.convergence_sentence(speed)
     assert "BN comes within 1 point of its level (88.0%) after 800 steps (12,800 images)." in text
@@ -123,30 +156,52 @@ def test_comparisons_follow_the_plan_on_a_synthetic_grid():
     rows, losses = [], []
     level = {"bn": 0.88, "bn_detached": 0.87, "brn": 0.86, "bnrs": 0.70, "gn": 0.85}
     # classes_per_batch as the aggregated tables have it: missing (NaN) for i.i.d. batches
-    conditions = [({"batch_size": 16, "sampler": "iid", "classes_per_batch": None, "optimizer": "adam"}, 0.0),
-                  ({"batch_size": 2, "sampler": "noniid", "classes_per_batch": 1, "optimizer": "adam"}, 0.0002),
-                  ({"batch_size": 16, "sampler": "iid", "classes_per_batch": None, "optimizer": "sgd"}, 0.0)]
+    conditions = [
+        ({"batch_size": 16, "sampler": "iid", "classes_per_batch": None, "optimizer": "adam"}, 0.0),
+        ({"batch_size": 2, "sampler": "noniid", "classes_per_batch": 1, "optimizer": "adam"}, 0.0002),
+        ({"batch_size": 16, "sampler": "iid", "classes_per_batch": None, "optimizer": "sgd"}, 0.0),
+    ]
     for c, (cond, slope) in enumerate(conditions):
         for seed in range(5):
             cell = f"c{c}s{seed}"
             for m, acc in level.items():
                 for step in range(100, 1700, 100):
                     final = step == 1600
-                    rows.append({"cell": cell, "seed": seed, "method": m, "step": step, "steps_total": 1600,
-                                 "eval_size": 10000 if final else 2000, "dataset": "fashionmnist", "lr": 0.001, **cond,
-                                 "test_acc": acc + slope * (step if m == "bn" else 0) + rng.normal(0, 0.002),
-                                 "test_acc_recomputed": acc if final else None, "final": final, "diverged": False,
-                                 "num_classes": 10})
+                    rows.append(
+                        {
+                            "cell": cell,
+                            "seed": seed,
+                            "method": m,
+                            "step": step,
+                            "steps_total": 1600,
+                            "eval_size": 10000 if final else 2000,
+                            "dataset": "fashionmnist",
+                            "lr": 0.001,
+                            **cond,
+                            "test_acc": acc + slope * (step if m == "bn" else 0) + rng.normal(0, 0.002),
+                            "test_acc_recomputed": acc if final else None,
+                            "final": final,
+                            "diverged": False,
+                            "num_classes": 10,
+                        }
+                    )
                 losses.append({"cell": cell, "method": m, "step": 1600, "train_loss": 1 - level[m]})
     out = analysis.comparisons(pd.DataFrame(rows), pd.DataFrame(losses))
     primary = out[out["family"] == "primary"]
     assert set(primary["batch_size"]) == {16} and set(primary["optimizer"]) == {"adam"}
     assert sorted(primary["comparison"]) == sorted(f"2x2: {e}" for e in analysis.EFFECTS)
-    assert (primary["correction"] == "Holm").all() and (out.loc[out["family"] == "exploratory", "correction"] == "Benjamini-Hochberg").all()
+    assert (primary["correction"] == "Holm").all() and (
+        out.loc[out["family"] == "exploratory", "correction"] == "Benjamini-Hochberg"
+    ).all()
     noniid = out[(out["sampler"] == "noniid") & (out["outcome"] == "accuracy")]
-    assert set(noniid.loc[noniid["comparison"] == "bnrs - bn", "note"]) == {"BN not plateaued: primary by the plan, counted as exploratory"}
+    assert set(noniid.loc[noniid["comparison"] == "bnrs - bn", "note"]) == {
+        "BN not plateaued: primary by the plan, counted as exploratory"
+    }
     forward = primary.set_index("comparison").loc["2x2: forward statistics (running - batch)"]
-    assert forward["mean"] == pytest.approx(((0.86 - 0.88) + (0.70 - 0.87)) / 2, abs=0.003) and forward["verdict"] == "below"
+    assert (
+        forward["mean"] == pytest.approx(((0.86 - 0.88) + (0.70 - 0.87)) / 2, abs=0.003)
+        and forward["verdict"] == "below"
+    )
     assert set(out["outcome"]) == {"accuracy", "recomputed accuracy", "training loss"}
 
 
@@ -162,12 +217,27 @@ def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():
             for m, acc in level.items():
                 for step in range(100, 1700, 100):
                     final = step == 1600
-                    rows.append({"cell": f"b{b}{sampler}s{seed}", "seed": seed, "method": m, "step": step, "steps_total": 1600,
-                                 "eval_size": 10000 if final else 2000, "dataset": "fashionmnist", "lr": 0.001,
-                                 "optimizer": "adam", "batch_size": b, "sampler": sampler,
-                                 "classes_per_batch": 1 if sampler == "noniid" else None,
-                                 "test_acc": acc + rng.normal(0, 0.002), "test_acc_recomputed": None, "final": final,
-                                 "diverged": False, "num_classes": 10})
+                    rows.append(
+                        {
+                            "cell": f"b{b}{sampler}s{seed}",
+                            "seed": seed,
+                            "method": m,
+                            "step": step,
+                            "steps_total": 1600,
+                            "eval_size": 10000 if final else 2000,
+                            "dataset": "fashionmnist",
+                            "lr": 0.001,
+                            "optimizer": "adam",
+                            "batch_size": b,
+                            "sampler": sampler,
+                            "classes_per_batch": 1 if sampler == "noniid" else None,
+                            "test_acc": acc + rng.normal(0, 0.002),
+                            "test_acc_recomputed": None,
+                            "final": final,
+                            "diverged": False,
+                            "num_classes": 10,
+                        }
+                    )
     table = pd.DataFrame(rows)
     assert analysis.plan_for(analysis.STUDY.name) is analysis.STUDY and analysis.plan_for("default") is analysis.NO_PLAN
     out = analysis.comparisons(table, plan=analysis.STUDY)
@@ -187,30 +257,83 @@ def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():
     summary = analysis.with_plan(stats.summarise(table), out)
     assert "p_holm" not in summary
     rows = summary.assign(method=summary["method"].astype(str)).set_index(["sampler", "batch_size", "method"])
-    assert rows.loc[("iid", 128, "bnwos"), "verdict"] == "equivalent" and rows.loc[("iid", 128, "bnwos"), "family"] == "primary"
+    assert (
+        rows.loc[("iid", 128, "bnwos"), "verdict"] == "equivalent"
+        and rows.loc[("iid", 128, "bnwos"), "family"] == "primary"
+    )
     assert rows.loc[("noniid", 2, "bnrs"), "correction"] == "Benjamini-Hochberg"
     assert pd.isna(rows.loc[("iid", 2, "bn"), "family"])  # BN is the reference, compared with nothing
 
 
-@pytest.mark.parametrize("verdicts, expected", [
-    # (brn, brnc, bnrs, bnwos) at batch 2, 16, 128 -> the four claims
-    ({("brn", 2): "above", ("brnc", 2): "cannot tell", ("brn", 16): "equivalent", ("brnc", 128): "cannot tell",
-      ("bnrs", 2): "below", ("bnrs", 16): "below", ("bnrs", 128): "below",
-      ("bnwos", 2): "below", ("bnwos", 16): "equivalent", ("bnwos", 128): "equivalent"},
-     ["holds", "holds", "holds", "holds"]),
-    ({("brn", 2): "above", ("brnc", 128): "above", ("bnrs", 2): "below", ("bnrs", 16): "equivalent",
-      ("bnwos", 2): "equivalent", ("bnwos", 16): "equivalent", ("bnwos", 128): "below"},
-     ["does not hold", "does not hold", "does not hold", "does not hold"]),
-    ({("brn", 2): "below", ("brnc", 2): "cannot tell", ("bnrs", 2): "below", ("bnrs", 16): "below",
-      ("bnwos", 2): "cannot tell", ("bnwos", 16): "equivalent"},
-     ["cannot tell", "cannot tell", "cannot tell", "cannot tell"]),
-])
+@pytest.mark.parametrize(
+    "verdicts, expected",
+    [
+        # (brn, brnc, bnrs, bnwos) at batch 2, 16, 128 -> the four claims
+        (
+            {
+                ("brn", 2): "above",
+                ("brnc", 2): "cannot tell",
+                ("brn", 16): "equivalent",
+                ("brnc", 128): "cannot tell",
+                ("bnrs", 2): "below",
+                ("bnrs", 16): "below",
+                ("bnrs", 128): "below",
+                ("bnwos", 2): "below",
+                ("bnwos", 16): "equivalent",
+                ("bnwos", 128): "equivalent",
+            },
+            ["holds", "holds", "holds", "holds"],
+        ),
+        (
+            {
+                ("brn", 2): "above",
+                ("brnc", 128): "above",
+                ("bnrs", 2): "below",
+                ("bnrs", 16): "equivalent",
+                ("bnwos", 2): "equivalent",
+                ("bnwos", 16): "equivalent",
+                ("bnwos", 128): "below",
+            },
+            ["does not hold", "does not hold", "does not hold", "does not hold"],
+        ),
+        (
+            {
+                ("brn", 2): "below",
+                ("brnc", 2): "cannot tell",
+                ("bnrs", 2): "below",
+                ("bnrs", 16): "below",
+                ("bnwos", 2): "cannot tell",
+                ("bnwos", 16): "equivalent",
+            },
+            ["cannot tell", "cannot tell", "cannot tell", "cannot tell"],
+        ),
+    ],
+)
 def test_the_original_claims_read_the_primary_verdicts_as_the_plan_says(verdicts, expected):
-    rows = [{"comparison": f"{m} - bn", "batch_size": b, "verdict": v, "family": "primary", "outcome": "accuracy",
-             "dataset": "fashionmnist", "sampler": "iid"} for (m, b), v in verdicts.items()]
+    rows = [
+        {
+            "comparison": f"{m} - bn",
+            "batch_size": b,
+            "verdict": v,
+            "family": "primary",
+            "outcome": "accuracy",
+            "dataset": "fashionmnist",
+            "sampler": "iid",
+        }
+        for (m, b), v in verdicts.items()
+    ]
     # an exploratory row (BN not plateaued) is not read: here it would flip the first claim
-    rows.append({"comparison": "brn - bn", "batch_size": 16, "verdict": "above", "family": "exploratory",
-                 "outcome": "accuracy", "dataset": "fashionmnist", "sampler": "iid"})
+    rows.append(
+        {
+            "comparison": "brn - bn",
+            "batch_size": 16,
+            "verdict": "above",
+            "family": "exploratory",
+            "outcome": "accuracy",
+            "dataset": "fashionmnist",
+            "sampler": "iid",
+        }
+    )
     rows[-1]["batch_size"] = 128 if ("brn", 16) in verdicts else 16
     claims = analysis.original_claims(pd.DataFrame(rows))
     assert [c["claim"] for c in claims] == list(analysis.CLAIMS)
@@ -228,10 +351,18 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     from bnlib import book, plots, tables, train
     from bnlib.train import data
 
-    config = train.Config(methods=["bn", "bn_detached", "brn", "bnrs", "gn"], batch_size=8, steps=24, evals=8,
-                          eval_samples=100, log_every=4, trace_every=4)
+    config = train.Config(
+        methods=["bn", "bn_detached", "brn", "bnrs", "gn"],
+        batch_size=8,
+        steps=24,
+        evals=8,
+        eval_samples=100,
+        log_every=4,
+        trace_every=4,
+    )
     runs = train.train_seeds(config, [0, 1, 2], dataset=data.load("digits"), progress=False)
     from bnlib.record import Provenance
+
     for run, seed in zip(runs, [0, 1, 2]):
         run.cell, run.provenance = f"digits-s{seed}", Provenance()
     table, losses = tables.evaluations(runs), tables.training_losses(runs)
@@ -267,20 +398,41 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
 
 
 def test_plateau_uses_every_evaluation_of_a_run_on_one_test_set_and_keeps_its_columns_when_empty():
-    rows = [{"cell": "c", "seed": 0, "method": "bn", "step": s, "steps_total": 800, "eval_size": 360, "test_acc": 0.9,
-             "dataset": "digits"} for s in range(100, 900, 100)]
+    rows = [
+        {
+            "cell": "c",
+            "seed": 0,
+            "method": "bn",
+            "step": s,
+            "steps_total": 800,
+            "eval_size": 360,
+            "test_acc": 0.9,
+            "dataset": "digits",
+        }
+        for s in range(100, 900, 100)
+    ]
     assert analysis.plateau(pd.DataFrame(rows)).loc[0, "gain_last_quarter"] == pytest.approx(0.0)
     empty = analysis.plateau(pd.DataFrame(rows).iloc[:0])
     assert empty.empty and {"method", "plateaued"} <= set(empty.columns)
 
 
 def test_a_planned_grids_secondary_summary_is_exploratory_under_benjamini_hochberg():
-    summary = pd.DataFrame({"method": ["bn", "a", "b", "c"], "diff_vs_bn": [np.nan, -0.1, 0.05, 0.2],
-                            "p_value": [np.nan, 0.01, 0.04, 0.03], "p_holm": [np.nan, 0.03, 0.06, 0.06],
-                            "verdict": [None, "below", "cannot tell", "cannot tell"]})
+    summary = pd.DataFrame(
+        {
+            "method": ["bn", "a", "b", "c"],
+            "diff_vs_bn": [np.nan, -0.1, 0.05, 0.2],
+            "p_value": [np.nan, 0.01, 0.04, 0.03],
+            "p_holm": [np.nan, 0.03, 0.06, 0.06],
+            "verdict": [None, "below", "cannot tell", "cannot tell"],
+        }
+    )
     out = analysis.exploratory_summary(summary)
-    assert "p_holm" not in out and list(out["family"].iloc[1:]) == ["exploratory"] * 3 and pd.isna(out["family"].iloc[0])
-    assert out["p_adjusted"].iloc[1:].tolist() == pytest.approx([0.03, 0.04, 0.04])  # BH: 0.01*3/1, 0.04, 0.03*3/2 -> 0.04
+    assert (
+        "p_holm" not in out and list(out["family"].iloc[1:]) == ["exploratory"] * 3 and pd.isna(out["family"].iloc[0])
+    )
+    assert out["p_adjusted"].iloc[1:].tolist() == pytest.approx(
+        [0.03, 0.04, 0.04]
+    )  # BH: 0.01*3/1, 0.04, 0.03*3/2 -> 0.04
     assert list(out["verdict"].iloc[1:]) == ["below", "above", "above"]
     assert book_adjusted(out.iloc[1]) == "0.03 (exploratory, Benjamini-Hochberg)"
 
@@ -298,17 +450,32 @@ def test_sampler_cost_pairs_each_method_by_seed_across_samplers_with_its_own_fam
     ((-0.20 + 0.60) + (0.00 + 0.10)) / 2 = +0.25, interaction (0.00 + 0.10) - (-0.20 + 0.60) = -0.30."""
     cost = {"bn": -0.60, "bnrs": 0.0, "bn_detached": -0.20, "brn": -0.10}
     noise = [0.0, 0.02, -0.01, 0.015, -0.02]
-    rows = [{"dataset": "fashionmnist", "batch_size": 2, "sampler": sampler, "classes_per_batch": 1 if sampler == "noniid" else None,
-             "method": m, "seed": s, "final": True, "diverged": False, "num_classes": 10,
-             "test_acc": 0.85 + n + (c if sampler == "noniid" else 0.0) + 0.001 * (sampler == "noniid") * (s % 2)}
-            for m, c in cost.items() for s, n in enumerate(noise) for sampler in ("iid", "noniid")]
+    rows = [
+        {
+            "dataset": "fashionmnist",
+            "batch_size": 2,
+            "sampler": sampler,
+            "classes_per_batch": 1 if sampler == "noniid" else None,
+            "method": m,
+            "seed": s,
+            "final": True,
+            "diverged": False,
+            "num_classes": 10,
+            "test_acc": 0.85 + n + (c if sampler == "noniid" else 0.0) + 0.001 * (sampler == "noniid") * (s % 2),
+        }
+        for m, c in cost.items()
+        for s, n in enumerate(noise)
+        for sampler in ("iid", "noniid")
+    ]
     rows += [{**rows[0], "method": "gn", "seed": s} for s in range(5)]  # i.i.d. only
     out = analysis.sampler_cost(pd.DataFrame(rows)).set_index("comparison")
     assert "gn: noniid - iid" not in out.index
     for m, c in cost.items():
         assert out.loc[f"{m}: noniid - iid", "mean"] == pytest.approx(c + 0.0004, abs=1e-9)
         assert out.loc[f"{m}: noniid - iid", "method"] == m
-    assert out.loc["bn: noniid - iid", "verdict"] == "below" and out.loc["bnrs: noniid - iid", "verdict"] == "equivalent"
+    assert (
+        out.loc["bn: noniid - iid", "verdict"] == "below" and out.loc["bnrs: noniid - iid", "verdict"] == "equivalent"
+    )
     assert [out.loc[f"2x2: {name}", "mean"] for name in analysis.EFFECTS] == pytest.approx([0.35, 0.25, -0.30])
     assert set(out["family"]) == {"exploratory"} and set(out["correction"]) == {"Benjamini-Hochberg"}
     assert analysis.sampler_cost(pd.DataFrame(rows).query("sampler == 'iid'")).empty
@@ -317,9 +484,20 @@ def test_sampler_cost_pairs_each_method_by_seed_across_samplers_with_its_own_fam
 def test_evaluation_gap_pairs_two_evaluations_of_each_network_by_seed():
     """bn's networks are 0.70 better with their test batches' statistics than with running ones, gn has no batch
     statistics (left out), and a diverged run without numbers drops out of its pair."""
-    rows = [{"dataset": "fashionmnist", "batch_size": 2, "sampler": "noniid", "method": m, "seed": s, "final": True,
-             "test_acc": 0.15 + 0.01 * s, "test_acc_batchstats": b}
-            for s in range(3) for m, b in (("bn", 0.85 + 0.01 * s + 0.002 * (s == 1)), ("gn", None))]
+    rows = [
+        {
+            "dataset": "fashionmnist",
+            "batch_size": 2,
+            "sampler": "noniid",
+            "method": m,
+            "seed": s,
+            "final": True,
+            "test_acc": 0.15 + 0.01 * s,
+            "test_acc_batchstats": b,
+        }
+        for s in range(3)
+        for m, b in (("bn", 0.85 + 0.01 * s + 0.002 * (s == 1)), ("gn", None))
+    ]
     rows.append({**rows[0], "seed": 3, "test_acc": None, "test_acc_batchstats": None})
     rows.append({**rows[0], "final": False, "test_acc_batchstats": 0.1})  # not the last evaluation
     out = analysis.evaluation_gap(pd.DataFrame(rows)).set_index("comparison")

@@ -23,8 +23,27 @@ def test_step_rows_count_flops_and_compare_with_the_peak():
 
 
 def test_saved_step_table_is_the_csv_the_book_shows(tmp_path):
-    rows = [{"what": "matmul", "precision": "fp32", "side": None, "N": None, "ms": float("nan"), "GFLOP/s": 70.0, "of_peak": 1.0},
-            {"what": "lockstep", "method": "all", "precision": "fp32", "side": 28, "N": 16, "ms": 650.0, "GFLOP/s": 28.0, "of_peak": 0.4}]
+    rows = [
+        {
+            "what": "matmul",
+            "precision": "fp32",
+            "side": None,
+            "N": None,
+            "ms": float("nan"),
+            "GFLOP/s": 70.0,
+            "of_peak": 1.0,
+        },
+        {
+            "what": "lockstep",
+            "method": "all",
+            "precision": "fp32",
+            "side": 28,
+            "N": 16,
+            "ms": 650.0,
+            "GFLOP/s": 28.0,
+            "of_peak": 0.4,
+        },
+    ]
     bench.save_step(rows, "a machine", tmp_path / "bench.csv")
     saved = pd.read_csv(tmp_path / "bench.csv")
     assert saved["machine"].eq("a machine").all()
@@ -56,6 +75,7 @@ def test_fusion_reports_a_failed_compilation_instead_of_crashing(monkeypatch):
     def no_compiler(model):
         def fails(*args):
             raise RuntimeError("InductorError: no C++ compiler found")
+
         return fails
 
     monkeypatch.setattr(bench.torch, "compile", no_compiler)
@@ -72,7 +92,7 @@ def test_saved_fusion_table_reads_back_into_the_books_table(tmp_path):
     assert "| bn | channels-last |" in block and "| no norm | eager |" in block and "Measured on: a machine" in block
 
 
-@pytest.mark.skipif(not __import__("platform").machine() in ("x86_64", "AMD64"), reason="instruction sets are x86's")
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="instruction sets are x86's")
 def test_isa_rows_time_every_instruction_set_the_machine_can_run_against_its_own(tmp_path):
     from bnlib import machine
 
@@ -91,7 +111,9 @@ def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
     old path, the new path's numbers judged against the old path's, the saved table the book shows."""
     from bnlib.train import compiling
 
-    rows = bench.bench_long(dataset="digits", sizes=(8,), steps={8: 6}, evals={8: 2}, eval_samples=50, methods=["bn", "gn"])
+    rows = bench.bench_long(
+        dataset="digits", sizes=(8,), steps={8: 6}, evals={8: 2}, eval_samples=50, methods=["bn", "gn"]
+    )
     frame = pd.DataFrame(rows)
     assert list(frame["path"]) == list(bench.LONG_PATHS)
     old = frame.iloc[0]
@@ -110,6 +132,8 @@ def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
 
 def test_bench_traces_plumbing():
     """Tiny: digits, a few steps, eager only; every interval gets a row, the reference's overhead is 0."""
-    rows = bench.bench_traces(dataset="digits", batch_size=8, steps=6, methods=("bn", "bnrs"), repeats=1, compiles=("off",))
+    rows = bench.bench_traces(
+        dataset="digits", batch_size=8, steps=6, methods=("bn", "bnrs"), repeats=1, compiles=("off",)
+    )
     assert [r["trace_every"] for r in rows] == ["off", 25, 10]
     assert rows[0]["overhead"] == 0 and all(r["train_s"] > 0 for r in rows)

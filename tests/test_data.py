@@ -33,7 +33,9 @@ def _write_idx(path, images, labels):
     path.mkdir(parents=True, exist_ok=True)
     for split, (x, y) in {"train": images, "t10k": labels}.items():
         n, h, w = x.shape
-        (path / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, h, w) + x.astype(np.uint8).tobytes())
+        (path / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, h, w) + x.astype(np.uint8).tobytes()
+        )
         (path / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + y.astype(np.uint8).tobytes())
 
 
@@ -55,13 +57,25 @@ def _write_cifar(root, cls, n_classes, label_key, meta_key, monkeypatch):
     folder = root / cls.base_folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
+
     def dump(name, payload):
         (folder / name).write_bytes(pickle.dumps(payload))
         return [name, hashlib.md5((folder / name).read_bytes()).hexdigest()]
-    train_list = [dump(name, {"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), label_key: list(rng.integers(0, n_classes, 8))})
-                  for name, _ in cls.train_list]
-    test_list = [dump(name, {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), label_key: list(rng.integers(0, n_classes, 6))})
-                 for name, _ in cls.test_list]
+
+    train_list = [
+        dump(
+            name,
+            {"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), label_key: list(rng.integers(0, n_classes, 8))},
+        )
+        for name, _ in cls.train_list
+    ]
+    test_list = [
+        dump(
+            name,
+            {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), label_key: list(rng.integers(0, n_classes, 6))},
+        )
+        for name, _ in cls.test_list
+    ]
     meta = dump(cls.meta["filename"], {meta_key: [f"class{i}" for i in range(n_classes)]})
     # files made here have their own checksums: point torchvision's integrity check at them
     monkeypatch.setattr(cls, "train_list", train_list)
@@ -70,7 +84,10 @@ def _write_cifar(root, cls, n_classes, label_key, meta_key, monkeypatch):
     return len(train_list) * 8
 
 
-@pytest.mark.parametrize("name,n_classes,label_key,meta_key", [("cifar10", 10, "labels", "label_names"), ("cifar100", 100, "fine_labels", "fine_label_names")])
+@pytest.mark.parametrize(
+    "name,n_classes,label_key,meta_key",
+    [("cifar10", 10, "labels", "label_names"), ("cifar100", 100, "fine_labels", "fine_label_names")],
+)
 def test_torchvision_cifar_format(tmp_path, monkeypatch, name, n_classes, label_key, meta_key):
     import torchvision.datasets as tvd
 
@@ -85,14 +102,18 @@ def test_torchvision_cifar_format(tmp_path, monkeypatch, name, n_classes, label_
     raw = torch.from_numpy(ref_train.data).permute(0, 3, 1, 2).double() / 255  # HWC uint8 -> CHW in [0, 1]
     mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
     restored = ds.x_train.double() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
-    assert torch.allclose(restored, raw, atol=1e-3), "pixels differ from torchvision's after undoing the standardisation"
+    assert torch.allclose(restored, raw, atol=1e-3), (
+        "pixels differ from torchvision's after undoing the standardisation"
+    )
 
 
 def test_missing_dataset_offline_names_folder_and_files(tmp_path):
     with pytest.raises(data.DatasetUnavailable) as err:
         data.load("mnist", tmp_path, download=False)
     message = str(err.value)
-    assert str(tmp_path / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message and "BNLIB_DATA" in message
+    assert (
+        str(tmp_path / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message and "BNLIB_DATA" in message
+    )
     with pytest.raises(data.DatasetUnavailable, match="cifar-100-python"):
         data.load("cifar100", tmp_path, download=False)
 
@@ -146,8 +167,11 @@ def test_model_shapes_per_placement(placement, n_norms):
 
 def test_identical_initial_weights_across_methods():
     nets = {m: models.build(m, 7, 1, 10) for m in norms.METHODS}
+
     def weights(net):
-        return [p for mod in net.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) for p in mod.parameters()]
+        return [
+            p for mod in net.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) for p in mod.parameters()
+        ]
 
     ref = weights(nets["bn"])
     assert len(ref) == 6  # 4 convs without bias (a norm follows) + the classifier's weight and bias
@@ -209,5 +233,6 @@ def test_one_pass_is_the_samplers_first_epoch_batch_after_batch(sampler, classes
         if classes_per_batch == 1:
             assert len(set(labels[batch].tolist())) == 1
     assert set(next(stream).tolist()) & set(order.tolist())  # the next batch repeats a sample: the next epoch's
-    # groups of 4 (one class per batch): 2 per class, 48 samples; of 2: 5 per class, 60; i.i.d.: 61 less the partial batch
+    # groups of 4 (one class per batch): 2 per class, 48 samples; of 2: 5 per class, 60; i.i.d.: 61 less the partial
+    # batch
     assert len(order) == {1: 48, 2: 60, None: 60}[classes_per_batch]

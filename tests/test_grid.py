@@ -72,8 +72,11 @@ def test_cell_ids_are_stable_and_distinct(tmp_path):
     # pinned: the same id on every machine and in every process (update it only with a deliberate Config change)
     assert grid.cell_id({"steps": 5}) == "digits-b16-iid-s0-575b0a071e"
     assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, "eval_batch_stats": True})
-    for key, default, other in (("compile", "off", "on"), ("recompute_evals", "all", "last"),
-                                ("eval_batch_composition", "iid", "training")):
+    for key, default, other in (
+        ("compile", "off", "on"),
+        ("recompute_evals", "all", "last"),
+        ("eval_batch_composition", "iid", "training"),
+    ):
         assert grid.cell_id({"steps": 5}) == grid.cell_id({"steps": 5, key: default})
         assert grid.cell_id({"steps": 5}) != grid.cell_id({"steps": 5, key: other})
 
@@ -83,7 +86,10 @@ def test_cell_ids_are_stable_and_distinct(tmp_path):
     [
         ("methods: [bn]\nsetings: {steps: 3}\n", "unknown top-level key(s) setings"),
         ("methods: [bn]\nsettings: {stepz: 3}\n", "settings: unknown key 'stepz'"),
-        ("methods: [bn]\nsettings: {steps: 3}\naxes: {batching: [{batch_size: 4, sampler: iid, colour: red}]}\n", "axes.batching[0]: unknown key 'colour'"),
+        (
+            "methods: [bn]\nsettings: {steps: 3}\naxes: {batching: [{batch_size: 4, sampler: iid, colour: red}]}\n",
+            "axes.batching[0]: unknown key 'colour'",
+        ),
         ("methods: [bn]\nsettings: {steps: 3}\naxes: {batching: [4, 8]}\n", "axes.batching"),
         ("methods: [bn, bogus]\nsettings: {steps: 3}\n", "unknown method 'bogus'"),
         ("methods: [bn]\nsettings: {steps: 3}\naxes: {batch_size: [1]}\n", "batch_size=1"),
@@ -141,7 +147,11 @@ def test_smoke_grid_end_to_end(smoke_results):
         assert payload["cell"] == cell.id and set(payload["methods"]) == set(cell.parameters["methods"])
         assert payload["provenance"]["versions"]["torch"] and payload["provenance"]["git_commit"]
         nb = nbformat.read(tmp_path / "smoke" / "runs" / f"{cell.id}.ipynb", as_version=4)
-        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+        assert any(
+            o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+            for c in nb.cells
+            for o in c.get("outputs", [])
+        )
     written = tables.aggregate(tmp_path / "smoke")
     summary = pd.read_csv(written["summary"])
     assert set(summary["method"]) == set(g.cells[0].parameters["methods"])
@@ -150,8 +160,12 @@ def test_smoke_grid_end_to_end(smoke_results):
     assert summary.loc[summary.method != "bn", "diff_vs_bn"].notna().all()
     evals = pd.read_csv(written["evaluations"])
     cfg = g.cells[0].config()
-    per_method = len(set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)) | {cfg.steps})  # every eval_every steps and the last
-    assert len(evals) == sum(len(c.parameters["methods"]) for c in g.cells) * per_method  # cells x methods x evaluations
+    per_method = len(
+        set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
+    )  # every eval_every steps and the last
+    assert (
+        len(evals) == sum(len(c.parameters["methods"]) for c in g.cells) * per_method
+    )  # cells x methods x evaluations
     assert set(evals["step"]) == set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
     # a second run skips everything
     again = runner.run(g, tmp_path, runner.LocalExecutor(jobs=2, threads=1), progress=False)
@@ -161,8 +175,12 @@ def test_smoke_grid_end_to_end(smoke_results):
 @pytest.mark.slow
 def test_failing_cell_is_isolated(tmp_path):
     nb = nbformat.read(runner.NOTEBOOK, as_version=4)
-    index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)  # after papermill's injected parameters
-    nb.cells.insert(index, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")'))
+    index = next(
+        i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source
+    )  # after papermill's injected parameters
+    nb.cells.insert(
+        index, nbformat.v4.new_code_cell('if seed == 1 and batch_size == 8:\n    raise RuntimeError("boom in cell")')
+    )
     path = tmp_path / "failing.ipynb"
     nbformat.write(nb, path)
     g = grid.load(_write(tmp_path, TINY))
@@ -181,8 +199,21 @@ def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path):
     path = _write(tmp_path, TINY)
     runs = tmp_path / "res" / "tiny" / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bnlib.cli",
+        "run",
+        str(path),
+        "--results",
+        str(tmp_path / "res"),
+        "-j",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(runs.glob("*.json")):
         time.sleep(0.2)
@@ -208,7 +239,8 @@ def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     checkpoint and writes the metrics of an uninterrupted run (timings aside); the checkpoint is then removed."""
     text = """
 methods: [bn, brnc, mabn]
-settings: {dataset: digits, steps: 600, evals: 3, log_every: 50, recompute: true, recompute_samples: 64, checkpoint_minutes: 0}
+settings: {dataset: digits, steps: 600, evals: 3, log_every: 50, recompute: true, recompute_samples: 64, \
+checkpoint_minutes: 0}
 axes:
   batch_size: [4]
 """
@@ -217,9 +249,23 @@ axes:
     (cell,) = g.cells
     runs = tmp_path / "res" / "tiny" / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1",
-           "--threads", "1", "--no-progress"]  # one thread, as the uninterrupted run below: the same reductions
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bnlib.cli",
+        "run",
+        str(path),
+        "--results",
+        str(tmp_path / "res"),
+        "-j",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]  # one thread, as the uninterrupted run below: the same reductions
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = runs / f"{cell.id}.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and not ckpt.exists():
@@ -228,8 +274,14 @@ axes:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (runs / f"{cell.id}.json").exists(), "the kill came too late: make the cell longer"
-    status = subprocess.run([sys.executable, "-m", "bnlib.cli", "status", str(path), "--results", str(tmp_path / "res"), "-v"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120).stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "bnlib.cli", "status", str(path), "--results", str(tmp_path / "res"), "-v"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "1 unfinished cells have a checkpoint" in status and f"started: {cell.id} (has a checkpoint)" in status
     completed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
@@ -240,8 +292,9 @@ axes:
     whole = json.loads((tmp_path / "whole" / "tiny" / "runs" / f"{cell.id}.json").read_text())
     timing = ("train_seconds", "samples_per_second")
     for m in cell.parameters["methods"]:
-        assert {k: v for k, v in resumed["methods"][m].items() if k not in timing} == \
-            {k: v for k, v in whole["methods"][m].items() if k not in timing}, m
+        assert {k: v for k, v in resumed["methods"][m].items() if k not in timing} == {
+            k: v for k, v in whole["methods"][m].items() if k not in timing
+        }, m
 
 
 # --- statistics --------------------------------------------------------------------------------------
@@ -251,17 +304,47 @@ def _fake_run(cell, seed, batch, accs, diverged=()):
     methods = {}
     for m, acc in accs.items():
         div = m in diverged
-        methods[m] = {"train_step": [1], "train_loss": [1.0], "eval_step": [] if div else [10], "test_acc": [] if div else [acc],
-                      "test_loss": [] if div else [0.5], "test_acc_recomputed": [] if div else [None], "test_loss_recomputed": [] if div else [None],
-                      "diverged": div, "diverged_step": 5 if div else None, "train_seconds": 1.0, "samples_per_second": 10.0}
+        methods[m] = {
+            "train_step": [1],
+            "train_loss": [1.0],
+            "eval_step": [] if div else [10],
+            "test_acc": [] if div else [acc],
+            "test_loss": [] if div else [0.5],
+            "test_acc_recomputed": [] if div else [None],
+            "test_loss_recomputed": [] if div else [None],
+            "diverged": div,
+            "diverged_step": 5 if div else None,
+            "train_seconds": 1.0,
+            "samples_per_second": 10.0,
+        }
     config = {**train.Config(steps=10, batch_size=batch, seed=seed).__dict__}
-    return {"cell": cell, "config": config, "steps": 10, "samples_per_step": batch, "train_size": 100, "test_size": 10, "num_classes": 10,
-            "device": "cpu", "wall_seconds": 1.0, "eval_seconds": 0.1, "provenance": {"device_name": "cpu"}, "methods": methods}
+    return {
+        "cell": cell,
+        "config": config,
+        "steps": 10,
+        "samples_per_step": batch,
+        "train_size": 100,
+        "test_size": 10,
+        "num_classes": 10,
+        "device": "cpu",
+        "wall_seconds": 1.0,
+        "eval_seconds": 0.1,
+        "provenance": {"device_name": "cpu"},
+        "methods": methods,
+    }
 
 
 def test_summary_statistics_are_paired_with_t_intervals():
-    runs = [_fake_run(f"c{s}", s, 4, {"bn": 0.9 + 0.01 * s, "brn": 0.8 + 0.02 * s, "bnrs": 0.5}, diverged=("bnrs",) if s == 0 else ())
-            for s in range(4)]
+    runs = [
+        _fake_run(
+            f"c{s}",
+            s,
+            4,
+            {"bn": 0.9 + 0.01 * s, "brn": 0.8 + 0.02 * s, "bnrs": 0.5},
+            diverged=("bnrs",) if s == 0 else (),
+        )
+        for s in range(4)
+    ]
     summary = stats.summarise(tables.evaluations([record.RunRecord.from_dict(r) for r in runs])).set_index("method")
     assert summary.loc["bn", "mean"] == pytest.approx(0.915)
     assert summary.loc["bn", "ci_low"] < 0.915 < summary.loc["bn", "ci_high"]
@@ -270,7 +353,9 @@ def test_summary_statistics_are_paired_with_t_intervals():
     half = 3.182446305284263 * 0.012909944487358056 / 2
     assert summary.loc["brn", "diff_ci_low"] == pytest.approx(-0.085 - half)
     assert summary.loc["brn", "diff_ci_high"] == pytest.approx(-0.085 + half)
-    assert summary.loc["brn", "wins"] == 0 and summary.loc["brn", "verdict"] == "below"  # paired t-test p < 0.001, Holm over 2 comparisons
+    assert (
+        summary.loc["brn", "wins"] == 0 and summary.loc["brn", "verdict"] == "below"
+    )  # paired t-test p < 0.001, Holm over 2 comparisons
     # a diverged run scores chance and is counted
     assert summary.loc["bnrs", "diverged"] == 1 and summary.loc["bnrs", "mean"] == pytest.approx((0.1 + 3 * 0.5) / 4)
     assert summary.loc["bn", "n_seeds"] == 4
@@ -294,12 +379,34 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_promptly_and_resumes(tmp_path):
-    path = _write(tmp_path, TINY.replace("steps: 12", "steps: 400").replace("batch_size: [4, 8]", "batch_size: [4]"))  # two cells
+    path = _write(
+        tmp_path, TINY.replace("steps: 12", "steps: 400").replace("batch_size: [4, 8]", "batch_size: [4]")
+    )  # two cells
     runs = tmp_path / "res" / "tiny" / "runs"
-    cmd = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "-j", "1", "--threads", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bnlib.cli",
+        "run",
+        str(path),
+        "--results",
+        str(tmp_path / "res"),
+        "-j",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     # a new session, with SIGINT's default restored (a background shell running the tests ignores it)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(runs.glob("*.json")):
         time.sleep(0.2)
@@ -322,13 +429,16 @@ def test_a_learning_rate_written_1e_3_is_the_float_it_means(tmp_path):
     assert g.cells[0].config().lr == 0.001
 
 
-@pytest.mark.parametrize("setting,needle", [
-    ("recompute_samples: lots", "recompute_samples='lots' must be an integer"),
-    ("aux_weight: x", "aux_weight='x' must be a number"),
-    ("lr: [0.1, 0.2]", "lr=[0.1, 0.2] must be a number"),
-    ("recompute: yes please", "recompute='yes please' must be true or false"),
-    ("eval_samples: 2.5", "eval_samples=2.5 must be an integer or null"),
-])
+@pytest.mark.parametrize(
+    "setting,needle",
+    [
+        ("recompute_samples: lots", "recompute_samples='lots' must be an integer"),
+        ("aux_weight: x", "aux_weight='x' must be a number"),
+        ("lr: [0.1, 0.2]", "lr=[0.1, 0.2] must be a number"),
+        ("recompute: yes please", "recompute='yes please' must be true or false"),
+        ("eval_samples: 2.5", "eval_samples=2.5 must be an integer or null"),
+    ],
+)
 def test_wrongly_typed_values_are_rejected_before_anything_runs(tmp_path, setting, needle):
     path = _write(tmp_path, TINY.replace("log_every: 3}", "log_every: 3, " + setting + "}"))
     with pytest.raises(grid.GridError) as err:
@@ -339,10 +449,20 @@ def test_wrongly_typed_values_are_rejected_before_anything_runs(tmp_path, settin
 def test_one_runner_per_grid_the_second_refuses_naming_the_first_or_waits(tmp_path, capsys):
     path = _write(tmp_path, TINY)
     res = tmp_path / "res"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from bnlib import runner\n"
-        f"with runner.runner_lock(Path({str(res / 'tiny')!r})):\n"
-        "    print('locked', flush=True); time.sleep(6)\n")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from bnlib import runner\n"
+                f"with runner.runner_lock(Path({str(res / 'tiny')!r})):\n"
+                "    print('locked', flush=True); time.sleep(6)\n"
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     assert cli.main(["run", str(path), "--results", str(res), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -421,8 +541,24 @@ def test_set_overrides_a_setting_with_its_own_ids_and_folder(tmp_path, capsys):
     assert all(c.parameters["lr"] == 0.0003 and c.parameters["eval_every"] == 3 for c in tuned.cells)
     assert not {c.id for c in tuned.cells} & {c.id for c in plain.cells}
     res = tmp_path / "res"
-    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "--set", "lr=3e-4", "--only", "seed=0",
-                     "--only", "batch_size=4"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(path),
+                "--results",
+                str(res),
+                "--no-progress",
+                "--set",
+                "lr=3e-4",
+                "--only",
+                "seed=0",
+                "--only",
+                "batch_size=4",
+            ]
+        )
+        == 0
+    )
     assert len(list((res / "tiny+lr=0.0003" / "runs").glob("*.json"))) == 1 and not (res / "tiny").exists()
     capsys.readouterr()
     assert cli.main(["status", str(path), "--results", str(res), "--set", "lr=3e-4"]) == 0
@@ -440,7 +576,12 @@ def test_dry_run_and_only_select_cells_without_running(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("would run tiny") == 0 and out.count("would run digits-b4-") == 2 and "b8" not in out
     assert "2 of 2 cells would run" in out and not (res / "tiny" / "runs").exists()  # nothing ran
-    assert cli.main(["run", str(path), "--results", str(res), "--no-progress", "--only", "batch_size=4", "--only", "seed=1"]) == 0
+    assert (
+        cli.main(
+            ["run", str(path), "--results", str(res), "--no-progress", "--only", "batch_size=4", "--only", "seed=1"]
+        )
+        == 0
+    )
     assert len(list((res / "tiny" / "runs").glob("*.json"))) == 1
     assert cli.main(["run", str(path), "--results", str(res), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -450,13 +591,16 @@ def test_dry_run_and_only_select_cells_without_running(tmp_path, capsys):
 
 def test_time_estimates_follow_the_steps_and_samples_a_cell_trains(tmp_path):
     """Same kind of cell: its mean; another budget or batch size of the same dataset: the fitted linear model."""
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 methods: [bn]
 settings: {dataset: digits}
 axes:
   budget: [{steps: 10}, {steps: 20}, {steps: 40}, {samples: 160}]
   batch_size: [4, 8]
-""")
+""",
+    )
     g = grid.load(path)
     cell = {(grid.train.total_steps(c.config(), 0), c.config().batch_size, c.config().samples): c for c in g.cells}
     log = tmp_path / "res" / g.name / "cells.jsonl"
@@ -465,7 +609,9 @@ axes:
     def truth(steps, batch):  # 10 s fixed + 0.2 s per step + 0.5 s per sample
         return 10 + 0.2 * steps + 0.5 * steps * batch
 
-    log.write_text("\n".join(json.dumps({"cell": cell[(n, 4, None)].id, "ok": True, "seconds": truth(n, 4)}) for n in (10, 20)))
+    log.write_text(
+        "\n".join(json.dumps({"cell": cell[(n, 4, None)].id, "ok": True, "seconds": truth(n, 4)}) for n in (10, 20))
+    )
     est = runner.estimate_seconds(g, tmp_path / "res", g.cells)
     assert est[cell[(10, 4, None)].id] == pytest.approx(truth(10, 4))  # its own kind
     # one batch size so far: steps and samples go together, the model is fixed + per sample
@@ -481,22 +627,32 @@ axes:
 @pytest.mark.slow
 def test_cells_that_train_the_same_run_once_and_share_the_results(tmp_path, capsys):
     """12 steps at batch 4 and 48 samples at batch 4 are one training: run once, aggregated under both budgets."""
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 methods: [bn, brn]
 settings: {dataset: digits, eval_every: 6, log_every: 3}
 axes:
   budget: [{samples: 48}, {steps: 12}]
   batch_size: [4, 8]
-""")
+""",
+    )
     g = grid.load(path)
     twins = {c.id: c.same_as for c in g.cells if c.same_as}
-    (alias, primary), = twins.items()  # only batch 4: 12 steps x 4 = 48 samples; at batch 8, 48 samples are 6 steps
+    ((alias, primary),) = twins.items()  # only batch 4: 12 steps x 4 = 48 samples; at batch 8, 48 samples are 6 steps
     assert g.cells[0].id == primary and grid.cell_id(next(c for c in g.cells if c.id == alias).parameters) == alias
     assert cli.main(["status", str(path), "--results", str(tmp_path / "res"), "-v"]) == 0
     out = capsys.readouterr().out
-    assert "1 of the pending cells train what another cell trains" in out and f"pending: {alias} (same training as {primary})" in out
+    assert (
+        "1 of the pending cells train what another cell trains" in out
+        and f"pending: {alias} (same training as {primary})" in out
+    )
     report = runner.run(g, tmp_path / "res", runner.LocalExecutor(jobs=1, threads=1), progress=False)
-    assert report.ok and sorted(report.finished) == sorted(c.id for c in g.cells if c.id != alias) and report.copied == [alias]
+    assert (
+        report.ok
+        and sorted(report.finished) == sorted(c.id for c in g.cells if c.id != alias)
+        and report.copied == [alias]
+    )
     runs = tmp_path / "res" / "tiny" / "runs"
     a, p = (json.loads((runs / f"{c}.json").read_text()) for c in (alias, primary))
     assert a["cell"] == alias and a["same_training_as"] == primary and a["methods"] == p["methods"]
@@ -517,20 +673,28 @@ axes:
 def test_a_grid_reuses_the_cells_another_grid_trained_instead_of_training_them_again(tmp_path, capsys):
     """``reuse``: a cell that trains exactly what a cell of another grid trains is copied from there once that grid
     has it (its traces left behind); the rest train as usual; selecting it never makes it train."""
-    first = _write(tmp_path, """
+    first = _write(
+        tmp_path,
+        """
 methods: [bn, brn]
 settings: {dataset: digits, steps: 12, eval_every: 6, log_every: 3, trace_every: 4}
 axes:
   batch_size: [4]
-""", "first.yaml")
-    second = _write(tmp_path, f"""
+""",
+        "first.yaml",
+    )
+    second = _write(
+        tmp_path,
+        f"""
 reuse: [{first}]
 settings: {{dataset: digits, steps: 12, eval_every: 6, log_every: 3}}
 axes:
   part:
     - {{methods: [bn, brn], batch_size: 4, trace_every: 4}}   # what the first grid trains
     - {{methods: [gn], batch_size: 4}}
-""", "second.yaml")
+""",
+        "second.yaml",
+    )
     g1, g2 = grid.load(first), grid.load(second)
     (source,) = g1.cells
     shared, own = g2.cells
@@ -539,7 +703,9 @@ axes:
     assert cli.main(["status", str(second), "--results", str(res)]) == 0
     assert "are trained by grid(s) first" in capsys.readouterr().out
     report = runner.run(g2, res, runner.LocalExecutor(jobs=1, threads=1), progress=False)
-    assert report.finished == [own.id] and not report.copied  # nothing to copy yet, and the shared cell is not trained here
+    assert (
+        report.finished == [own.id] and not report.copied
+    )  # nothing to copy yet, and the shared cell is not trained here
     assert runner.run(g1, res, runner.LocalExecutor(jobs=1, threads=1), progress=False).finished == [source.id]
     assert cli.main(["status", str(second), "--results", str(res)]) == 0
     assert "1 of the pending cells can be copied now" in capsys.readouterr().out
@@ -557,10 +723,18 @@ axes:
     assert selected.same_as == shared.same_as  # selected alone it still comes from the other grid
 
 
-@pytest.mark.parametrize("reuse, needle", [("mechanism-typo", "no grid named 'mechanism-typo'"),
-                                           ("'self'", "names the grid itself"), ("{a: 1}", "must be a list of grid names")])
+@pytest.mark.parametrize(
+    "reuse, needle",
+    [
+        ("mechanism-typo", "no grid named 'mechanism-typo'"),
+        ("'self'", "names the grid itself"),
+        ("{a: 1}", "must be a list of grid names"),
+    ],
+)
 def test_a_bad_reuse_key_is_an_error_naming_the_file(tmp_path, reuse, needle):
-    path = _write(tmp_path, f"reuse: [{reuse}]\n" + TINY if reuse != "{a: 1}" else f"reuse: {reuse}\n" + TINY, "self.yaml")
+    path = _write(
+        tmp_path, f"reuse: [{reuse}]\n" + TINY if reuse != "{a: 1}" else f"reuse: {reuse}\n" + TINY, "self.yaml"
+    )
     if reuse == "'self'":
         path.write_text(f"reuse: ['{path}']\n" + TINY)
     with pytest.raises(grid.GridError, match=needle):
@@ -582,7 +756,10 @@ def test_stacked_seeds_run_as_one_notebook_with_each_cell_its_files(tmp_path, ca
     path = _write(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0, 1, 2]") + "stack_seeds: true\n")
     g = grid.load(path)
     assert g.stack_seeds and [len(x) for x in runner.groups(g.cells, True)] == [3, 3]
-    assert cli.main(["run", str(path), "--results", str(tmp_path / "res"), "--no-progress", "-j", "1", "--threads", "1"]) == 0
+    assert (
+        cli.main(["run", str(path), "--results", str(tmp_path / "res"), "--no-progress", "-j", "1", "--threads", "1"])
+        == 0
+    )
     runs = tmp_path / "res" / "tiny" / "runs"
     assert len(list(runs.glob("*.kernel.log"))) == 2  # two notebook executions, not six
     assert runner.status(g, tmp_path / "res")["done"] == [c.id for c in g.cells]
@@ -595,10 +772,15 @@ def test_stacked_seeds_run_as_one_notebook_with_each_cell_its_files(tmp_path, ca
             solo = train.train(train.Config.from_dict({**cell.parameters}), progress=False).to_dict()
             for m, rec in solo["methods"].items():
                 assert math.isclose(payload["methods"][m]["final"]["test_acc"], rec["final"]["test_acc"], abs_tol=1e-9)
-                assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(payload["methods"][m]["train_loss"], rec["train_loss"]))
+                assert all(
+                    math.isclose(a, b, rel_tol=1e-4)
+                    for a, b in zip(payload["methods"][m]["train_loss"], rec["train_loss"])
+                )
             if cell is not lead:
                 nb = nbformat.read(runs / f"{cell.id}.ipynb", as_version=4)
-                assert f"in the notebook of cell `{lead.id}`" in nb.cells[0].source and len(nb.cells) == 1 + len(nbformat.read(runs / f"{lead.id}.ipynb", as_version=4).cells)
+                assert f"in the notebook of cell `{lead.id}`" in nb.cells[0].source and len(nb.cells) == 1 + len(
+                    nbformat.read(runs / f"{lead.id}.ipynb", as_version=4).cells
+                )
     # a runner killed between the stack's metrics files and the notebook copies: the next run makes the copies
     member = runner.groups(g.cells, True)[0][2]
     (runs / f"{member.id}.ipynb").unlink()
@@ -616,7 +798,10 @@ def test_aggregate_leaves_out_cells_the_grid_file_no_longer_has(tmp_path, capsys
     g = grid.load(path)
     runs = tmp_path / "res" / g.name / "runs"
     for c in g.cells:
-        record.write_json(runs / f"{c.id}.json", _fake_run(c.id, c.parameters["seed"], c.parameters["batch_size"], {"bn": 0.9, "brn": 0.8}))
+        record.write_json(
+            runs / f"{c.id}.json",
+            _fake_run(c.id, c.parameters["seed"], c.parameters["batch_size"], {"bn": 0.9, "brn": 0.8}),
+        )
     old = "digits-b4-iid-s0-0123456789"  # a cell of the file before its settings changed: same condition, seed 0
     record.write_json(runs / f"{old}.json", _fake_run(old, 0, 4, {"bn": 0.1, "brn": 0.1}))
     assert cli.main(["aggregate", str(path), "--results", str(tmp_path / "res")]) == 0

@@ -17,9 +17,13 @@ STUDY_RUNS = ROOT / "results" / "study" / "runs"
 
 
 def test_only_paths_computes_the_repository_root():
-    offenders = [f"{p.name}:{i}" for p in sorted((ROOT / "bnlib").glob("*.py")) if p.name != "paths.py"
-                 for i, line in enumerate(p.read_text().splitlines(), 1)
-                 if "parent.parent" in line or "Path(__file__)" in line]
+    offenders = [
+        f"{p.name}:{i}"
+        for p in sorted((ROOT / "bnlib").glob("*.py"))
+        if p.name != "paths.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "parent.parent" in line or "Path(__file__)" in line
+    ]
     assert offenders == []
     assert paths.ROOT == ROOT and paths.NOTEBOOK.exists() and paths.GRIDS.is_dir()
 
@@ -34,8 +38,14 @@ def test_results_folder_defaults_to_the_repository_wherever_the_command_runs(tmp
 
 
 def _bnlib(*args, cwd, env=None, timeout=600):
-    return subprocess.run([str(Path(sys.executable).with_name("bnlib")), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("bnlib")), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.slow
@@ -44,16 +54,40 @@ def test_commands_work_from_any_folder(tmp_path):
     study` there reports the committed cells; a closed pipe ends quietly."""
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
-    done = _bnlib("run", "smoke", "--results", "res", "-j", "2", "--threads", "1", "--no-progress", "--only", "seed=0", cwd=elsewhere)
+    done = _bnlib(
+        "run",
+        "smoke",
+        "--results",
+        "res",
+        "-j",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--only",
+        "seed=0",
+        cwd=elsewhere,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert list((elsewhere / "res" / "smoke" / "runs").glob("*.json")) and (elsewhere / "res" / "smoke" / "summary.csv").exists()
+    assert (
+        list((elsewhere / "res" / "smoke" / "runs").glob("*.json"))
+        and (elsewhere / "res" / "smoke" / "summary.csv").exists()
+    )
     if any(STUDY_RUNS.glob("*.json")):
         status = _bnlib("status", "study", cwd=elsewhere, env={"BNLIB_RESULTS": ""}, timeout=300)
         assert status.returncode == 0, status.stderr
         assert f"done     {len(list(STUDY_RUNS.glob('*.json')))}" in status.stdout
-    piped = subprocess.run(f"'{Path(sys.executable).with_name('bnlib')}' status smoke -v --results res | head -1",
-                           shell=True, cwd=elsewhere, capture_output=True, text=True, timeout=300)
-    assert piped.stdout.startswith("grid smoke") and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+    piped = subprocess.run(
+        f"'{Path(sys.executable).with_name('bnlib')}' status smoke -v --results res | head -1",
+        shell=True,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        piped.stdout.startswith("grid smoke") and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+    )
 
 
 def test_every_committed_metrics_file_reads_and_writes_back_unchanged():
@@ -79,9 +113,21 @@ def test_a_record_with_an_unknown_key_is_corrupt(tmp_path):
 
 
 def test_absent_fields_of_older_files_stay_absent():
-    rec = record.MethodRecord.from_dict({"train_step": [1], "train_loss": [2.0], "eval_step": [], "eval_size": [],
-                                         "test_acc": [], "test_loss": [], "test_acc_recomputed": [], "test_loss_recomputed": [],
-                                         "diverged": False, "diverged_step": None, "final": {"test_acc": None}})
+    rec = record.MethodRecord.from_dict(
+        {
+            "train_step": [1],
+            "train_loss": [2.0],
+            "eval_step": [],
+            "eval_size": [],
+            "test_acc": [],
+            "test_loss": [],
+            "test_acc_recomputed": [],
+            "test_loss_recomputed": [],
+            "diverged": False,
+            "diverged_step": None,
+            "final": {"test_acc": None},
+        }
+    )
     assert not rec.test_acc_batchstats and rec.test_acc_batchstats is record.ABSENT
     assert "test_acc_batchstats" not in rec.to_dict() and "test_acc_batchstats" not in rec.to_dict()["final"]
 
@@ -175,6 +221,7 @@ def test_a_grid_with_a_plan_committed_its_plan_before_its_first_cell(grid_name):
     (as it was named then: ``Plan.grid_file``) is an ancestor of the commit that first added each metrics file now
     under results/<grid>/runs/, followed through renames (a grid moved to another folder keeps its history; cells
     an earlier grid of the same name once had, and no longer has, do not count)."""
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -188,9 +235,12 @@ def test_a_grid_with_a_plan_committed_its_plan_before_its_first_cell(grid_name):
     assert plans, f"results/{grid_name}/ has committed cells but book/analysis-plan.md never named {grid_file}"
     for path in files:
         added = git("log", "--follow", "--diff-filter=A", "--format=%H", "--", path).splitlines()[-1]
-        ordered = subprocess.run(["git", "merge-base", "--is-ancestor", plans[0], added], cwd=paths.ROOT).returncode == 0
+        ordered = (
+            subprocess.run(["git", "merge-base", "--is-ancestor", plans[0], added], cwd=paths.ROOT).returncode == 0
+        )
         assert ordered and plans[0] != added, (
-            f"the plan for {grid_file} ({plans[0][:10]}) does not precede {path}'s first commit ({added[:10]})")
+            f"the plan for {grid_file} ({plans[0][:10]}) does not precede {path}'s first commit ({added[:10]})"
+        )
 
 
 def test_the_code_passes_the_linter_and_the_formatter():
@@ -199,8 +249,14 @@ def test_the_code_passes_the_linter_and_the_formatter():
     ruff = [sys.executable, "-m", "ruff"]
     lint = subprocess.run([*ruff, "check", "--no-cache", "."], cwd=paths.ROOT, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout[-4000:] + lint.stderr[-2000:]
-    fmt = subprocess.run([*ruff, "format", "--check", "--no-cache", "."], cwd=paths.ROOT, capture_output=True, text=True)
+    fmt = subprocess.run(
+        [*ruff, "format", "--check", "--no-cache", "."], cwd=paths.ROOT, capture_output=True, text=True
+    )
     assert fmt.returncode == 0, fmt.stdout[-4000:] + fmt.stderr[-2000:]
-    noqa = subprocess.run(["git", "grep", "-nE", r"noqa(: ?E501)?\s*$|noqa: ?E501", "--", "*.py"], cwd=paths.ROOT,
-                          capture_output=True, text=True).stdout
+    noqa = subprocess.run(
+        ["git", "grep", "-nE", r"noqa(: ?E501)?\s*$|noqa: ?E501", "--", "*.py"],
+        cwd=paths.ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert not noqa, f"no blanket or line-length noqa:\n{noqa}"

@@ -111,7 +111,9 @@ def test_brn_forward_equals_bnrs_but_gradients_differ(shape):
     # the paper's equation written out: gamma (x - mu)/sigma + beta, with the pre-update statistics
     expected = brn.weight.detach().view(1, 5, *[1] * (len(shape) - 2)) * (
         x - mean.view(1, 5, *[1] * (len(shape) - 2))
-    ) / torch.sqrt(var + 1e-5).view(1, 5, *[1] * (len(shape) - 2)) + brn.bias.detach().view(1, 5, *[1] * (len(shape) - 2))
+    ) / torch.sqrt(var + 1e-5).view(1, 5, *[1] * (len(shape) - 2)) + brn.bias.detach().view(
+        1, 5, *[1] * (len(shape) - 2)
+    )
     assert_close(y1, expected, **TIGHT)
     assert not torch.allclose(g1[0], g2[0], rtol=1e-3, atol=1e-6)
     assert_close(g1[1], g2[1], **TIGHT)  # the weight and bias gradients agree (same forward)
@@ -134,7 +136,10 @@ def test_brn_gradient_matches_paper_equation_by_autograd():
     sigma = torch.sqrt(var + 1e-5)
     r = (sigma_b / sigma).detach().clamp(1 / 1.5, 1.5)
     d = ((mu_b - mu) / sigma).detach().clamp(-0.2, 0.2)
-    view = lambda t: t.view(1, 5, 1, 1)  # noqa: E731
+
+    def view(t):
+        return t.view(1, 5, 1, 1)
+
     w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
     y_ref = view(w) * ((xr - view(mu_b)) / view(sigma_b) * view(r) + view(d)) + view(b)
     ref_grads = torch.autograd.grad((y_ref * up).sum(), [xr, w, b])
@@ -157,14 +162,14 @@ def test_eval_outputs_agree_given_equal_running_statistics():
 def test_brnc_clipping_bounds_hold():
     layer = norms.make("brnc", 5, rmax=1.2, dmax=0.1)
     _with_running_stats(layer)
-    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    mu = layer.running_mean.clone()
     x = _inputs((16, 5, 2, 2)) * 10 + 30  # far from the running statistics: r and d must clip
     y = layer(x)
     dims = [0, 2, 3]
     x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + 1e-5)
     # recover r and d per channel from the output: y = x_hat * r + d (gamma = 1, beta = 0)
     flat_y, flat_x = y.detach().transpose(0, 1).reshape(5, -1), x_hat.detach().transpose(0, 1).reshape(5, -1)
-    r = ((flat_y[:, 0] - flat_y[:, 1]) / (flat_x[:, 0] - flat_x[:, 1]))
+    r = (flat_y[:, 0] - flat_y[:, 1]) / (flat_x[:, 0] - flat_x[:, 1])
     d = flat_y[:, 0] - flat_x[:, 0] * r
     assert torch.all(r <= 1.2 + 1e-9) and torch.all(r >= 1 / 1.2 - 1e-9)
     assert torch.all(d.abs() <= 0.1 + 1e-9)
@@ -174,7 +179,15 @@ def test_brnc_clipping_bounds_hold():
 
 def test_brnc_warmup_schedule():
     layer = norms.make("brnc", 5, rmax=3.0, dmax=5.0, warmup_steps=100, rmax_ramp_steps=400, dmax_ramp_steps=200)
-    expected = {0: (1.0, 0.0), 99: (1.0, 0.0), 100: (1.0, 0.0), 200: (1.5, 2.5), 300: (2.0, 5.0), 500: (3.0, 5.0), 10_000: (3.0, 5.0)}
+    expected = {
+        0: (1.0, 0.0),
+        99: (1.0, 0.0),
+        100: (1.0, 0.0),
+        200: (1.5, 2.5),
+        300: (2.0, 5.0),
+        500: (3.0, 5.0),
+        10_000: (3.0, 5.0),
+    }
     for step, (rmax, dmax) in expected.items():
         layer.num_batches_tracked.fill_(step)
         assert layer.current_limits() == pytest.approx((rmax, dmax))
@@ -210,7 +223,9 @@ def test_bnwos_equals_bn_per_chunk(devices, n):
     # gradients: per-chunk BN gradients concatenated
     xs = [c.clone().requires_grad_(True) for c in torch.chunk(x.detach(), devices)]
     ref = torch.nn.functional
-    total = sum((ref.batch_norm(c, None, None, layer.weight, layer.bias, True, 0.0, 1e-5) * u).sum() for c, u in zip(xs, ups))
+    total = sum(
+        (ref.batch_norm(c, None, None, layer.weight, layer.bias, True, 0.0, 1e-5) * u).sum() for c, u in zip(xs, ups)
+    )
     gx = torch.autograd.grad(total, xs)
     assert_close(grads[0], torch.cat(gx), **TIGHT)
 
@@ -238,7 +253,10 @@ def test_mabn_function_gradcheck():
     # and, as an independent reference, it equals autograd through gamma x / sqrt(mean(x^2) + eps) + beta
     up = _inputs((4, 3, 2, 2), seed=3).detach()
     g1 = torch.autograd.grad((f(x, gamma, beta) * up).sum(), (x, gamma, beta))
-    v = lambda t: t.view(1, 3, 1, 1)  # noqa: E731
+
+    def v(t):
+        return t.view(1, 3, 1, 1)
+
     ref = v(gamma * r) * x / torch.sqrt((x**2).mean([0, 2, 3], keepdim=True) + 1e-5) + v(beta)
     g2 = torch.autograd.grad((ref * up).sum(), (x, gamma, beta))
     for a, b in zip(g1, g2):
@@ -252,7 +270,9 @@ def test_mabn_buffer_of_one_forward_by_hand():
         x = _inputs((4, 5, 3, 3), seed=seed)
         y = layer(x)
         chi = (x.detach() ** 2).mean(dim=(0, 2, 3))
-        expected = layer.weight.view(1, 5, 1, 1) * x / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1) + layer.bias.view(1, 5, 1, 1)
+        expected = layer.weight.view(1, 5, 1, 1) * x / torch.sqrt(chi + 1e-5).view(1, 5, 1, 1) + layer.bias.view(
+            1, 5, 1, 1
+        )
         assert_close(y, expected, **TIGHT)
 
 
@@ -341,10 +361,16 @@ class _OriginalStudyBN:
     def __call__(self, x, weight, bias, training=True):
         xt = x.transpose(0, 1)  # (c, b, ...)
         dims = list(range(1, xt.dim()))
-        view = lambda v: v.view(-1, *([1] * (xt.dim() - 1)))  # noqa: E731
+
+        def view(v):
+            return v.view(-1, *([1] * (xt.dim() - 1)))
+
         if training:
             with torch.no_grad():
-                ema = lambda a, b: (1 - self.momentum) * a + self.momentum * b  # noqa: E731
+
+                def ema(a, b):
+                    return (1 - self.momentum) * a + self.momentum * b
+
                 self.running_mean = ema(self.running_mean, xt.mean(dim=dims))
                 self.running_var = ema(self.running_var, xt.var(dim=dims, unbiased=True))
         mu, var = view(self.running_mean), view(self.running_var)
@@ -430,8 +456,16 @@ def test_bln_initialise_statistics_matches_each_layers_inputs():
     """After the pass, every BLN layer's mean and std are those of its own inputs (given the initialised
     layers below it), as the authors' init_bln_singlePass; the model's mode and other layers are untouched."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 5, 3), norms.make("bln", 5), nn.GELU(), nn.Conv2d(5, 5, 3),
-                          nn.GELU(), norms.make("bln", 5), nn.Flatten(), nn.LazyLinear(2)).train()
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3),
+        norms.make("bln", 5),
+        nn.GELU(),
+        nn.Conv2d(5, 5, 3),
+        nn.GELU(),
+        norms.make("bln", 5),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    ).train()
     batches = [torch.randn(8, 3, 7, 7) * 3 + 1 for _ in range(3)]
     conv_before = model[0].weight.detach().clone()
     assert norms.initialise_statistics(model, batches) == 2
@@ -483,7 +517,9 @@ def test_frn_is_the_papers_equation_per_sample():
     xr = x.detach().clone().requires_grad_(True)
     w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
     nu2 = xr.pow(2).flatten(2).mean(-1)[:, :, None, None]  # mean over H, W of each sample and channel
-    y_ref = torch.max(w[None, :, None, None] * xr / torch.sqrt(nu2 + 1e-6) + b[None, :, None, None], layer.tau[None, :, None, None])
+    y_ref = torch.max(
+        w[None, :, None, None] * xr / torch.sqrt(nu2 + 1e-6) + b[None, :, None, None], layer.tau[None, :, None, None]
+    )
     assert_close(y, y_ref, **TIGHT)
     for a, g in zip(grads, torch.autograd.grad((y_ref * up).sum(), (xr, w, b))):
         assert_close(a, g, **TIGHT)
@@ -519,7 +555,9 @@ def test_weight_standardised_conv_standardises_each_filter():
     conv = norms.WeightStandardisedConv2d(3, 4, 3, padding=1, bias=False)
     w = conv.weight.detach()
     flat = w.flatten(1)
-    standardised = ((flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)).view_as(w)
+    standardised = (
+        (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)
+    ).view_as(w)
     x = torch.randn(2, 3, 5, 5)
     assert_close(conv(x), torch.nn.functional.conv2d(x, standardised, padding=1), **TIGHT)
 
@@ -553,7 +591,9 @@ def test_bln_statistics_learn_only_through_the_auxiliary_loss():
     layer = norms.make("bln", 5)
     x = _inputs((4, 5, 3, 3))
     y = layer(x)
-    task_grads = torch.autograd.grad(y.square().sum(), [layer.mean, layer.log_std, x], allow_unused=True, retain_graph=True)
+    task_grads = torch.autograd.grad(
+        y.square().sum(), [layer.mean, layer.log_std, x], allow_unused=True, retain_graph=True
+    )
     assert task_grads[0] is None and task_grads[1] is None
     aux_grads = torch.autograd.grad(layer.aux_loss, [layer.mean, layer.log_std, x], allow_unused=True)
     assert aux_grads[0].abs().sum() > 0 and aux_grads[1].abs().sum() > 0
@@ -589,8 +629,9 @@ def test_bnwos_batch_smaller_than_devices_raises():
         norms.make("bnwos", 5, devices=4)(_inputs((3, 5)))
 
 
-@pytest.mark.parametrize("method", ["bn", "bnrs", "brn", "brnc", "brnc_warmup", "bnrs_orig", "brn_orig", "brnc_orig",
-                                    "bnwos", "mabn", "bln"])
+@pytest.mark.parametrize(
+    "method", ["bn", "bnrs", "brn", "brnc", "brnc_warmup", "bnrs_orig", "brn_orig", "brnc_orig", "bnwos", "mabn", "bln"]
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_keeps_statistics_finite(method, dtype):
     layer = norms.make(method, 5).float()
@@ -606,14 +647,26 @@ def test_half_precision_keeps_statistics_finite(method, dtype):
 @pytest.mark.parametrize("method", norms.METHODS)
 def test_state_dict_round_trip_mid_training(method):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 5, 3), norms.make(method, 5, **({"warmup_steps": 1, "buffer_size": 3} if method == "mabn" else {})), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3),
+        norms.make(method, 5, **({"warmup_steps": 1, "buffer_size": 3} if method == "mabn" else {})),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for s in range(3):
         loss = model(torch.randn(4, 3, 6, 6)).square().mean() + norms.auxiliary_loss(model)
         opt.zero_grad(), loss.backward(), opt.step()
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    clone = nn.Sequential(nn.Conv2d(3, 5, 3), norms.make(method, 5, **({"warmup_steps": 1, "buffer_size": 3} if method == "mabn" else {})), nn.ReLU(), nn.Flatten(), nn.Linear(80, 2))
+    clone = nn.Sequential(
+        nn.Conv2d(3, 5, 3),
+        norms.make(method, 5, **({"warmup_steps": 1, "buffer_size": 3} if method == "mabn" else {})),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(80, 2),
+    )
     buffer.seek(0)
     clone.load_state_dict(torch.load(buffer))
     x = torch.randn(4, 3, 6, 6)
@@ -644,7 +697,9 @@ def test_convert_resnet18():
             assert torch.all(converted.bn1.weight == 0.5)
         if method in ("bn", "bnrs", "brn", "brnc", "bnwos"):
             assert torch.all(converted.bn1.running_mean == 0.25)
-        out = converted(torch.randn(4, 3, 32, 32))  # 1x1 after the last stage: the smallest input that exercises every layer
+        out = converted(
+            torch.randn(4, 3, 32, 32)
+        )  # 1x1 after the last stage: the smallest input that exercises every layer
         out.sum().backward()
         assert out.shape == (4, 10)
         assert converted.conv1.weight.grad is not None
@@ -673,7 +728,7 @@ def test_recompute_statistics_gives_population_statistics():
         model = nn.Sequential(nn.Identity(), norms.make(method, 2))
         model.train()
         counter_before = int(model[1].num_batches_tracked)
-        seen = norms.recompute_statistics(model, [(data[i: i + 16], None) for i in range(0, 64, 16)])
+        seen = norms.recompute_statistics(model, [(data[i : i + 16], None) for i in range(0, 64, 16)])
         assert seen == 64 and model.training and int(model[1].num_batches_tracked) == counter_before
         assert_close(model[1].running_mean, data.mean(dim=(0, 2, 3)), **TIGHT)
         assert_close(model[1].running_var, data.var(dim=(0, 2, 3), unbiased=True), **TIGHT)
@@ -712,7 +767,10 @@ def test_detached_bn_is_bn_forward_with_the_closed_form_gradient(method, shape):
         assert_close(y, y_ref, **TIGHT)
         assert_close(grads[1:], grads_ref[1:], **TIGHT)  # gamma, beta
         dims = [0, *range(2, len(shape))]
-        view = lambda v: v.view(1, -1, *([1] * (len(shape) - 2)))  # noqa: E731
+
+        def view(v):
+            return v.view(1, -1, *([1] * (len(shape) - 2)))
+
         sigma = torch.sqrt(x.detach().var(dim=dims, correction=0, keepdim=True) + 1e-5)
         x_hat = (x.detach() - x.detach().mean(dim=dims, keepdim=True)) / sigma
         g = view(ours.weight.detach()) * up
@@ -739,6 +797,7 @@ def test_detached_bn_with_nothing_detached_is_bn():
 
 
 # --- the momentum sweep of the running statistics ---
+
 
 @pytest.mark.parametrize("momentum", norms.MOMENTUM_SWEEP)
 @pytest.mark.parametrize("base", ["bnrs", "bnrs_orig"])
@@ -789,13 +848,21 @@ def test_bnrs_orig_at_momentum_one_is_bn_detached_with_the_unbiased_variance(sha
 
 # --- Online Normalization ---
 
+
 class _OfficialOnlineNorm:
     """A float64 transcription of the official Online Normalization (Cerebras/online-normalization,
     ``online_norm_2d.py``: ``OnlineNorm2d`` = ``Norm2d`` (``norm_fwd_cpu`` / ``norm_bwd_cpu`` in ``norm_cpu.cpp``),
     affine, then ``LayerScaling`` or ``ActivationClamp``), sample by sample as the C++ loops run."""
 
     def __init__(self, channels, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-5, ecm="ls", ls_eps=1e-5, clamp=5.0):
-        self.afwd, self.abkw, self.eps, self.ecm, self.ls_eps, self.clamp = alpha_fwd, alpha_bkw, eps, ecm, ls_eps, clamp
+        self.afwd, self.abkw, self.eps, self.ecm, self.ls_eps, self.clamp = (
+            alpha_fwd,
+            alpha_bkw,
+            eps,
+            ecm,
+            ls_eps,
+            clamp,
+        )
         self.m, self.var = torch.zeros(channels), torch.ones(channels)
         self.u, self.v = torch.zeros(channels), torch.zeros(channels)
 
@@ -830,7 +897,9 @@ class _OfficialOnlineNorm:
         return y.detach(), (grad_in.view(x.shape), grad_w, grad_b)
 
     def eval(self, x, weight, bias):
-        view = lambda v: v.view(1, -1, *([1] * (x.dim() - 2)))  # noqa: E731
+        def view(v):
+            return v.view(1, -1, *([1] * (x.dim() - 2)))
+
         return self._ecm((x - view(self.m)) / torch.sqrt(view(self.var) + self.eps) * view(weight) + view(bias))
 
 
@@ -850,7 +919,12 @@ def test_online_norm_equals_official_transcription(ecm, shape):
         assert_close(y, y_ref, **TIGHT)
         for a, g in zip(grads, grads_ref):
             assert_close(a, g, **TIGHT)
-        for ours, theirs in ((layer.running_mean, ref.m), (layer.running_var, ref.var), (layer.u, ref.u), (layer.v, ref.v)):
+        for ours, theirs in (
+            (layer.running_mean, ref.m),
+            (layer.running_var, ref.var),
+            (layer.u, ref.u),
+            (layer.v, ref.v),
+        ):
             assert_close(ours, theirs, **TIGHT)
     layer.eval()
     x = _inputs(shape, seed=99)
@@ -869,6 +943,7 @@ def test_online_norm_defaults_are_the_authors_and_groups_scale_separately():
 
 
 # --- Cross-Iteration Batch Normalization ---
+
 
 class _OfficialCBN:
     """A float64 transcription of the official ``CBatchNorm2d`` (Howal/Cross-iterationBatchNorm,
@@ -896,10 +971,20 @@ class _OfficialCBN:
             cur_sigma2 = y.var(dim=1)
             dmudw = torch.autograd.grad(cur_mu, weight, self.ones, retain_graph=True)[0]
             dmeanx2dw = torch.autograd.grad(cur_meanx2, weight, self.ones, retain_graph=True)[0]
-            mu_all = torch.stack([cur_mu] + [m + (self.rho * d * (weight.data - w)).sum(1).sum(1).sum(1)
-                                             for m, d, w in zip(self.pre_mu, self.pre_dmudw, self.pre_weight)])
-            meanx2_all = torch.stack([cur_meanx2] + [m + (self.rho * d * (weight.data - w)).sum(1).sum(1).sum(1)
-                                                     for m, d, w in zip(self.pre_meanx2, self.pre_dmeanx2dw, self.pre_weight)])
+            mu_all = torch.stack(
+                [cur_mu]
+                + [
+                    m + (self.rho * d * (weight.data - w)).sum(1).sum(1).sum(1)
+                    for m, d, w in zip(self.pre_mu, self.pre_dmudw, self.pre_weight)
+                ]
+            )
+            meanx2_all = torch.stack(
+                [cur_meanx2]
+                + [
+                    m + (self.rho * d * (weight.data - w)).sum(1).sum(1).sum(1)
+                    for m, d, w in zip(self.pre_meanx2, self.pre_dmeanx2dw, self.pre_weight)
+                ]
+            )
             sigma2_all = meanx2_all - torch.pow(mu_all, 2)
             re_mu_all, re_meanx2_all = mu_all.clone(), meanx2_all.clone()
             re_mu_all[sigma2_all < 0] = 0

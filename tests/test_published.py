@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from browser import LAYOUT_SCRIPT, needs_chromium, probe  # tests/browser.py
 
 from bnlib import analysis, book, cli, grid, paths, published, runner, tables, verify
-from browser import LAYOUT_SCRIPT, needs_chromium, probe  # tests/browser.py
 from bnlib.record import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,9 @@ def test_runner_writes_compact_figures_and_a_full_colour_one_is_named_then_compa
 
     folder = _copy_grid(smoke_results, tmp_path)
     notebooks = sorted((folder / "runs").glob("*.ipynb"))
-    figures = [o["data"]["image/png"] for nb in notebooks for o in published._png_outputs(nbformat.read(nb, as_version=4))]
+    figures = [
+        o["data"]["image/png"] for nb in notebooks for o in published._png_outputs(nbformat.read(nb, as_version=4))
+    ]
     assert figures and all(published._is_palette_png(f) for f in figures)
     assert published.compact(folder) == (0, 0)  # nothing to do: the runner did it
 
@@ -109,13 +111,17 @@ def test_runner_writes_compact_figures_and_a_full_colour_one_is_named_then_compa
     assert published.compact(folder) == (0, 0)  # idempotent: a finished cell's files change once
     stored = [o["data"]["image/png"] for o in published._png_outputs(nbformat.read(victim, as_version=4))][-1]
     assert len(stored) < 0.6 * len(original)
-    before, after = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=float)
-                     for b in (original, stored))
+    before, after = (
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=float) for b in (original, stored)
+    )
     assert before.shape == after.shape and np.abs(before - after).mean() < 1.0  # out of 255: the same picture
 
 
-COMMITTED = sorted(p.parent.parent.name for p in (ROOT / "results").glob("*/runs/*.json")
-                   if p.parent.parent.name not in ("smoke", "default"))
+COMMITTED = sorted(
+    p.parent.parent.name
+    for p in (ROOT / "results").glob("*/runs/*.json")
+    if p.parent.parent.name not in ("smoke", "default")
+)
 
 
 @pytest.mark.parametrize("name", sorted(set(COMMITTED)) or ["study"])
@@ -138,10 +144,17 @@ def test_readme_findings_match_the_committed_study():
     start, end = book.README_MARKERS
     committed = text.split(start, 1)[1].split(end, 1)[0].strip()
     done = len(list(STUDY.glob("runs/*.json")))
-    expected = book.readme_findings(pd.read_csv(STUDY / "summary.csv"), done, len(grid.load("study").cells),
-                                    book.run_commits(STUDY / "runs"), folder=STUDY,
-                                    why=book.why_from(ROOT / "results" / book.MECHANISM_GRID))
-    assert committed == expected.strip(), "README findings are out of date: run `bnlib aggregate study --readme` and commit"
+    expected = book.readme_findings(
+        pd.read_csv(STUDY / "summary.csv"),
+        done,
+        len(grid.load("study").cells),
+        book.run_commits(STUDY / "runs"),
+        folder=STUDY,
+        why=book.why_from(ROOT / "results" / book.MECHANISM_GRID),
+    )
+    assert committed == expected.strip(), (
+        "README findings are out of date: run `bnlib aggregate study --readme` and commit"
+    )
 
 
 def test_readme_headline_figure_draws_the_committed_summary():
@@ -153,8 +166,9 @@ def test_readme_headline_figure_draws_the_committed_summary():
         pytest.skip("results/study holds no finished cell in this checkout")
     assert f"]({paths.README_FIGURE.relative_to(ROOT).as_posix()})" in (ROOT / "README.md").read_text()
     digest, _ = book.headline_digest(pd.read_csv(STUDY / "summary.csv"))
-    assert Image.open(paths.README_FIGURE).info.get("Description") == f"bnlib headline {digest}", \
+    assert Image.open(paths.README_FIGURE).info.get("Description") == f"bnlib headline {digest}", (
         "the README's figure is out of date: run `bnlib aggregate study --readme` and commit"
+    )
 
 
 def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
@@ -168,12 +182,17 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     assert "BN ends at" in text and ("below" in text or "cannot tell" in text)
     assert "**Why" not in text  # no mechanism grid given: no why
     book.write_readme_findings(summary, 3, 6, readme=readme, why="Why, from an ablation: cutting costs 20 points.")
-    assert ("\n\n**Why, from an ablation** (computed from `results/mechanism/analysis.csv`; the book's chapter \"Why running "
-            "statistics fail in training\"): cutting costs 20 points.\n") in readme.read_text()
+    assert (
+        "\n\n**Why, from an ablation** (computed from `results/mechanism/analysis.csv`; the book's chapter "
+        '"Why running statistics fail in training"): cutting costs 20 points.\n'
+    ) in readme.read_text()
     from PIL import Image  # the figure beside the README, with the fingerprint of what it draws
 
     png = tmp_path / paths.README_FIGURE.relative_to(ROOT)
-    assert f"![{book.HEADLINE_ALT}]" in text and Image.open(png).info["Description"] == f"bnlib headline {book.headline_digest(summary)[0]}"
+    assert (
+        f"![{book.HEADLINE_ALT}]" in text
+        and Image.open(png).info["Description"] == f"bnlib headline {book.headline_digest(summary)[0]}"
+    )
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         book.write_readme_findings(summary, 3, 6, readme=readme)
@@ -181,6 +200,7 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
 
 def test_run_on_a_finished_grid_does_nothing_and_says_so(smoke_results, tmp_path, capsys):
     folder = _copy_grid(smoke_results, tmp_path)
+
     def files():  # every result file (the runner's lock is not a result)
         return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != ".runner.lock"}
 
@@ -192,7 +212,9 @@ def test_run_on_a_finished_grid_does_nothing_and_says_so(smoke_results, tmp_path
 
 
 @pytest.mark.slow
-def test_verify_reexecutes_a_committed_cell_bit_identically_and_catches_a_changed_number(smoke_results, tmp_path, capsys):
+def test_verify_reexecutes_a_committed_cell_bit_identically_and_catches_a_changed_number(
+    smoke_results, tmp_path, capsys
+):
     folder = _copy_grid(smoke_results, tmp_path)
     g = grid.load("smoke")
     chosen = verify.choose([c.id for c in g.cells], 1, seed=1)
@@ -224,8 +246,14 @@ def test_the_current_code_reproduces_the_cheapest_committed_study_cell():
         pytest.skip("results/study holds no finished cell in this checkout")
     g = grid.load("study")
     runs = STUDY / "runs"
-    done = [c for c in g.cells if runner.state(runs, c) == "done" and "same_training_as" not in json.loads((runs / f"{c.id}.json").read_text())]
-    assert done, "no committed study cell counts as run by the current code: re-run them or register a verified fingerprint"
+    done = [
+        c
+        for c in g.cells
+        if runner.state(runs, c) == "done" and "same_training_as" not in json.loads((runs / f"{c.id}.json").read_text())
+    ]
+    assert done, (
+        "no committed study cell counts as run by the current code: re-run them or register a verified fingerprint"
+    )
     cell = min(done, key=lambda c: json.loads((runs / f"{c.id}.json").read_text())["wall_seconds"])
     committed = read_run(runs / f"{cell.id}.json")
     steps = min(MAX_STEPS_IN_CI, min(rec.eval_step[0] for rec in committed.methods.values() if rec.eval_step))
@@ -244,24 +272,56 @@ def _summary(diffs: dict, n: int = 5) -> pd.DataFrame:
     """A summary with given paired differences (points: mean, low, high) per (dataset, batch, method)."""
     rows = []
     for (ds, b, m), (mean, low, high) in diffs.items():
-        rows.append({"dataset": ds, "batch_size": b, "sampler": "iid", "norm_placement": "all", "budget": "50 steps",
-                     "method": m, "n_seeds": n, "mean": 0.8, "ci_low": 0.7, "ci_high": 0.9,
-                     "diff_vs_bn": mean / 100, "diff_ci_low": low / 100, "diff_ci_high": high / 100})
+        rows.append(
+            {
+                "dataset": ds,
+                "batch_size": b,
+                "sampler": "iid",
+                "norm_placement": "all",
+                "budget": "50 steps",
+                "method": m,
+                "n_seeds": n,
+                "mean": 0.8,
+                "ci_low": 0.7,
+                "ci_high": 0.9,
+                "diff_vs_bn": mean / 100,
+                "diff_ci_low": low / 100,
+                "diff_ci_high": high / 100,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def test_original_claims_follow_the_intervals():
     ds = "fashionmnist"
-    diffs = {(ds, 2, "brn"): (3, 1, 5), (ds, 2, "brnc"): (2, -1, 5), (ds, 16, "brn"): (0, -1, 1), (ds, 16, "brnc"): (0, -1, 1),
-             (ds, 2, "bnrs"): (-20, -25, -15), (ds, 16, "bnrs"): (-10, -12, -8),
-             (ds, 2, "bnwos"): (-60, -70, -50), (ds, 16, "bnwos"): (0.1, -0.5, 0.7)}
+    diffs = {
+        (ds, 2, "brn"): (3, 1, 5),
+        (ds, 2, "brnc"): (2, -1, 5),
+        (ds, 16, "brn"): (0, -1, 1),
+        (ds, 16, "brnc"): (0, -1, 1),
+        (ds, 2, "bnrs"): (-20, -25, -15),
+        (ds, 16, "bnrs"): (-10, -12, -8),
+        (ds, 2, "bnwos"): (-60, -70, -50),
+        (ds, 16, "bnwos"): (0.1, -0.5, 0.7),
+    }
     verdicts = [c["verdict"] for c in book.original_claims(_summary(diffs), ds)]
     assert verdicts == ["holds", "holds", "holds", "holds"]
-    flipped = {**diffs, (ds, 16, "brn"): (2, 0.5, 3.5), (ds, 16, "bnrs"): (2, 1, 3), (ds, 2, "bnwos"): (1, 0.2, 2),
-               (ds, 16, "bnwos"): (-3, -4, -2)}
+    flipped = {
+        **diffs,
+        (ds, 16, "brn"): (2, 0.5, 3.5),
+        (ds, 16, "bnrs"): (2, 1, 3),
+        (ds, 2, "bnwos"): (1, 0.2, 2),
+        (ds, 16, "bnwos"): (-3, -4, -2),
+    }
     assert [c["verdict"] for c in book.original_claims(_summary(flipped), ds)] == ["does not hold"] * 4
-    unsure = {**diffs, (ds, 2, "brn"): (1, -1, 3), (ds, 2, "brnc"): (1, -1, 3), (ds, 16, "bnrs"): (-1, -3, 1),
-              (ds, 2, "bnwos"): (-1, -3, 1), (ds, 16, "bnwos"): (0, -2, 2)}
+    unsure = {
+        **diffs,
+        (ds, 2, "brn"): (1, -1, 3),
+        (ds, 2, "brnc"): (1, -1, 3),
+        (ds, 16, "bnrs"): (-1, -3, 1),
+        (ds, 2, "bnwos"): (-1, -3, 1),
+        (ds, 16, "bnwos"): (0, -2, 2),
+    }
     assert [c["verdict"] for c in book.original_claims(_summary(unsure), ds)] == ["cannot tell"] * 4
     assert [c["verdict"] for c in book.original_claims(_summary(diffs), "mnist5k")] == ["cannot tell"] * 4  # not run
 
@@ -272,8 +332,12 @@ def test_a_planned_grids_claims_follow_the_plans_verdicts_not_the_intervals():
     "matches BN at larger batches" does not hold; a dataset without primary rows is judged on its exploratory
     verdicts and labelled so; the page's words name the plan's budgets."""
     ds = "fashionmnist"
-    diffs = {(d, b, m): (-0.7, -0.8, -0.5) for d in (ds, "mnist5k") for b in (2, 16, 128)
-             for m in ("brn", "brnc", "bnrs", "bnwos")}
+    diffs = {
+        (d, b, m): (-0.7, -0.8, -0.5)
+        for d in (ds, "mnist5k")
+        for b in (2, 16, 128)
+        for m in ("brn", "brnc", "bnrs", "bnwos")
+    }
     summary = _summary(diffs)
     summary["budget"] = summary["batch_size"].map({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
     summary["family"] = np.where(summary["dataset"] == ds, "primary", "exploratory")
@@ -316,8 +380,13 @@ def published_site(tmp_path_factory, book_build_lock) -> Path:
     exe = Path(sys.executable).with_name("jupyter-book")
     out = tmp_path_factory.mktemp("published") / "site"  # never the user's _build/
     with book_build_lock:
-        proc = subprocess.run([str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-W", "-n", "--keep-going"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-W", "-n", "--keep-going"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out / "_build" / "html"
 
@@ -329,9 +398,18 @@ READ_THROUGH = ("intro", "results", "summary")
 @pytest.mark.slow
 @needs_chromium
 def test_published_pages_fit_a_1400_px_window_and_show_the_headline_figure(published_site, tmp_path):
-    pages = [*sorted(p.relative_to(published_site).as_posix() for p in (published_site / "book").glob("*.html")
-                     if not p.name.startswith(("_probe_", "genindex", "search"))),
-             "book/runs/index.html", sorted(p.relative_to(published_site).as_posix() for p in (published_site / "book" / "runs" / "cells").glob("*.html"))[0]]
+    pages = [
+        *sorted(
+            p.relative_to(published_site).as_posix()
+            for p in (published_site / "book").glob("*.html")
+            if not p.name.startswith(("_probe_", "genindex", "search"))
+        ),
+        "book/runs/index.html",
+        sorted(
+            p.relative_to(published_site).as_posix()
+            for p in (published_site / "book" / "runs" / "cells").glob("*.html")
+        )[0],
+    ]
     problems = {}
     for page in pages:
         seen = json.loads(probe(published_site, page, LAYOUT_SCRIPT, tmp_path, width=1400))
@@ -356,7 +434,9 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
         if not pd.isna(row.ci_low):
             assert f"{100 * row.mean:.1f} [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}]" in text, row
         if row.method != "bn" and not pd.isna(getattr(row, "diff_ci_low", float("nan"))):
-            assert f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text, row
+            assert (
+                f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text
+            ), row
     facts = book.headline(summary)
     intro = _text(site / "book" / "intro.html")
     assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
@@ -367,20 +447,30 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     share = sum(round(r.eval_seconds, 1) for r in runs) / sum(round(r.wall_seconds, 1) for r in runs)
     assert f"evaluation took {share:.0%} of the training time" in _text(site / "book" / "setup.html")
     article = html.unescape(re.sub(r"<[^>]+>", "", (site / "book" / "intro.html").read_text().split("<article", 1)[1]))
-    first_screen = article.split("What the original study found", 1)[0]  # the abstract and the headline figure come first
-    assert "Abstract." in first_screen and f"{facts['bnrs_small_diff']:+.1f} points [{facts['bnrs_small_low']:+.1f}" in first_screen
+    first_screen = article.split("What the original study found", 1)[
+        0
+    ]  # the abstract and the headline figure come first
+    assert (
+        "Abstract." in first_screen
+        and f"{facts['bnrs_small_diff']:+.1f} points [{facts['bnrs_small_low']:+.1f}" in first_screen
+    )
     assert 'id="headline-figure"' in (site / "book" / "intro.html").read_text()
     if not (yaml.safe_load(paths.BOOK_CONFIG.read_text()).get("repository") or {}).get("url"):  # a plain build without
         # a repository URL in _config.yml: no launch or repository button that leads nowhere
         for page in [site / "book" / "intro.html", sorted((site / "book" / "runs" / "cells").glob("*.html"))[0]]:
-            assert not re.search(r"mybinder\.org|colab\.research|launch-buttons|repository-button", page.read_text()), page.name
+            assert not re.search(r"mybinder\.org|colab\.research|launch-buttons|repository-button", page.read_text()), (
+                page.name
+            )
     cells = {p.stem for p in (STUDY / "runs").glob("*.json")}
     shown = {p.stem for p in (site / "book" / "runs" / "cells").glob("*.html")}
     assert shown == cells
     runs_page = _text(site / "book" / "runs" / "index.html")
     assert all(c in runs_page for c in cells)
     reproducibility = (site / "book" / "reproducibility.html").read_text()  # printed Markdown tables are tables
-    assert re.search(r"<th[^>]*><p>kernels: committed -&gt; re-executed</p></th>", reproducibility) or not verify.SAVED_CROSS_ISA.exists()
+    assert (
+        re.search(r"<th[^>]*><p>kernels: committed -&gt; re-executed</p></th>", reproducibility)
+        or not verify.SAVED_CROSS_ISA.exists()
+    )
     original = _text(site / "book" / "original.html")
     assert "not re-run" in original and re.search(r"holds|does not hold|cannot tell", original)
     slower = book.slower_answer(book.convergence(STUDY))  # "converges slower" read from the committed curves
@@ -404,15 +494,24 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
     effects = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
     assert len(effects)
     for row in effects.itertuples():
-        assert f"{book.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} {row.verdict} ({row.family})" in text, row
+        assert (
+            f"{book.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} {row.verdict} ({row.family})"
+            in text
+        ), row
     traces = pd.read_csv(folder / "traces_summary.csv")
     t = book.mechanism_tables(folder)
-    readouts = [book.twobytwo_answer(comparisons), book.trace_answer(traces),
-                book.textbook_answer(book.textbook_checks(comparisons, traces)), book.split_answer(summary, comparisons),
-                book.failure_answer(comparisons),
-                book.sweep_answer(t.summary, comparisons, t.evaluations), book.fixes_answer(t.summary, comparisons, t.evaluations),
-                book.one_class_answer(analysis.sampler_cost(t.evaluations)), book.why_sentence(comparisons),
-                book.plateau_answer(pd.read_csv(folder / "plateau.csv"))]
+    readouts = [
+        book.twobytwo_answer(comparisons),
+        book.trace_answer(traces),
+        book.textbook_answer(book.textbook_checks(comparisons, traces)),
+        book.split_answer(summary, comparisons),
+        book.failure_answer(comparisons),
+        book.sweep_answer(t.summary, comparisons, t.evaluations),
+        book.fixes_answer(t.summary, comparisons, t.evaluations),
+        book.one_class_answer(analysis.sampler_cost(t.evaluations)),
+        book.why_sentence(comparisons),
+        book.plateau_answer(pd.read_csv(folder / "plateau.csv")),
+    ]
     robust = ROOT / "results" / book.ROBUSTNESS_GRID / "plateau.csv"
     readouts += [book.plateau_answer(pd.read_csv(robust), by=book.BY_OPTIMISATION)] if robust.exists() else []
     if (checked := book.mechanism_tables(grid=book.BATCHSTATS_GRID)) is not None:

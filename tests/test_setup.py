@@ -4,9 +4,9 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 from bnlib import cli, runner
@@ -85,8 +85,13 @@ def test_publishing_workflow_is_valid_and_builds_what_the_tests_build(tmp_path):
     args = cli.parser().parse_args(shlex.split(book_line.split("bnlib", 1)[1]))
     assert args.func is cli.cmd_book and not args.no_strict and args.grid == "study"
     assert any(u.startswith("actions/upload-pages-artifact@") for u in uses["build"])
-    assert next(s for s in steps["build"] if s.get("uses", "").startswith("actions/upload-pages-artifact"))["with"]["path"] == "_build/html"
-    assert any(u.startswith("actions/deploy-pages@") for u in uses["deploy"]) and set(flow["jobs"]["deploy"]["needs"]) == {"build", "tests"}
+    assert (
+        next(s for s in steps["build"] if s.get("uses", "").startswith("actions/upload-pages-artifact"))["with"]["path"]
+        == "_build/html"
+    )
+    assert any(u.startswith("actions/deploy-pages@") for u in uses["deploy"]) and set(
+        flow["jobs"]["deploy"]["needs"]
+    ) == {"build", "tests"}
     broken = tmp_path / "broken.yml"
     broken.write_text(path.read_text().replace("runs-on: ubuntu-24.04", "runs_on: ubuntu-24.04", 1))
     assert _check("--builtin-schema", "vendor.github-workflows", broken).returncode != 0
@@ -113,7 +118,6 @@ def test_binder_registers_the_kernel_the_cell_notebooks_name():
     import os
 
     import nbformat
-
 
     post = ROOT / "postBuild"
     assert os.access(post, os.X_OK), "Binder runs postBuild only when it is executable"

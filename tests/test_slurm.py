@@ -25,7 +25,9 @@ def _why_not() -> str | None:
         return "the test cluster's daemons must start as root"
     missing = [d for d in DAEMONS if shutil.which(d) is None]
     if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing); scripts/install-test-deps.sh installs it as root"
+        return (
+            f"Slurm is not installed ({', '.join(missing)} missing); scripts/install-test-deps.sh installs it as root"
+        )
     return None
 
 
@@ -52,7 +54,9 @@ def cluster(tmp_path_factory):
 
 
 def _bnlib(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "bnlib.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bnlib.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 TINY = """
@@ -67,8 +71,22 @@ axes:
 def test_smoke_grid_runs_as_an_array_with_results_like_a_local_run(cluster, tmp_path, smoke_results):
     started = time.perf_counter()
     # seed 0's cells (every batching and placement of the smoke grid): an array of several tasks, half the cost
-    done = _bnlib(["run", "smoke", "--only", "seed=0", "--results", str(tmp_path), "--executor", "slurm", "--poll-s", "1",
-                   "--no-progress"], cluster)
+    done = _bnlib(
+        [
+            "run",
+            "smoke",
+            "--only",
+            "seed=0",
+            "--results",
+            str(tmp_path),
+            "--executor",
+            "slurm",
+            "--poll-s",
+            "1",
+            "--no-progress",
+        ],
+        cluster,
+    )
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stdout + done.stderr
     assert "submitted Slurm job array" in done.stdout
@@ -104,7 +122,9 @@ def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, 
 
     g = grid.load(_write(tmp_path, TINY))
     ex = SlurmExecutor(tmp_path / "res" / "tiny" / "slurm", _merge_options({}, None), poll_s=1)
-    report = runner.run(g, tmp_path / "res", ex, progress=False, notebook=_failing_notebook(tmp_path, "seed == 1 and batch_size == 8"))
+    report = runner.run(
+        g, tmp_path / "res", ex, progress=False, notebook=_failing_notebook(tmp_path, "seed == 1 and batch_size == 8")
+    )
     assert len(report.finished) == 3 and len(report.failed) == 1
     (failed,) = report.failed
     assert "boom on the cluster" in report.failed[failed]
@@ -117,7 +137,9 @@ def test_failing_cell_is_recorded_and_rerun_submits_only_missing_cells(cluster, 
     assert again.ok and again.finished == [failed] and again.skipped == 3
     second = json.loads(jobs_file.read_text())["cells"]  # every cell's latest task
     changed = {c for c in second if second[c] != first[c]}
-    assert changed == {failed} and second[failed].split("_")[0] != first[failed].split("_")[0]  # only it went out, in a new array
+    assert (
+        changed == {failed} and second[failed].split("_")[0] != first[failed].split("_")[0]
+    )  # only it went out, in a new array
     assert all((runs / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
 
 
@@ -133,7 +155,9 @@ def test_a_task_that_wrote_its_result_is_not_live_while_squeue_still_lists_it(tm
     result = ex._job("7_0").paths.result_pickle
     result.parent.mkdir(parents=True)
     result.write_bytes(b"")
-    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="7_0|COMPLETING\n7_1|COMPLETING\n"))
+    monkeypatch.setattr(
+        slurm.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="7_0|COMPLETING\n7_1|COMPLETING\n")
+    )
     assert ex._live([first, second], record) == {second.id: "7_1"}
 
 
@@ -160,11 +184,34 @@ def _write(tmp_path, text):
 
 
 def test_cancelled_task_is_recorded_as_failed_in_bounded_time(cluster, tmp_path):
-    slow = TINY.replace("steps: 10", "steps: 100000").replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]")
+    slow = (
+        TINY.replace("steps: 10", "steps: 100000")
+        .replace("seed: [0, 1]", "seed: [0]")
+        .replace("batch_size: [4, 8]", "batch_size: [4]")
+    )
     path = _write(tmp_path, slow)
     env = {**cluster, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "--executor", "slurm",
-                             "--poll-s", "1", "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bnlib.cli",
+            "run",
+            str(path),
+            "--results",
+            str(tmp_path / "res"),
+            "--executor",
+            "slurm",
+            "--poll-s",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     jobs_file = tmp_path / "res" / "tiny" / "slurm" / "jobs.json"
     deadline = time.time() + 120
     job = None
@@ -175,7 +222,9 @@ def test_cancelled_task_is_recorded_as_failed_in_bounded_time(cluster, tmp_path)
     assert job, "the array was not submitted"
     # wait until the task runs, then cancel it as a user (or the time limit) would
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=cluster).stdout.strip()
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=cluster
+        ).stdout.strip()
         if state == "RUNNING":
             break
         time.sleep(0.5)
@@ -194,7 +243,9 @@ def test_cancelled_task_is_recorded_as_failed_in_bounded_time(cluster, tmp_path)
 
 def _wait_running(job, env, deadline):
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env
+        ).stdout.strip()
         if state == "RUNNING":
             return
         time.sleep(0.5)
@@ -202,14 +253,37 @@ def _wait_running(job, env, deadline):
 
 
 def test_rerun_while_tasks_live_waits_for_them_instead_of_submitting_again(cluster, tmp_path):
-    slow = TINY.replace("steps: 10", "steps: 100000").replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]")
+    slow = (
+        TINY.replace("steps: 10", "steps: 100000")
+        .replace("seed: [0, 1]", "seed: [0]")
+        .replace("batch_size: [4, 8]", "batch_size: [4]")
+    )
     path = _write(tmp_path, slow)
-    args = [sys.executable, "-m", "bnlib.cli", "run", str(path), "--results", str(tmp_path / "res"), "--executor", "slurm",
-            "--poll-s", "1", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "bnlib.cli",
+        "run",
+        str(path),
+        "--results",
+        str(tmp_path / "res"),
+        "--executor",
+        "slurm",
+        "--poll-s",
+        "1",
+        "--no-progress",
+    ]
     env = {**cluster, "PYTHONUNBUFFERED": "1"}
     # Ctrl-C must reach the runner even when these tests run in a background job (whose shell ignores SIGINT)
-    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    first = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     jobs_file = tmp_path / "res" / "tiny" / "slurm" / "jobs.json"
     deadline = time.time() + 120
     while time.time() < deadline and not jobs_file.exists():
@@ -230,7 +304,9 @@ def test_rerun_while_tasks_live_waits_for_them_instead_of_submitting_again(clust
         out, _ = second.communicate(timeout=180)
         out = said + out
         assert "submitted Slurm job array" not in out, out
-        assert json.loads(jobs_file.read_text())["cells"] == {grid.load(path).cells[0].id: job}  # the same task, not a second one
+        assert json.loads(jobs_file.read_text())["cells"] == {
+            grid.load(path).cells[0].id: job
+        }  # the same task, not a second one
         assert second.returncode == 1 and "CANCELLED" in out, out  # its outcome is recorded like the runner's own
     finally:  # a failed assertion must not leave a task (and its kernel) running: every recorded one goes
         subprocess.run(["scancel", *set(json.loads(jobs_file.read_text())["cells"].values()), job], env=cluster)
@@ -248,15 +324,21 @@ def test_cell_at_its_time_limit_is_requeued_with_retries_and_finishes(cluster, t
 
     nb = nbformat.read(runner.NOTEBOOK, as_version=4)
     index = next(i for i, c in enumerate(nb.cells) if "train.train_seeds(" in c.source)
-    nb.cells.insert(index, nbformat.v4.new_code_cell(
-        "import pathlib, time\n"
-        "attempt = pathlib.Path(output_path).with_suffix('.attempt')\n"
-        "if not attempt.exists():\n"
-        "    attempt.write_text('1')\n"
-        "    time.sleep(600)"))
+    nb.cells.insert(
+        index,
+        nbformat.v4.new_code_cell(
+            "import pathlib, time\n"
+            "attempt = pathlib.Path(output_path).with_suffix('.attempt')\n"
+            "if not attempt.exists():\n"
+            "    attempt.write_text('1')\n"
+            "    time.sleep(600)"
+        ),
+    )
     notebook = tmp_path / "slow_once.ipynb"
     nbformat.write(nb, notebook)
-    g = grid.load(_write(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]")))
+    g = grid.load(
+        _write(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0]").replace("batch_size: [4, 8]", "batch_size: [4]"))
+    )
     # time limit 3 min, warned 110 s before: the first attempt is signalled ~70 s in (slurmctld checks every
     # ~30 s; earlier, the signal could land before submitit's handler is installed) and requeued
     options = _merge_options({"time_min": 3, "signal_delay_s": 110, "retries": 1}, None)

@@ -42,8 +42,13 @@ def test_holm_by_hand():
 
 
 def test_verdicts_need_the_corrected_p_value():
-    summary = pd.DataFrame({"method": ["bn", "a", "b", "c"], "diff_vs_bn": [np.nan, 0.02, -0.05, 0.01],
-                            "p_value": [np.nan, 0.02, 0.001, 0.4]})
+    summary = pd.DataFrame(
+        {
+            "method": ["bn", "a", "b", "c"],
+            "diff_vs_bn": [np.nan, 0.02, -0.05, 0.01],
+            "p_value": [np.nan, 0.02, 0.001, 0.4],
+        }
+    )
     out = stats.add_verdicts(summary).set_index("method")
     # a: 0.02 alone would pass at 5%, but Holm over 3 comparisons makes it 0.04 -> still above; b: 0.003 -> below
     assert out.loc["a", "verdict"] == "above" and out.loc["b", "verdict"] == "below"
@@ -54,8 +59,11 @@ def test_verdicts_need_the_corrected_p_value():
 
 def test_halfwidth_shrinks_with_seeds():
     rng = np.random.default_rng(1)
-    rows = [{"dataset": "d", "method": m, "seed": s, "score": 0.9 + (0.02 if m == "x" else 0) + rng.normal(0, 0.01)}
-            for s in range(6) for m in ("bn", "x")]
+    rows = [
+        {"dataset": "d", "method": m, "seed": s, "score": 0.9 + (0.02 if m == "x" else 0) + rng.normal(0, 0.01)}
+        for s in range(6)
+        for m in ("bn", "x")
+    ]
     out = stats.halfwidth_by_seeds(pd.DataFrame(rows), ["dataset"])
     assert list(out["n_seeds"]) == [2, 3, 4, 5, 6] and set(out["method"]) == {"x"}
     assert out["halfwidth_points"].iloc[-1] < out["halfwidth_points"].iloc[0]

@@ -29,7 +29,10 @@ def _train_seeds(*args, **kwargs) -> list[dict]:
 
 def _strip_timings(result):
     out = {k: v for k, v in result.items() if k not in ("wall_seconds", "eval_seconds")}
-    out["methods"] = {m: {k: v for k, v in r.items() if k not in ("train_seconds", "samples_per_second")} for m, r in result["methods"].items()}
+    out["methods"] = {
+        m: {k: v for k, v in r.items() if k not in ("train_seconds", "samples_per_second")}
+        for m, r in result["methods"].items()
+    }
     return out
 
 
@@ -73,11 +76,16 @@ def test_bad_configuration_is_rejected_before_training(changes, key, monkeypatch
 
 
 def test_batch_of_one_is_fine_without_batch_statistics():
-    result = _train(train.Config(methods=["gn", "bln", "none", "frn", "evonorm"], batch_size=1, steps=3, eval_every=3),
-                         dataset=digits(), progress=False)
+    result = _train(
+        train.Config(methods=["gn", "bln", "none", "frn", "evonorm"], batch_size=1, steps=3, eval_every=3),
+        dataset=digits(),
+        progress=False,
+    )
     assert set(result["methods"]) == {"gn", "bln", "none", "frn", "evonorm"}
     for m, rec in result["methods"].items():
-        assert not rec["diverged"] and len(rec["train_loss"]) == 3 and all(math.isfinite(v) for v in rec["train_loss"]), m
+        assert (
+            not rec["diverged"] and len(rec["train_loss"]) == 3 and all(math.isfinite(v) for v in rec["train_loss"])
+        ), m
         assert 0.0 <= rec["final"]["test_acc"] <= 1.0, m
 
 
@@ -87,7 +95,15 @@ def test_unknown_config_key_names_the_source():
 
 
 def test_same_seed_same_numbers():
-    config = train.Config(methods=["bn", "brnc", "mabn", "bln"], batch_size=8, steps=40, eval_every=20, log_every=10, recompute=True, recompute_samples=64)
+    config = train.Config(
+        methods=["bn", "brnc", "mabn", "bln"],
+        batch_size=8,
+        steps=40,
+        eval_every=20,
+        log_every=10,
+        recompute=True,
+        recompute_samples=64,
+    )
     a = _train(config, dataset=digits(), progress=False)
     b = _train(config, dataset=digits(), progress=False)
     assert _strip_timings(a) == _strip_timings(b)
@@ -103,9 +119,18 @@ class _Killed(BaseException):
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_numbers(sampler, methods, tmp_path, monkeypatch):
     """Every method (running statistics, MABN's buffers, BLN's auxiliary loss...) killed in the middle of a log
     window after an evaluation, resumed: bit for bit the uninterrupted run, i.i.d. and non-i.i.d. streams."""
-    config = train.Config(methods=methods, batch_size=4, steps=20, evals=2, log_every=4, recompute=True,
-                          recompute_samples=16, sampler=sampler, classes_per_batch=2 if sampler == "noniid" else None,
-                          checkpoint_minutes=0)
+    config = train.Config(
+        methods=methods,
+        batch_size=4,
+        steps=20,
+        evals=2,
+        log_every=4,
+        recompute=True,
+        recompute_samples=16,
+        sampler=sampler,
+        classes_per_batch=2 if sampler == "noniid" else None,
+        checkpoint_minutes=0,
+    )
     whole = _train(config, dataset=digits(), progress=False)
     ckpt = tmp_path / "cell.ckpt"
     save = checkpoint.save
@@ -131,7 +156,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_numbers(sampler, m
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
     config = train.Config(methods=["bn"], batch_size=4, steps=6, evals=1, checkpoint_minutes=0)
     ckpt = tmp_path / "cell.ckpt"
-    checkpoint.save(ckpt, {"key": checkpoint.key(train.Config(**{**config.__dict__, "lr": 0.1}), [0], train.LOCAL_KEYS), "step": 3})
+    checkpoint.save(
+        ckpt, {"key": checkpoint.key(train.Config(**{**config.__dict__, "lr": 0.1}), [0], train.LOCAL_KEYS), "step": 3}
+    )
     result = _train(config, dataset=digits(), progress=False, checkpoint=ckpt)
     assert "other settings or training code; starting from step 0" in capsys.readouterr().out
     assert "resumed_at_steps" not in result
@@ -152,16 +179,27 @@ def _close(a, b, rel=1e-5):
 # FRN is left out at batch 64: there it amplifies the float32 difference between the stacked (grouped) and solo
 # convolutions into different runs (training loss 1.04e-4 apart after 16 steps, test accuracy 2 of 360 images apart
 # at the end, deterministically, with one thread per worker on an AVX2 EPYC); its stacking is checked at batch 4
-@pytest.mark.parametrize("sampler,methods,batch_size", [("iid", list(norms.METHODS), 4), ("noniid", ["bn", "gn", "bln", "mabn"], 4),
-                                                        ("iid", ["bn", "mabn", "gn"], 64)])
+@pytest.mark.parametrize(
+    "sampler,methods,batch_size",
+    [("iid", list(norms.METHODS), 4), ("noniid", ["bn", "gn", "bln", "mabn"], 4), ("iid", ["bn", "mabn", "gn"], 64)],
+)
 def test_stacked_seeds_equal_their_solo_runs_for_every_method(sampler, methods, batch_size):
     """Three seeds trained as one stacked model: every seed's batches, initial weights (BLN's data start too),
     curves and evaluations (recomputed and batch statistics included) are its solo run's, to float tolerance.
     At batch 4 the batch-statistics evaluation runs stacked, at 64 through the seeds' own networks."""
     assert 4 <= evaluate.STACKED_EVAL_MAX_BATCH["cpu"] < 64
-    config = train.Config(methods=methods, batch_size=batch_size, steps=24, evals=2, log_every=4, recompute=True,
-                          recompute_samples=16, eval_batch_stats=True, sampler=sampler,
-                          classes_per_batch=2 if sampler == "noniid" else None)
+    config = train.Config(
+        methods=methods,
+        batch_size=batch_size,
+        steps=24,
+        evals=2,
+        log_every=4,
+        recompute=True,
+        recompute_samples=16,
+        eval_batch_stats=True,
+        sampler=sampler,
+        classes_per_batch=2 if sampler == "noniid" else None,
+    )
     seeds = [3, 0, 5]
     stacked = _train_seeds(config, seeds, dataset=digits(), progress=False)
     for seed, result in zip(seeds, stacked):
@@ -237,7 +275,11 @@ def test_diverged_method_is_recorded_and_others_finish(monkeypatch):
         return net
 
     monkeypatch.setattr(models, "build", poisoned)
-    result = _train(train.Config(methods=["bn", "bnrs"], batch_size=8, steps=40, eval_every=10, log_every=5), dataset=digits(), progress=False)
+    result = _train(
+        train.Config(methods=["bn", "bnrs"], batch_size=8, steps=40, eval_every=10, log_every=5),
+        dataset=digits(),
+        progress=False,
+    )
     bad, good = result["methods"]["bnrs"], result["methods"]["bn"]
     assert bad["diverged"] and bad["diverged_step"] == 15
     assert bad["train_step"] == [5, 10] and bad["eval_step"] == [10]  # records up to the divergence kept
@@ -247,7 +289,11 @@ def test_diverged_method_is_recorded_and_others_finish(monkeypatch):
 
 
 def test_lockstep_on_digits_bn_learns():
-    result = _train(train.Config(methods=["bn", "brn", "gn"], batch_size=16, epochs=2, recompute=True), dataset=digits(), progress=False)
+    result = _train(
+        train.Config(methods=["bn", "brn", "gn"], batch_size=16, epochs=2, recompute=True),
+        dataset=digits(),
+        progress=False,
+    )
     for m in ("bn", "brn", "gn"):
         assert result["methods"][m]["final"]["test_acc"] > 0.85, (m, result["methods"][m]["final"])
     assert result["methods"]["bn"]["final"]["test_acc_recomputed"] > 0.85
@@ -265,8 +311,15 @@ def test_cuda_request_without_cuda_is_a_clear_error():
 def test_evaluation_subset_changes_nothing_but_the_in_training_evaluations():
     """Evaluations on a fixed test subset (and recomputed statistics, restored afterwards) must not touch
     training: the final full-test-set numbers are identical to evaluating on everything every time."""
-    base = dict(methods=["bn", "bnrs", "mabn", "bln"], batch_size=8, steps=30, eval_every=10, log_every=10,
-                recompute=True, recompute_samples=64)
+    base = dict(
+        methods=["bn", "bnrs", "mabn", "bln"],
+        batch_size=8,
+        steps=30,
+        eval_every=10,
+        log_every=10,
+        recompute=True,
+        recompute_samples=64,
+    )
     full = _train(train.Config(**base, eval_samples=None), dataset=digits(), progress=False)
     sub = _train(train.Config(**base, eval_samples=50), dataset=digits(), progress=False)
     n_test = len(digits().y_test)
@@ -298,8 +351,17 @@ def test_every_method_stays_finite_in_bf16(batch):
     from bnlib import norms
 
     # a narrow net: CPUs without bf16 instructions emulate bf16 at ~1 GFLOP/s
-    config = train.Config(methods=list(norms.METHODS), batch_size=batch, steps=30, eval_every=15, log_every=10, width=8,
-                          recompute=True, recompute_samples=32, precision="bf16")
+    config = train.Config(
+        methods=list(norms.METHODS),
+        batch_size=batch,
+        steps=30,
+        eval_every=15,
+        log_every=10,
+        width=8,
+        recompute=True,
+        recompute_samples=32,
+        precision="bf16",
+    )
     result = _train(config, dataset=digits(), progress=False)
     fp32 = _train(train.Config(**{**config.__dict__, "precision": "fp32"}), dataset=digits(), progress=False)
     for m, rec in result["methods"].items():
@@ -308,7 +370,11 @@ def test_every_method_stays_finite_in_bf16(batch):
         # bf16 follows fp32's learning curve: final losses close, though not bit-equal (bf16 really ran)
         ref = fp32["methods"][m]
         assert rec["train_loss"] != ref["train_loss"], m
-        assert abs(rec["final"]["test_loss"] - ref["final"]["test_loss"]) < 0.1 * ref["final"]["test_loss"], (m, rec["final"], ref["final"])
+        assert abs(rec["final"]["test_loss"] - ref["final"]["test_loss"]) < 0.1 * ref["final"]["test_loss"], (
+            m,
+            rec["final"],
+            ref["final"],
+        )
 
 
 def test_layers_get_their_run_options_and_bln_its_initialisation(monkeypatch):
@@ -325,11 +391,20 @@ def test_layers_get_their_run_options_and_bln_its_initialisation(monkeypatch):
         return built[method]
 
     monkeypatch.setattr(models, "build", spy)
-    config = train.Config(methods=["mabn", "brnc_warmup", "bln"], batch_size=8, steps=16, recompute=False,
-                          norm_options={"mabn": {"warmup_steps": 3}})
+    config = train.Config(
+        methods=["mabn", "brnc_warmup", "bln"],
+        batch_size=8,
+        steps=16,
+        recompute=False,
+        norm_options={"mabn": {"warmup_steps": 3}},
+    )
     calls = []
     real_init = norms.initialise_statistics
-    monkeypatch.setattr(norms, "initialise_statistics", lambda model, batches: calls.append(sum(len(b) for b in batches)) or real_init(model, batches))
+    monkeypatch.setattr(
+        norms,
+        "initialise_statistics",
+        lambda model, batches: calls.append(sum(len(b) for b in batches)) or real_init(model, batches),
+    )
     _train(config, dataset=digits(), progress=False)
     assert built["mabn", "options"] == {"buffer_size": 4, "warmup_steps": 3}
     assert built["brnc_warmup", "options"] == {"warmup_steps": 2, "dmax_ramp_steps": 8, "rmax_ramp_steps": 14}
@@ -353,7 +428,10 @@ def test_bln_initialisation_starts_at_the_data_statistics():
 
 def test_norm_position_post_puts_the_norm_after_the_activation():
     pre, post = models.build("bn", 0, 1, 10), models.build("bn", 0, 1, 10, norm_position="post")
-    kinds = lambda net: [type(m).__name__ for m in net.features]  # noqa: E731
+
+    def kinds(net):
+        return [type(m).__name__ for m in net.features]
+
     assert kinds(pre)[:3] == ["Conv2d", "BatchNorm", "GELU"] and kinds(post)[:3] == ["Conv2d", "GELU", "BatchNorm"]
     assert pre.features[0].bias is None and post.features[0].bias is not None
     assert torch.equal(pre.features[0].weight, post.features[0].weight)
@@ -379,7 +457,9 @@ def test_batch_statistics_at_test_time_normalise_each_test_batch_and_change_noth
         logits = torch.cat([ref(x[:16]), ref(x[16:])])
     assert acc == (logits.argmax(1) == y).float().mean().item()
     assert abs(loss - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
-    assert acc != evaluate.evaluate(net, x, y)[0] or loss != evaluate.evaluate(net, x, y)[1]  # not the running statistics
+    assert (
+        acc != evaluate.evaluate(net, x, y)[0] or loss != evaluate.evaluate(net, x, y)[1]
+    )  # not the running statistics
     with norms.batch_statistics(net) as n:
         assert n == 4
 
@@ -398,7 +478,9 @@ def test_norm_activation_layers_replace_the_activation_and_paired_convs():
     from bnlib import norms
 
     frn, evo, gnws = (models.build(m, 0, 1, 10) for m in ("frn", "evonorm", "gn_ws"))
-    assert not any(isinstance(m, torch.nn.GELU) for m in frn.modules()) and not any(isinstance(m, torch.nn.GELU) for m in evo.modules())
+    assert not any(isinstance(m, torch.nn.GELU) for m in frn.modules()) and not any(
+        isinstance(m, torch.nn.GELU) for m in evo.modules()
+    )
     assert all(isinstance(m, norms.WeightStandardisedConv2d) for m in gnws.features if isinstance(m, torch.nn.Conv2d))
     assert isinstance(models.build("mabn", 0, 1, 10).features[0], norms.WeightCentredConv2d)
     first = models.build("frn", 0, 1, 10, norm_placement="first")
@@ -408,7 +490,9 @@ def test_norm_activation_layers_replace_the_activation_and_paired_convs():
 def test_recompute_at_the_last_evaluation_only_changes_nothing_else():
     """``recompute_evals: last`` skips the in-training recomputations and nothing else: every other number,
     the final recomputed one included, equals the run that recomputes at every evaluation."""
-    base = dict(methods=["bn", "bnrs", "gn"], batch_size=8, steps=30, eval_every=10, recompute=True, recompute_samples=64)
+    base = dict(
+        methods=["bn", "bnrs", "gn"], batch_size=8, steps=30, eval_every=10, recompute=True, recompute_samples=64
+    )
     every = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
     last = _strip_timings(_train(train.Config(**base, recompute_evals="last"), dataset=digits(), progress=False))
     for m in base["methods"]:
@@ -418,7 +502,9 @@ def test_recompute_at_the_last_evaluation_only_changes_nothing_else():
         else:
             assert b["test_acc_recomputed"][:2] == [None, None] and None not in a["test_acc_recomputed"]
             assert b["test_acc_recomputed"][2] == a["test_acc_recomputed"][2]
-        assert {k: v for k, v in a.items() if "recomputed" not in k} == {k: v for k, v in b.items() if "recomputed" not in k}
+        assert {k: v for k, v in a.items() if "recomputed" not in k} == {
+            k: v for k, v in b.items() if "recomputed" not in k
+        }
     assert every["config"]["recompute_evals"] == "all" and last["config"]["recompute_evals"] == "last"
 
 
@@ -448,11 +534,17 @@ def test_a_compiled_run_repeats_bit_for_bit_and_stays_within_tolerance_of_eager(
     """The compiled path is a path of its own: the same bits every time on one machine (so ``bnlib verify``
     holds), and eager's numbers to within ``verify.COMPILED_VS_EAGER`` (inductor sums in another order). Two
     seeds stacked, so the stacked model compiles too."""
-    config = train.Config(methods=["bn", "brn", "gn"], batch_size=8, steps=40, evals=2, recompute=True,
-                          recompute_samples=32, compile="on")
+    config = train.Config(
+        methods=["bn", "brn", "gn"], batch_size=8, steps=40, evals=2, recompute=True, recompute_samples=32, compile="on"
+    )
     first = [r for r in train.train_seeds(config, [0, 1], digits(), progress=False)]
     again = [r for r in train.train_seeds(config, [0, 1], digits(), progress=False)]
-    eager = [r for r in train.train_seeds(train.Config(**{**config.__dict__, "compile": "off"}), [0, 1], digits(), progress=False)]
+    eager = [
+        r
+        for r in train.train_seeds(
+            train.Config(**{**config.__dict__, "compile": "off"}), [0, 1], digits(), progress=False
+        )
+    ]
     assert all(r.compiled for r in first) and "compiled" not in eager[0].to_dict()
     for a, b, e in zip(first, again, eager):
         assert _strip_timings(a.to_dict()) == _strip_timings(b.to_dict())
@@ -466,6 +558,7 @@ def test_traces_record_every_norm_layer_and_change_no_other_number():
     (r = 1 up to eps, d = 0), BNRS with running ones (a gap); stacked seeds trace what their solo runs trace; the rest
     of the record equals the untraced run's."""
     from bnlib.train import traces
+
     base = dict(methods=["bn", "bnrs", "gn", "frn", "none"], batch_size=8, steps=12, evals=2, log_every=4)
     plain = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
     traced = _strip_timings(_train(train.Config(**base, trace_every=5), dataset=digits(), progress=False))
@@ -476,11 +569,15 @@ def test_traces_record_every_norm_layer_and_change_no_other_number():
         assert trace["step"] == [5, 10] and len(trace["layers"]) == layers, m
         for layer in trace["layers"]:
             assert set(layer) == set(traces.METRICS) and all(len(v) == 2 for v in layer.values())
-            assert all(v > 0 for k in ("conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm") for v in layer[k])
+            assert all(
+                v > 0 for k in ("conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm") for v in layer[k]
+            )
             if m == "frn":  # a norm-activation layer: no gap
                 assert all(v is None for k in traces.GAP_METRICS for v in layer[k])
-    bn, bnrs = (_train(train.Config(**base, trace_every=5), dataset=digits(), progress=False)["methods"][m]["traces"]
-                for m in ("bn", "bnrs"))
+    bn, bnrs = (
+        _train(train.Config(**base, trace_every=5), dataset=digits(), progress=False)["methods"][m]["traces"]
+        for m in ("bn", "bnrs")
+    )
     assert all(abs(v) < 1e-3 for layer in bn["layers"] for k in traces.GAP_METRICS for v in layer[k])
     assert all(layer["log_r_p90"][-1] > 0.05 for layer in bnrs["layers"])
     config = train.Config(**{**base, "methods": ["bnrs", "gn"]}, trace_every=5)
@@ -508,9 +605,16 @@ def test_traces_survive_a_checkpoint_resume(tmp_path, monkeypatch):
 
 def test_step_schedule_drops_the_learning_rate_for_the_last_third_only():
     config = train.Config(lr=0.01, lr_schedule="step")
-    assert [train.learning_rate(config, s, 30) for s in (1, 20, 21, 30)] == [0.01, 0.01, pytest.approx(0.001), pytest.approx(0.001)]
+    assert [train.learning_rate(config, s, 30) for s in (1, 20, 21, 30)] == [
+        0.01,
+        0.01,
+        pytest.approx(0.001),
+        pytest.approx(0.001),
+    ]
     assert train.learning_rate(train.Config(lr=0.01), 30, 30) == 0.01
-    assert train.learning_rate(train.Config(lr=0.01, lr_schedule="step", lr_drop_at=0.5), 16, 30) == pytest.approx(0.001)
+    assert train.learning_rate(train.Config(lr=0.01, lr_schedule="step", lr_drop_at=0.5), 16, 30) == pytest.approx(
+        0.001
+    )
     base = dict(methods=["bn", "bnrs"], batch_size=8, steps=30, evals=3, log_every=5)
     constant = _strip_timings(_train(train.Config(**base), dataset=digits(), progress=False))
     stepped = _strip_timings(_train(train.Config(**base, lr_schedule="step"), dataset=digits(), progress=False))
@@ -523,9 +627,13 @@ def test_step_schedule_drops_the_learning_rate_for_the_last_third_only():
 def test_eval_batch_composition_training_takes_the_test_batches_as_the_sampler_composes_them():
     """With one-class training batches, 'training' evaluates with batch statistics on one-class test batches (one pass
     of the sampler over the test labels); the other evaluations are unchanged, and the value needs eval_batch_stats."""
-    base = dict(methods=["bn"], batch_size=4, steps=6, evals=1, eval_batch_stats=True, sampler="noniid", classes_per_batch=1)
+    base = dict(
+        methods=["bn"], batch_size=4, steps=6, evals=1, eval_batch_stats=True, sampler="noniid", classes_per_batch=1
+    )
     iid = _train(train.Config(**base), dataset=digits(), progress=False)["methods"]["bn"]
-    composed = _train(train.Config(**base, eval_batch_composition="training"), dataset=digits(), progress=False)["methods"]["bn"]
+    composed = _train(train.Config(**base, eval_batch_composition="training"), dataset=digits(), progress=False)[
+        "methods"
+    ]["bn"]
     assert composed["test_acc"] == iid["test_acc"] and composed["test_acc_batchstats"] != iid["test_acc_batchstats"]
     # the order it evaluates in: one pass of one-class batches of 4 over the test labels
     ds = digits()
@@ -551,6 +659,7 @@ print(json.dumps({"cache": str(compiling.cache_folder()), "record": record.to_di
 def _below(capability: str) -> str | None:
     """The x86 capability one step narrower than ``capability`` (None where there is none)."""
     from bnlib import machine
+
     levels = machine.X86_LEVELS
     return levels[levels.index(capability) - 1] if capability in levels and levels.index(capability) > 0 else None
 
@@ -574,8 +683,9 @@ def test_compiled_runs_with_forced_and_native_kernels_share_a_cache_folder_safel
     base = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     runs = []
     for env in (machine.force_env(forced_level), {}, machine.force_env(forced_level)):
-        proc = subprocess.run([sys.executable, "-c", _COMPILED_RUN], env={**base, **env}, capture_output=True, text=True,
-                              timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-c", _COMPILED_RUN], env={**base, **env}, capture_output=True, text=True, timeout=900
+        )
         assert proc.returncode == 0, f"exit {proc.returncode} with {env or 'native kernels'}: {proc.stderr[-3000:]}"
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     forced, native, forced_again = runs
@@ -626,7 +736,9 @@ def test_a_compiled_evaluation_that_is_not_finite_with_finite_weights_fails_the_
     monkeypatch.setattr(compiling, "unavailable", lambda device: None)
     monkeypatch.setattr(compiling, "compiled", _NaNWhenEvaluating)
     config = train.Config(methods=["bn", "brn"], batch_size=8, steps=10, evals=2, compile="on")
-    with pytest.raises(compiling.CompiledEvaluationError, match=r"bn: the compiled evaluation at step 5 .*weights finite"):
+    with pytest.raises(
+        compiling.CompiledEvaluationError, match=r"bn: the compiled evaluation at step 5 .*weights finite"
+    ):
         train.train(config, dataset=digits(), progress=False)
 
 

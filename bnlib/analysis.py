@@ -17,8 +17,12 @@ from scipy import stats as sps
 from . import stats
 
 # The 2x2 design: method -> (statistics in the forward pass, gradient through the batch statistics)
-CORNERS = {"bn": ("batch", "with"), "bn_detached": ("batch", "without"), "brn": ("running", "with"),
-           "bnrs": ("running", "without")}
+CORNERS = {
+    "bn": ("batch", "with"),
+    "bn_detached": ("batch", "without"),
+    "brn": ("running", "with"),
+    "bnrs": ("running", "without"),
+}
 # Each effect as weights on the four corners' scores (a per-seed contrast):
 EFFECTS = {
     # running minus batch statistics in the forward pass, averaged over the two gradient levels
@@ -60,9 +64,18 @@ def compare(values, family: str, name: str, condition: dict) -> dict:
     """One comparison's row: mean with its t interval, seeds above zero, t-test and TOST p-values."""
     v = np.asarray(values, dtype=float)
     low, high = stats.t_interval(v)
-    return {**condition, "comparison": name, "family": family, "n_seeds": len(v), "mean": v.mean() if len(v) else np.nan,
-            "ci_low": low, "ci_high": high, "positive": int((v > 0).sum()), "p_value": stats.paired_test(v),
-            "p_tost": tost(v)}
+    return {
+        **condition,
+        "comparison": name,
+        "family": family,
+        "n_seeds": len(v),
+        "mean": v.mean() if len(v) else np.nan,
+        "ci_low": low,
+        "ci_high": high,
+        "positive": int((v > 0).sum()),
+        "p_value": stats.paired_test(v),
+        "p_tost": tost(v),
+    }
 
 
 def bh(p_values) -> np.ndarray:
@@ -128,9 +141,15 @@ def plateau(table: pd.DataFrame, window: int = PLATEAU_WINDOW, bound: float = PL
             around = np.argsort(np.abs(steps - 0.75 * run["steps_total"].iloc[0]), kind="stable")[:window]
             gains.append(acc[-window:].mean() - acc[around].mean())
         low, high = stats.t_interval(gains)
-        rows.append({**dict(zip([*keys, "method"], key)), "n_seeds": len(gains),
-                     "gain_last_quarter": float(np.mean(gains)) if gains else np.nan, "gain_ci_high": high,
-                     "plateaued": bool(high < bound) if gains and not np.isnan(high) else False})
+        rows.append(
+            {
+                **dict(zip([*keys, "method"], key)),
+                "n_seeds": len(gains),
+                "gain_last_quarter": float(np.mean(gains)) if gains else np.nan,
+                "gain_ci_high": high,
+                "plateaued": bool(high < bound) if gains and not np.isnan(high) else False,
+            }
+        )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -144,12 +163,23 @@ def convergence(table: pd.DataFrame, window: int = PLATEAU_WINDOW, margin: float
     images seen at those steps are the steps times the batch size."""
     evals = subset_evaluations(table)
     keys = [k for k in stats.CONDITION_KEYS if k in evals]
-    columns = [*keys, "method", "n_seeds", "steps_total", "level", "bn_level", "steps_to_bn_level",
-               "images_to_bn_level", "steps_to_own_level", "images_to_own_level"]
+    columns = [
+        *keys,
+        "method",
+        "n_seeds",
+        "steps_total",
+        "level",
+        "bn_level",
+        "steps_to_bn_level",
+        "images_to_bn_level",
+        "steps_to_own_level",
+        "images_to_own_level",
+    ]
     rows = []
     for key, condition in evals.groupby(keys, dropna=False, sort=True):
-        curves = {m: run.groupby("step")["test_acc"].mean().sort_index()
-                  for m, run in condition.groupby("method", sort=True)}
+        curves = {
+            m: run.groupby("step")["test_acc"].mean().sort_index() for m, run in condition.groupby("method", sort=True)
+        }
         # as in the plateau criterion, a level needs 2 x window evaluations: fewer do not show a curve's end
         level = {m: float(c.iloc[-window:].mean()) if len(c) >= 2 * window else np.nan for m, c in curves.items()}
         bn_level = level.get("bn", np.nan)
@@ -162,10 +192,20 @@ def convergence(table: pd.DataFrame, window: int = PLATEAU_WINDOW, margin: float
         for method, curve in curves.items():
             to_bn, to_own = first_step(curve, bn_level), first_step(curve, level[method])
             part = condition[condition["method"] == method]
-            rows.append({**dict(zip(keys, key)), "method": method, "n_seeds": part["seed"].nunique(),
-                         "steps_total": int(part["steps_total"].max()), "level": level[method], "bn_level": bn_level,
-                         "steps_to_bn_level": to_bn, "images_to_bn_level": to_bn * batch,
-                         "steps_to_own_level": to_own, "images_to_own_level": to_own * batch})
+            rows.append(
+                {
+                    **dict(zip(keys, key)),
+                    "method": method,
+                    "n_seeds": part["seed"].nunique(),
+                    "steps_total": int(part["steps_total"].max()),
+                    "level": level[method],
+                    "bn_level": bn_level,
+                    "steps_to_bn_level": to_bn,
+                    "images_to_bn_level": to_bn * batch,
+                    "steps_to_own_level": to_own,
+                    "images_to_own_level": to_own * batch,
+                }
+            )
     out = pd.DataFrame(rows, columns=columns)
     for column in ("steps_to_bn_level", "images_to_bn_level", "steps_to_own_level", "images_to_own_level"):
         out[column] = out[column].astype("Int64")  # whole steps; empty where never reached
@@ -198,23 +238,41 @@ class Plan:
         """The comparisons this plan makes primary at ``condition`` (none outside its conditions)."""
         if not self.primary or any(condition.get(k) != v for k, v in self.settings.items()):
             return ()
-        return tuple(name for where, names in self.primary if all(condition.get(k) == v for k, v in where.items())
-                     for name in names)
+        return tuple(
+            name
+            for where, names in self.primary
+            if all(condition.get(k) == v for k, v in where.items())
+            for name in names
+        )
 
 
 # Fashion-MNIST, Adam at 1e-3: the 2x2's effects at each of the three conditions, and BNRS - BN at non-i.i.d. batch 2
-MECHANISM = Plan("mechanism", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001}, (
-    ({"batch_size": 16, "sampler": "iid"}, TWO_BY_TWO),
-    ({"batch_size": 2, "sampler": "iid"}, TWO_BY_TWO),
-    ({"batch_size": 2, "sampler": "noniid"}, (*TWO_BY_TWO, "bnrs - bn")),
-))
+MECHANISM = Plan(
+    "mechanism",
+    {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001},
+    (
+        ({"batch_size": 16, "sampler": "iid"}, TWO_BY_TWO),
+        ({"batch_size": 2, "sampler": "iid"}, TWO_BY_TWO),
+        ({"batch_size": 2, "sampler": "noniid"}, (*TWO_BY_TWO, "bnrs - bn")),
+    ),
+)
 # The re-run study trained to a plateau (grids/study.yaml; registered and run as grids/plateau.yaml until its primary
 # tier was complete and it replaced the short study): the original's methods against BN with i.i.d. batches of 2, 16
 # and 128 on Fashion-MNIST, each comparison once
-STUDY = Plan("study", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001}, tuple(
-    ({"batch_size": b, "sampler": "iid"}, ("bnrs - bn", "brn - bn", "brnc - bn", "bnwos - bn")) for b in (2, 16, 128)),
-    registered_as="plateau")
-PLANS = {plan.name: plan for plan in (MECHANISM, STUDY)}  # by grid name
+STUDY = Plan(
+    "study",
+    {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001},
+    tuple(
+        ({"batch_size": b, "sampler": "iid"}, ("bnrs - bn", "brn - bn", "brnc - bn", "bnwos - bn"))
+        for b in (2, 16, 128)
+    ),
+    registered_as="plateau",
+)
+# The budget-doubling control (grids/doubling.yaml): its primary family compares two grids -- the change of each
+# study comparison from the study's budget to twice it (budget_change) -- so within the grid every comparison is
+# exploratory; listed here so that the test that its plan predates its cells covers it
+DOUBLING = Plan("doubling", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001})
+PLANS = {plan.name: plan for plan in (MECHANISM, STUDY, DOUBLING)}  # by grid name
 NO_PLAN = Plan("none")  # a grid without a plan of its own: every comparison exploratory
 
 # Exploratory pairs (a - b) wherever both ran: which statistic's gradient, the sweep against its base, the
@@ -254,11 +312,15 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     final = outcomes["accuracy"]
     if train_loss is not None and len(train_loss):  # the last window of each run (lower is better)
         last = train_loss.sort_values("step").groupby(["cell", "method"]).tail(1)[["cell", "method", "train_loss"]]
-        outcomes["training loss"] = final.drop(columns="score").merge(last, on=["cell", "method"]).rename(
-            columns={"train_loss": "score"})
+        outcomes["training loss"] = (
+            final.drop(columns="score").merge(last, on=["cell", "method"]).rename(columns={"train_loss": "score"})
+        )
+
     # the same condition's rows of every table, by the tuple of its keys; a missing key is None in every table (one
     # table's NaN is another's pd.NA: i.i.d. conditions, without classes_per_batch, must still meet)
-    by_condition = lambda frame: {_as_key(k): g for k, g in frame.groupby(keys, dropna=False)}  # noqa: E731
+    def by_condition(frame):
+        return {_as_key(k): g for k, g in frame.groupby(keys, dropna=False)}
+
     plateau_of = by_condition(plateaus[plateaus["method"] == "bn"]) if len(plateaus) else {}
     outcome_of = {name: by_condition(frame) for name, frame in outcomes.items()}
     rows = []
@@ -271,9 +333,13 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
 
         def row(values, name: str, outcome: str = "accuracy") -> dict:
             is_primary = outcome == "accuracy" and name in primary
-            return {**compare(values, "primary" if is_primary and plateaued else "exploratory", name, condition),
-                    "outcome": outcome,
-                    "note": "BN not plateaued: primary by the plan, counted as exploratory" if is_primary and not plateaued else ""}
+            return {
+                **compare(values, "primary" if is_primary and plateaued else "exploratory", name, condition),
+                "outcome": outcome,
+                "note": "BN not plateaued: primary by the plan, counted as exploratory"
+                if is_primary and not plateaued
+                else "",
+            }
 
         for outcome in outcomes:
             sub = outcome_of[outcome].get(cond, pd.DataFrame(columns=["seed", "method", "score"]))
@@ -307,7 +373,9 @@ def sampler_cost(table: pd.DataFrame, of: str = "noniid", against: str = "iid") 
             continue
         cost = (scores[of] - scores[against]).dropna().rename("score").reset_index()
         for method, part in cost.groupby("method", sort=False):
-            rows.append({**compare(part["score"], "exploratory", f"{method}: {of} - {against}", condition), "method": method})
+            rows.append(
+                {**compare(part["score"], "exploratory", f"{method}: {of} - {against}", condition), "method": method}
+            )
         for name, weights in EFFECTS.items():
             if len(values := contrast(cost, weights)):
                 rows.append({**compare(values, "exploratory", f"2x2: {name}", condition), "method": None})
@@ -326,7 +394,9 @@ def evaluation_gap(table: pd.DataFrame, column: str = "test_acc_batchstats", aga
         for method, part in group.groupby("method", sort=False):
             values = (part[column].astype(float) - part[against].astype(float)).dropna()
             if len(values):
-                rows.append({**compare(values, "exploratory", f"{method}: {column} - {against}", condition), "method": method})
+                rows.append(
+                    {**compare(values, "exploratory", f"{method}: {column} - {against}", condition), "method": method}
+                )
     return correct(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
@@ -343,8 +413,11 @@ def with_plan(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
     vs_bn = comparisons[(comparisons["outcome"] == "accuracy") & comparisons["comparison"].str.endswith(" - bn")]
     vs_bn = vs_bn.assign(method=vs_bn["comparison"].str.removesuffix(" - bn"))
     keys = [k for k in stats.CONDITION_KEYS if k in out and k in vs_bn]
+
     # the same condition in both: missing keys (NaN or pd.NA) as None, as in comparisons()
-    rows = lambda frame: [_as_key(r) for r in frame[[*keys, "method"]].astype(object).itertuples(index=False, name=None)]  # noqa: E731
+    def rows(frame):
+        return [_as_key(r) for r in frame[[*keys, "method"]].astype(object).itertuples(index=False, name=None)]
+
     plan = dict(zip(rows(vs_bn), vs_bn[list(PLAN_COLUMNS)].to_dict("records")))
     found = [plan.get(k, {}) for k in rows(out.assign(method=out["method"].astype(str)))]
     for column in PLAN_COLUMNS:
@@ -362,40 +435,55 @@ def exploratory_summary(summary: pd.DataFrame) -> pd.DataFrame:
     out["correction"] = np.where(compared, "Benjamini-Hochberg", None)
     out["p_adjusted"] = bh(out["p_value"].to_numpy(dtype=float)) if "p_value" in out else np.nan
     out["p_tost_adjusted"] = np.nan  # no equivalence question is asked of these tables
-    out["verdict"] = [verdict(d, p, np.nan) if f == "exploratory" else None
-                      for d, p, f in zip(out.get("diff_vs_bn", np.nan), out["p_adjusted"], out["family"])]
+    out["verdict"] = [
+        verdict(d, p, np.nan) if f == "exploratory" else None
+        for d, p, f in zip(out.get("diff_vs_bn", np.nan), out["p_adjusted"], out["family"])
+    ]
     out["note"] = ""
     return out
 
 
 # The original study's four claims, judged from the re-run study's primary verdicts (book/analysis-plan.md fixes
 # these rules before its data): claim -> how it reads the verdicts (batch size -> verdict) of each comparison.
-CLAIMS = ("BRN(C) beats BN only at tiny batches", "BNRS converges much slower than BN",
-          "BNWoS fails at batch 2", "BNWoS matches BN at larger batches")
+CLAIMS = (
+    "BRN(C) beats BN only at tiny batches",
+    "BNRS converges much slower than BN",
+    "BNWoS fails at batch 2",
+    "BNWoS matches BN at larger batches",
+)
 
 
-def original_claims(comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str = "fashionmnist",
-                    family: str = "primary") -> list[dict]:
+def original_claims(
+    comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str = "fashionmnist", family: str = "primary"
+) -> list[dict]:
     """Each claim's verdict -- "holds", "does not hold" or "cannot tell" -- and the verdicts it was read from. Only
     rows of ``family`` count: a comparison that is not primary (BN not plateaued, or not run) is read as missing.
     ``family="exploratory"`` reads the same rules off a dataset the plan leaves exploratory (labelled so)."""
-    ours = comparisons[(comparisons.get("outcome") == "accuracy") & (comparisons.get("dataset") == dataset)
-                       & (comparisons.get("sampler") == "iid")]
+    ours = comparisons[
+        (comparisons.get("outcome") == "accuracy")
+        & (comparisons.get("dataset") == dataset)
+        & (comparisons.get("sampler") == "iid")
+    ]
     rows = ours[ours.get("family") == family]
     run = {(r["comparison"], int(r["batch_size"])) for _, r in ours.iterrows()}
     sizes = sorted({w["batch_size"] for w, _ in plan.primary})
     tiny, larger = sizes[0], sizes[1:]
     got = {(r["comparison"], int(r["batch_size"])): r for _, r in rows.iterrows()}
-    v = lambda method, b: got[(f"{method} - bn", b)]["verdict"] if (f"{method} - bn", b) in got else None  # noqa: E731
+
+    def v(method, b):
+        return got[(f"{method} - bn", b)]["verdict"] if (f"{method} - bn", b) in got else None
 
     def said(method: str, b: int) -> str:
         row = got.get((f"{method} - bn", b))
         if row is None:
             return f"{method} at batch {b}: " + (f"not {family}" if (f"{method} - bn", b) in run else "not run yet")
         if all(c in row and pd.notna(row[c]) for c in ("mean", "ci_low", "ci_high")):
-            return (f"{method} at batch {b}: {100 * row['mean']:+.1f} [{100 * row['ci_low']:+.1f}, "
-                    f"{100 * row['ci_high']:+.1f}] points, {row['verdict']}")
+            return (
+                f"{method} at batch {b}: {100 * row['mean']:+.1f} [{100 * row['ci_low']:+.1f}, "
+                f"{100 * row['ci_high']:+.1f}] points, {row['verdict']}"
+            )
         return f"{method} at batch {b}: {row['verdict']}"
+
     settled = ("below", "equivalent")
 
     def brn():
@@ -423,8 +511,13 @@ def original_claims(comparisons: pd.DataFrame, plan: Plan = STUDY, dataset: str 
             return "does not hold"
         return "holds" if all(x == "equivalent" for x in found) else "cannot tell"
 
-    read = {CLAIMS[0]: [(m, b) for m in ("brn", "brnc") for b in sizes], CLAIMS[1]: [("bnrs", b) for b in sizes],
-            CLAIMS[2]: [("bnwos", tiny)], CLAIMS[3]: [("bnwos", b) for b in larger]}
-    return [{"claim": claim, "verdict": judge(),
-             "evidence": "; ".join(said(m, b) for m, b in read[claim])}
-            for claim, judge in zip(CLAIMS, (brn, slower, fails, matches))]
+    read = {
+        CLAIMS[0]: [(m, b) for m in ("brn", "brnc") for b in sizes],
+        CLAIMS[1]: [("bnrs", b) for b in sizes],
+        CLAIMS[2]: [("bnwos", tiny)],
+        CLAIMS[3]: [("bnwos", b) for b in larger],
+    }
+    return [
+        {"claim": claim, "verdict": judge(), "evidence": "; ".join(said(m, b) for m, b in read[claim])}
+        for claim, judge in zip(CLAIMS, (brn, slower, fails, matches))
+    ]

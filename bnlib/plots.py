@@ -92,6 +92,11 @@ STYLES = {
     "bn_detached": ("BN, no gradient through mu_B, var_B", _C["sky blue"]),
     "bn_detached_mean": ("BN, no gradient through mu_B", _C["bluish green"]),
     "bn_detached_var": ("BN, no gradient through var_B", _C["reddish purple"]),
+    "bn_detached_to_bn": ("BN, no gradient, filter norms of BN", _C["blue"]),
+    "bnrs_to_bn": ("BNRS, filter norms of BN", _C["vermillion"]),
+    "bn_to_bn_detached": ("BN, filter norms of BN with no gradient", _C["bluish green"]),
+    "bn_detached_wd": ("BN, no gradient, filters decayed", _C["orange"]),
+    "bnrs_wd": ("BNRS, filters decayed", _C["reddish purple"]),
     "bnrs_m001": ("BNRS, momentum 0.01", _C["sky blue"]),
     "bnrs_m003": ("BNRS, momentum 0.03", _C["blue"]),
     "bnrs_m030": ("BNRS, momentum 0.3", _C["orange"]),
@@ -128,6 +133,13 @@ PANELS = {
         "bnrs_orig_m100",
     ),
     "batch-independent": ("gn", "gn_ws", "frn", "evonorm", "none"),
+    "filter norms set or decayed": (
+        "bn_detached_to_bn",
+        "bnrs_to_bn",
+        "bn_to_bn_detached",
+        "bn_detached_wd",
+        "bnrs_wd",
+    ),
 }
 
 
@@ -159,13 +171,25 @@ def colour(method: str) -> str:
 # points; () is a solid line) and the pattern's name for the key under the figures.
 FAMILIES = {
     "batch statistics in training": (
-        ("bn", "bnwos", "gbn", "bn_detached", "bn_detached_mean", "bn_detached_var"),
+        (
+            "bn",
+            "bnwos",
+            "gbn",
+            "bn_detached",
+            "bn_detached_mean",
+            "bn_detached_var",
+            "bn_detached_to_bn",
+            "bn_to_bn_detached",
+            "bn_detached_wd",
+        ),
         (),
         "solid",
     ),
     "running statistics in training": (
         (
             "bnrs",
+            "bnrs_to_bn",
+            "bnrs_wd",
             "brn",
             "brnc",
             "brnc_warmup",

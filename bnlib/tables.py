@@ -198,13 +198,14 @@ def trace_summary(trace: pd.DataFrame) -> pd.DataFrame:
         chosen = {cell: s[np.argmin(np.abs(s - (s[0] + at * (s[-1] - s[0]))))] for cell, s in steps.items()}
         frames.append(trace[trace["step"] == trace["cell"].map(chosen)].assign(phase=phase))
     picked = pd.concat(frames, ignore_index=True)
-    picked[list(METRICS)] = picked[list(METRICS)].astype(float)
+    metrics = [k for k in METRICS if k in picked]  # cells traced before a metric existed lack it
+    picked[metrics] = picked[metrics].astype(float)
     grouped = picked.groupby([*keys, "method", "layer", "phase"], dropna=False, sort=False)
     out = (
-        grouped[list(METRICS)]
+        grouped[metrics]
         .mean()
         .join(grouped["seed"].nunique().rename("n_seeds"))
         .join(grouped["step"].median().rename("step"))
         .reset_index()
     )
-    return out[[*keys, "method", "layer", "phase", "step", "n_seeds", *METRICS]]
+    return out[[*keys, "method", "layer", "phase", "step", "n_seeds", *metrics]]

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bnlib import norms, train, verify
 from bnlib.train import checkpoint, compiling, data, evaluate, models
@@ -748,3 +749,89 @@ def test_a_compiled_evaluation_made_nan_by_nan_weights_records_a_divergence(monk
     config = train.Config(methods=["bn"], batch_size=8, steps=10, evals=2, compile="on")
     out = train.train(config, dataset=digits(), progress=False)
     assert out.compiled and out.methods["bn"].diverged and out.methods["bn"].diverged_step == 5
+
+
+def test_matching_filter_norms_rescales_each_filter_and_carries_the_running_statistics():
+    """The intervention's rescaling, in float64: every filter before a norm layer gets the target's norm, and a
+    network that normalises with running statistics (BNRS) computes the same function after it as before."""
+    from bnlib.train import interventions, traces
+
+    target = models.build("bn", 1, 1, 10, width=8, depth=2).double()
+    net = models.build("bnrs", 0, 1, 10, width=8, depth=2).double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        net.train()
+        net(x)  # running statistics away from their start
+        for conv, _ in traces.norm_layers(target):
+            conv.weight.mul_(torch.linspace(0.5, 3.0, conv.weight.shape[0], dtype=torch.float64).view(-1, 1, 1, 1))
+        net.eval()
+        before = net(x)
+    interventions.match_filter_norms(net, target)
+    for (conv, _), (goal, _) in zip(traces.norm_layers(net), traces.norm_layers(target)):
+        torch.testing.assert_close(conv.weight.flatten(1).norm(dim=1), goal.weight.flatten(1).norm(dim=1))
+    with torch.no_grad():  # the same function up to eps (sqrt(c^2 var + eps) is not c sqrt(var + eps))
+        torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)  # eval: running statistics rescaled too
+        net.train()
+        torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)  # BNRS trains with its running statistics
+    weights = [conv.weight.clone() for conv, _ in traces.norm_layers(net)]
+    interventions.decay_filters(net, lr=0.01, decay=0.4)
+    for w, (conv, _) in zip(weights, traces.norm_layers(net)):
+        torch.testing.assert_close(conv.weight, w * (1 - 0.01 * 0.4))
+
+
+def test_the_filter_norm_arms_follow_their_target_every_step_and_leave_the_others_alone():
+    """In a lockstep cell, bn_detached_to_bn and bnrs_to_bn have BN's filter norms at every traced step (the
+    manipulation check, exact), BN's record is what it is without them, and the decay arm's filters shrink against
+    the free arm's; the new traces (input_mean_p90, effective_step) are there and positive."""
+    from bnlib.train import traces
+
+    base = dict(batch_size=8, steps=12, evals=2, log_every=4, trace_every=3)
+    arms = ["bn", "bn_detached_to_bn", "bnrs_to_bn", "bn_detached", "bn_detached_wd", "bn_to_bn_detached"]
+    out = _train(train.Config(methods=arms, **base), dataset=digits(), progress=False)["methods"]
+    alone = _train(train.Config(methods=["bn"], **base), dataset=digits(), progress=False)["methods"]["bn"]
+    assert (
+        _strip_timings({"methods": {"bn": out["bn"]}})["methods"]
+        == _strip_timings({"methods": {"bn": alone}})["methods"]
+    )
+    for arm, target in (("bn_detached_to_bn", "bn"), ("bnrs_to_bn", "bn"), ("bn_to_bn_detached", "bn_detached")):
+        for layer, goal in zip(out[arm]["traces"]["layers"], out[target]["traces"]["layers"]):
+            assert layer["conv_weight_norm"] == pytest.approx(goal["conv_weight_norm"], rel=1e-4), arm
+    decayed = [layer["conv_weight_norm"][-1] for layer in out["bn_detached_wd"]["traces"]["layers"]]
+    free = [layer["conv_weight_norm"][-1] for layer in out["bn_detached"]["traces"]["layers"]]
+    assert all(d < f for d, f in zip(decayed, free))
+    for layer in out["bn"]["traces"]["layers"]:
+        assert set(layer) == set(traces.METRICS)
+        assert all(v > 0 for k in ("input_mean_p90", "effective_step") for v in layer[k])
+
+
+def test_an_arm_listed_before_the_method_it_follows_is_an_error_before_training():
+    with pytest.raises(train.ConfigError, match="bn_detached_to_bn sets its filter norms to bn's .*list bn before it"):
+        train.validate(train.Config(methods=["bn_detached_to_bn", "bn"], steps=1))
+    with pytest.raises(train.ConfigError, match="list bn before it"):
+        train.validate(train.Config(methods=["bnrs_to_bn"], steps=1))
+
+
+def test_the_new_traces_match_their_definitions():
+    """input_mean_p90 and effective_step against a float64 computation by hand on one traced step."""
+    from bnlib.train import traces
+
+    net = models.build("bn", 0, 1, 10, width=8, depth=2)
+    tracer = traces.Tracer(net, "bn", 1)
+    x = torch.randn(16, 1, 8, 8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    first_conv = net.features[0]
+    with tracer.capture():
+        loss = F.cross_entropy(net(x), torch.arange(16) % 10)
+    loss.backward()
+    tracer.snapshot()
+    before = first_conv.weight.detach().double().clone()
+    opt.step()
+    tracer.measure_update()
+    tracer.record(1, [True])
+    layer = tracer.traces[0]["layers"][0]
+    pre = torch.nn.functional.conv2d(x.double(), before, padding=1)  # the first norm layer's input
+    rows = pre.transpose(0, 1).reshape(8, -1)
+    drift = rows.mean(1).abs() / rows.std(1, correction=0)
+    assert layer["input_mean_p90"][0] == pytest.approx(float(torch.quantile(drift, 0.9)), rel=1e-4)
+    step = (first_conv.weight.detach().double() - before).norm() / before.norm()
+    assert layer["effective_step"][0] == pytest.approx(float(step), rel=1e-4)

@@ -32,6 +32,10 @@ class Method:
     split_option: str | None = None  # the layer option that splits every batch into that many parts (BNWoS's devices)
     pinned: bool = False  # its defaults define the id (a swept value): no option may change them
     compiles: bool = True  # False: autograd calls inside its forward pass; it trains eagerly in a compiled run
+    # an intervention on the filters of the convolutions before its norm layers, after every optimiser step
+    # (bnlib.train.interventions): their norms set to those of this method's network of the same seed in the cell ...
+    follows: str | None = None
+    filter_decay: float | None = None  # ... or decayed, w <- w (1 - lr * filter_decay) (decoupled weight decay)
 
     @property
     def keeps_running_stats(self) -> bool:
@@ -50,6 +54,11 @@ class Method:
 
 
 MOMENTUM_SWEEP = (0.01, 0.03, 0.3, 1.0)  # besides torch's 0.1: from slow to instantaneous
+# The weight-decay arm's decay (book/analysis-plan.md, the causal test of weight growth): the decoupled decay whose
+# equilibrium filter norm under Adam's update size (about lr per weight: |w|^2 = lr * fan_in / (2 * decay)) is the
+# initial norm of an inner filter (fan_in 32 * 3 * 3 = 288, PyTorch's default init: |w|^2 = 1/3) at lr 0.001:
+# 0.001 * 288 / (2 / 3) = 0.432, fixed at 0.4 before any cell with it ran
+FILTER_DECAY = 0.4
 
 
 def _mabn_run_options(steps: int, batch_size: int) -> dict:
@@ -89,6 +98,13 @@ REGISTRY: dict[str, Method] = {
         Method("bn_detached", DetachedBatchNorm, {}, True),
         Method("bn_detached_mean", DetachedBatchNorm, {"detach_var": False}, True),
         Method("bn_detached_var", DetachedBatchNorm, {"detach_mean": False}, True),
+        # the causal test of weight growth: the filter norms set, every step, to BN's of the same seed (necessity) ...
+        Method("bn_detached_to_bn", DetachedBatchNorm, {}, True, follows="bn"),
+        Method("bnrs_to_bn", RunningStatsBatchNorm, {}, True, follows="bn"),
+        # ... BN's set to the no-gradient arm's (sufficiency), or the filters decayed
+        Method("bn_to_bn_detached", BatchNorm, {}, True, follows="bn_detached"),
+        Method("bn_detached_wd", DetachedBatchNorm, {}, True, filter_decay=FILTER_DECAY),
+        Method("bnrs_wd", RunningStatsBatchNorm, {}, True, filter_decay=FILTER_DECAY),
         # the running statistics' momentum swept (bnrs and bnrs_orig are 0.1): the digits are hundredths
         *(
             Method(f"{base}_m{round(100 * momentum):03d}", factory, {"momentum": momentum}, True, pinned=True)

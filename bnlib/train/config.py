@@ -139,6 +139,10 @@ def validate(config: Config, num_train: int | None = None, num_classes: int | No
             fail("methods", f"unknown method {m!r}; choose from {', '.join(norms.METHODS)}")
     if len(set(config.methods)) != len(config.methods):
         fail("methods", "a method is listed twice")
+    for k, m in enumerate(config.methods):
+        followed = norms.spec(m).follows
+        if followed and followed not in config.methods[:k]:
+            fail("methods", f"{m} sets its filter norms to {followed}'s of the same step: list {followed} before it")
     for m, opts in config.norm_options.items():
         if m not in norms.METHODS:
             fail("norm_options", f"unknown method {m!r}")

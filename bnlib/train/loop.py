@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import norms
 from ..record import ABSENT, Final, MethodRecord, RunRecord
 from . import checkpoint as checkpoint_mod
-from . import compiling, models
+from . import compiling, interventions, models
 from . import data as data_mod
 from . import evaluate as evaluate_mod
 from . import stacked as stacked_mod
@@ -119,6 +119,8 @@ class MethodRun:
         # (a method whose forward pass calls autograd, Cross-Iteration BN, stays eager: Method.compiles)
         self.forward = compiling.compiled(model) if compiled and norms.spec(method).compiles else model
         self.tracer = traces_mod.Tracer(model, method, len(seeds)) if config.trace_every else None
+        self.spec = norms.spec(method)
+        self.follow: MethodRun | None = None  # the run whose filter norms this one's follow (spec.follows)
         self.opt = _optimizer(config, model.parameters())
         self.clock = _StepClock(device)
         self.steps, self.window = 0, 0  # steps trained; steps in the open loss window
@@ -147,13 +149,26 @@ class MethodRun:
                 total = loss + config.aux_weight * norms.auxiliary_loss(self.model)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        if tracing:
+            self.tracer.snapshot()
         self.opt.step()
+        if tracing:
+            self.tracer.measure_update()
+        self._intervene()
         if tracing:
             self.tracer.record(trace_step, [not rec.diverged for rec in self.recs])
         self.loss_sum += loss.detach()
         self.clock.stop()
         self.steps += 1
         self.window += 1
+
+    def _intervene(self) -> None:
+        """The method's intervention on the filters before its norm layers, if it has one
+        (:mod:`bnlib.train.interventions`): after the optimiser step, before anything reads the weights."""
+        if self.follow is not None:
+            interventions.match_filter_norms(self.model, self.follow.model)
+        elif self.spec.filter_decay is not None:
+            interventions.decay_filters(self.model, self.opt.param_groups[0]["lr"], self.spec.filter_decay)
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -423,6 +438,8 @@ def train_seeds(
     eval_images = (len(plan.eval_steps) - 1) * len(y_sub) + len(ds.y_test)
     path = compiling.decide(config.compile, plan.steps * config.batch_size, eval_images, ds.input_shape, device)
     runs = {m: _build(m, config, seeds, ds, plan.steps, device, init_batches, path.compiled) for m in config.methods}
+    for run in runs.values():  # a followed method is listed first (validate), so it steps first
+        run.follow = runs[run.spec.follows] if run.spec.follows else None
 
     streams = [
         data_mod.batches(ds.y_train.cpu(), config.batch_size, config.sampler, seed, config.classes_per_batch)

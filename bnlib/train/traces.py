@@ -23,6 +23,14 @@ norm layer in network order and per seed:
     the norm of the layer's gamma (None without affine parameters).
 ``input_rms``
     the root mean square of the layer's input over the batch, its channels and positions.
+``input_mean_p90``
+    the 90th percentile over the layer's channels of |mean| / std of its input (per channel, over the batch and
+    positions): how far the pre-normalisation activations drift off zero relative to their spread (Ioffe and
+    Szegedy's bias drift), apart from their scale, which ``input_rms`` mixes in.
+``effective_step``
+    the size of this step's optimiser update of the convolution's weight relative to the weight before it,
+    |W_after - W_before| / |W_before| (before any intervention on the filters, :mod:`bnlib.train.interventions`).
+    Traced cells recorded before these two metrics existed lack them.
 
 The record (:class:`bnlib.record.MethodRecord`, key ``traces``) holds ``{"step": [...], "layers": [{metric:
 [...]}, ...]}``, one value per traced step, each rounded to 5 significant digits (a trace is a picture of the
@@ -40,7 +48,15 @@ from .. import norms
 from ..norms.base import _Norm
 
 GAP_METRICS = ("log_r_median", "log_r_p90", "d_median", "d_p90")
-METRICS = (*GAP_METRICS, "conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm")
+METRICS = (
+    *GAP_METRICS,
+    "conv_weight_norm",
+    "gamma_norm",
+    "input_rms",
+    "conv_grad_norm",
+    "input_mean_p90",
+    "effective_step",
+)
 _DIGITS = 5
 _TINY = 1e-12  # floor of |gamma| and of r: a dead channel (r = 0) or gamma = 0 stays finite
 
@@ -69,6 +85,24 @@ class Tracer:
         self.affine_output = not norms.spec(method).includes_activation
         self.traces = [{"step": [], "layers": [{k: [] for k in METRICS} for _ in self.pairs]} for _ in range(seeds)]
         self._pending: dict[int, dict] = {}
+        self._before: list[Tensor | None] = []
+        self._updates: list[Tensor | None] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Keep the convolutions' weights before the optimiser step (for ``effective_step``)."""
+        self._before = [conv.weight.detach().clone() if conv is not None else None for conv, _ in self.pairs]
+
+    @torch.no_grad()
+    def measure_update(self) -> None:
+        """Per norm layer and seed, the optimiser step's update of the convolution relative to its weight before."""
+        self._updates = [
+            None
+            if before is None
+            else self._per_seed((conv.weight.detach() - before).double()).norm(dim=1)
+            / self._per_seed(before.double()).norm(dim=1).clamp_min(_TINY)
+            for (conv, _), before in zip(self.pairs, self._before)
+        ]
 
     @contextlib.contextmanager
     def capture(self):
@@ -91,6 +125,9 @@ class Tracer:
             c = x.shape[1]
             x_rows = x.transpose(0, 1).reshape(c, -1)  # per channel: every value of the batch
             summary = {"input_rms": self._per_seed(x_rows.square().mean(1)).mean(1).sqrt()}
+            std_x, mean_x = torch.std_mean(x_rows, dim=1, correction=0)
+            drift = self._per_seed(mean_x.abs() / std_x.clamp_min(_TINY))
+            summary["input_mean_p90"] = torch.quantile(drift, 0.9, dim=1)
             if self.affine_output:
                 gamma = (
                     module.weight.detach().double()
@@ -134,6 +171,8 @@ class Tracer:
                 values["conv_grad_norm"] = (
                     self._per_seed(grad.detach().double()).norm(dim=1) if grad is not None else None
                 )
+            if self._updates and self._updates[i] is not None:
+                values["effective_step"] = self._updates[i]
             if getattr(norm, "weight", None) is not None:
                 values["gamma_norm"] = self._per_seed(norm.weight.detach().double()).norm(dim=1)
             for s in range(self.seeds):
@@ -146,3 +185,4 @@ class Tracer:
             if live[s]:
                 self.traces[s]["step"].append(step)
         self._pending.clear()
+        self._before, self._updates = [], []

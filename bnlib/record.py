@@ -124,6 +124,9 @@ class MethodRecord:
     train_step: list[int] = field(default_factory=list)  # the last step of each training-loss window
     train_loss: list[float] = field(default_factory=list)  # the mean training loss over that window
     eval_step: list[int] = field(default_factory=list)  # steps with a test evaluation (the last: the last step)
+    # per evaluation, the split it scored where the dataset has a validation split ("validation": the curve and the
+    # whole split at the last step; "test": once, last); ABSENT: every evaluation on the test set
+    eval_split: list[str] = ABSENT
     eval_size: list[int] = field(
         default_factory=list
     )  # test images of that evaluation (a fixed subset before the last)
@@ -142,8 +145,13 @@ class MethodRecord:
     # value per traced step; the metrics and their meaning: bnlib.train.traces (ABSENT when not traced)
     traces: dict = ABSENT
 
-    def append_evaluation(self, step: int, size: int, plain: tuple, recomputed: tuple, batch_stats: tuple) -> None:
-        """One evaluation's (accuracy, loss) pairs: plain, after recomputing statistics, with batch statistics."""
+    def append_evaluation(
+        self, step: int, size: int, plain: tuple, recomputed: tuple, batch_stats: tuple, split: str | None = None
+    ) -> None:
+        """One evaluation's (accuracy, loss) pairs: plain, after recomputing statistics, with batch statistics;
+        ``split``: the split it scored (None: the test set of a dataset without a validation split)."""
+        if split is not None:
+            self.eval_split = [*(self.eval_split or []), split]
         self.eval_step.append(step)
         self.eval_size.append(size)
         self.test_acc.append(plain[0])
@@ -164,8 +172,11 @@ class MethodRecord:
         values = dict(values)
         for key in ("test_acc_batchstats", "test_loss_batchstats"):  # files before batch statistics at test time
             values.setdefault(key, ABSENT)
-        values.setdefault("eval_size", ABSENT)
-        values.setdefault("traces", ABSENT)  # files before test subsets in training: every evaluation on the full set
+        values.setdefault(
+            "eval_size", ABSENT
+        )  # files before test subsets in training: every evaluation on the full set
+        values.setdefault("traces", ABSENT)
+        values.setdefault("eval_split", ABSENT)  # files before validation splits: every evaluation on the test set
         values["final"] = _from(Final, values.get("final") or {}, f"{where}: final")
         return _from(cls, values, where)
 

@@ -79,6 +79,8 @@ def evaluations(runs: list[RunRecord]) -> pd.DataFrame:
                         "test_loss_recomputed": rec.test_loss_recomputed[i],
                         "test_acc_batchstats": batchstats[i],
                         "final": i == n - 1 and not rec.diverged,
+                        # the split scored, where the dataset has a validation split (older files: no column)
+                        **({"split": rec.eval_split[i]} if rec.eval_split else {}),
                     }
                 )
             if rec.diverged or n == 0:  # a row that says the run ended without a final evaluation

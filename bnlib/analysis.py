@@ -272,7 +272,10 @@ STUDY = Plan(
 # study comparison from the study's budget to twice it (budget_change) -- so within the grid every comparison is
 # exploratory; listed here so that the test that its plan predates its cells covers it
 DOUBLING = Plan("doubling", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001})
-PLANS = {plan.name: plan for plan in (MECHANISM, STUDY, DOUBLING)}  # by grid name
+# The causal test of weight growth (grids/intervention.yaml): its primary family pairs its arms with the mechanism
+# grid's free arms, so within the grid every comparison is exploratory; listed for the pre-registration test
+INTERVENTION = Plan("intervention", {"dataset": "fashionmnist", "optimizer": "adam", "lr": 0.001})
+PLANS = {plan.name: plan for plan in (MECHANISM, STUDY, DOUBLING, INTERVENTION)}  # by grid name
 NO_PLAN = Plan("none")  # a grid without a plan of its own: every comparison exploratory
 
 # Exploratory pairs (a - b) wherever both ran: which statistic's gradient, the sweep against its base, the

@@ -360,6 +360,50 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     return correct(pd.DataFrame(rows))
 
 
+def _at(table: pd.DataFrame, condition: dict) -> pd.DataFrame:
+    """The rows of ``table`` at ``condition`` (its keys that the table has)."""
+    keep = np.ones(len(table), dtype=bool)
+    for key, value in condition.items():
+        if key in table:
+            keep &= (table[key] == value).to_numpy()
+    return table[keep]
+
+
+def budget_change(short: pd.DataFrame, long: pd.DataFrame, plan: Plan = STUDY) -> pd.DataFrame:
+    """The budget-doubling control's primary family (book/analysis-plan.md, "The budget-doubling control"): for each
+    of ``plan``'s primary comparisons ``<m> - bn`` at each of its conditions, per seed the change of the difference
+    to BN from ``short`` (the study's tidy evaluation table, 1x) to ``long`` (the doubled budget's, 2x), paired by
+    seed (the seeds both have); a t-test and a TOST of that change, each Holm-corrected over the family. Verdict:
+    ``moved toward BN`` / ``moved away from BN`` (the difference to BN shrank / grew in size), ``equivalent`` (the
+    difference unchanged within the margin: converged), ``cannot tell``; ``diff_short``/``diff_long``: the mean
+    differences to BN at each budget over those seeds."""
+    short_final, long_final = stats.final_scores(short), stats.final_scores(long)
+    rows = []
+    for where, names in plan.primary:
+        condition = {**plan.settings, **where}
+        before, after = _at(short_final, condition), _at(long_final, condition)
+        for name in names:
+            method, reference = name.split(" - ")
+            d_short = contrast(before, {method: 1.0, reference: -1.0})
+            d_long = contrast(after, {method: 1.0, reference: -1.0})
+            seeds = d_short.index.intersection(d_long.index)
+            change = d_long[seeds] - d_short[seeds]
+            row = compare(change.to_numpy(), "primary", name, where)
+            row.update(
+                diff_short=float(d_short[seeds].mean()) if len(seeds) else np.nan,
+                diff_long=float(d_long[seeds].mean()) if len(seeds) else np.nan,
+            )
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    out = correct(pd.DataFrame(rows))
+    moved = out["verdict"].isin(["above", "below"])
+    toward = out["diff_long"].abs() < out["diff_short"].abs()
+    out.loc[moved & toward, "verdict"] = "moved toward BN"
+    out.loc[moved & ~toward, "verdict"] = "moved away from BN"
+    return out
+
+
 def sampler_cost(table: pd.DataFrame, of: str = "noniid", against: str = "iid") -> pd.DataFrame:
     """What batches drawn by the sampler ``of`` (one class per batch) cost each method against ``against`` (i.i.d.),
     per condition and method trained under both: the final accuracy under ``of`` minus under ``against``, paired by

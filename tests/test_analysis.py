@@ -505,3 +505,72 @@ def test_evaluation_gap_pairs_two_evaluations_of_each_network_by_seed():
     row = out.loc["bn: test_acc_batchstats - test_acc"]
     assert row["n_seeds"] == 3 and row["mean"] == pytest.approx(0.70 + 0.002 / 3) and row["verdict"] == "above"
     assert row["family"] == "exploratory" and row["method"] == "bn"
+
+
+def _finals(diffs: dict[str, list[float]], batch_size: int, bn: list[float]) -> pd.DataFrame:
+    """A tidy table of final evaluations at one i.i.d. Fashion-MNIST condition: BN's accuracies per seed and each
+    method's as BN's plus its difference."""
+    rows = []
+    for method, values in {"bn": [0.0] * len(bn), **diffs}.items():
+        for seed, (base, d) in enumerate(zip(bn, values)):
+            rows.append(
+                {
+                    "cell": f"c{seed}",
+                    "seed": seed,
+                    "method": method,
+                    "final": True,
+                    "diverged": False,
+                    "num_classes": 10,
+                    "test_acc": base + d,
+                    "dataset": "fashionmnist",
+                    "sampler": "iid",
+                    "batch_size": batch_size,
+                    "optimizer": "adam",
+                    "lr": 0.001,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_budget_change_reads_the_change_of_each_difference_to_bn_paired_by_seed():
+    """Constructed 1x and 2x tables with known changes: a difference that stays put is equivalent (converged), one
+    that shrinks by 5 points is 'moved toward BN', one that grows is 'moved away from BN'; seeds pair by seed and a
+    seed only one budget has is left out; the family is Holm over the plan's 12 comparisons."""
+    bn = [0.85, 0.86, 0.84, 0.85, 0.86]
+    noise = [0.001, -0.001, 0.0005, -0.0005, 0.0]
+    short, long = [], []
+    for b in (2, 16, 128):
+        short.append(
+            _finals(
+                {
+                    "bnrs": [-0.20 + n for n in noise],
+                    "brn": [-0.01] * 5,
+                    "brnc": [-0.02 + n for n in noise],
+                    "bnwos": [-0.30] * 5,
+                },
+                b,
+                bn,
+            )
+        )
+        long.append(
+            _finals(
+                {
+                    "bnrs": [-0.15 - n for n in noise],
+                    "brn": [-0.01 + n for n in noise],
+                    "brnc": [-0.07 + 2 * n for n in noise],
+                    "bnwos": [-0.30] * 4,
+                },
+                b,
+                [x + 0.01 for x in bn[:4]],
+            )
+        )
+    out = analysis.budget_change(pd.concat(short), pd.concat(long))
+    assert len(out) == 12 and set(out["family"]) == {"primary"} and set(out["correction"]) == {"Holm"}
+    verdicts = out.set_index(["comparison", "batch_size"])["verdict"]
+    for b in (2, 16, 128):
+        assert verdicts[("bnrs - bn", b)] == "moved toward BN"
+        assert verdicts[("brnc - bn", b)] == "moved away from BN"
+        assert verdicts[("brn - bn", b)] == "equivalent" and verdicts[("bnwos - bn", b)] == "equivalent"
+    assert (out["n_seeds"] == 4).all()  # seed 4 has no 2x cell here
+    row = out[(out["comparison"] == "bnrs - bn") & (out["batch_size"] == 2)].iloc[0]
+    assert row["mean"] == pytest.approx(0.05, abs=2e-3) and row["diff_short"] < row["diff_long"] < 0

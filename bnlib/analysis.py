@@ -404,6 +404,85 @@ def budget_change(short: pd.DataFrame, long: pd.DataFrame, plan: Plan = STUDY) -
     return out
 
 
+# The causal test of weight growth (book/analysis-plan.md): per arm, its kind, the free arm it is read against
+# (results/mechanism/) and the network whose filter norms it follows (the registry's ``follows``; None: decayed)
+INTERVENTION_ARMS = {
+    "bn_detached_to_bn": ("necessity", "bn_detached", "bn"),
+    "bnrs_to_bn": ("necessity", "bnrs", "bn"),
+    "bn_to_bn_detached": ("sufficiency", "bn_detached", "bn_detached"),
+    "bn_detached_wd": ("decay", "bn_detached", None),
+    "bnrs_wd": ("decay", "bnrs", None),
+}
+FOLLOW_CHECK = (0.8, 1.25)  # a follow arm's final filter-norm ratio to its target, every layer
+DECAY_CHECK = 0.5  # a decay arm's final filter-norm ratio to its free arm's, at most, every layer
+
+
+def intervention_tests(free: pd.DataFrame, arms: pd.DataFrame, batch_sizes=(16, 2)) -> pd.DataFrame:
+    """The causal test's primary family (book/analysis-plan.md, "The causal test of weight growth"): per batch size
+    and arm, per seed the recovery of a necessity or decay arm A against its free arm F, (acc_A - acc_F) - g_F / 2,
+    or the cost of the sufficiency arm, (acc_BN - acc_A) - g_F / 2, where g_F = acc_BN - acc_F comes from ``free``
+    (the mechanism grid's tidy table) and acc_A from ``arms`` (the intervention grid's), paired by seed; a two-sided
+    t-test each, one Holm family over every batch size and arm. Verdict: ``at least half`` / ``less than half`` of
+    the gap, ``cannot tell``; ``no gap`` where the free arm's gap lies within the margin (TOST p < alpha, before any
+    correction) -- no test there. The gate (the free no-gradient arm below BN at that batch size in the mechanism
+    grid) is the caller's: pass only batch sizes where it holds."""
+    free_final, arm_final = stats.final_scores(free), stats.final_scores(arms)
+    rows = []
+    for b in batch_sizes:
+        condition = {"dataset": "fashionmnist", "sampler": "iid", "batch_size": b}
+        f, a = _at(free_final, condition), _at(arm_final, condition)
+        for arm, (kind, reference, _) in INTERVENTION_ARMS.items():
+            scores = pd.concat([f[f["method"].isin(["bn", reference])], a[a["method"] == arm]])
+            gap = contrast(scores, {"bn": 1.0, reference: -1.0})
+            if kind == "sufficiency":
+                values = contrast(scores, {"bn": 1.0, arm: -1.0}) - gap / 2
+            else:
+                values = contrast(scores, {arm: 1.0, reference: -1.0}) - gap / 2
+            row = compare(values.dropna().to_numpy(), "primary", f"{arm}: {kind}", {**condition})
+            row.update(
+                arm=arm,
+                kind=kind,
+                free=reference,
+                gap=float(gap.mean()) if len(gap) else np.nan,
+                no_gap=bool(tost(gap.to_numpy()) < stats.ALPHA) if len(gap) > 1 else False,
+            )
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    out = correct(pd.DataFrame(rows))
+    significant = out["p_adjusted"] < stats.ALPHA
+    out["verdict"] = np.where(significant, np.where(out["mean"] > 0, "at least half", "less than half"), "cannot tell")
+    out.loc[out["no_gap"], "verdict"] = "no gap"
+    return out
+
+
+def manipulation_checks(arm_traces: pd.DataFrame, free_traces: pd.DataFrame) -> pd.DataFrame:
+    """Per batch size, arm and norm layer: the final traced filter norm of the arm over its target's, averaged over
+    seeds -- the followed network's in the same cell for a follow arm (within :data:`FOLLOW_CHECK`), the free arm's
+    in ``free_traces`` (the mechanism grid) for a decay arm (at most :data:`DECAY_CHECK`); ``passed`` per arm and batch
+    size is every layer's check (tidy trace tables, :func:`bnlib.tables.traces`)."""
+
+    def last(frame):
+        final = frame.sort_values("step").groupby(["batch_size", "seed", "method", "layer"]).tail(1)
+        return final.set_index(["batch_size", "seed", "method", "layer"])["conv_weight_norm"].astype(float)
+
+    own, free = last(arm_traces), last(free_traces)
+    rows = []
+    for arm, (kind, reference, target) in INTERVENTION_ARMS.items():
+        if arm not in own.index.get_level_values("method"):
+            continue
+        mine = own.xs(arm, level="method")
+        goal = (own if target is not None else free).xs(target or reference, level="method")
+        ratio = (mine / goal.reindex(mine.index)).groupby(level=["batch_size", "layer"]).mean()
+        for (b, layer), value in ratio.items():
+            ok = FOLLOW_CHECK[0] <= value <= FOLLOW_CHECK[1] if target is not None else value <= DECAY_CHECK
+            rows.append({"batch_size": b, "arm": arm, "kind": kind, "layer": layer, "norm_ratio": value, "ok": ok})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["passed"] = out.groupby(["batch_size", "arm"])["ok"].transform("all")
+    return out
+
+
 def sampler_cost(table: pd.DataFrame, of: str = "noniid", against: str = "iid") -> pd.DataFrame:
     """What batches drawn by the sampler ``of`` (one class per batch) cost each method against ``against`` (i.i.d.),
     per condition and method trained under both: the final accuracy under ``of`` minus under ``against``, paired by

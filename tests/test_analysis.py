@@ -574,3 +574,87 @@ def test_budget_change_reads_the_change_of_each_difference_to_bn_paired_by_seed(
     assert (out["n_seeds"] == 4).all()  # seed 4 has no 2x cell here
     row = out[(out["comparison"] == "bnrs - bn") & (out["batch_size"] == 2)].iloc[0]
     assert row["mean"] == pytest.approx(0.05, abs=2e-3) and row["diff_short"] < row["diff_long"] < 0
+
+
+def test_intervention_tests_read_recovery_and_cost_against_half_the_gap_in_one_holm_family():
+    """Constructed: BN 0.85, the no-gradient arm 0.60 and BNRS 0.65 (free, the mechanism grid); bn_detached_to_bn
+    recovers 0.20 of the 0.25 gap (at least half), bnrs_to_bn 0.02 of 0.20 (less than half), bn_to_bn_detached costs
+    BN 0.10 of 0.25 (less than half); the decay arms sit at half the gap (cannot tell). Two batch sizes: a family of
+    10, Holm."""
+    noise = [0.002, -0.001, 0.0, 0.001, -0.002]
+    free, arms = [], []
+    for b in (16, 2):
+        free.append(
+            _finals({"bn_detached": [-0.25 + n for n in noise], "bnrs": [-0.20 - n for n in noise]}, b, [0.85] * 5)
+        )
+        arms.append(
+            _finals(
+                {
+                    "bn_detached_to_bn": [-0.05 + n for n in noise],
+                    "bnrs_to_bn": [-0.18 + n for n in noise],
+                    "bn_to_bn_detached": [-0.10 - n for n in noise],
+                    "bn_detached_wd": [-0.125 + 3 * n for n in noise],
+                    "bnrs_wd": [-0.10 - 3 * n for n in noise],
+                },
+                b,
+                [0.85] * 5,
+            )
+        )
+    arms = pd.concat(arms)
+    out = analysis.intervention_tests(pd.concat(free), arms[arms["method"] != "bn"])
+    assert len(out) == 10 and set(out["correction"]) == {"Holm"}
+    verdicts = out.set_index(["arm", "batch_size"])["verdict"]
+    for b in (16, 2):
+        assert verdicts[("bn_detached_to_bn", b)] == "at least half"
+        assert verdicts[("bnrs_to_bn", b)] == "less than half"
+        assert verdicts[("bn_to_bn_detached", b)] == "less than half"
+        assert verdicts[("bn_detached_wd", b)] == "cannot tell" and verdicts[("bnrs_wd", b)] == "cannot tell"
+    row = out[(out["arm"] == "bn_detached_to_bn") & (out["batch_size"] == 16)].iloc[0]
+    assert row["mean"] == pytest.approx(0.20 - 0.125, abs=1e-3) and row["gap"] == pytest.approx(0.25, abs=1e-3)
+    # no gap: a free arm within the margin of BN is not tested
+    flat = analysis.intervention_tests(
+        _finals({"bn_detached": [0.001, -0.001, 0.0, 0.0005, -0.0005], "bnrs": [-0.2] * 5}, 16, [0.85] * 5),
+        arms[(arms["batch_size"] == 16) & (arms["method"] != "bn")],
+        batch_sizes=(16,),
+    )
+    assert (flat.loc[flat["free"] == "bn_detached", "verdict"] == "no gap").all()
+
+
+def test_manipulation_checks_hold_follow_arms_to_their_target_and_decay_arms_below_half_the_free_arm():
+    def traces(norms: dict[str, list[float]], b: int = 16) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {"batch_size": b, "seed": s, "method": m, "layer": layer, "step": 100, "conv_weight_norm": value}
+                for m, values in norms.items()
+                for s in range(2)
+                for layer, value in enumerate(values, 1)
+            ]
+        )
+
+    arms = traces(
+        {
+            "bn": [2.0, 3.0],
+            "bn_detached": [9.0, 12.0],
+            "bn_detached_to_bn": [2.0, 3.0],
+            "bnrs_to_bn": [2.0, 4.5],
+            "bn_to_bn_detached": [9.0, 12.0],
+            "bn_detached_wd": [1.0, 1.5],
+            "bnrs_wd": [1.0, 5.0],
+        }
+    )
+    free = traces({"bn_detached": [9.0, 12.0], "bnrs": [6.0, 6.0]})
+    out = analysis.manipulation_checks(arms, free)
+    passed = out.groupby("arm")["passed"].first()
+    assert passed["bn_detached_to_bn"] and passed["bn_to_bn_detached"] and passed["bn_detached_wd"]
+    assert not passed["bnrs_to_bn"]  # layer 2 at 1.5x its target
+    assert not passed["bnrs_wd"]  # layer 2 at 5/6 of the free arm's: growth not curbed to half
+    ratio = out.set_index(["arm", "layer"])["norm_ratio"]
+    assert ratio[("bnrs_to_bn", 2)] == pytest.approx(1.5) and ratio[("bn_detached_wd", 1)] == pytest.approx(1 / 9)
+
+
+def test_the_intervention_arms_table_agrees_with_the_registry():
+    norms = pytest.importorskip("bnlib.norms")
+    for arm, (kind, _, target) in analysis.INTERVENTION_ARMS.items():
+        spec = norms.spec(arm)
+        assert spec.follows == target and (spec.filter_decay is not None) == (kind == "decay"), arm
+    assert {m for m, s in norms.REGISTRY.items() if s.follows or s.filter_decay} == set(analysis.INTERVENTION_ARMS)

@@ -1,6 +1,6 @@
 """A Sphinx extension of the book: before the table of contents is read, copy the shown grid's finished
 cell notebooks into ``book/runs/cells/``, so that a plain ``jupyter-book build .`` lists them on the Runs
-page (the grid and results folder as in :mod:`bnlib.book`: ``study`` from ``results/`` by default); and
+page (the grid and results folder as in :mod:`bnlib.paper.tables`: ``study`` from ``results/`` by default); and
 point the launch buttons at notebooks that exist in the repository."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 
 from docutils import nodes
 
-from . import book
+from . import paper
 
 
 def _gather(app, config) -> None:
-    book.gather_runs(book.results_dir() / book.grid_name())
+    paper.site.gather_runs(paper.tables.results_dir() / paper.tables.grid_name())
 
 
 def _launch_committed_notebooks(app, pagename, templatename, context, doctree) -> None:
@@ -27,7 +27,7 @@ def _launch_committed_notebooks(app, pagename, templatename, context, doctree) -
         if group.get("label") != "launch-buttons":
             continue
         if pagename.startswith("book/runs/cells/"):
-            committed = f"results/{book.grid_name()}/runs/{pagename.rsplit('/', 1)[1]}.ipynb"
+            committed = f"results/{paper.tables.grid_name()}/runs/{pagename.rsplit('/', 1)[1]}.ipynb"
             for button in group["buttons"]:
                 button["url"] = button["url"].replace(f"{pagename}.ipynb", committed)
         elif context.get("page_source_suffix") != ".ipynb":

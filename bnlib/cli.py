@@ -188,15 +188,15 @@ def cmd_aggregate(args) -> int:
     if args.readme:
         import pandas as pd
 
-        from . import book
+        from . import paper
 
         done = len({p.stem for p in (folder / "runs").glob("*.json")} & {c.id for c in g.cells})
-        commits = book.run_commits(folder / "runs")
-        why = book.why_from(paths.grid_results(book.MECHANISM_GRID, args.results))
-        book.write_readme_findings(
+        commits = paper.tables.run_commits(folder / "runs")
+        why = paper.readme.why_from(paths.grid_results(paper.tables.MECHANISM_GRID, args.results))
+        paper.readme.write_readme_findings(
             pd.read_csv(written["summary"]), done, len(g.cells), commits=commits, folder=folder, why=why
         )
-        print(f"wrote the findings tables into {book.README}")
+        print(f"wrote the findings tables into {paper.readme.README}")
     return 0
 
 
@@ -329,7 +329,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_book(args) -> int:
-    from .book import build
+    from .paper.site import build
 
     try:
         index = build(args.grid, args.results, strict=not args.no_strict)

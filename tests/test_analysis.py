@@ -130,7 +130,7 @@ def test_convergence_reads_steps_and_images_to_bns_level_and_to_a_methods_own():
 
 
 def test_the_convergence_sentence_names_what_never_reaches_bns_level_and_what_reaches_it_later():
-    from bnlib import book
+    from bnlib import paper
 
     curves = {
         "bn": lambda s: min(0.88, 0.5 + 0.000475 * s),
@@ -138,12 +138,12 @@ def test_the_convergence_sentence_names_what_never_reaches_bns_level_and_what_re
         "bnrs": lambda s: min(0.70, 0.5 + 0.0005 * s),
     }
     speed = analysis.convergence(convergence_rows(curves))
-    text = book.convergence_sentence(speed)
+    text = paper.study.convergence_sentence(speed)
     assert "BN comes within 1 point of its level (88.0%) after 800 steps (12,800 images)." in text
     assert "BN, running stats (BNRS) never comes within it in 1,600 steps: it ends lower" in text
     assert "by step 400 at the latest" in text and "Later than BN: Batch Renorm (BRN) (1,200 steps)." in text
     assert "1 of the 3 methods reaches its own level only after the learning rate drops (step 800)." in text
-    table = book.convergence_table(speed.assign(plateaued=[True, False, True]))
+    table = paper.study.convergence_table(speed.assign(plateaued=[True, False, True]))
     assert table.set_index("method").loc["BN, running stats (BNRS)", "steps to BN's level"] == "never"
     assert list(table["plateaued"]) == ["yes", "no", "yes"]
 
@@ -348,7 +348,7 @@ def test_the_original_claims_read_the_primary_verdicts_as_the_plan_says(verdicts
 def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     """The chapter's pieces end to end on a tiny real run (digits, 3 seeds, the 2x2 and GroupNorm, traced): the
     2x2 table names every corner and effect per condition, and the traces figure draws a panel per metric."""
-    from bnlib import book, plots, tables, train
+    from bnlib import paper, plots, tables, train
     from bnlib.train import data
 
     config = train.Config(
@@ -368,7 +368,7 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     table, losses = tables.evaluations(runs), tables.training_losses(runs)
     comparisons = analysis.comparisons(table, losses)
     stats_summary = stats.summarise(table)
-    two = book.twobytwo(stats_summary, comparisons)
+    two = paper.mechanism.twobytwo(stats_summary, comparisons)
     assert list(two.index) == ["i.i.d. batch 8"]
     assert {plots.display_name(m) for m in analysis.CORNERS} | set(analysis.EFFECTS) <= set(two.columns)
     assert len(stats_summary) == 5
@@ -386,15 +386,17 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     at = raw[(raw["method"] == "bnrs") & (raw["layer"] == 2) & (raw["step"] == 24)]["conv_weight_norm"].mean()
     row = summary[(summary["method"] == "bnrs") & (summary["layer"] == 2) & (summary["phase"] == "last")]
     assert row["conv_weight_norm"].iloc[0] == pytest.approx(at)
-    text = book.trace_answer(summary)
+    text = paper.mechanism.trace_answer(summary)
     bn_end = summary[(summary["method"] == "bn") & (summary["phase"] == "last")]["conv_weight_norm"].mean()
     assert text.startswith("- **i.i.d. batch 8** (3 seeds)") and f"{bn_end:.3g} at the end" in text
     assert "bn_detached" in text and "BNRS" in text and "|log r|" in text
-    fixes = book.fixes_answer(stats_summary, comparisons, table)
+    fixes = paper.mechanism.fixes_answer(stats_summary, comparisons, table)
     assert fixes.startswith("- **i.i.d. batch 8**: BRN ") and "against BNRS" in fixes and "BN's time per step" in fixes
-    checks = book.textbook_checks(comparisons, summary)
+    checks = paper.mechanism.textbook_checks(comparisons, summary)
     assert set(checks["the data"]) <= {"agrees", "contradicts", "cannot tell"} and len(checks) == 2  # not brn - bn at 8
-    assert book.reversal_answer(stats_summary, stats_summary, losses, comparisons) == ""  # no non-i.i.d. batches here
+    assert (
+        paper.mechanism.reversal_answer(stats_summary, stats_summary, losses, comparisons) == ""
+    )  # no non-i.i.d. batches here
 
 
 def test_plateau_uses_every_evaluation_of_a_run_on_one_test_set_and_keeps_its_columns_when_empty():
@@ -438,9 +440,9 @@ def test_a_planned_grids_secondary_summary_is_exploratory_under_benjamini_hochbe
 
 
 def book_adjusted(row) -> str:
-    from bnlib import book
+    from bnlib import paper
 
-    return book.adjusted_p(row)["adjusted p"]
+    return paper.words.adjusted_p(row)["adjusted p"]
 
 
 def test_sampler_cost_pairs_each_method_by_seed_across_samplers_with_its_own_family():

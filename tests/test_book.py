@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from browser import CHROMIUM_FLAGS, chromium, needs_chromium, probe  # tests/browser.py
 
-from bnlib import book, grid, plots
+from bnlib import grid, paper, plots
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def site(smoke_results, tmp_path_factory, book_build_lock) -> Path:
     os.environ["BNLIB_REPOSITORY_URL"] = REPOSITORY
     try:
         with book_build_lock:
-            index = book.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
+            index = paper.site.build("smoke", smoke_results, strict=True, output=tmp_path_factory.mktemp("book"))
     finally:
         os.environ.pop("BNLIB_REPOSITORY_URL") if old is None else os.environ.__setitem__("BNLIB_REPOSITORY_URL", old)
     assert index.exists()
@@ -222,11 +222,11 @@ def test_cell_pages_launch_their_committed_notebook_on_binder_and_colab(site):
 def test_repository_url_comes_from_one_place_at_a_time(monkeypatch):
     for var in ("BNLIB_REPOSITORY_URL", "GITHUB_REPOSITORY", "GITHUB_SERVER_URL"):
         monkeypatch.delenv(var, raising=False)
-    assert book.repository_url() is None  # _config.yml names none: a local build has no buttons
+    assert paper.site.repository_url() is None  # _config.yml names none: a local build has no buttons
     monkeypatch.setenv("GITHUB_REPOSITORY", "someone/fork")
-    assert book.repository_url() == "https://github.com/someone/fork"  # a fork's Actions build opens the fork
+    assert paper.site.repository_url() == "https://github.com/someone/fork"  # a fork's Actions build opens the fork
     monkeypatch.setenv("BNLIB_REPOSITORY_URL", "https://gitlab.com/x/y/")
-    assert book.repository_url() == "https://gitlab.com/x/y"
+    assert paper.site.repository_url() == "https://gitlab.com/x/y"
 
 
 def test_every_method_has_one_family_and_figures_draw_each_family_in_its_own_line_style():
@@ -325,9 +325,11 @@ def test_results_by_question_state_each_verdict_from_the_summary():
     from bnlib import plots
 
     summary = _summary_with_verdicts()
-    iid = book.headline_condition(summary, "iid")
-    assert set(iid["sampler"]) == {"iid"} and set(book.headline_condition(summary, "noniid")["sampler"]) == {"noniid"}
-    table = book.versus_bn(iid, ["bnrs", "gn", "bn"])
+    iid = paper.tables.headline_condition(summary, "iid")
+    assert set(iid["sampler"]) == {"iid"} and set(paper.tables.headline_condition(summary, "noniid")["sampler"]) == {
+        "noniid"
+    }
+    table = paper.study.versus_bn(iid, ["bnrs", "gn", "bn"])
     assert list(table.index) == [
         ("BN, running stats (BNRS)", 2),
         ("BN, running stats (BNRS)", 16),
@@ -337,11 +339,11 @@ def test_results_by_question_state_each_verdict_from_the_summary():
     assert list(table["verdict"]) == ["below", "cannot tell", "cannot tell", "cannot tell"]
     assert table.loc[("BN, running stats (BNRS)", 2), "vs BN (points)"] == "-10.0 [-12.0, -8.0]"
     assert table.loc[("BN, running stats (BNRS)", 2), "wins"] == "0/5"
-    assert book.verdict_sentence(iid, "bnrs") == (
+    assert paper.study.verdict_sentence(iid, "bnrs") == (
         "BN, running stats (BNRS) against BN: -10.0 [-12.0, -8.0] points at batch 2 (below); "
         "-1.0 [-3.0, +1.0] points at batch 16 (cannot tell)."
     )
-    advice = book.advice(summary)
+    advice = paper.study.advice(summary)
     assert advice.loc["i.i.d., 2", "use (above BN)"] == "BN: nothing is above it"
     assert advice.loc["i.i.d., 2", "avoid (below BN)"] == "BN, running stats (BNRS)"
     assert (
@@ -349,7 +351,7 @@ def test_results_by_question_state_each_verdict_from_the_summary():
         and advice.loc["non-i.i.d., 2", "avoid (below BN)"] == "none"
     )
     assert advice.loc["i.i.d., 16", "cannot tell from BN"] == 2
-    fig = plots.differences(book.headline_condition(summary, "noniid"), ["bnrs", "gn"])
+    fig = plots.differences(paper.tables.headline_condition(summary, "noniid"), ["bnrs", "gn"])
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["batch 2", "batch 16"]
     colours = [c.lines[0].get_color() for c in panels[0].containers]  # BNRS cannot tell, GroupNorm above, at batch 2
@@ -455,7 +457,7 @@ def test_figure_text_stays_readable_at_the_book_column_width():
         "accuracy": plots.accuracy_over_training(frame),
         "loss": plots.loss_over_training(frame),
         "final": plots.final_vs_batch(summary, col="sampler"),
-        "headline": plots.headline_figure(iid, book.HEADLINE_METHODS),
+        "headline": plots.headline_figure(iid, paper.study.HEADLINE_METHODS),
         "differences": plots.differences(iid, [m for m in norms.METHODS if m != "bn"][:7]),
         "seeds": plots.seeds_needed(halfwidths),
         "traces": plots.traces_over_training(traces, ["bn", "bn_detached", "brn", "bnrs"]).figure,
@@ -487,7 +489,7 @@ def test_the_2x2_answer_reads_out_each_effect_with_its_verdict_and_family():
         for (name, mean, verdict) in zip(analysis.EFFECTS, (0.0, -0.2, 0.005), ("equivalent", "below", "cannot tell"))
         for outcome in ("accuracy", "training loss")
     ]
-    text = book.twobytwo_answer(pd.DataFrame(rows))
+    text = paper.mechanism.twobytwo_answer(pd.DataFrame(rows))
     assert text.count("\n") == 0 and text.startswith("- **i.i.d. batch 16** (5 seeds): ")
     assert "normalising with running instead of batch statistics +0.0 [-1.0, +1.0] points (equivalent, primary)" in text
     assert "cutting the gradient through the statistics -20.0 [-21.0, -19.0] points (below, primary)" in text
@@ -548,21 +550,21 @@ def _traces(weights: dict) -> pd.DataFrame:
 
 def test_textbook_checks_read_each_account_by_its_rule():
     rows = _rows(_GRAD=(-0.2, "below"), _FWD=(0.0, "equivalent"), brn__bn=(0.0, "cannot tell"))
-    grown = book.textbook_checks(rows, _traces({"bn": 5.0, "bn_detached": 30.0, "bnrs": 20.0}))
+    grown = paper.mechanism.textbook_checks(rows, _traces({"bn": 5.0, "bn_detached": 30.0, "bnrs": 20.0}))
     assert list(grown["the data"]) == ["agrees", "agrees", "contradicts", "contradicts", "cannot tell", "cannot tell"]
     assert "bn_detached 6x BN's, BNRS 4x BN's" in grown["what the data say"].iloc[0]
     # the gradient's effect without the weights' growth is not the account's mechanism: it cannot tell
-    flat = book.textbook_checks(rows, _traces({"bn": 5.0, "bn_detached": 4.0, "bnrs": 20.0}))
+    flat = paper.mechanism.textbook_checks(rows, _traces({"bn": 5.0, "bn_detached": 4.0, "bnrs": 20.0}))
     assert flat["the data"].iloc[0] == "cannot tell"
     # an account of small batches is not read at a large i.i.d. batch
     large = rows.assign(batch_size=16)
     assert "Batch Renormalization beats BN with small or non-i.i.d. batches" in set(
-        book.textbook_checks(large)["account"]
+        paper.mechanism.textbook_checks(large)["account"]
     )
-    assert set(book.textbook_checks(large[large.sampler == "iid"])["account"]) == {
-        c["account"] for c in book.TEXTBOOK[:2]
+    assert set(paper.mechanism.textbook_checks(large[large.sampler == "iid"])["account"]) == {
+        c["account"] for c in paper.mechanism.TEXTBOOK[:2]
     }
-    text = book.textbook_answer(grown)
+    text = paper.mechanism.textbook_answer(grown)
     assert text.count("\n  - ") == 6 and "**contradicts**" in text
 
 
@@ -580,7 +582,7 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
         bnrs_orig_m100__bn_detached=(0.0, "equivalent"),
         bnrs__bn=(0.4, "above"),
     )
-    sweep = book.sweep_answer(summary, rows).splitlines()
+    sweep = paper.mechanism.sweep_answer(summary, rows).splitlines()
     # each value says its seeds: a sweep value can have fewer than its base
     assert sweep[0] == (
         "- **i.i.d. batch 2**: momentum 0.01 50.0% (1 seed), -10.0 [-11.0, -9.0] points (below, exploratory) "
@@ -597,13 +599,15 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
             for m, a in zip(("bnrs_orig_m100", "bn_detached"), pair)
         ]
     )
-    same = book.sweep_answer(summary, rows, evals).splitlines()[0]
+    same = paper.mechanism.sweep_answer(summary, rows, evals).splitlines()[0]
     assert same.endswith(
         "(equivalent, exploratory); with recomputed population statistics the two get the same number of "
         "test images right in 2 of 2 seeds: what they train is the same, and the gap is in what momentum 1 "
         "keeps for inference, the last batch's statistics."
     )
-    apart = book.sweep_answer(summary, rows, evals.assign(test_acc_recomputed=[0.5, 0.5, 0.6, 0.61])).splitlines()[0]
+    apart = paper.mechanism.sweep_answer(
+        summary, rows, evals.assign(test_acc_recomputed=[0.5, 0.5, 0.6, 0.61])
+    ).splitlines()[0]
     assert apart.endswith("in 1 of 2 seeds (the largest difference 1.00 points).")
     losses = pd.DataFrame(
         [
@@ -611,12 +615,12 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
             for m, loss in (("bn", 0.2), ("bnrs", 0.8), ("brn", 1.0))
         ]
     )
-    text = book.reversal_answer(summary, summary, losses, rows)
+    text = paper.mechanism.reversal_answer(summary, summary, losses, rows)
     assert text.startswith(
         "- **non-i.i.d. batch 2** (5 seeds): BNRS - BN +40.0 [+39.0, +41.0] points (above, exploratory)."
     )
     assert "BN: training loss 0.20, test accuracy 20.0%" in text and "train/test mismatch" in text
-    worse = book.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
+    worse = paper.mechanism.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
     assert "fails to train" in worse
     # with traces: BRN's gap between batch and running statistics, first and last trace, beside i.i.d. batches
     traces = pd.DataFrame(
@@ -636,13 +640,16 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
             for layer in (1, 2)
         ]
     )
-    traced = book.reversal_answer(summary, summary, losses, rows, trace_summary=traces)
+    traced = paper.mechanism.reversal_answer(summary, summary, losses, rows, trace_summary=traces)
     assert traced.endswith(
         "measured in BRN (its traced r = sigma_B / sigma_running and d, 90th percentiles over channels): "
         "|log r| 0.32 at the first trace and 0.92 at the last, |d| 0.50 and 0.50; with i.i.d. batches of "
         "2: |log r| 0.32 at the first trace and 0.42 at the last, |d| 0.50 and 0.50."
     )
-    assert book.reversal_answer(summary, summary, losses, rows, trace_summary=traces[traces.sampler == "iid"]) == text
+    assert (
+        paper.mechanism.reversal_answer(summary, summary, losses, rows, trace_summary=traces[traces.sampler == "iid"])
+        == text
+    )
 
 
 def _condition_rows(budgets: dict, methods=("bn", "bnrs", "brn")) -> pd.DataFrame:
@@ -676,8 +683,8 @@ def _condition_rows(budgets: dict, methods=("bn", "bnrs", "brn")) -> pd.DataFram
 
 def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch_size():
     summary = _condition_rows({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
-    assert sorted(book.headline_condition(summary)["batch_size"].unique()) == [2, 16, 128]
-    text = book.answer(summary)
+    assert sorted(paper.tables.headline_condition(summary)["batch_size"].unique()) == [2, 16, 128]
+    text = paper.study.answer(summary)
     assert (
         text.startswith(
             "Against BN on Fashion-MNIST (40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at "
@@ -685,19 +692,19 @@ def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch
         )
         and "GroupNorm" not in text
     )  # not run: left out
-    assert book.condition_words(summary) == (
+    assert paper.words.condition_words(summary) == (
         "Fashion-MNIST, i.i.d. batches, budget 40,000 steps at batch 2, 8,000 at "
         "batch 16 and 2,000 at batch 128, 5 seeds"
     )
     assert "(BNRS) at batch 2: **above** (+1.0 points, 95% interval +0.5 to +1.5), at batch 128: **above**" in text
     # its figures: one per dataset, every batch size a column
-    assert [(d, b, len(p)) for d, b, p in book.by_budget(summary)] == [
+    assert [(d, b, len(p)) for d, b, p in paper.words.by_budget(summary)] == [
         ("fashionmnist", "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128", len(summary))
     ]
     # two budgets at one batch size (the old study): the equal-samples one
     two = pd.concat([_condition_rows({2: "6400 samples", 128: "6400 samples"}), _condition_rows({128: "50 steps"})])
-    assert set(book.headline_condition(two)["budget"]) == {"6400 samples"}
-    assert [(d, b) for d, b, _ in book.by_budget(two)] == [
+    assert set(paper.tables.headline_condition(two)["budget"]) == {"6400 samples"}
+    assert [(d, b) for d, b, _ in paper.words.by_budget(two)] == [
         ("fashionmnist", "50 steps"),
         ("fashionmnist", "6400 samples"),
     ]
@@ -705,11 +712,11 @@ def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch
 
 def test_the_correction_is_named_as_the_grid_applied_it():
     summary = _condition_rows({2: "40000 steps", 16: "8000 steps"})
-    assert "Holm-corrected over the grid's 6 comparisons" in book.correction_sentence(
+    assert "Holm-corrected over the grid's 6 comparisons" in paper.study.correction_sentence(
         summary
     )  # p_value on BN's rows too
     planned = summary.assign(family=["primary", "primary", "exploratory"] * 2)
-    said = book.correction_sentence(planned)
+    said = paper.study.correction_sentence(planned)
     assert "Holm over its 4 primary comparisons" in said and "Benjamini-Hochberg over the 2 exploratory" in said
 
 
@@ -730,16 +737,16 @@ def test_the_readme_tells_a_planned_grids_answer_by_its_plan(tmp_path):
             "plateaued": [True, False],
         }
     ).to_csv(tmp_path / "plateau.csv", index=False)
-    text = book.readme_findings(summary, 10, 20, ["abc1234"], folder=tmp_path)
+    text = paper.readme.readme_findings(summary, 10, 20, ["abc1234"], folder=tmp_path)
     assert "a budget of 40,000 steps at batch 2 and 8,000 at batch 16" in text
     assert "under the pre-registered analysis plan: Holm over its 4 primary comparisons" in text
     assert "BN had finished training at batch 2 and had not at batch 16." in text
     assert "not trained to a plateau" not in text
-    assert "not trained to a plateau" in book.readme_findings(summary.drop(columns="family"), 10, 20)
+    assert "not trained to a plateau" in paper.readme.readme_findings(summary.drop(columns="family"), 10, 20)
     # the claims table speaks of a digits column only where there is one
     assert "(Fashion-MNIST; the digits have no cell yet)" in text and "digits' column" not in text
     digits = pd.concat([summary, summary.assign(dataset="mnist5k", family="exploratory")], ignore_index=True)
-    assert "the digits' column reads the same rules off exploratory verdicts" in book.readme_findings(
+    assert "the digits' column reads the same rules off exploratory verdicts" in paper.readme.readme_findings(
         digits, 10, 20, folder=tmp_path
     )
 
@@ -781,7 +788,7 @@ def test_the_2x2_read_out_by_optimiser_names_each_setting_and_counts_the_verdict
         for o, lr in settings
     ]
     comparisons = pd.DataFrame(rows)
-    text = book.twobytwo_answer(comparisons, by=book.BY_OPTIMISATION)
+    text = paper.mechanism.twobytwo_answer(comparisons, by=paper.words.BY_OPTIMISATION)
     assert text.splitlines()[2].startswith("- **SGD with momentum 0.9, lr 0.03** (3 seeds): ")
     summary = pd.DataFrame(
         [
@@ -799,12 +806,12 @@ def test_the_2x2_read_out_by_optimiser_names_each_setting_and_counts_the_verdict
             for m in analysis.CORNERS
         ]
     )
-    assert list(book.twobytwo(summary, comparisons, by=book.BY_OPTIMISATION).index) == [
+    assert list(paper.mechanism.twobytwo(summary, comparisons, by=paper.words.BY_OPTIMISATION).index) == [
         "Adam, lr 0.001",
         "Adam, lr 0.0003",
         "SGD with momentum 0.9, lr 0.03",
     ]
-    answer = book.robustness_answer(comparisons)
+    answer = paper.mechanism.robustness_answer(comparisons)
     assert answer.startswith("Across the 3 optimiser settings:")
     assert (
         "- gradient through the statistics (without - with): below in 2 of the 3 settings (cannot tell with SGD with "
@@ -836,17 +843,17 @@ def test_converges_slower_or_to_less_is_read_from_the_levels():
             ]
         )
 
-    less = book.slower_answer(rows(None))
+    less = paper.original.slower_answer(rows(None))
     assert (
         "at batch 2 it ends at 66.0% (first within 1 point of that at step 800) and never comes within 1 point of "
         "BN's 88.0% (BN: step 1,000)" in less
     )
     assert less.endswith("On these curves it does not converge slower, it converges to less.")
-    slower = book.slower_answer(rows(3000))
+    slower = paper.original.slower_answer(rows(3000))
     assert "comes within 1 point of BN's 88.0% at step 3,000 (BN: 1,000)" in slower and slower.endswith(
         "it converges slower."
     )
-    assert book.slower_answer(rows(None).assign(dataset="mnist5k")) == ""
+    assert paper.original.slower_answer(rows(None).assign(dataset="mnist5k")) == ""
 
 
 def test_a_fix_s_cost_is_a_multiple_of_a_reference_trained_in_the_same_cells():
@@ -869,7 +876,9 @@ def test_a_fix_s_cost_is_a_multiple_of_a_reference_trained_in_the_same_cells():
     summary = pd.DataFrame(
         [{"batch_size": 16, "sampler": "iid", "method": m, "mean": 0.8} for m in ("bn", "brn", "online", "gn")]
     )
-    text = book.fixes_answer(summary, pd.DataFrame(columns=["comparison", "batch_size", "sampler", "outcome"]), evals)
+    text = paper.mechanism.fixes_answer(
+        summary, pd.DataFrame(columns=["comparison", "batch_size", "sampler", "outcome"]), evals
+    )
     assert "BRN 80.0%, 1.1x BN's time per step in its cells" in text
     assert "Online Norm 80.0%, 1.5x GN's time per step in its cells" in text
 
@@ -895,7 +904,7 @@ def test_cost_per_step_keeps_machines_apart():
             )
         ]
     )
-    table = book.cost_per_step(evals)
+    table = paper.tables.cost_per_step(evals)
     assert list(table.columns) == ["batch 16, AMD EPYC", "batch 16, Intel Xeon Processor"]
     assert table.loc["BN", "batch 16, AMD EPYC"] == 10.0 and table.loc["BN", "batch 16, Intel Xeon Processor"] == 30.0
     gn = plots.display_name("gn")
@@ -924,7 +933,7 @@ def test_split_answer_says_how_much_of_the_cut_each_kept_gradient_wins_back():
             }
         ]
     )
-    text = book.split_answer(summary, comparisons)
+    text = paper.mechanism.split_answer(summary, comparisons)
     assert "cutting both gradients costs 40.0 points" in text
     assert "(bn_detached_mean) 60.0%, winning back 25% of those points" in text
     assert (
@@ -933,8 +942,8 @@ def test_split_answer_says_how_much_of_the_cut_each_kept_gradient_wins_back():
     )
     # where cutting both gains, there is nothing to win back
     flipped = summary.assign(mean=summary["mean"].where(summary["method"] != "bn", 0.4))
-    assert "gains 10.0 points" in book.split_answer(flipped, comparisons)
-    assert "winning back" not in book.split_answer(flipped, comparisons)
+    assert "gains 10.0 points" in paper.mechanism.split_answer(flipped, comparisons)
+    assert "winning back" not in paper.mechanism.split_answer(flipped, comparisons)
 
 
 def test_failure_answer_reads_the_loss_beside_the_recomputed_accuracy():
@@ -960,7 +969,7 @@ def test_failure_answer_reads_the_loss_beside_the_recomputed_accuracy():
             row(forward, "recomputed accuracy", -0.05, "below"),
         ]
     )
-    text = book.failure_answer(comparisons)
+    text = paper.mechanism.failure_answer(comparisons)
     assert (
         "cutting the gradient through the statistics: training loss +0.600 [+0.590, +0.610] (above), accuracy with "
         "recomputed statistics -20.0 [-21.0, -19.0] points (below, exploratory) - a failure to train"
@@ -970,8 +979,8 @@ def test_failure_answer_reads_the_loss_beside_the_recomputed_accuracy():
         in text
     )
     flipped = comparisons.assign(verdict=["above", "above", "below", "below"])
-    assert "- a worse fit of the training batches that tests better" in book.failure_answer(flipped)
-    assert "- a train/test mismatch" in book.failure_answer(flipped)
+    assert "- a worse fit of the training batches that tests better" in paper.mechanism.failure_answer(flipped)
+    assert "- a train/test mismatch" in paper.mechanism.failure_answer(flipped)
 
 
 def test_why_sentence_reads_the_primary_2x2_and_concludes_only_when_every_condition_agrees():
@@ -999,7 +1008,7 @@ def test_why_sentence_reads_the_primary_2x2_and_concludes_only_when_every_condit
         + rows(2, (0.05, "above"), (-0.3, "below"))
         + rows(4, (-0.5, "below"), (0.0, "cannot tell"), family="exploratory")
     )
-    text = book.why_sentence(both)
+    text = paper.study.why_sentence(both)
     assert (
         "normalising with running instead of batch statistics changes the final accuracy by +0.0 [-1.0, +1.0] points "
         "at i.i.d. batch 16 (equivalent) and +5.0 [+4.0, +6.0] points at i.i.d. batch 2 (above); cutting the gradient "
@@ -1010,8 +1019,8 @@ def test_why_sentence_reads_the_primary_2x2_and_concludes_only_when_every_condit
         "The accuracy is lost by cutting the gradient through the statistics, not by normalising with running ones."
     )
     split = pd.DataFrame(rows(16, (0.0, "equivalent"), (-0.2, "below")) + rows(2, (-0.05, "below"), (-0.3, "below")))
-    assert "The accuracy is lost" not in book.why_sentence(split)
-    assert book.why_sentence(both[both["family"] == "exploratory"]) == ""
+    assert "The accuracy is lost" not in paper.study.why_sentence(split)
+    assert paper.study.why_sentence(both[both["family"] == "exploratory"]) == ""
 
 
 def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_when_the_data_do():
@@ -1037,7 +1046,7 @@ def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_
             {**row(None, 0.4, "above"), "comparison": "2x2: forward statistics (running - batch)"},
         ]
     )
-    text = book.one_class_answer(cost)
+    text = paper.mechanism.one_class_answer(cost)
     assert "cost BN -60.0 [-61.0, -59.0] (below), BRN -10.0 [-11.0, -9.0] (below)." in text
     assert "not shown to hurt BNRS +2.0 [+1.0, +3.0] (cannot tell), Online Norm +0.0 [-1.0, +1.0] (equivalent)." in text
     assert (
@@ -1048,11 +1057,13 @@ def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_
         "neither (BNRS, Online Norm)." in text
     )
     # a method the grouping spares that one-class batches hurt: no grouping sentence
-    assert "Read together" not in book.one_class_answer(
+    assert "Read together" not in paper.mechanism.one_class_answer(
         cost.assign(verdict=cost["verdict"].replace("equivalent", "below"))
     )
     # a method the grouping does not know: no grouping sentence
-    assert "Read together" not in book.one_class_answer(pd.concat([cost, pd.DataFrame([row("frn", -0.2, "below")])]))
+    assert "Read together" not in paper.mechanism.one_class_answer(
+        pd.concat([cost, pd.DataFrame([row("frn", -0.2, "below")])])
+    )
 
 
 def test_plateau_answer_reads_bns_row_per_condition_or_setting():
@@ -1093,13 +1104,15 @@ def test_plateau_answer_reads_bns_row_per_condition_or_setting():
             },
         ]
     )
-    text = book.plateau_answer(plateau)
+    text = paper.mechanism.plateau_answer(plateau)
     assert (
         "below 1 point): i.i.d. batch 2: plateaued (+0.40 points, upper bound +0.80, 3 seeds); non-i.i.d. batch 2: "
         "not plateaued (+2.00 points, 1 seed)" in text
     )  # no bound from one seed
     assert "+5.00" not in text  # BN's rows only
-    assert "SGD with momentum 0.9, lr 0.01: plateaued" in book.plateau_answer(plateau, by=book.BY_OPTIMISATION)
+    assert "SGD with momentum 0.9, lr 0.01: plateaued" in paper.mechanism.plateau_answer(
+        plateau, by=paper.words.BY_OPTIMISATION
+    )
 
 
 def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
@@ -1136,7 +1149,7 @@ def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
             ]
         )
 
-    text = book.batchstats_answer(evaluations, gap("above"))
+    text = paper.mechanism.batchstats_answer(evaluations, gap("above"))
     assert (
         "**Trained on one-class batches of 2** (3 seeds, tested on one-class batches of 2): BN: accuracy (%) 16.0 "
         "[13.5, 18.5] with its running statistics, 15.0 [15.0, 15.0] with recomputed ones, 86.0 [83.5, 88.5] with the "
@@ -1150,8 +1163,8 @@ def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
     )
     assert (
         "its 95.0% is above BN trained and tested on i.i.d. batches here (at most 87.0% in any seed)"
-        in book.batchstats_answer(better, gap("above"))
+        in paper.mechanism.batchstats_answer(better, gap("above"))
     )
     assert text.count("As the plan reads it") == 1  # the reading is of one-class training only
-    assert "it failed to learn" in book.batchstats_answer(evaluations, gap("equivalent"))
-    assert "cannot tell whether" in book.batchstats_answer(evaluations, gap("cannot tell"))
+    assert "it failed to learn" in paper.mechanism.batchstats_answer(evaluations, gap("equivalent"))
+    assert "cannot tell whether" in paper.mechanism.batchstats_answer(evaluations, gap("cannot tell"))

@@ -522,7 +522,7 @@ def test_cells_of_other_training_code_are_stale_kept_and_redone_on_request(tmp_p
     assert json.loads(old.read_text())["provenance"]["training_code_sha256"] == provenance.TRAINING_SHA256
     # the fingerprint covers the training modules and the notebook, not the book or the runner
     assert provenance.code_fingerprint(provenance.training_files()) == provenance.TRAINING_SHA256
-    assert not {"book.py", "grid.py"} & {f.name for f in provenance.training_files()}
+    assert not {"study.py", "grid.py"} & {f.name for f in provenance.training_files()}
 
 
 def test_provenance_names_the_gpu_a_cuda_cell_ran_on(monkeypatch):

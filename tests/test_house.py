@@ -149,7 +149,7 @@ def test_the_training_fingerprint_covers_every_module_of_the_training_packages_a
     assert provenance.code_fingerprint(files) == provenance.TRAINING_SHA256
     assert {f.relative_to(paths.PACKAGE).parts[0] for f in files} == set(provenance.TRAINING_PACKAGES)
     assert paths.PACKAGE / "train" / "loop.py" in files and paths.PACKAGE / "norms" / "batch.py" in files
-    assert not any(f.parent == paths.PACKAGE for f in files)  # book.py, grid.py, ... change no number
+    assert not any(f.parent == paths.PACKAGE for f in files)  # paper/, grid.py, ... change no number
     # a module added deep inside a training package changes the fingerprint; the same bytes elsewhere do not
     package = tmp_path / "bnlib"
     for f in files:
@@ -204,13 +204,13 @@ def test_the_registry_states_what_each_method_needs():
 
 
 def test_every_method_has_a_style_from_one_colour_blind_safe_palette_and_a_panel():
-    from bnlib import analysis, book
+    from bnlib import analysis, paper
 
     assert list(plots.STYLES) == list(norms.METHODS)
     assert {colour for _, colour in plots.STYLES.values()} <= set(plots.OKABE_ITO.values())
     assert [m for m, (_, c) in plots.STYLES.items() if c == plots.OKABE_ITO["black"]] == ["bn"]  # the reference's alone
     assert {m for members in plots.PANELS.values() for m in members} | {"bn"} == set(norms.METHODS)
-    shown_together = [ms for _, ms in plots.panels(norms.METHODS)] + [book.HEADLINE_METHODS, analysis.CORNERS]
+    shown_together = [ms for _, ms in plots.panels(norms.METHODS)] + [paper.study.HEADLINE_METHODS, analysis.CORNERS]
     for methods in shown_together:  # never two lines of one colour in a panel
         assert len(methods) <= 6 and len({plots.colour(m) for m in methods}) == len(methods), methods
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from browser import LAYOUT_SCRIPT, needs_chromium, probe  # tests/browser.py
 
-from bnlib import analysis, book, cli, grid, paths, published, runner, tables, verify
+from bnlib import analysis, cli, grid, paper, paths, published, runner, tables, verify
 from bnlib.record import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,16 +141,16 @@ def test_readme_findings_match_the_committed_study():
     if not HAS_STUDY:
         pytest.skip("results/study holds no finished cell in this checkout")
     text = (ROOT / "README.md").read_text()
-    start, end = book.README_MARKERS
+    start, end = paper.readme.README_MARKERS
     committed = text.split(start, 1)[1].split(end, 1)[0].strip()
     done = len(list(STUDY.glob("runs/*.json")))
-    expected = book.readme_findings(
+    expected = paper.readme.readme_findings(
         pd.read_csv(STUDY / "summary.csv"),
         done,
         len(grid.load("study").cells),
-        book.run_commits(STUDY / "runs"),
+        paper.tables.run_commits(STUDY / "runs"),
         folder=STUDY,
-        why=book.why_from(ROOT / "results" / book.MECHANISM_GRID),
+        why=paper.readme.why_from(ROOT / "results" / paper.tables.MECHANISM_GRID),
     )
     assert committed == expected.strip(), (
         "README findings are out of date: run `bnlib aggregate study --readme` and commit"
@@ -165,7 +165,7 @@ def test_readme_headline_figure_draws_the_committed_summary():
     if not HAS_STUDY:
         pytest.skip("results/study holds no finished cell in this checkout")
     assert f"]({paths.README_FIGURE.relative_to(ROOT).as_posix()})" in (ROOT / "README.md").read_text()
-    digest, _ = book.headline_digest(pd.read_csv(STUDY / "summary.csv"))
+    digest, _ = paper.readme.headline_digest(pd.read_csv(STUDY / "summary.csv"))
     assert Image.open(paths.README_FIGURE).info.get("Description") == f"bnlib headline {digest}", (
         "the README's figure is out of date: run `bnlib aggregate study --readme` and commit"
     )
@@ -173,15 +173,17 @@ def test_readme_headline_figure_draws_the_committed_summary():
 
 def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n" + "\n".join(book.README_MARKERS) + "\nrest\n")
+    readme.write_text("intro\n" + "\n".join(paper.readme.README_MARKERS) + "\nrest\n")
     summary = pd.read_csv(_copy_grid(smoke_results, tmp_path) / "summary.csv")
-    book.write_readme_findings(summary, 3, 6, readme=readme, commits=["abc1234"])
+    paper.readme.write_readme_findings(summary, 3, 6, readme=readme, commits=["abc1234"])
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the study grid's 6 cells" in text
     assert "code of commit abc1234" in text
     assert "BN ends at" in text and ("below" in text or "cannot tell" in text)
     assert "**Why" not in text  # no mechanism grid given: no why
-    book.write_readme_findings(summary, 3, 6, readme=readme, why="Why, from an ablation: cutting costs 20 points.")
+    paper.readme.write_readme_findings(
+        summary, 3, 6, readme=readme, why="Why, from an ablation: cutting costs 20 points."
+    )
     assert (
         "\n\n**Why, from an ablation** (computed from `results/mechanism/analysis.csv`; the book's chapter "
         '"Why running statistics fail in training"): cutting costs 20 points.\n'
@@ -190,12 +192,12 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
 
     png = tmp_path / paths.README_FIGURE.relative_to(ROOT)
     assert (
-        f"![{book.HEADLINE_ALT}]" in text
-        and Image.open(png).info["Description"] == f"bnlib headline {book.headline_digest(summary)[0]}"
+        f"![{paper.readme.HEADLINE_ALT}]" in text
+        and Image.open(png).info["Description"] == f"bnlib headline {paper.readme.headline_digest(summary)[0]}"
     )
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
-        book.write_readme_findings(summary, 3, 6, readme=readme)
+        paper.readme.write_readme_findings(summary, 3, 6, readme=readme)
 
 
 def test_run_on_a_finished_grid_does_nothing_and_says_so(smoke_results, tmp_path, capsys):
@@ -304,7 +306,7 @@ def test_original_claims_follow_the_intervals():
         (ds, 2, "bnwos"): (-60, -70, -50),
         (ds, 16, "bnwos"): (0.1, -0.5, 0.7),
     }
-    verdicts = [c["verdict"] for c in book.original_claims(_summary(diffs), ds)]
+    verdicts = [c["verdict"] for c in paper.original.original_claims(_summary(diffs), ds)]
     assert verdicts == ["holds", "holds", "holds", "holds"]
     flipped = {
         **diffs,
@@ -313,7 +315,7 @@ def test_original_claims_follow_the_intervals():
         (ds, 2, "bnwos"): (1, 0.2, 2),
         (ds, 16, "bnwos"): (-3, -4, -2),
     }
-    assert [c["verdict"] for c in book.original_claims(_summary(flipped), ds)] == ["does not hold"] * 4
+    assert [c["verdict"] for c in paper.original.original_claims(_summary(flipped), ds)] == ["does not hold"] * 4
     unsure = {
         **diffs,
         (ds, 2, "brn"): (1, -1, 3),
@@ -322,8 +324,10 @@ def test_original_claims_follow_the_intervals():
         (ds, 2, "bnwos"): (-1, -3, 1),
         (ds, 16, "bnwos"): (0, -2, 2),
     }
-    assert [c["verdict"] for c in book.original_claims(_summary(unsure), ds)] == ["cannot tell"] * 4
-    assert [c["verdict"] for c in book.original_claims(_summary(diffs), "mnist5k")] == ["cannot tell"] * 4  # not run
+    assert [c["verdict"] for c in paper.original.original_claims(_summary(unsure), ds)] == ["cannot tell"] * 4
+    assert [c["verdict"] for c in paper.original.original_claims(_summary(diffs), "mnist5k")] == [
+        "cannot tell"
+    ] * 4  # not run
 
 
 def test_a_planned_grids_claims_follow_the_plans_verdicts_not_the_intervals():
@@ -342,23 +346,23 @@ def test_a_planned_grids_claims_follow_the_plans_verdicts_not_the_intervals():
     summary["budget"] = summary["batch_size"].map({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
     summary["family"] = np.where(summary["dataset"] == ds, "primary", "exploratory")
     summary["verdict"] = "below"
-    claims = book.original_claims(summary, ds)
+    claims = paper.original.original_claims(summary, ds)
     assert [c["verdict"] for c in claims] == ["does not hold", "holds", "holds", "does not hold"]
     assert {c["family"] for c in claims} == {"primary"}
     assert "bnwos at batch 16: -0.7 [-0.8, -0.5] points, below" in claims[3]["evidence"]
-    table = book.claims_table(summary)
+    table = paper.original.claims_table(summary)
     assert list(table.columns) == ["Fashion-MNIST", "MNIST (5,000 digits) (exploratory)"]
-    words = book.original_page_budget(summary)
+    words = paper.original.original_page_budget(summary)
     assert "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128" in words["our_budget"]
-    assert "Holm over its 12 primary" in book.questions_preamble(summary)
-    assert "pre-registered" in book.intro_design(summary)["design_tests"]
+    assert "Holm over its 12 primary" in paper.study.questions_preamble(summary)
+    assert "pre-registered" in paper.study.intro_design(summary)["design_tests"]
     # the short study (no plan): its own rule and words
-    assert "Holm-corrected over the grid's" in book.questions_preamble(_summary(diffs))
-    assert "equal budget of *samples*" in book.intro_design(_summary(diffs))["design_budget"]
+    assert "Holm-corrected over the grid's" in paper.study.questions_preamble(_summary(diffs))
+    assert "equal budget of *samples*" in paper.study.intro_design(_summary(diffs))["design_budget"]
 
 
 def test_original_numbers_name_their_source():
-    orig = book.original_results()
+    orig = paper.tables.original_results()
     assert set(orig["dataset"]) == {"mnist", "cifar100"} and set(orig["batch_size"]) == {2, 16, 128}
     assert set(orig["method"]) == {"bn", "bnrs", "brn", "brnc", "bnwos"} and len(orig) == 30
     assert orig["source"].str.contains("enhuiz/batchnorms").all()
@@ -437,11 +441,11 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
             assert (
                 f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text
             ), row
-    facts = book.headline(summary)
+    facts = paper.study.headline(summary)
     intro = _text(site / "book" / "intro.html")
     assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
     if (mechanism := ROOT / "results" / "mechanism" / "analysis.csv").exists():  # the abstract says why, measured
-        why = book.why_sentence(pd.read_csv(mechanism))
+        why = paper.study.why_sentence(pd.read_csv(mechanism))
         assert why and re.sub(r"\s+", " ", why) in re.sub(r"\s+", " ", intro.replace("\u2019", "'"))
     runs = [read_run(p) for p in sorted((STUDY / "runs").glob("*.json"))]  # the evaluation's share of training time
     share = sum(round(r.eval_seconds, 1) for r in runs) / sum(round(r.wall_seconds, 1) for r in runs)
@@ -473,7 +477,9 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     )
     original = _text(site / "book" / "original.html")
     assert "not re-run" in original and re.search(r"holds|does not hold|cannot tell", original)
-    slower = book.slower_answer(book.convergence(STUDY))  # "converges slower" read from the committed curves
+    slower = paper.original.slower_answer(
+        paper.tables.convergence(STUDY)
+    )  # "converges slower" read from the committed curves
     if slower:
         assert re.sub(r"\s+", " ", slower) in re.sub(r"\s+", " ", original.replace("\u2019", "'"))
 
@@ -490,32 +496,36 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
     comparisons, summary = pd.read_csv(folder / "analysis.csv"), pd.read_csv(folder / "summary.csv")
     corners = summary[summary["method"].isin(["bn", "bn_detached", "brn", "bnrs"])]
     for row in corners.itertuples():
-        assert book.percent_interval(row.mean, row.ci_low, row.ci_high) in text, row
+        assert paper.words.percent_interval(row.mean, row.ci_low, row.ci_high) in text, row
     effects = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
     assert len(effects)
     for row in effects.itertuples():
         assert (
-            f"{book.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} {row.verdict} ({row.family})"
-            in text
+            f"{paper.words.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} "
+            f"{row.verdict} ({row.family})" in text
         ), row
     traces = pd.read_csv(folder / "traces_summary.csv")
-    t = book.mechanism_tables(folder)
+    t = paper.tables.mechanism_tables(folder)
     readouts = [
-        book.twobytwo_answer(comparisons),
-        book.trace_answer(traces),
-        book.textbook_answer(book.textbook_checks(comparisons, traces)),
-        book.split_answer(summary, comparisons),
-        book.failure_answer(comparisons),
-        book.sweep_answer(t.summary, comparisons, t.evaluations),
-        book.fixes_answer(t.summary, comparisons, t.evaluations),
-        book.one_class_answer(analysis.sampler_cost(t.evaluations)),
-        book.why_sentence(comparisons),
-        book.plateau_answer(pd.read_csv(folder / "plateau.csv")),
+        paper.mechanism.twobytwo_answer(comparisons),
+        paper.mechanism.trace_answer(traces),
+        paper.mechanism.textbook_answer(paper.mechanism.textbook_checks(comparisons, traces)),
+        paper.mechanism.split_answer(summary, comparisons),
+        paper.mechanism.failure_answer(comparisons),
+        paper.mechanism.sweep_answer(t.summary, comparisons, t.evaluations),
+        paper.mechanism.fixes_answer(t.summary, comparisons, t.evaluations),
+        paper.mechanism.one_class_answer(analysis.sampler_cost(t.evaluations)),
+        paper.study.why_sentence(comparisons),
+        paper.mechanism.plateau_answer(pd.read_csv(folder / "plateau.csv")),
     ]
-    robust = ROOT / "results" / book.ROBUSTNESS_GRID / "plateau.csv"
-    readouts += [book.plateau_answer(pd.read_csv(robust), by=book.BY_OPTIMISATION)] if robust.exists() else []
-    if (checked := book.mechanism_tables(grid=book.BATCHSTATS_GRID)) is not None:
-        readouts.append(book.batchstats_answer(checked.evaluations, analysis.evaluation_gap(checked.evaluations)))
+    robust = ROOT / "results" / paper.tables.ROBUSTNESS_GRID / "plateau.csv"
+    readouts += (
+        [paper.mechanism.plateau_answer(pd.read_csv(robust), by=paper.words.BY_OPTIMISATION)] if robust.exists() else []
+    )
+    if (checked := paper.tables.mechanism_tables(grid=paper.tables.BATCHSTATS_GRID)) is not None:
+        readouts.append(
+            paper.mechanism.batchstats_answer(checked.evaluations, analysis.evaluation_gap(checked.evaluations))
+        )
     for line in "\n".join(readouts).splitlines():
         assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line
 

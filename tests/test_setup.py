@@ -71,7 +71,7 @@ def _check(*args) -> subprocess.CompletedProcess:
 
 def test_publishing_workflow_is_valid_and_builds_what_the_tests_build(tmp_path):
     """The workflow passes SchemaStore's github-workflow schema (vendored in check-jsonschema, offline), runs
-    the README's set-up and test command, builds with `bnlib book` (bnlib.book.build, what tests/test_book.py
+    the README's set-up and test command, builds with `bnlib book` (bnlib.paper.site.build, what tests/test_book.py
     builds) and deploys that folder to Pages."""
     path = ROOT / ".github" / "workflows" / "book.yml"
     done = _check("--builtin-schema", "vendor.github-workflows", path)

@@ -1,0 +1,270 @@
+"""The original study side by side with ours (the Original page): its figures' numbers beside our re-run, and its
+four claims judged on our data.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .. import norms
+from ..plots import display_name
+from .tables import equal_steps, headline_condition, original_results
+from .words import DATASET_NAMES, budget_words, percent_interval, pp
+
+
+def slower_answer(speed: pd.DataFrame, method: str = "bnrs", dataset: str = "fashionmnist") -> str:
+    """The original's "converges much slower" read from the curves (:func:`convergence` rows, i.i.d. batches): per
+    batch size the level ``method`` settles at and when, against BN's level and when BN reaches it; whether the
+    method ever comes within the plateau margin of BN's level (it converges slower) or not (it converges to less)."""
+    from .. import analysis
+
+    part = speed[(speed["dataset"] == dataset) & (speed["sampler"] == "iid")]
+    bn, it = (
+        part[part["method"] == "bn"].set_index("batch_size"),
+        part[part["method"] == method].set_index("batch_size"),
+    )
+    sizes = sorted(set(bn.index) & set(it.index))
+    if not sizes:
+        return ""
+    margin, said = f"{pp(analysis.PLATEAU_MARGIN):.0f} point", []
+    for b in sizes:
+        m, ref = it.loc[b], bn.loc[b]
+        reach = (
+            f"comes within {margin} of BN's {pp(ref['level']):.1f}% at step {int(m['steps_to_bn_level']):,} (BN: "
+            f"{int(ref['steps_to_bn_level']):,})"
+            if pd.notna(m["steps_to_bn_level"])
+            else f"never comes within {margin} of BN's {pp(ref['level']):.1f}% "
+            f"(BN: step {int(ref['steps_to_bn_level']):,})"
+        )
+        said.append(
+            f"at batch {b} it ends at {pp(m['level']):.1f}% (first within {margin} of that at step "
+            f"{int(m['steps_to_own_level']):,}) and {reach}"
+        )
+    never = it.loc[sizes, "steps_to_bn_level"].isna()
+    verdict = (
+        "it does not converge slower, it converges to less"
+        if never.all()
+        else "it converges slower"
+        if not never.any()
+        else "slower at some batch sizes, to less at others"
+    )
+    return (
+        f"Read from the curves (exploratory; a level is the mean of a curve's last three evaluations, over seeds): "
+        f"{display_name(method)}: " + "; ".join(said) + f". On these curves {verdict}."
+    )
+
+
+PLANNED_CLAIMS = (
+    "Judged by the pre-registered analysis plan's rules from its primary verdicts (Fashion-MNIST, i.i.d. "
+    "batches, every batch size trained until BN plateaued); the original's digits are exploratory there, "
+    "so their column applies the same rules to exploratory verdicts and is labelled so. A comparison "
+    "that is not primary -- not run yet, or BN not plateaued -- counts as unknown."
+)
+
+
+def original_page_budget(summary: pd.DataFrame) -> dict[str, str]:
+    """The side-by-side page's words on our budget (glued): the original's kind of budget on the short study; the
+    plateau budgets on a grid with the re-run study's plan."""
+    if "family" in summary:
+        return {
+            "our_budget": f"each batch size trained until BN plateaued: {budget_words(headline_condition(summary))} on "
+            f"{DATASET_NAMES['fashionmnist']}",
+            "budget_note": "Our budgets differ from the original's 10,001 steps at every batch size: each is what "
+            "BN needed to plateau here",
+        }
+    return {
+        "our_budget": "under the same kind of budget: the same number of optimiser steps at every batch size",
+        "budget_note": "Our budget is also much shorter than the original's 10,001 steps",
+    }
+
+
+def claims_rule(summary: pd.DataFrame) -> str:
+    """How the side-by-side page's verdicts on the original's claims are reached."""
+    if "family" in summary:
+        return (
+            PLANNED_CLAIMS
+            + " The rules are `bnlib.analysis.original_claims`, fixed by the analysis plan before its cells ran."
+        )
+    budgets = sorted(equal_steps(summary)["budget"].unique())
+    return (
+        "Each verdict comes from paired differences against BN (same seed: same batches, same initial weights) "
+        f"with 95% intervals, under the equal-steps budget ({budgets[0] if budgets else 'no equal-steps cells yet'}): "
+        "*holds* when the intervals say so, *does not hold* when they say the opposite, *cannot tell* when an "
+        "interval includes the boundary or a condition has fewer than two seeds so far."
+    )
+
+
+def claims_table(summary: pd.DataFrame) -> pd.DataFrame | None:
+    """The original's four claims (rows) by dataset (columns; "exploratory" where the plan leaves it so), or None
+    where this grid cannot judge them (no equal-steps cells)."""
+    datasets = sorted(equal_steps(summary)["dataset"].unique())
+    if not datasets:
+        return None
+    sets = {d: original_claims(summary, d) for d in datasets}
+
+    def label(d):
+        return DATASET_NAMES.get(d, d) + (" (exploratory)" if sets[d][0].get("family") == "exploratory" else "")
+
+    first = next(iter(sets.values()))
+    return pd.DataFrame(
+        {label(d): [c["verdict"] for c in cs] for d, cs in sets.items()},
+        index=pd.Index([c["claim"] for c in first], name="claim"),
+    )
+
+
+EQUIVALENCE_POINTS = 1.0  # "matches BN": the paired 95% interval lies within +-1 point of BN
+
+
+def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
+    """Original (one run) beside ours (mean [95% interval], n seeds) per dataset, batch size and method; for
+    BNRS, BRN and BRNC also our run of the original's own code (``*_orig``: statistics updated before use, eps 0)."""
+    ours = equal_steps(summary)
+    orig = original_results()
+
+    def ours_cell(dataset: str, ds: str, batch: int, method: str) -> str:
+        if dataset == "cifar100":
+            return "not re-run"
+        hit = ours[(ours["dataset"] == ds) & (ours["batch_size"] == batch) & (ours["method"] == method)]
+        if hit.empty:
+            return "not run yet" if method in norms.REGISTRY else ""
+        h = hit.iloc[0]
+        return f"{percent_interval(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
+
+    rows = []
+    for r in orig.itertuples():
+        row = {
+            "original dataset": r.dataset,
+            "batch": r.batch_size,
+            "method": display_name(r.method),
+            "original (%)": ("< " if r.relation == "below" else "") + f"{r.final_acc:g}",
+        }
+        for ds in ("mnist5k", "fashionmnist"):
+            row[f"ours: {ds}"] = ours_cell(r.dataset, ds, r.batch_size, r.method)
+            twin = f"{r.method}_orig"
+            row[f"ours, the original's code: {ds}"] = (
+                ours_cell(r.dataset, ds, r.batch_size, twin) if twin in norms.REGISTRY else "same as ours"
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _diff(ours: pd.DataFrame, dataset: str, batch: int, method: str) -> tuple[float, float, float] | None:
+    hit = ours[(ours["dataset"] == dataset) & (ours["batch_size"] == batch) & (ours["method"] == method)]
+    if hit.empty or pd.isna(hit.iloc[0].get("diff_ci_low", float("nan"))):
+        return None
+    h = hit.iloc[0]
+    return pp(h["diff_vs_bn"]), pp(h["diff_ci_low"]), pp(h["diff_ci_high"])
+
+
+def planned_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
+    """The original's four claims on a grid with the re-run study's plan (its summary carries ``family``): the
+    plan's rules (:func:`bnlib.analysis.original_claims`) on its primary verdicts, or -- on a dataset the plan
+    leaves exploratory -- the same rules on the exploratory verdicts, each claim marked with the family read."""
+    from .. import analysis
+
+    s = equal_steps(summary)
+    s = s[(s["dataset"] == dataset) & (s["method"] != "bn") & s["diff_vs_bn"].notna()]
+    family = "primary" if (s["family"] == "primary").any() else "exploratory"
+    comparisons = pd.DataFrame(
+        {
+            "comparison": s["method"] + " - bn",
+            "outcome": "accuracy",
+            "family": s["family"],
+            "verdict": s["verdict"],
+            "dataset": s["dataset"],
+            "sampler": s["sampler"],
+            "batch_size": s["batch_size"],
+            "mean": s["diff_vs_bn"],
+            "ci_low": s["diff_ci_low"],
+            "ci_high": s["diff_ci_high"],
+        }
+    )
+    return [
+        {**claim, "family": family} for claim in analysis.original_claims(comparisons, dataset=dataset, family=family)
+    ]
+
+
+def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
+    """The original study's four claims, each judged on one of our datasets: on a grid with a pre-registered plan
+    by its rules (:func:`planned_claims`); otherwise under the equal-steps budget from the paired 95% intervals
+    against BN: "holds", "does not hold" or "cannot tell" (an interval that includes the boundary, or a condition
+    not run / with fewer than 2 seeds)."""
+    if "family" in summary:
+        return planned_claims(summary, dataset)
+    ours = equal_steps(summary)
+    sizes = sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())
+    small, larger = (sizes[0], sizes[1:]) if sizes else (None, [])
+
+    def d(batch, method):
+        return _diff(ours, dataset, batch, method) if batch is not None else None
+
+    def fmt(x):
+        return "not run" if x is None else f"{x[0]:+.1f} [{x[1]:+.1f}, {x[2]:+.1f}]"
+
+    claims = []
+    # 1. BRN(C) beats BN only at tiny batches (the original: on the harder task)
+    tiny = [d(small, m) for m in ("brn", "brnc")]
+    big = [d(b, m) for b in larger for m in ("brn", "brnc")]
+    if any(x is None for x in tiny + big) or not larger:
+        v1 = "cannot tell"
+    elif any(x[1] > 0 for x in big):
+        v1 = "does not hold"  # it also beats BN at a larger batch
+    elif any(x[1] > 0 for x in tiny):
+        v1 = "holds"
+    elif all(x[2] < 0 for x in tiny):
+        v1 = "does not hold"  # BN is better at the tiny batch
+    else:
+        v1 = "cannot tell"
+    claims.append(
+        {
+            "claim": "BRN(C) beats BN only at tiny batches",
+            "verdict": v1,
+            "evidence": "; ".join(f"{m} at batch {small}: {fmt(x)}" for m, x in zip(("brn", "brnc"), tiny)),
+        }
+    )
+    # 2. BNRS converges much slower: below BN at the end of the budget at every batch size
+    rs = [d(b, "bnrs") for b in sizes]
+    if not sizes or any(x is None for x in rs):
+        v2 = "cannot tell"
+    elif all(x[2] < 0 for x in rs):
+        v2 = "holds"
+    elif any(x[1] > 0 for x in rs):
+        v2 = "does not hold"
+    else:
+        v2 = "cannot tell"
+    claims.append(
+        {
+            "claim": "BNRS converges much slower than BN (below BN at the end of the budget, every batch size)",
+            "verdict": v2,
+            "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(sizes, rs)),
+        }
+    )
+    # 3. BNWoS fails at batch 2
+    w2 = d(small, "bnwos")
+    v3 = "cannot tell" if w2 is None else ("holds" if w2[2] < 0 else ("does not hold" if w2[1] >= 0 else "cannot tell"))
+    tiny_batch = small if small is not None else 2  # the original's batch 2 when this grid has no such cells
+    claims.append(
+        {
+            "claim": f"BNWoS fails at batch {tiny_batch} (below BN)",
+            "verdict": v3,
+            "evidence": f"batch {tiny_batch}: {fmt(w2)}",
+        }
+    )
+    # 4. BNWoS matches BN at larger batches: every paired interval within +-EQUIVALENCE_POINTS
+    wl = [d(b, "bnwos") for b in larger]
+    if not larger or any(x is None for x in wl):
+        v4 = "cannot tell"
+    elif all(-EQUIVALENCE_POINTS <= x[1] and x[2] <= EQUIVALENCE_POINTS for x in wl):
+        v4 = "holds"
+    elif any(x[1] > EQUIVALENCE_POINTS or x[2] < -EQUIVALENCE_POINTS for x in wl):
+        v4 = "does not hold"
+    else:
+        v4 = "cannot tell"
+    claims.append(
+        {
+            "claim": f"BNWoS matches BN at larger batches (within ±{EQUIVALENCE_POINTS:g} point)",
+            "verdict": v4,
+            "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(larger, wl)),
+        }
+    )
+    return claims

@@ -1,0 +1,441 @@
+"""The study's pages (intro, results, summary): the headline, the abstract, the answer and the summary tables, from
+a grid's ``summary.csv``, ``analysis.csv`` and curves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .. import norms, stats
+from ..plots import display_name
+from .original import EQUIVALENCE_POINTS, PLANNED_CLAIMS
+from .tables import Tables, headline_condition
+from .words import (
+    DATASET_NAMES,
+    EFFECT_WORDS,
+    adjusted_p,
+    and_list,
+    budget_words,
+    condition_label,
+    percent_interval,
+    pp,
+    seed_count,
+)
+
+# The headline figure's methods: BN, the two ways of normalising with running statistics in training, and the
+# batch-independent reference
+HEADLINE_METHODS = ("bn", "bnrs", "brn", "gn")
+
+
+def headline(summary: pd.DataFrame) -> dict:
+    """The numbers of the one-paragraph answer (:func:`headline_condition`, smallest and largest batch)."""
+    s = summary
+    part = headline_condition(summary)
+    dataset = str(part["dataset"].iloc[0])
+    small, large = int(part["batch_size"].min()), int(part["batch_size"].max())
+    family = int(s["p_value"].notna().sum()) if "p_value" in s else 0
+    budget = budget_words(part)  # one per batch size (headline_condition)
+    facts: dict = {
+        "dataset": dataset,
+        "dataset_name": DATASET_NAMES.get(dataset, dataset),
+        "small": small,
+        "large": large,
+        "budget": budget,
+        "seeds": seed_count(part),
+        "family": family,
+    }
+    for size, tag in ((small, "small"), (large, "large")):
+        rows = part[part["batch_size"] == size].set_index("method")
+        if "bn" in rows.index:
+            facts[f"bn_{tag}"] = pp(rows.loc["bn", "mean"])
+            facts[f"bn_{tag}_low"], facts[f"bn_{tag}_high"] = (
+                pp(rows.loc["bn", "ci_low"]),
+                pp(rows.loc["bn", "ci_high"]),
+            )
+        for m in rows.index:
+            if m == "bn" or pd.isna(rows.loc[m, "diff_vs_bn"]):
+                continue
+            facts[f"{m}_{tag}_diff"] = pp(rows.loc[m, "diff_vs_bn"])
+            facts[f"{m}_{tag}_low"], facts[f"{m}_{tag}_high"] = (
+                pp(rows.loc[m, "diff_ci_low"]),
+                pp(rows.loc[m, "diff_ci_high"]),
+            )
+            v = rows.loc[m, "verdict"] if "verdict" in rows else None
+            facts[f"{m}_{tag}_verdict"] = v if isinstance(v, str) else "cannot tell"
+            facts[f"{m}_{tag}_wins"] = (
+                f"{int(rows.loc[m, 'wins'])} of {int(rows.loc[m, 'n_pairs'])}" if "wins" in rows else "–"
+            )
+            facts[f"{m}_{tag}_mean"] = pp(rows.loc[m, "mean"])
+        best = rows["mean"].astype(float).idxmax()
+        facts[f"best_{tag}"], facts[f"best_{tag}_acc"] = display_name(best), pp(rows.loc[best, "mean"])
+    return facts
+
+
+def plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
+    """Whether BN had finished training in the headline condition, by the analysis plan's criterion
+    (``plateau.csv`` of the grid)."""
+    from .. import analysis
+
+    path = folder / "plateau.csv"
+    plateau = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    keys = [k for k in stats.CONDITION_KEYS if k in part and k in plateau]
+    bn = plateau[plateau["method"] == "bn"].merge(part[keys].drop_duplicates(), on=keys) if len(plateau) else plateau
+    assessed = bn[bn["n_seeds"] > 0] if len(bn) else bn
+    if not len(assessed):
+        return (
+            f"These runs were evaluated too rarely to tell by the analysis plan's plateau criterion (needing "
+            f"{2 * analysis.PLATEAU_WINDOW} evaluations) whether they finished training: the numbers describe this "
+            "budget."
+        )
+    done = sorted(int(b) for b in assessed.loc[assessed["plateaued"].astype(bool), "batch_size"])
+    not_done = sorted(int(b) for b in assessed.loc[~assessed["plateaued"].astype(bool), "batch_size"])
+    return (
+        "By the analysis plan's plateau criterion BN had finished training "
+        + (f"at batch {and_list(map(str, done))}" if done else "at no batch size")
+        + (f" and had not at batch {and_list(map(str, not_done))}." if not_done else ".")
+    )
+
+
+def convergence_table(speed: pd.DataFrame) -> pd.DataFrame:
+    """One condition's rows of :func:`convergence` as the page shows them."""
+
+    def steps(col):
+        return speed[col].map(lambda v: "never" if pd.isna(v) else f"{int(v):,}")
+
+    out = pd.DataFrame(
+        {
+            "method": speed["method"].map(display_name).to_numpy(),
+            "level (%)": speed["level"].map(lambda v: f"{pp(v):.1f}").to_numpy(),
+            "steps to BN's level": steps("steps_to_bn_level").to_numpy(),
+            "images to BN's level": steps("images_to_bn_level").to_numpy(),
+            "steps to its own level": steps("steps_to_own_level").to_numpy(),
+            "images to its own level": steps("images_to_own_level").to_numpy(),
+        }
+    )
+    if "plateaued" in speed:
+        out["plateaued"] = speed["plateaued"].map({True: "yes", False: "no"}).fillna("–").to_numpy()
+    return out
+
+
+def convergence_sentence(speed: pd.DataFrame) -> str:
+    """What one condition's :func:`convergence` rows say: when BN reaches its level, which methods never reach it
+    (they converge to less, not slower) and which reach it later, and how many reach their own level only after
+    the learning rate drops."""
+    from .. import analysis
+
+    row = speed.iloc[0]
+    bn = speed[speed["method"] == "bn"]
+    if bn.empty:
+        return "BN is not among these runs: no level to compare with."
+    b, bn_steps = int(row["batch_size"]), bn["steps_to_bn_level"].iloc[0]
+    text = [
+        f"BN comes within {pp(analysis.PLATEAU_MARGIN):.0f} point of its level ({pp(bn['level'].iloc[0]):.1f}%) "
+        f"after {int(bn_steps):,} steps ({int(bn_steps) * b:,} images)."
+    ]
+    others = speed[speed["method"] != "bn"]
+    never = others[others["steps_to_bn_level"].isna()]
+    later = others[others["steps_to_bn_level"].notna() & (others["steps_to_bn_level"] > bn_steps)]
+
+    # names hold commas
+    def names(frame):
+        return "; ".join(display_name(m) for m in frame["method"])
+
+    if len(never):
+        text.append(
+            f"{names(never)} never come{'s' if len(never) == 1 else ''} within it in "
+            f"{int(row['steps_total']):,} steps: {'it ends' if len(never) == 1 else 'they end'} lower, at "
+            f"a level {'it reaches' if len(never) == 1 else 'they reach'} by step "
+            f"{int(never['steps_to_own_level'].max()):,} at the latest."
+        )
+    if len(later):
+        later_steps = "; ".join(
+            f"{display_name(m)} ({int(s):,} steps)" for m, s in zip(later["method"], later["steps_to_bn_level"])
+        )
+        text.append(f"Later than BN: {later_steps}.")
+    if len(others) and not len(never) and not len(later):
+        text.append("No method reaches it later than BN.")
+    if row.get("lr_schedule") == "step":
+        drop = round(float(row["lr_drop_at"]) * int(row["steps_total"]))
+        after = int((speed["steps_to_own_level"] > drop).sum())
+        reach = "reaches its own level" if after == 1 else "reach their own level"
+        text.append(
+            f"{after} of the {len(speed)} methods {reach} only after the learning rate drops (step {drop:,})"
+            + (
+                ", so with this schedule the step counts say more about the schedule than about the methods."
+                if after > len(speed) / 2
+                else "."
+            )
+        )
+    return " ".join(text)
+
+
+def why_sentence(comparisons: pd.DataFrame) -> str:
+    """The mechanism grid's answer in a sentence or two (for the abstract): the 2x2's two main effects on the final
+    accuracy wherever both are primary comparisons, and what they say when their verdicts agree on one cause ('' where
+    the grid has no primary 2x2 effect)."""
+    primary = comparisons[(comparisons["family"] == "primary") & (comparisons["outcome"] == "accuracy")]
+    effects = {name: [] for name in EFFECT_WORDS}
+    causes = set()
+    for (batch, sampler), part in primary.groupby(["batch_size", "sampler"], sort=False):
+        eff = part.set_index("comparison")
+        if not all(f"2x2: {name}" in eff.index for name in EFFECT_WORDS):
+            continue
+        for name in EFFECT_WORDS:
+            e = eff.loc[f"2x2: {name}"]
+            effects[name].append(
+                f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points at "
+                f"{condition_label({'batch_size': batch, 'sampler': sampler})} ({e['verdict']})"
+            )
+        forward, gradient = (eff.loc[f"2x2: {name}", "verdict"] for name in EFFECT_WORDS)
+        causes.add("gradient" if gradient == "below" and forward in ("equivalent", "above") else "other")
+    if not causes:
+        return ""
+    (fw, forward), (gw, gradient) = ((EFFECT_WORDS[name], " and ".join(said)) for name, said in effects.items())
+    text = (
+        f"Why, from a pre-registered 2x2 ablation (each effect averaged over the other factor): {fw} changes the "
+        f"final accuracy by {forward}; {gw} by {gradient}."
+    )
+    if causes == {"gradient"}:
+        text += (
+            " The accuracy is lost by cutting the gradient through the statistics, not by normalising with running "
+            "ones."
+        )
+    return text
+
+
+def abstract(t: Tables, mechanism: pd.DataFrame | None = None) -> str:
+    """The intro's abstract: the question and the answer in a few sentences, every number from the summary; with the
+    mechanism grid's comparisons (``mechanism``), its answer to why (:func:`why_sentence`)."""
+    part = headline_condition(t.summary)
+    f = headline(t.summary)
+    small, large = f["small"], f["large"]
+
+    def ends(m: str) -> str:
+        said = [
+            f"{f[f'{m}_{k}_diff']:+.1f} points [{f[f'{m}_{k}_low']:+.1f}, {f[f'{m}_{k}_high']:+.1f}] at batch {b} "
+            f"({f[f'{m}_{k}_verdict']})"
+            for k, b in (("small", small), ("large", large))
+            if f"{m}_{k}_diff" in f
+        ]
+        return " and ".join(said)
+
+    text = [
+        "Batch normalisation (BN) normalises with each batch's statistics in training and with running averages "
+        "at inference, and the two differ when batches are small or hold few classes. Why not normalise with the "
+        "running statistics in training too?"
+    ]
+    if "bn_small" in f:
+        text.append(
+            f"On {f['dataset_name']} with i.i.d. batches ({f['budget']}, {f['seeds']}), BN ends at "
+            f"{f['bn_small']:.1f}% at batch {small} and {f['bn_large']:.1f}% at batch {large}."
+        )
+    clauses = {
+        "bnrs": "Against BN, normalising with running statistics in training (BNRS) differs by {}",
+        "brn": "Batch Renormalization, which normalises with the same running statistics but keeps the gradient "
+        "through the batch's, by {}",
+        "gn": "GroupNorm, which needs no batch statistics, by {}",
+    }
+    said = [c.format(ends(m)) for m, c in clauses.items() if ends(m)]
+    if said:
+        text.append("; ".join(said) + ".")
+    text.append(plateau_sentence(t.folder, part))
+    if mechanism is not None and (why := why_sentence(mechanism)):
+        text.append(why)
+    text.append("Differences are paired by seed with Student-t 95% intervals; " + correction_sentence(t.summary))
+    return " ".join(text)
+
+
+def correction_sentence(summary: pd.DataFrame) -> str:
+    """How the verdicts of ``summary`` were reached: the pre-registered plan's families where the grid has one (the
+    summary carries ``family``), else Holm over every comparison with BN."""
+    if "family" not in summary:
+        n = int(summary["p_value"].notna().sum()) if "p_value" in summary else 0
+        return f"verdicts are paired t-tests at 5%, Holm-corrected over the grid's {n} comparisons with BN."
+    primary = int((summary["family"] == "primary").sum())
+    exploratory = int((summary["family"] == "exploratory").sum())
+    return (
+        f"verdicts are paired t-tests at 5% under the pre-registered analysis plan: Holm over its {primary} primary "
+        f'comparisons with BN here, Benjamini-Hochberg over the {exploratory} exploratory ones; "equivalent" where '
+        f"two one-sided tests put the difference within ±{EQUIVALENCE_POINTS:g} point."
+    )
+
+
+def questions_preamble(summary: pd.DataFrame) -> str:
+    """The Results page's note on how its questions are answered: on which condition, and by which verdict rule
+    (:func:`correction_sentence`)."""
+    planned = "family" in summary
+    budget = (
+        "each batch size trained until BN plateaued, by the analysis plan's criterion"
+        if planned
+        else "the equal-samples budget"
+    )
+    return (
+        f"Each question on the condition the book's answer is told on (the grid's harder dataset, the original "
+        f"network, {budget}): a figure, the verdict in a sentence, and the numbers. Every difference is paired by "
+        f"seed against BN with its Student-t 95% interval; the "
+        + correction_sentence(summary)
+        + " Readings across batch sizes or samplers compare intervals by eye and are exploratory."
+    )
+
+
+def claims_preamble(summary: pd.DataFrame) -> str:
+    """How the original's claims are judged on this grid: by the re-run study's plan (its primary verdicts), or
+    under the original's equal-steps budget from the paired intervals."""
+    if "family" in summary:
+        return PLANNED_CLAIMS + " The evidence is on [The original study, side by side](original.md):"
+    return (
+        "Judged under the original's budget (the same number of steps at every batch size) on "
+        "[The original study, side by side](original.md):"
+    )
+
+
+def intro_design(summary: pd.DataFrame) -> dict[str, str]:
+    """The intro's words (glued) on how this grid tests and what budget it trains for."""
+    if "family" in summary:
+        return {
+            "design_tests": "paired t-tests under a pre-registered analysis plan (Holm over its primary "
+            "comparisons, Benjamini-Hochberg over the exploratory ones, an equivalence test where "
+            'the claim is "no difference")',
+            "design_budget": f"every batch size trained until BN's test accuracy has plateaued by a stated "
+            f"criterion ({budget_words(headline_condition(summary))} on {DATASET_NAMES['fashionmnist']}), where the "
+            f"original's 10,001 steps at every batch size gave batch 2 1/64 of the images batch "
+            f"128 saw",
+        }
+    return {
+        "design_tests": "paired t-tests corrected for the number of comparisons (Holm)",
+        "design_budget": "an equal budget of *samples* at every batch size, removing the original's confound in "
+        "which batch 2 saw 1/64 of the images batch 128 saw",
+    }
+
+
+ANSWER_CLAUSES = {
+    "bnrs": "normalising with running statistics during training (BNRS)",
+    "brn": "keeping BN's gradient through the batch statistics while correcting to the running ones (BRN)",
+    "gn": "batch-independent normalisation (GroupNorm)",
+}
+
+
+def answer(summary: pd.DataFrame) -> str:
+    """The Summary's answer in one paragraph (Markdown): BNRS, BRN and GroupNorm against BN at the smallest and the
+    largest batch of :func:`headline_condition`, verdict, difference and interval; a method the grid has not run
+    there is left out."""
+    f = headline(summary)
+    said = []
+    for m, clause in ANSWER_CLAUSES.items():
+        ends = [
+            f"at batch {f[k]}: **{f[f'{m}_{k}_verdict']}** ({f[f'{m}_{k}_diff']:+.1f} points, 95% interval "
+            f"{f[f'{m}_{k}_low']:+.1f} to {f[f'{m}_{k}_high']:+.1f})"
+            for k in ("small", "large")
+            if f"{m}_{k}_diff" in f
+        ]
+        if ends:
+            said.append(f"{clause} " + ", ".join(ends))
+    head = f"Against BN on {f['dataset_name']} ({f['budget']}, i.i.d. batches): "
+    return head + ("; ".join(said) + "." if said else "no method other than BN has run in this condition yet.")
+
+
+def headline_caption(t: Tables) -> str:
+    part = headline_condition(t.summary)
+    f = headline(t.summary)
+    return (
+        f"Final test accuracy against batch size on {f['dataset_name']}, i.i.d. batches, budget {f['budget']}: the "
+        f"mean over {seed_count(part)} with its Student-t 95% interval, from `results/{t.grid}/summary.csv`."
+    )
+
+
+def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
+    """A compact table of one condition: per method present and batch size, the paired difference against BN
+    (points, 95% t interval), the Holm verdict, the Holm-adjusted p and the seeds in which it beat BN."""
+    rows = []
+    for m in [m for m in methods if m in set(part["method"].astype(str)) and m != "bn"]:
+        for r in part[part["method"].astype(str) == m].sort_values("batch_size").itertuples():
+            rows.append(
+                {
+                    "method": display_name(m),
+                    "batch": int(r.batch_size),
+                    "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True),
+                    "verdict": r.verdict if isinstance(r.verdict, str) else "cannot tell",
+                    **adjusted_p(r),
+                    "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if not pd.isna(r.wins) else "–",
+                }
+            )
+    return pd.DataFrame(rows).set_index(["method", "batch"]) if rows else pd.DataFrame()
+
+
+def verdict_sentence(part: pd.DataFrame, method: str) -> str:
+    """One method against BN in one condition, every batch size: difference, interval, verdict."""
+    rows = part[part["method"].astype(str) == method].sort_values("batch_size")
+    said = [
+        f"{percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True)} points at batch "
+        f"{int(r.batch_size)} ({r.verdict if isinstance(r.verdict, str) else 'cannot tell'})"
+        for r in rows.itertuples()
+        if not pd.isna(r.diff_vs_bn)
+    ]
+    return f"{display_name(method)} against BN: " + ("; ".join(said) if said else "not run in this condition") + "."
+
+
+def advice(summary: pd.DataFrame) -> pd.DataFrame:
+    """What to use, condition by condition (sampler x batch size of the headline dataset and budget): the methods
+    the data put above BN (else BN), those they put below, and how many they cannot tell from BN (Holm verdicts)."""
+    rows = []
+    for sampler in sorted(summary["sampler"].unique()):
+        part = headline_condition(summary, sampler)
+        for size, g in part.groupby("batch_size"):
+            g = g[g["method"] != "bn"]
+            verdicts = g["verdict"].fillna("cannot tell")
+
+            def names(v):
+                return ", ".join(display_name(m) for m in g.loc[verdicts == v, "method"]) or "none"
+
+            rows.append(
+                {
+                    "batches": f"{'i.i.d.' if sampler == 'iid' else 'non-i.i.d.'}, {int(size)}",
+                    "use (above BN)": names("above") if (verdicts == "above").any() else "BN: nothing is above it",
+                    "avoid (below BN)": names("below"),
+                    "cannot tell from BN": int((verdicts == "cannot tell").sum()),
+                }
+            )
+    return pd.DataFrame(rows).set_index("batches")
+
+
+def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per condition (dataset, sampler, budget, ...): a row per method and batch size with the final accuracy in %
+    and its 95% interval, the paired difference against BN in points with its interval, the verdict, the
+    Holm-adjusted p-value and the seeds in which the method beat BN, each in its own column (narrow enough for
+    the book's column)."""
+    s = summary.copy()
+    s["method"] = s["method"].astype(str)
+    keys = [k for k in ("dataset", "budget", "sampler", "norm_placement", "classes_per_batch") if k in s]
+    keys = [k for k in keys if k in ("dataset", "sampler") or s[k].nunique(dropna=False) > 1]
+    order = {m: i for i, m in enumerate(norms.METHODS)}
+    out = []
+    for cond, part in s.groupby([k for k in keys if k != "classes_per_batch"], dropna=False, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        title = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(keys, cond))
+        rows = []
+        for r in part.sort_values(
+            ["method", "batch_size"], key=lambda c: c.map(order) if c.name == "method" else c
+        ).itertuples():
+            compared = r.method != "bn" and isinstance(getattr(r, "verdict", None), str)
+            accuracy = percent_interval(r.mean, r.ci_low, r.ci_high)
+            if r.n_seeds != part["n_seeds"].min():  # n beside the interval wherever it differs from the title's
+                accuracy += f" n={int(r.n_seeds)}"
+            if r.diverged:
+                accuracy += f" ({r.diverged} diverged)"
+            rows.append(
+                {
+                    "method": display_name(r.method),
+                    "batch": int(r.batch_size),
+                    "accuracy (%)": accuracy,
+                    "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True)
+                    if compared
+                    else "",
+                    "verdict": r.verdict if compared else "",
+                    **({k: v if compared else "" for k, v in adjusted_p(r).items()}),
+                    "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if compared else "",
+                }
+            )
+        out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", pd.DataFrame(rows).set_index(["method", "batch"])))
+    return out

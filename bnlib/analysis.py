@@ -352,7 +352,7 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
                     rows.append(row(values, f"2x2: {name}", outcome))
         methods = set(group["method"])
         pairs = [(m, "bn") for m in sorted(methods - {"bn"}, key=list(group["method"].unique()).index)]
-        pairs += [p for p in EXPLORATORY_PAIRS if set(p) <= methods]
+        pairs += [p for p in EXPLORATORY_PAIRS if set(p) <= methods and p not in pairs]  # each comparison once
         for a, b in pairs:
             rows.append(row(contrast(group, {a: 1.0, b: -1.0}), f"{a} - {b}"))
     if not rows:

@@ -154,7 +154,7 @@ def test_comparisons_follow_the_plan_on_a_synthetic_grid():
     only; everything else exploratory under Benjamini-Hochberg."""
     rng = np.random.default_rng(1)
     rows, losses = [], []
-    level = {"bn": 0.88, "bn_detached": 0.87, "brn": 0.86, "bnrs": 0.70, "gn": 0.85}
+    level = {"bn": 0.88, "bn_detached": 0.87, "brn": 0.86, "bnrs": 0.70, "gn": 0.85, "cbn": 0.86}
     # classes_per_batch as the aggregated tables have it: missing (NaN) for i.i.d. batches
     conditions = [
         ({"batch_size": 16, "sampler": "iid", "classes_per_batch": None, "optimizer": "adam"}, 0.0),
@@ -203,6 +203,11 @@ def test_comparisons_follow_the_plan_on_a_synthetic_grid():
         and forward["verdict"] == "below"
     )
     assert set(out["outcome"]) == {"accuracy", "recomputed accuracy", "training loss"}
+    # each comparison once per condition and outcome, though "cbn - bn" is both a method against BN and an
+    # exploratory pair: a family counts it once
+    keys = [k for k in stats.CONDITION_KEYS if k in out]
+    assert not out.duplicated([*keys, "comparison", "outcome"]).any()
+    assert (out["comparison"] == "cbn - bn").sum() == len(conditions)
 
 
 def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from browser import LAYOUT_SCRIPT, needs_chromium, probe  # tests/browser.py
 
-from bnlib import analysis, cli, grid, paper, paths, published, runner, tables, verify
+from bnlib import analysis, cli, grid, paper, paths, published, runner, stats, tables, verify
 from bnlib.record import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -545,3 +545,19 @@ def test_every_claim_of_a_planned_grid_stands_where_bn_plateaued(name):
     demoted = comparisons[comparisons["note"].fillna("").str.contains("BN not plateaued")]
     for row in demoted.itertuples():
         assert not bn.get((row.batch_size, row.sampler), False) and row.family == "exploratory", row
+
+
+ANALYSED = sorted({p.parent.name for p in (ROOT / "results").glob("*/analysis.csv")})
+
+
+@pytest.mark.parametrize("name", ANALYSED or ["study"])
+def test_no_family_counts_a_comparison_twice(name):
+    """Each committed analysis.csv holds every comparison once per condition and outcome, so a family's size and its
+    adjusted p-values are those of the comparisons it names (a method against BN that is also an exploratory pair,
+    such as cbn - bn, was once counted twice)."""
+    path = ROOT / "results" / name / "analysis.csv"
+    if not path.exists():
+        pytest.skip(f"results/{name} holds no analysed cell in this checkout")
+    comparisons = pd.read_csv(path)
+    keys = [k for k in stats.CONDITION_KEYS if k in comparisons] + ["comparison", "outcome"]
+    assert not comparisons.duplicated([k for k in keys if k in comparisons]).any()

@@ -395,6 +395,26 @@ def published_site(tmp_path_factory, book_build_lock) -> Path:
     return out / "_build" / "html"
 
 
+def _nan_shown(page: Path) -> list[str]:
+    """Where a page's article shows a NaN as a number: 'nan' anywhere a reader reads (code blocks, scripts and
+    figures aside), or 'NaN' in a table cell (the Methods page's prose about NaN is not a number)."""
+    body = page.read_text()
+    body = body[body.find("<article") : body.rfind("</article>")]
+    body = re.sub(r"<(script|style|svg|pre|code)\b.*?</\1>", " ", body, flags=re.S | re.I)
+    cells = re.findall(r"<td[^>]*>\s*NaN\s*</td>", body)
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
+    return cells + [text[max(0, m.start() - 60) : m.end()] for m in re.finditer(r"(?<![\w-])[+-]?nan(?![\w-])", text)]
+
+
+def test_no_chapter_page_shows_a_nan(published_site):
+    """No number on the book's chapter pages is NaN: a number without an interval says so ("n = 1, no interval"),
+    a setting a cell does not have is a dash. (The run pages show their committed notebooks' own output.)"""
+    pages = sorted((published_site / "book").glob("*.html"))
+    assert len(pages) >= 8
+    shown = {page.stem: found for page in pages if (found := _nan_shown(page))}
+    assert not shown, shown
+
+
 # The pages a reader reads through: no table there may need sideways scrolling (the others' may, in a container)
 READ_THROUGH = ("intro", "results", "summary")
 
@@ -443,7 +463,7 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
             ), row
     facts = paper.study.headline(summary)
     intro = _text(site / "book" / "intro.html")
-    assert f"{facts['bn_small']:.1f}%" in intro and f"{facts['bnrs_small_diff']:+.1f} points" in intro
+    assert f"{facts['bn_small']:.1f}%" in intro and facts["bnrs_small_text"] in intro
     if (mechanism := ROOT / "results" / "mechanism" / "analysis.csv").exists():  # the abstract says why, measured
         why = paper.study.why_sentence(pd.read_csv(mechanism))
         assert why and re.sub(r"\s+", " ", why) in re.sub(r"\s+", " ", intro.replace("\u2019", "'"))
@@ -454,10 +474,7 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
     first_screen = article.split("What the original study found", 1)[
         0
     ]  # the abstract and the headline figure come first
-    assert (
-        "Abstract." in first_screen
-        and f"{facts['bnrs_small_diff']:+.1f} points [{facts['bnrs_small_low']:+.1f}" in first_screen
-    )
+    assert "Abstract." in first_screen and facts["bnrs_small_text"] in first_screen
     assert 'id="headline-figure"' in (site / "book" / "intro.html").read_text()
     if not (yaml.safe_load(paths.BOOK_CONFIG.read_text()).get("repository") or {}).get("url"):  # a plain build without
         # a repository URL in _config.yml: no launch or repository button that leads nowhere

@@ -12,7 +12,7 @@ import pandas as pd
 from .. import paths
 from ..plots import display_name
 from .original import claims_table, original_claims
-from .study import HEADLINE_METHODS, correction_sentence, headline, plateau_sentence, why_sentence
+from .study import HEADLINE_METHODS, correction_sentence, differences, headline, plateau_sentence, why_sentence
 from .tables import MECHANISM_GRID, equal_steps, headline_condition
 from .words import DATASET_NAMES, budget_words, seed_count
 
@@ -56,15 +56,6 @@ def readme_findings(
     figure = paths.README_FIGURE.relative_to(paths.ROOT).as_posix()
     small, large = f["small"], f["large"]
 
-    def diffs(m: str) -> str:
-        parts = [
-            f"{f[f'{m}_{t}_diff']:+.1f} [{f[f'{m}_{t}_low']:+.1f}, {f[f'{m}_{t}_high']:+.1f}] points at batch {b} "
-            f"({f[f'{m}_{t}_verdict']})"
-            for t, b in (("small", small), ("large", large))
-            if f"{m}_{t}_diff" in f
-        ]
-        return " and ".join(parts)
-
     compared = [m for m in ("bnrs", "brn", "bnwos") if f"{m}_small_diff" in f or f"{m}_large_diff" in f]
     lines = [
         f"![{HEADLINE_ALT}]({figure})",
@@ -74,10 +65,9 @@ def readme_findings(
         f"**The answer so far** ({cells_done} of the study grid's {cells_total} cells committed{ran}; computed from "
         "`results/study/summary.csv`). On "
         f"{f['dataset_name']} with i.i.d. batches and a budget of {f['budget']} ({f['seeds']}), BN ends at "
-        f"{f['bn_small']:.1f}% [{f['bn_small_low']:.1f}, {f['bn_small_high']:.1f}] at batch {small} and "
-        f"{f['bn_large']:.1f}% [{f['bn_large_low']:.1f}, {f['bn_large_high']:.1f}] at batch {large}. Against it, "
+        f"{f['bn_small_text']} at batch {small} and {f['bn_large_text']} at batch {large}. Against it, "
         "paired by seed: "
-        + "; ".join(f"{display_name(m)} {diffs(m)}" for m in compared)
+        + "; ".join(f"{display_name(m)} {differences(f, m)}" for m in compared)
         + ". "
         + (
             f"Intervals are Student-t 95%; {correction_sentence(summary)} "

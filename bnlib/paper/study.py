@@ -19,6 +19,7 @@ from .words import (
     and_list,
     budget_words,
     condition_label,
+    difference,
     percent_interval,
     pp,
     seed_count,
@@ -54,10 +55,20 @@ def headline(summary: pd.DataFrame) -> dict:
                 pp(rows.loc["bn", "ci_low"]),
                 pp(rows.loc["bn", "ci_high"]),
             )
+            bn = rows.loc["bn"]
+            facts[f"bn_{tag}_text"] = percent_interval(
+                bn["mean"], bn["ci_low"], bn["ci_high"], n=bn["n_seeds"], unit="%"
+            )
         for m in rows.index:
             if m == "bn" or pd.isna(rows.loc[m, "diff_vs_bn"]):
                 continue
             facts[f"{m}_{tag}_diff"] = pp(rows.loc[m, "diff_vs_bn"])
+            facts[f"{m}_{tag}_text"] = difference(  # the one rendering the abstract, summary and README print
+                rows.loc[m, "diff_vs_bn"],
+                rows.loc[m, "diff_ci_low"],
+                rows.loc[m, "diff_ci_high"],
+                rows.loc[m, "n_pairs"],
+            )
             facts[f"{m}_{tag}_low"], facts[f"{m}_{tag}_high"] = (
                 pp(rows.loc[m, "diff_ci_low"]),
                 pp(rows.loc[m, "diff_ci_high"]),
@@ -71,6 +82,16 @@ def headline(summary: pd.DataFrame) -> dict:
         best = rows["mean"].astype(float).idxmax()
         facts[f"best_{tag}"], facts[f"best_{tag}_acc"] = display_name(best), pp(rows.loc[best, "mean"])
     return facts
+
+
+def differences(facts: dict, method: str) -> str:
+    """``method`` against BN at the smallest and the largest batch of :func:`headline`'s ``facts``, as the abstract
+    and the README say it: '+2.8 points [+2.4, +3.2] at batch 2 (above) and ...'."""
+    return " and ".join(
+        f"{facts[f'{method}_{k}_text']} at batch {facts[k]} ({facts[f'{method}_{k}_verdict']})"
+        for k in ("small", "large")
+        if f"{method}_{k}_diff" in facts
+    )
 
 
 def plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
@@ -213,13 +234,7 @@ def abstract(t: Tables, mechanism: pd.DataFrame | None = None) -> str:
     small, large = f["small"], f["large"]
 
     def ends(m: str) -> str:
-        said = [
-            f"{f[f'{m}_{k}_diff']:+.1f} points [{f[f'{m}_{k}_low']:+.1f}, {f[f'{m}_{k}_high']:+.1f}] at batch {b} "
-            f"({f[f'{m}_{k}_verdict']})"
-            for k, b in (("small", small), ("large", large))
-            if f"{m}_{k}_diff" in f
-        ]
-        return " and ".join(said)
+        return differences(f, m)
 
     text = [
         "Batch normalisation (BN) normalises with each batch's statistics in training and with running averages "
@@ -325,8 +340,7 @@ def answer(summary: pd.DataFrame) -> str:
     said = []
     for m, clause in ANSWER_CLAUSES.items():
         ends = [
-            f"at batch {f[k]}: **{f[f'{m}_{k}_verdict']}** ({f[f'{m}_{k}_diff']:+.1f} points, 95% interval "
-            f"{f[f'{m}_{k}_low']:+.1f} to {f[f'{m}_{k}_high']:+.1f})"
+            f"at batch {f[k]}: **{f[f'{m}_{k}_verdict']}** ({f[f'{m}_{k}_text']})"
             for k in ("small", "large")
             if f"{m}_{k}_diff" in f
         ]

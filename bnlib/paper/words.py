@@ -71,12 +71,33 @@ def adjusted_p(row) -> dict:
     return {"Holm p": "–" if pd.isna(p) else f"{p:.2g}"}
 
 
-def percent_interval(mean: float, low: float, high: float, signed: bool = False) -> str:
-    """A fraction as 'mean [low, high]' in percent (points with a sign for differences)."""
+MIN_SEEDS = 3  # an interval is shown from this many seeds; below, the number says "n = 2, no interval"
+
+
+def _no_interval(n) -> bool:
+    return n is not None and (pd.isna(n) or int(n) < MIN_SEEDS)
+
+
+def percent_interval(
+    mean: float, low: float, high: float, signed: bool = False, n: int | None = None, unit: str = ""
+) -> str:
+    """A fraction as 'mean [low, high]' in percent (points with a sign for differences), ``unit`` after the mean
+    ('88.9% [88.2, 89.5]'); from fewer than :data:`MIN_SEEDS` seeds (``n``), or without an interval, 'mean (n = 2,
+    no interval)'. Never NaN."""
     if pd.isna(mean):
         return "–"
     f = (lambda v: f"{100 * v:+.1f}") if signed else (lambda v: f"{100 * v:.1f}")
-    return f(mean) + ("" if pd.isna(low) else f" [{f(low)}, {f(high)}]")
+    if _no_interval(n) or pd.isna(low) or pd.isna(high):
+        return f(mean) + unit + ("" if n is None or pd.isna(n) else f" (n = {int(n)}, no interval)")
+    return f"{f(mean)}{unit} [{f(low)}, {f(high)}]"
+
+
+def difference(mean: float, low: float, high: float, n: int | None) -> str:
+    """A paired difference against BN as the prose writes it: '+2.8 [+2.4, +3.2] points', or '-2.5 points (n = 1,
+    no interval)' from fewer than :data:`MIN_SEEDS` seeds. Never NaN."""
+    if pd.isna(mean) or _no_interval(n) or pd.isna(low) or pd.isna(high):
+        return percent_interval(mean, low, high, signed=True, n=n, unit=" points")
+    return f"{percent_interval(mean, low, high, signed=True)} points"
 
 
 def seed_count(frame: pd.DataFrame, counts: pd.Series | None = None) -> str:

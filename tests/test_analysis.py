@@ -665,3 +665,89 @@ def test_the_intervention_arms_table_agrees_with_the_registry():
         spec = norms.spec(arm)
         assert spec.follows == target and (spec.filter_decay is not None) == (kind == "decay"), arm
     assert {m for m, s in norms.REGISTRY.items() if s.follows or s.filter_decay} == set(analysis.INTERVENTION_ARMS)
+
+
+def test_the_amended_verdict_says_within_the_margin_only_where_both_tests_say_so():
+    """The plan's amendment of 2026-12-07: significant and TOST-equivalent -> "below, within the margin"; the
+    pre-registered verdict is unchanged ("below")."""
+    alpha = stats.ALPHA
+    assert analysis.verdict(-0.007, alpha / 10, alpha / 2) == "below"
+    assert analysis.amended_verdict(-0.007, alpha / 10, alpha / 2) == "below, within the margin"
+    assert analysis.amended_verdict(0.007, alpha / 10, alpha / 2) == "above, within the margin"
+    assert analysis.amended_verdict(-0.007, alpha / 10, 2 * alpha) == "below"  # not shown within the margin
+    assert analysis.amended_verdict(0.0, 2 * alpha, alpha / 2) == "equivalent"
+    assert analysis.amended_verdict(0.0, 2 * alpha, float("nan")) == "cannot tell"
+    rows = pd.DataFrame(
+        [
+            {"family": "primary", "mean": -0.007, "p_value": 0.0001, "p_tost": 0.001},
+            {"family": "primary", "mean": -0.2, "p_value": 0.0001, "p_tost": 1.0},
+        ]
+    )
+    out = analysis.correct(rows)
+    assert list(out["verdict"]) == ["below", "below"]
+    assert list(out["verdict_amended"]) == ["below, within the margin", "below"]
+
+
+def _claim_rows(verdicts: dict) -> pd.DataFrame:
+    """Primary comparisons with BN at the study's batch sizes: (method, batch) -> (verdict, amended verdict)."""
+    return pd.DataFrame(
+        [
+            {
+                "comparison": f"{m} - bn",
+                "batch_size": b,
+                "verdict": v,
+                "verdict_amended": a,
+                "family": "primary",
+                "outcome": "accuracy",
+                "dataset": "fashionmnist",
+                "sampler": "iid",
+            }
+            for (m, b), (v, a) in verdicts.items()
+        ]
+    )
+
+
+def _plateau(bnrs: dict, bn: dict) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"dataset": "fashionmnist", "sampler": "iid", "batch_size": b, "method": m, "plateaued": p}
+            for m, status in (("bnrs", bnrs), ("bn", bn))
+            for b, p in status.items()
+        ]
+    )
+
+
+def test_the_amended_claims_stand_beside_the_pre_registered_ones():
+    """Claim 4 under the amendment holds where BNWoS is within the margin; claim 2 under the amendment reads the
+    plateau criterion (BNRS not plateaued where BN has: slower; plateaued wherever BN did: converges to less)."""
+    below, within = ("below", "below"), ("below", "below, within the margin")
+    verdicts = {
+        ("brn", 2): ("cannot tell",) * 2,
+        ("brnc", 2): ("cannot tell",) * 2,
+        ("bnrs", 2): below,
+        ("bnrs", 16): below,
+        ("bnrs", 128): below,
+        ("bnwos", 2): below,
+        ("bnwos", 16): within,
+        ("bnwos", 128): ("equivalent",) * 2,
+    }
+    everywhere = {2: True, 16: True, 128: True}
+    claims = analysis.original_claims(_claim_rows(verdicts), plateau=_plateau(everywhere, everywhere))
+    assert [c["verdict"] for c in claims] == ["cannot tell", "holds", "holds", "does not hold"]
+    assert [c["amended"] for c in claims] == ["cannot tell", "does not hold", "holds", "holds"]
+    assert "batch 2: BNRS plateaued, BN plateaued" in claims[1]["amended_evidence"]
+    assert "bnwos at batch 16: below, within the margin" in claims[3]["amended_evidence"]
+    # BNRS still rising wherever BN has plateaued: slower by the plateau criterion
+    slower = analysis.original_claims(
+        _claim_rows(verdicts), plateau=_plateau(dict.fromkeys(everywhere, False), everywhere)
+    )
+    assert slower[1]["amended"] == "holds"
+    # mixed, or BN not plateaued anywhere, or no plateau table: cannot tell
+    mixed = _plateau({2: False, 16: True, 128: True}, everywhere)
+    assert analysis.original_claims(_claim_rows(verdicts), plateau=mixed)[1]["amended"] == "cannot tell"
+    unsettled = _plateau(everywhere, dict.fromkeys(everywhere, False))
+    assert analysis.original_claims(_claim_rows(verdicts), plateau=unsettled)[1]["amended"] == "cannot tell"
+    assert analysis.original_claims(_claim_rows(verdicts))[1]["amended"] == "cannot tell"
+    # a BNWoS difference beyond the margin at one larger batch: claim 4 does not hold under either reading
+    beyond = {**verdicts, ("bnwos", 128): below}
+    assert analysis.original_claims(_claim_rows(beyond))[3]["amended"] == "does not hold"

@@ -58,7 +58,9 @@ PLANNED_CLAIMS = (
     "Judged by the pre-registered analysis plan's rules from its primary verdicts (Fashion-MNIST, i.i.d. "
     "batches, every batch size trained until BN plateaued); the original's digits are exploratory there, "
     "so their column applies the same rules to exploratory verdicts and is labelled so. A comparison "
-    "that is not primary -- not run yet, or BN not plateaued -- counts as unknown."
+    "that is not primary -- not run yet, or BN not plateaued -- counts as unknown. The *amended* column reads the "
+    "plan's amendment of 2026-12-07 beside it: a difference within the margin can still match, and \"converges "
+    'slower" is read by the plateau criterion (BNRS not plateaued where BN has).'
 )
 
 
@@ -94,22 +96,28 @@ def claims_rule(summary: pd.DataFrame) -> str:
     )
 
 
-def claims_table(summary: pd.DataFrame) -> pd.DataFrame | None:
+def claims_table(summary: pd.DataFrame, plateau: pd.DataFrame | None = None) -> pd.DataFrame | None:
     """The original's four claims (rows) by dataset (columns; "exploratory" where the plan leaves it so), or None
-    where this grid cannot judge them (no equal-steps cells)."""
+    where this grid cannot judge them (no equal-steps cells). On a grid with the plan, each dataset's pre-registered
+    verdicts stand beside the amended reading's (:func:`bnlib.analysis.original_claims`; ``plateau`` is the grid's
+    plateau.csv, which claim 2's amended reading reads)."""
+    from .. import analysis
+
     datasets = sorted(equal_steps(summary)["dataset"].unique())
     if not datasets:
         return None
-    sets = {d: original_claims(summary, d) for d in datasets}
+    sets = {d: original_claims(summary, d, plateau) for d in datasets}
 
     def label(d):
         return DATASET_NAMES.get(d, d) + (" (exploratory)" if sets[d][0].get("family") == "exploratory" else "")
 
+    columns = {}
+    for d, cs in sets.items():
+        columns[label(d)] = [c["verdict"] for c in cs]
+        if "amended" in cs[0]:
+            columns[f"{label(d)}: amended {analysis.AMENDED}"] = [c["amended"] for c in cs]
     first = next(iter(sets.values()))
-    return pd.DataFrame(
-        {label(d): [c["verdict"] for c in cs] for d, cs in sets.items()},
-        index=pd.Index([c["claim"] for c in first], name="claim"),
-    )
+    return pd.DataFrame(columns, index=pd.Index([c["claim"] for c in first], name="claim"))
 
 
 EQUIVALENCE_POINTS = 1.0  # "matches BN": the paired 95% interval lies within +-1 point of BN
@@ -156,7 +164,7 @@ def _diff(ours: pd.DataFrame, dataset: str, batch: int, method: str) -> tuple[fl
     return pp(h["diff_vs_bn"]), pp(h["diff_ci_low"]), pp(h["diff_ci_high"])
 
 
-def planned_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
+def planned_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | None = None) -> list[dict]:
     """The original's four claims on a grid with the re-run study's plan (its summary carries ``family``): the
     plan's rules (:func:`bnlib.analysis.original_claims`) on its primary verdicts, or -- on a dataset the plan
     leaves exploratory -- the same rules on the exploratory verdicts, each claim marked with the family read."""
@@ -171,6 +179,7 @@ def planned_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
             "outcome": "accuracy",
             "family": s["family"],
             "verdict": s["verdict"],
+            "verdict_amended": s["verdict_amended"] if "verdict_amended" in s else s["verdict"],
             "dataset": s["dataset"],
             "sampler": s["sampler"],
             "batch_size": s["batch_size"],
@@ -180,17 +189,18 @@ def planned_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
         }
     )
     return [
-        {**claim, "family": family} for claim in analysis.original_claims(comparisons, dataset=dataset, family=family)
+        {**claim, "family": family}
+        for claim in analysis.original_claims(comparisons, dataset=dataset, family=family, plateau=plateau)
     ]
 
 
-def original_claims(summary: pd.DataFrame, dataset: str) -> list[dict]:
+def original_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | None = None) -> list[dict]:
     """The original study's four claims, each judged on one of our datasets: on a grid with a pre-registered plan
     by its rules (:func:`planned_claims`); otherwise under the equal-steps budget from the paired 95% intervals
     against BN: "holds", "does not hold" or "cannot tell" (an interval that includes the boundary, or a condition
     not run / with fewer than 2 seeds)."""
     if "family" in summary:
-        return planned_claims(summary, dataset)
+        return planned_claims(summary, dataset, plateau)
     ours = equal_steps(summary)
     sizes = sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())
     small, larger = (sizes[0], sizes[1:]) if sizes else (None, [])

@@ -38,6 +38,7 @@ class Tables:
     summary_batchstats: pd.DataFrame | None
     runs: list[RunRecord]
     cell_log: pd.DataFrame
+    plateau: pd.DataFrame | None = None  # plateau.csv: each method's status by the plan's plateau criterion
 
 
 def tables(grid: str | None = None, folder: Path | None = None) -> Tables:
@@ -65,6 +66,7 @@ def tables(grid: str | None = None, folder: Path | None = None) -> Tables:
         read("summary_batchstats"),
         load_runs(folder / "runs"),
         cell_log,
+        read("plateau"),
     )
 
 

@@ -32,6 +32,16 @@ EFFECTS = {
     # how much the gradient's effect differs between running and batch statistics
     "interaction": {"bnrs": 1.0, "brn": -1.0, "bn_detached": -1.0, "bn": 1.0},
 }
+# The four simple effects (amendment of 2026-12-07): each factor's effect at each level of the other, read where the
+# interaction is not negligible (its amended verdict is not "equivalent"), in a Benjamini-Hochberg family of their own
+SIMPLE_EFFECTS = {
+    "running - batch statistics, with the gradient (brn - bn)": {"brn": 1.0, "bn": -1.0},
+    "running - batch statistics, without it (bnrs - bn_detached)": {"bnrs": 1.0, "bn_detached": -1.0},
+    "without - with the gradient, batch statistics (bn_detached - bn)": {"bn_detached": 1.0, "bn": -1.0},
+    "without - with the gradient, running statistics (bnrs - brn)": {"bnrs": 1.0, "brn": -1.0},
+}
+SIMPLE = tuple(f"2x2 simple: {name}" for name in SIMPLE_EFFECTS)
+SIMPLE_FAMILY = "simple effects"
 MARGIN = 0.01  # the equivalence margin: +-1 point of accuracy (book/analysis-plan.md)
 PLATEAU_MARGIN = 0.01  # the plateau criterion's bound: 1 point
 PLATEAU_WINDOW = 3  # evaluations averaged at the end and around 75% of the run
@@ -117,9 +127,11 @@ def correct(rows: pd.DataFrame) -> pd.DataFrame:
     """Adjust within each family (primary: Holm, t-tests and TOSTs each; exploratory: Benjamini-Hochberg) and add
     the verdicts; the columns say which correction made which p."""
     out = rows.copy()
-    out["correction"] = out["family"].map({"primary": "Holm", "exploratory": "Benjamini-Hochberg"})
+    out["correction"] = out["family"].map(
+        {"primary": "Holm", "exploratory": "Benjamini-Hochberg", SIMPLE_FAMILY: "Benjamini-Hochberg"}
+    )
     out["p_adjusted"], out["p_tost_adjusted"] = np.nan, np.nan
-    for family, method in (("primary", stats.holm), ("exploratory", bh)):
+    for family, method in (("primary", stats.holm), ("exploratory", bh), (SIMPLE_FAMILY, bh)):
         mask = out["family"] == family
         if mask.any():
             out.loc[mask, "p_adjusted"] = method(out.loc[mask, "p_value"].to_numpy(dtype=float))
@@ -324,6 +336,8 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     ("recomputed accuracy", "training loss"). A comparison is primary where ``plan`` names it at its condition
     and BN plateaued there (:func:`plateau`); where BN did not, it is exploratory and ``note`` says why."""
     plateaus = plateau(table)
+    # the amendment's simple-effects family belongs to a plan whose primary family holds the 2x2; else exploratory
+    simple_family = SIMPLE_FAMILY if any(set(TWO_BY_TWO) & set(names) for _, names in plan.primary) else "exploratory"
     keys = [k for k in stats.CONDITION_KEYS if k in table]
     outcomes = {"accuracy": stats.final_scores(table)}
     if table["test_acc_recomputed"].notna().any():
@@ -366,6 +380,15 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
                 values = contrast(sub, weights)
                 if len(values):
                     rows.append(row(values, f"2x2: {name}", outcome))
+        if set(CORNERS) <= set(group["method"]):  # the simple effects: their own family under a 2x2 plan
+            for name, weights in SIMPLE_EFFECTS.items():
+                rows.append(
+                    {
+                        **compare(contrast(group, weights), simple_family, f"2x2 simple: {name}", condition),
+                        "outcome": "accuracy",
+                        "note": "",
+                    }
+                )
         methods = set(group["method"])
         pairs = [(m, "bn") for m in sorted(methods - {"bn"}, key=list(group["method"].unique()).index)]
         pairs += [p for p in EXPLORATORY_PAIRS if set(p) <= methods and p not in pairs]  # each comparison once
@@ -374,6 +397,18 @@ def comparisons(table: pd.DataFrame, train_loss: pd.DataFrame | None = None, pla
     if not rows:
         return pd.DataFrame()
     return correct(pd.DataFrame(rows))
+
+
+def two_by_two_readout(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """Per condition of the 2x2 (accuracy), which read-out the amended plan reads: the main effects where the
+    interaction is negligible (its amended verdict "equivalent"), else the four simple effects -- with the
+    interaction's row, so a page can say why."""
+    keys = [k for k in stats.CONDITION_KEYS if k in comparisons]
+    inter = comparisons[(comparisons["comparison"] == "2x2: interaction") & (comparisons["outcome"] == "accuracy")]
+    column = "verdict_amended" if "verdict_amended" in inter else "verdict"
+    out = inter[[*keys, "family", "mean", "ci_low", "ci_high", column]].rename(columns={column: "interaction"})
+    out["readout"] = np.where(out["interaction"] == "equivalent", "main effects", "simple effects")
+    return out.reset_index(drop=True)
 
 
 def _at(table: pd.DataFrame, condition: dict) -> pd.DataFrame:

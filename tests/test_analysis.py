@@ -208,6 +208,25 @@ def test_comparisons_follow_the_plan_on_a_synthetic_grid():
     keys = [k for k in stats.CONDITION_KEYS if k in out]
     assert not out.duplicated([*keys, "comparison", "outcome"]).any()
     assert (out["comparison"] == "cbn - bn").sum() == len(conditions)
+    # the four simple effects (the amendment of 2026-12-07): each condition, accuracy only, their own BH family
+    simple = out[out["family"] == analysis.SIMPLE_FAMILY]
+    assert len(simple) == 4 * len(conditions) and set(simple["outcome"]) == {"accuracy"}
+    assert set(simple["correction"]) == {"Benjamini-Hochberg"}
+    at16 = simple[(simple["batch_size"] == 16) & (simple["optimizer"] == "adam")].set_index("comparison")["mean"]
+    expected = {
+        "brn - bn": 0.86 - 0.88,
+        "bnrs - bn_detached": 0.70 - 0.87,
+        "bn_detached - bn": -0.01,
+        "bnrs - brn": -0.16,
+    }
+    for name, value in expected.items():
+        (key,) = [k for k in analysis.SIMPLE if k.endswith(f"({name})")]
+        assert at16[key] == pytest.approx(value, abs=0.003), key
+    # an interaction of -0.15: not negligible, so the simple effects are the read-out
+    readout = analysis.two_by_two_readout(out)
+    assert len(readout) == len(conditions) and set(readout["readout"]) == {"simple effects"}
+    negligible = out.assign(verdict_amended=np.where(out["comparison"] == "2x2: interaction", "equivalent", "below"))
+    assert set(analysis.two_by_two_readout(negligible)["readout"]) == {"main effects"}
 
 
 def test_the_study_plan_makes_primary_its_twelve_comparisons_and_nothing_else():

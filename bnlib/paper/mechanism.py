@@ -64,6 +64,33 @@ def twobytwo(summary: pd.DataFrame, comparisons: pd.DataFrame, by=BY_CONDITION) 
     return pd.DataFrame(rows).set_index("condition")
 
 
+def simple_effects(comparisons: pd.DataFrame, by=BY_CONDITION) -> pd.DataFrame:
+    """Per condition (``by``): the interaction, the read-out the amended plan takes there (main effects where the
+    interaction is equivalent to 0, else the simple effects) and the four simple effects of the 2x2 on the final
+    accuracy (points [interval], verdict; their own Benjamini-Hochberg family)."""
+    from .. import analysis
+
+    keys, label = by
+    acc = comparisons[comparisons["outcome"] == "accuracy"]
+    readout = analysis.two_by_two_readout(acc)
+    rows = []
+    for _, r in readout.iterrows():
+        cond = tuple(r[k] for k in keys)
+        here = np.logical_and.reduce([acc[k] == v for k, v in zip(keys, cond)])
+        eff = acc[here].set_index("comparison")
+        row = {
+            "condition": label(dict(zip(keys, cond))),
+            "interaction": f"{percent_interval(r['mean'], r['ci_low'], r['ci_high'], signed=True)} {r['interaction']}",
+            "read-out": r["readout"],
+        }
+        for name in analysis.SIMPLE_EFFECTS:
+            if (key := f"2x2 simple: {name}") in eff.index:
+                e = eff.loc[key]
+                row[name] = f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("condition") if rows else pd.DataFrame()
+
+
 def twobytwo_answer(comparisons: pd.DataFrame, by=BY_CONDITION) -> str:
     """The 2x2's answer in words, condition by condition (``by``: its keys and how to name it): each effect on the
     final accuracy with its interval, its verdict and its family (Markdown; what the table beside it holds, read

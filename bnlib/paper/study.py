@@ -192,37 +192,109 @@ def convergence_sentence(speed: pd.DataFrame) -> str:
     return " ".join(text)
 
 
+def _effect_said(row) -> str:
+    return f"{difference(row['mean'], row['ci_low'], row['ci_high'], row.get('n_seeds'))} ({row['verdict']})"
+
+
+def _simple_effects_said(simple: pd.DataFrame) -> tuple[str, dict]:
+    """The four simple effects at one condition in words, and their verdicts by short name."""
+    from .. import analysis
+
+    by = {name: simple.loc[f"2x2 simple: {name}"] for name in analysis.SIMPLE_EFFECTS}
+    (fg, fn, gb, gr) = by.values()
+    (fw, gw) = EFFECT_WORDS.values()
+    text = (
+        f"{gw} changes the final accuracy by {_effect_said(gb)} with batch statistics in the forward pass and "
+        f"{_effect_said(gr)} with running ones; {fw} by {_effect_said(fg)} with the gradient and {_effect_said(fn)} "
+        "without it"
+    )
+    return text, {
+        "forward with": fg["verdict"],
+        "forward without": fn["verdict"],
+        "gradient batch": gb["verdict"],
+        "gradient running": gr["verdict"],
+    }
+
+
 def why_sentence(comparisons: pd.DataFrame) -> str:
-    """The mechanism grid's answer in a sentence or two (for the abstract): the 2x2's two main effects on the final
-    accuracy wherever both are primary comparisons, and what they say when their verdicts agree on one cause ('' where
-    the grid has no primary 2x2 effect)."""
-    primary = comparisons[(comparisons["family"] == "primary") & (comparisons["outcome"] == "accuracy")]
+    """The mechanism grid's answer for the abstract, from its 2x2 on the final accuracy. At each condition where the
+    2x2's effects are primary: the two main effects where the interaction is negligible (or not measured), else --
+    the amended read-out (:func:`bnlib.analysis.two_by_two_readout`) -- the four simple effects, each factor at each
+    level of the other. Then the one-class batches, where the picture differs, labelled exploratory. A conclusion is
+    drawn only where every primary condition agrees ('' where the grid has no primary 2x2 effect)."""
+    from .. import analysis
+
+    acc = comparisons[comparisons["outcome"] == "accuracy"]
+    primary = acc[acc["family"] == "primary"]
+    readout = analysis.two_by_two_readout(acc) if "2x2: interaction" in set(acc["comparison"]) else pd.DataFrame()
+    interacting = {
+        (int(r["batch_size"]), r["sampler"]) for _, r in readout.iterrows() if r["readout"] == "simple effects"
+    }
     effects = {name: [] for name in EFFECT_WORDS}
-    causes = set()
+    simple_said, causes = [], set()
     for (batch, sampler), part in primary.groupby(["batch_size", "sampler"], sort=False):
         eff = part.set_index("comparison")
         if not all(f"2x2: {name}" in eff.index for name in EFFECT_WORDS):
             continue
+        label = condition_label({"batch_size": batch, "sampler": sampler})
+        here = acc[(acc["batch_size"] == batch) & (acc["sampler"] == sampler)].set_index("comparison")
+        if (int(batch), sampler) in interacting and set(analysis.SIMPLE) <= set(here.index):
+            said, v = _simple_effects_said(here)
+            inter = here.loc["2x2: interaction"]
+            how = (
+                "the two factors interact"
+                if inter["verdict"] in ("above", "below")
+                else "an interaction is not ruled out"
+            )
+            inter_said = f"{difference(inter['mean'], inter['ci_low'], inter['ci_high'], inter.get('n_seeds'))}"
+            simple_said.append(f"at {label}, where {how} (interaction {inter_said}, {inter['verdict']}), {said}")
+            gradient = v["gradient batch"] == "below" and v["gradient running"] == "below"
+            forward_kept = v["forward with"] in ("equivalent", "above")
+            causes.add("gradient" if gradient and forward_kept else "gradient only" if gradient else "other")
+            continue
         for name in EFFECT_WORDS:
             e = eff.loc[f"2x2: {name}"]
             effects[name].append(
-                f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points at "
-                f"{condition_label({'batch_size': batch, 'sampler': sampler})} ({e['verdict']})"
+                f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points at {label} "
+                f"({e['verdict']})"
             )
         forward, gradient = (eff.loc[f"2x2: {name}", "verdict"] for name in EFFECT_WORDS)
         causes.add("gradient" if gradient == "below" and forward in ("equivalent", "above") else "other")
     if not causes:
         return ""
-    (fw, forward), (gw, gradient) = ((EFFECT_WORDS[name], " and ".join(said)) for name, said in effects.items())
-    text = (
-        f"Why, from a pre-registered 2x2 ablation (each effect averaged over the other factor): {fw} changes the "
-        f"final accuracy by {forward}; {gw} by {gradient}."
-    )
+    text = "Why, from a pre-registered 2x2 ablation: "
+    parts = []
+    if any(effects.values()):
+        (fw, forward), (gw, gradient) = ((EFFECT_WORDS[name], " and ".join(said)) for name, said in effects.items())
+        parts.append(
+            f"(each effect averaged over the other factor) {fw} changes the final accuracy by {forward}; "
+            f"{gw} by {gradient}"
+        )
+    parts += simple_said
+    text += "; ".join(parts) + "."
     if causes == {"gradient"}:
         text += (
             " The accuracy is lost by cutting the gradient through the statistics, not by normalising with running "
             "ones."
         )
+    elif causes <= {"gradient", "gradient only"}:
+        text += (
+            " Cutting the gradient through the statistics loses accuracy whichever statistics the forward pass uses."
+        )
+    one_class = acc[(acc["sampler"] == "noniid") & (acc.get("classes_per_batch") == 1)]
+    for batch, part in one_class.groupby("batch_size"):
+        here = part.set_index("comparison")
+        if not set(analysis.SIMPLE) <= set(here.index):
+            continue
+        said, v = _simple_effects_said(here)
+        plateau_note = (
+            "BN had not plateaued there" if here["note"].fillna("").str.contains("not plateaued").any() else ""
+        )
+        label = f"one-class batches of {int(batch)}"
+        turn = (
+            "the picture reverses" if v["forward with"] == "above" and v["forward without"] == "above" else "it differs"
+        )
+        text += f" With {label} ({'; '.join(filter(None, ['exploratory', plateau_note]))}) {turn}: {said}."
     return text
 
 

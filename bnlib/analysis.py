@@ -57,9 +57,11 @@ def contrast(final: pd.DataFrame, weights: dict[str, float]) -> pd.Series:
     return sum(w * scores[m] for m, w in weights.items())
 
 
-def tost(values, margin: float = MARGIN) -> float:
-    """p-value of the two one-sided t-tests that the mean of ``values`` lies within +-margin (the larger of the
-    two one-sided p-values); NaN below two values, 0 or 1 for values that do not vary."""
+def tost(values, margin: float | None = None) -> float:
+    """p-value of the two one-sided t-tests that the mean of ``values`` lies within +-margin (default
+    :data:`MARGIN`; the larger of the two one-sided p-values); NaN below two values, 0 or 1 for values that do not
+    vary."""
+    margin = MARGIN if margin is None else margin
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return float("nan")
@@ -121,6 +123,18 @@ def amended_verdict(mean: float, p_adjusted: float, p_tost_adjusted: float) -> s
     if said in ("below", "above") and not np.isnan(p_tost_adjusted) and p_tost_adjusted < stats.ALPHA:
         return said + WITHIN_MARGIN
     return said
+
+
+def interval_verdict(low: float, high: float, margin: float | None = None) -> str:
+    """The verdict of a grid without a plan, read off a paired 95% interval (no family, no correction): above or
+    below 0 when the interval excludes 0, equivalent when it lies within +-margin (default :data:`MARGIN`), else
+    cannot tell."""
+    margin = MARGIN if margin is None else margin
+    if pd.isna(low) or pd.isna(high):
+        return "cannot tell"
+    if low > 0 or high < 0:
+        return "above" if low > 0 else "below"
+    return "equivalent" if -margin <= low and high <= margin else "cannot tell"
 
 
 def correct(rows: pd.DataFrame) -> pd.DataFrame:
@@ -637,6 +651,7 @@ def original_claims(
     dataset: str = "fashionmnist",
     family: str = "primary",
     plateau: pd.DataFrame | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> list[dict]:
     """Each claim's verdict -- "holds", "does not hold" or "cannot tell" -- and the verdicts it was read from. Only
     rows of ``family`` count: a comparison that is not primary (BN not plateaued, or not run) is read as missing.
@@ -654,7 +669,7 @@ def original_claims(
     ]
     rows = ours[ours.get("family") == family]
     run = {(r["comparison"], int(r["batch_size"])) for _, r in ours.iterrows()}
-    sizes = sorted({w["batch_size"] for w, _ in plan.primary})
+    sizes = sorted(sizes or {w["batch_size"] for w, _ in plan.primary})  # a grid without the plan: its own sizes
     tiny, larger = sizes[0], sizes[1:]
     got = {(r["comparison"], int(r["batch_size"])): r for _, r in rows.iterrows()}
 

@@ -159,3 +159,52 @@ def test_the_why_reads_the_simple_effects_where_the_factors_interact_and_the_one
     # the interaction within the margin everywhere and BRN equivalent: the stronger conclusion
     settled = pd.DataFrame(_two_by_two(16, "iid", iid16))
     assert paper.study.why_sentence(settled).endswith("not by normalising with running ones.")
+
+
+def test_the_margin_is_defined_once_and_every_verdict_claim_and_sentence_that_reads_it_moves_with_it(monkeypatch):
+    """analysis.MARGIN is the one definition of the equivalence margin: a wider one (monkeypatched) turns the same
+    data's TOST, comparison verdict, unplanned-grid interval verdict, original claim and the sentence that states the
+    rule."""
+    from bnlib import analysis
+
+    close = [0.012, 0.014, 0.016, 0.013, 0.015]  # +1.4 points, tightly: beyond a 1-point margin, within 2
+    diffs = {("fashionmnist", b, "bnwos"): (0.0, -0.015, 0.015) for b in (16, 128)}  # interval +-1.5 points
+    summary = _summary(gn_seeds_at_128=5).assign(family="primary")
+
+    def read():
+        compared = analysis.compare(close, "primary", "bnwos - bn", {"batch_size": 16})
+        judged = analysis.correct(pd.DataFrame([{**compared, "outcome": "accuracy"}])).iloc[0]
+        unplanned = _unplanned_summary(diffs)
+        return (
+            analysis.tost(close) < 0.05,
+            judged["verdict_amended"],
+            analysis.interval_verdict(-0.015, 0.015),
+            paper.original.original_claims(unplanned, "fashionmnist")[3]["verdict"],
+            "±1 point" in paper.study.correction_sentence(summary),
+        )
+
+    assert read() == (False, "above", "cannot tell", "cannot tell", True)
+    monkeypatch.setattr(analysis, "MARGIN", 0.02)
+    assert read() == (True, "above, within the margin", "equivalent", "holds", False)
+    assert "±2 point" in paper.study.correction_sentence(summary)
+
+
+def _unplanned_summary(diffs: dict) -> pd.DataFrame:
+    """A summary of a grid without a plan (no family column): BN and the given differences against it, points."""
+    rows = []
+    for (dataset, b, method), (d, low, high) in diffs.items():
+        common = {"dataset": dataset, "batch_size": b, "sampler": "iid", "norm_placement": "all", "budget": "400 steps"}
+        rows.append({**common, "method": "bn", "n_seeds": 5, "mean": 0.8, "diff_vs_bn": None})
+        rows.append(
+            {
+                **common,
+                "method": method,
+                "n_seeds": 5,
+                "mean": 0.8 + d,
+                "diff_vs_bn": d,
+                "diff_ci_low": low,
+                "diff_ci_high": high,
+                "n_pairs": 5,
+            }
+        )
+    return pd.DataFrame(rows).drop_duplicates(["dataset", "batch_size", "method"])

@@ -351,7 +351,18 @@ def test_a_planned_grids_claims_follow_the_plans_verdicts_not_the_intervals():
     assert {c["family"] for c in claims} == {"primary"}
     assert "bnwos at batch 16: -0.7 [-0.8, -0.5] points, below" in claims[3]["evidence"]
     table = paper.original.claims_table(summary)
-    assert list(table.columns) == ["Fashion-MNIST", "MNIST (5,000 digits) (exploratory)"]
+    digits = "MNIST (5,000 digits) (exploratory)"
+    assert list(table.columns) == [
+        "Fashion-MNIST",
+        "Fashion-MNIST: amended 2026-12-07",
+        digits,
+        f"{digits}: amended 2026-12-07",
+    ]
+    # the amended reading of claim 4: BNWoS at batch 16 is below, but within the margin (TOST) -- unless the summary
+    # carries no amended verdict, when the amended reading falls back on the pre-registered one
+    assert table.loc[analysis.CLAIMS[3], "Fashion-MNIST"] == "does not hold"
+    # the short study (no plan): the same rules off the intervals, labelled exploratory, no amended column
+    assert list(paper.original.claims_table(_summary(diffs)).columns) == ["Fashion-MNIST (exploratory)", digits]
     words = paper.original.original_page_budget(summary)
     assert "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128" in words["our_budget"]
     assert "Holm over its 12 primary" in paper.study.questions_preamble(summary)

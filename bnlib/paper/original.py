@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .. import norms
 from ..plots import display_name
-from .tables import equal_steps, headline_condition, original_results
-from .words import DATASET_NAMES, budget_words, percent_interval, pp
+from .tables import equal_steps, headline_condition
+from .words import DATASET_NAMES, budget_words, pp
 
 
 def slower_answer(speed: pd.DataFrame, method: str = "bnrs", dataset: str = "fashionmnist") -> str:
@@ -120,50 +119,6 @@ def claims_table(summary: pd.DataFrame, plateau: pd.DataFrame | None = None) -> 
     return pd.DataFrame(columns, index=pd.Index([c["claim"] for c in first], name="claim"))
 
 
-EQUIVALENCE_POINTS = 1.0  # "matches BN": the paired 95% interval lies within +-1 point of BN
-
-
-def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
-    """Original (one run) beside ours (mean [95% interval], n seeds) per dataset, batch size and method; for
-    BNRS, BRN and BRNC also our run of the original's own code (``*_orig``: statistics updated before use, eps 0)."""
-    ours = equal_steps(summary)
-    orig = original_results()
-
-    def ours_cell(dataset: str, ds: str, batch: int, method: str) -> str:
-        if dataset == "cifar100":
-            return "not re-run"
-        hit = ours[(ours["dataset"] == ds) & (ours["batch_size"] == batch) & (ours["method"] == method)]
-        if hit.empty:
-            return "not run yet" if method in norms.REGISTRY else ""
-        h = hit.iloc[0]
-        return f"{percent_interval(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
-
-    rows = []
-    for r in orig.itertuples():
-        row = {
-            "original dataset": r.dataset,
-            "batch": r.batch_size,
-            "method": display_name(r.method),
-            "original (%)": ("< " if r.relation == "below" else "") + f"{r.final_acc:g}",
-        }
-        for ds in ("mnist5k", "fashionmnist"):
-            row[f"ours: {ds}"] = ours_cell(r.dataset, ds, r.batch_size, r.method)
-            twin = f"{r.method}_orig"
-            row[f"ours, the original's code: {ds}"] = (
-                ours_cell(r.dataset, ds, r.batch_size, twin) if twin in norms.REGISTRY else "same as ours"
-            )
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _diff(ours: pd.DataFrame, dataset: str, batch: int, method: str) -> tuple[float, float, float] | None:
-    hit = ours[(ours["dataset"] == dataset) & (ours["batch_size"] == batch) & (ours["method"] == method)]
-    if hit.empty or pd.isna(hit.iloc[0].get("diff_ci_low", float("nan"))):
-        return None
-    h = hit.iloc[0]
-    return pp(h["diff_vs_bn"]), pp(h["diff_ci_low"]), pp(h["diff_ci_high"])
-
-
 def planned_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | None = None) -> list[dict]:
     """The original's four claims on a grid with the re-run study's plan (its summary carries ``family``): the
     plan's rules (:func:`bnlib.analysis.original_claims`) on its primary verdicts, or -- on a dataset the plan
@@ -195,86 +150,33 @@ def planned_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | 
 
 
 def original_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | None = None) -> list[dict]:
-    """The original study's four claims, each judged on one of our datasets: on a grid with a pre-registered plan
-    by its rules (:func:`planned_claims`); otherwise under the equal-steps budget from the paired 95% intervals
-    against BN: "holds", "does not hold" or "cannot tell" (an interval that includes the boundary, or a condition
-    not run / with fewer than 2 seeds)."""
+    """The original study's four claims, each judged on one of our datasets by the one set of rules,
+    :func:`bnlib.analysis.original_claims`: on a grid with the pre-registered plan from its verdicts
+    (:func:`planned_claims`); on a grid without one from each paired 95% interval against BN under the equal-steps
+    budget (:func:`bnlib.analysis.interval_verdict`), labelled exploratory, without the plan's amended readings."""
+    from .. import analysis
+
     if "family" in summary:
         return planned_claims(summary, dataset, plateau)
     ours = equal_steps(summary)
-    sizes = sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())
-    small, larger = (sizes[0], sizes[1:]) if sizes else (None, [])
-
-    def d(batch, method):
-        return _diff(ours, dataset, batch, method) if batch is not None else None
-
-    def fmt(x):
-        return "not run" if x is None else f"{x[0]:+.1f} [{x[1]:+.1f}, {x[2]:+.1f}]"
-
-    claims = []
-    # 1. BRN(C) beats BN only at tiny batches (the original: on the harder task)
-    tiny = [d(small, m) for m in ("brn", "brnc")]
-    big = [d(b, m) for b in larger for m in ("brn", "brnc")]
-    if any(x is None for x in tiny + big) or not larger:
-        v1 = "cannot tell"
-    elif any(x[1] > 0 for x in big):
-        v1 = "does not hold"  # it also beats BN at a larger batch
-    elif any(x[1] > 0 for x in tiny):
-        v1 = "holds"
-    elif all(x[2] < 0 for x in tiny):
-        v1 = "does not hold"  # BN is better at the tiny batch
-    else:
-        v1 = "cannot tell"
-    claims.append(
+    s = ours[(ours["dataset"] == dataset) & (ours["method"] != "bn") & ours["diff_vs_bn"].notna()]
+    verdicts = [analysis.interval_verdict(lo, hi) for lo, hi in zip(s["diff_ci_low"], s["diff_ci_high"])]
+    comparisons = pd.DataFrame(
         {
-            "claim": "BRN(C) beats BN only at tiny batches",
-            "verdict": v1,
-            "evidence": "; ".join(f"{m} at batch {small}: {fmt(x)}" for m, x in zip(("brn", "brnc"), tiny)),
+            "comparison": s["method"] + " - bn",
+            "outcome": "accuracy",
+            "family": "exploratory",
+            "verdict": verdicts,
+            "dataset": s["dataset"],
+            "sampler": s["sampler"],
+            "batch_size": s["batch_size"],
+            "mean": s["diff_vs_bn"],
+            "ci_low": s["diff_ci_low"],
+            "ci_high": s["diff_ci_high"],
         }
     )
-    # 2. BNRS converges much slower: below BN at the end of the budget at every batch size
-    rs = [d(b, "bnrs") for b in sizes]
-    if not sizes or any(x is None for x in rs):
-        v2 = "cannot tell"
-    elif all(x[2] < 0 for x in rs):
-        v2 = "holds"
-    elif any(x[1] > 0 for x in rs):
-        v2 = "does not hold"
-    else:
-        v2 = "cannot tell"
-    claims.append(
-        {
-            "claim": "BNRS converges much slower than BN (below BN at the end of the budget, every batch size)",
-            "verdict": v2,
-            "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(sizes, rs)),
-        }
-    )
-    # 3. BNWoS fails at batch 2
-    w2 = d(small, "bnwos")
-    v3 = "cannot tell" if w2 is None else ("holds" if w2[2] < 0 else ("does not hold" if w2[1] >= 0 else "cannot tell"))
-    tiny_batch = small if small is not None else 2  # the original's batch 2 when this grid has no such cells
-    claims.append(
-        {
-            "claim": f"BNWoS fails at batch {tiny_batch} (below BN)",
-            "verdict": v3,
-            "evidence": f"batch {tiny_batch}: {fmt(w2)}",
-        }
-    )
-    # 4. BNWoS matches BN at larger batches: every paired interval within +-EQUIVALENCE_POINTS
-    wl = [d(b, "bnwos") for b in larger]
-    if not larger or any(x is None for x in wl):
-        v4 = "cannot tell"
-    elif all(-EQUIVALENCE_POINTS <= x[1] and x[2] <= EQUIVALENCE_POINTS for x in wl):
-        v4 = "holds"
-    elif any(x[1] > EQUIVALENCE_POINTS or x[2] < -EQUIVALENCE_POINTS for x in wl):
-        v4 = "does not hold"
-    else:
-        v4 = "cannot tell"
-    claims.append(
-        {
-            "claim": f"BNWoS matches BN at larger batches (within ±{EQUIVALENCE_POINTS:g} point)",
-            "verdict": v4,
-            "evidence": "; ".join(f"batch {b}: {fmt(x)}" for b, x in zip(larger, wl)),
-        }
-    )
-    return claims
+    sizes = tuple(sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())) or None
+    claims = analysis.original_claims(comparisons, dataset=dataset, family="exploratory", sizes=sizes)
+    return [
+        {k: v for k, v in claim.items() if not k.startswith("amended")} | {"family": "exploratory"} for claim in claims
+    ]

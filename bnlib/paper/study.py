@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import norms, stats
+from .. import analysis, norms, stats
 from ..plots import display_name
-from .original import EQUIVALENCE_POINTS, PLANNED_CLAIMS
+from .original import PLANNED_CLAIMS
 from .tables import Tables, headline_condition
 from .words import (
     DATASET_NAMES,
@@ -345,7 +345,7 @@ def correction_sentence(summary: pd.DataFrame) -> str:
     return (
         f"verdicts are paired t-tests at 5% under the pre-registered analysis plan: Holm over its {primary} primary "
         f'comparisons with BN here, Benjamini-Hochberg over the {exploratory} exploratory ones; "equivalent" where '
-        f"two one-sided tests put the difference within ±{EQUIVALENCE_POINTS:g} point."
+        f"two one-sided tests put the difference within ±{100 * analysis.MARGIN:g} point."
     )
 
 

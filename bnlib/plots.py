@@ -1,6 +1,6 @@
 """Figures, and how methods look in them: one display name and one colour per method across the whole book, and
 one line style per family of methods, so a figure with many methods reads by family first. Every method of
-:data:`bnlib.norms.REGISTRY` has its style here (tests/test_book.py checks)."""
+:data:`bnlib.norms.REGISTRY` has its style in :mod:`bnlib.methods` (tests/test_house.py checks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from . import norms, stats
+from . import methods as methods_mod
+from . import stats
 from .record import RunRecord
 
 sns.set_theme(context="notebook", style="whitegrid")
@@ -63,84 +64,11 @@ def describe(fig) -> str:
     return text + "."
 
 
-# One colour-blind-safe palette for the whole book: Okabe & Ito's, without its yellow (unreadable as a line on
-# white), with grey for "no normalisation". Black is BN's alone: BN is the reference drawn in every panel.
-OKABE_ITO = {
-    "black": "#000000",
-    "orange": "#E69F00",
-    "sky blue": "#56B4E9",
-    "bluish green": "#009E73",
-    "blue": "#0072B2",
-    "vermillion": "#D55E00",
-    "reddish purple": "#CC79A7",
-    "grey": "#999999",
-}
-
-# Per method id: its display name and its colour, in the registry's order. Colours repeat across the book, never
-# within a panel (PANELS), the headline figure (bn, bnrs, brn, gn) or the 2x2 (bn, bn_detached, brn, bnrs).
-_C = OKABE_ITO
-STYLES = {
-    "bn": ("BN", _C["black"]),
-    "bnrs": ("BN, running stats (BNRS)", _C["vermillion"]),
-    "brn": ("Batch Renorm (BRN)", _C["blue"]),
-    "brnc": ("Batch Renorm, clipped (BRNC)", _C["bluish green"]),
-    "brnc_warmup": ("BRNC, paper's warm-up", _C["sky blue"]),
-    "bnrs_orig": ("BNRS as the original", _C["reddish purple"]),
-    "brn_orig": ("BRN as the original", _C["sky blue"]),
-    "brnc_orig": ("BRNC as the original", _C["orange"]),
-    "bnwos": ("BN without sync (BNWoS)", _C["orange"]),
-    "bn_detached": ("BN, no gradient through mu_B, var_B", _C["sky blue"]),
-    "bn_detached_mean": ("BN, no gradient through mu_B", _C["bluish green"]),
-    "bn_detached_var": ("BN, no gradient through var_B", _C["reddish purple"]),
-    "bn_detached_to_bn": ("BN, no gradient, filter norms of BN", _C["blue"]),
-    "bnrs_to_bn": ("BNRS, filter norms of BN", _C["vermillion"]),
-    "bn_to_bn_detached": ("BN, filter norms of BN with no gradient", _C["bluish green"]),
-    "bn_detached_wd": ("BN, no gradient, filters decayed", _C["orange"]),
-    "bnrs_wd": ("BNRS, filters decayed", _C["reddish purple"]),
-    "bnrs_m001": ("BNRS, momentum 0.01", _C["sky blue"]),
-    "bnrs_m003": ("BNRS, momentum 0.03", _C["blue"]),
-    "bnrs_m030": ("BNRS, momentum 0.3", _C["orange"]),
-    "bnrs_m100": ("BNRS, momentum 1", _C["reddish purple"]),
-    "bnrs_orig_m001": ("BNRS as the original, momentum 0.01", _C["sky blue"]),
-    "bnrs_orig_m003": ("BNRS as the original, momentum 0.03", _C["blue"]),
-    "bnrs_orig_m030": ("BNRS as the original, momentum 0.3", _C["orange"]),
-    "bnrs_orig_m100": ("BNRS as the original, momentum 1", _C["bluish green"]),
-    "online": ("Online Norm", _C["orange"]),
-    "cbn": ("Cross-Iteration BN (CBN)", _C["bluish green"]),
-    "gbn": ("Ghost BN (16 per ghost batch)", _C["vermillion"]),
-    "mabn": ("Moving Average BN (MABN)", _C["reddish purple"]),
-    "bln": ("Batchless Norm (BLN)", _C["sky blue"]),
-    "gn": ("GroupNorm (GN)", _C["bluish green"]),
-    "gn_ws": ("GN + Weight Std (GN+WS)", _C["sky blue"]),
-    "frn": ("Filter Response Norm (FRN)", _C["orange"]),
-    "evonorm": ("EvoNorm-S0", _C["reddish purple"]),
-    "none": ("No normalisation", _C["grey"]),
-}
-
-# The panels of every figure with many methods, in reading order: at most five methods each, and BN in every one
-# as the reference (a figure draws the panels whose methods it has).
-PANELS = {
-    "BN and its variants": ("bnwos", "gbn", "bn_detached", "bn_detached_mean", "bn_detached_var"),
-    "running statistics in training": ("bnrs", "brn", "brnc", "brnc_warmup"),
-    "other statistics for small batches": ("mabn", "bln", "online", "cbn"),
-    "BNRS's momentum": ("bnrs_m001", "bnrs_m003", "bnrs", "bnrs_m030", "bnrs_m100"),
-    "running statistics, the original's code": ("bnrs_orig", "brn_orig", "brnc_orig"),
-    "the original's BNRS, its momentum": (
-        "bnrs_orig_m001",
-        "bnrs_orig_m003",
-        "bnrs_orig",
-        "bnrs_orig_m030",
-        "bnrs_orig_m100",
-    ),
-    "batch-independent": ("gn", "gn_ws", "frn", "evonorm", "none"),
-    "filter norms set or decayed": (
-        "bn_detached_to_bn",
-        "bnrs_to_bn",
-        "bn_to_bn_detached",
-        "bn_detached_wd",
-        "bnrs_wd",
-    ),
-}
+# How methods look: one display name and colour per method, the panels and the line families -- read from
+# bnlib.methods, the one table of what a method is for the reader.
+OKABE_ITO = methods_mod.OKABE_ITO
+STYLES = {m.id: (m.name, m.hex) for m in methods_mod.TABLE}
+PANELS = methods_mod.PANELS
 
 
 def panels(methods) -> list[tuple[str, list[str]]]:
@@ -167,51 +95,10 @@ def colour(method: str) -> str:
     return STYLES[method][1]
 
 
-# Families of methods, in the order legends list them: members, dash pattern (matplotlib on/off lengths in
-# points; () is a solid line) and the pattern's name for the key under the figures.
+# Families of methods, in the order legends list them: members (registry order), dash pattern and its name
 FAMILIES = {
-    "batch statistics in training": (
-        (
-            "bn",
-            "bnwos",
-            "gbn",
-            "bn_detached",
-            "bn_detached_mean",
-            "bn_detached_var",
-            "bn_detached_to_bn",
-            "bn_to_bn_detached",
-            "bn_detached_wd",
-        ),
-        (),
-        "solid",
-    ),
-    "running statistics in training": (
-        (
-            "bnrs",
-            "bnrs_to_bn",
-            "bnrs_wd",
-            "brn",
-            "brnc",
-            "brnc_warmup",
-            "mabn",
-            "bln",
-            "online",
-            "cbn",
-            "bnrs_m001",
-            "bnrs_m003",
-            "bnrs_m030",
-            "bnrs_m100",
-        ),
-        (5, 2),
-        "dashed",
-    ),
-    "running statistics, the original's code": (
-        ("bnrs_orig", "brn_orig", "brnc_orig", "bnrs_orig_m001", "bnrs_orig_m003", "bnrs_orig_m030", "bnrs_orig_m100"),
-        (6, 2, 1.5, 2),
-        "dash-dot",
-    ),
-    "batch-independent": (("gn", "gn_ws", "frn", "evonorm"), (1.5, 1.5), "dotted"),
-    "no normalisation": (("none",), (9, 3), "long dashes"),
+    family: (tuple(m.id for m in methods_mod.TABLE if m.family == family), dashes, style)
+    for family, (dashes, style) in methods_mod.FAMILY_LINES.items()
 }
 _FAMILY_OF = {m: family for family, (members, _, _) in FAMILIES.items() for m in members}
 
@@ -246,7 +133,7 @@ def palette(methods) -> dict[str, str]:
 def _order(methods) -> list[str]:
     """Family by family, in registry order within a family."""
     present = set(methods)
-    return [m for members, _, _ in FAMILIES.values() for m in norms.METHODS if m in members and m in present]
+    return [m for members, _, _ in FAMILIES.values() for m in methods_mod.METHODS if m in members and m in present]
 
 
 def _styled(methods) -> dict:
@@ -345,7 +232,7 @@ def _legend_names(ax) -> None:
     if handles:
         ax.legend(
             handles,
-            [display_name(lbl) if lbl in norms.REGISTRY else lbl for lbl in labels],
+            [display_name(lbl) if lbl in methods_mod.METHODS else lbl for lbl in labels],
             fontsize="small",
             loc="upper left",
             bbox_to_anchor=(1.02, 1.0),
@@ -542,7 +429,7 @@ def _rename_legend(grid) -> None:
     """A seaborn figure's legend: display names, beside the panels."""
     if grid.legend is not None:
         for text in grid.legend.texts:
-            if text.get_text() in norms.REGISTRY:
+            if text.get_text() in methods_mod.METHODS:
                 text.set_text(display_name(text.get_text()))
         sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.98), title=None, frameon=False)
 

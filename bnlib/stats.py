@@ -167,7 +167,7 @@ def summarise(table: pd.DataFrame, column: str = "test_acc") -> pd.DataFrame:
     if out.empty:
         return out
     out = add_verdicts(out)
-    from .norms import METHODS
+    from .methods import METHODS
 
     out["method"] = pd.Categorical(
         out["method"], categories=[m for m in METHODS if m in set(out["method"])], ordered=True

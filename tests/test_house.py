@@ -203,6 +203,23 @@ def test_the_registry_states_what_each_method_needs():
         train.validate(train.Config(methods=["bnwos"], batch_size=2, steps=1, norm_options={"bnwos": {"devices": 4}}))
 
 
+def test_the_methods_table_has_one_row_per_registered_method_and_no_other():
+    """bnlib.methods (no torch) is what a method is for the reader; bnlib.norms what it computes. Every registered id
+    has a row, in the registry's order, and every row a registered method; the sets the analysis and the training
+    name are the table's."""
+    from bnlib import analysis, methods, train
+
+    assert list(methods.METHODS) == list(norms.METHODS)
+    assert all(m.family in methods.FAMILY_LINES and m.colour in methods.OKABE_ITO for m in methods.TABLE)
+    assert methods.ORIGINAL == tuple(train.ORIGINAL_METHODS)
+    assert set(analysis.CORNERS) | set(methods.HEADLINE) <= set(methods.METHODS)
+    assert {m.id for m in methods.TABLE if m.forward_uses_batch is not None} >= set(analysis.CORNERS)
+    # the 2x2's corners are what their rows say: batch statistics in the forward pass, and the gradient through them
+    for method, (forward, gradient) in analysis.CORNERS.items():
+        row = methods.METHODS[method]
+        assert (row.forward_uses_batch, row.gradient_through_batch) == (forward == "batch", gradient == "with")
+
+
 def test_every_method_has_a_style_from_one_colour_blind_safe_palette_and_a_panel():
     from bnlib import analysis, paper
 

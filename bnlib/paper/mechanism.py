@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .. import stats
+from .. import methods, stats
 from ..plots import display_name
 from .words import BY_CONDITION, EFFECT_WORDS, condition_label, optimisation_label, percent_interval, seed_count
 
@@ -162,17 +162,7 @@ def _times(x: float) -> str:
 
 
 # short names for the prose of the mechanism chapter (tables and figures use plots.display_name)
-SHORT = {
-    "bn": "BN",
-    "bn_detached": "bn_detached",
-    "bn_detached_mean": "bn_detached_mean",
-    "bn_detached_var": "bn_detached_var",
-    "bnrs": "BNRS",
-    "brn": "BRN",
-    "online": "Online Norm",
-    "cbn": "CBN",
-    "gn": "GN",
-}
+SHORT = {m.id: m.short for m in methods.TABLE}  # where prose names a method often (bnlib.methods)
 
 
 def _short(method: str) -> str:
@@ -501,15 +491,7 @@ def gap_sentence(trace_summary: pd.DataFrame, batch: int, sampler: str, method: 
 # gradient through streaming estimates (its control process); CBN pools the current batch with earlier ones; GN's
 # statistics are each image's own.
 CURRENT_BATCH = {
-    "bn": (True, True),
-    "bn_detached": (True, False),
-    "bn_detached_mean": (True, True),
-    "bn_detached_var": (True, True),
-    "cbn": (True, True),
-    "brn": (False, True),
-    "bnrs": (False, False),
-    "online": (False, False),
-    "gn": (False, False),
+    m.id: (m.forward_uses_batch, m.gradient_through_batch) for m in methods.TABLE if m.forward_uses_batch is not None
 }
 
 

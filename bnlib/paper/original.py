@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .. import methods
 from ..plots import display_name
-from .tables import equal_steps, headline_condition
-from .words import DATASET_NAMES, budget_words, pp
+from .tables import equal_steps, headline_condition, original_results
+from .words import DATASET_NAMES, budget_words, percent_interval, pp
 
 
 def slower_answer(speed: pd.DataFrame, method: str = "bnrs", dataset: str = "fashionmnist") -> str:
@@ -117,6 +118,39 @@ def claims_table(summary: pd.DataFrame, plateau: pd.DataFrame | None = None) -> 
             columns[f"{label(d)}: amended {analysis.AMENDED}"] = [c["amended"] for c in cs]
     first = next(iter(sets.values()))
     return pd.DataFrame(columns, index=pd.Index([c["claim"] for c in first], name="claim"))
+
+
+def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
+    """Original (one run) beside ours (mean [95% interval], n seeds) per dataset, batch size and method; for
+    BNRS, BRN and BRNC also our run of the original's own code (``*_orig``: statistics updated before use, eps 0)."""
+    ours = equal_steps(summary)
+    orig = original_results()
+
+    def ours_cell(dataset: str, ds: str, batch: int, method: str) -> str:
+        if dataset == "cifar100":
+            return "not re-run"
+        hit = ours[(ours["dataset"] == ds) & (ours["batch_size"] == batch) & (ours["method"] == method)]
+        if hit.empty:
+            return "not run yet" if method in methods.METHODS else ""
+        h = hit.iloc[0]
+        return f"{percent_interval(h['mean'], h['ci_low'], h['ci_high'])} (n={int(h['n_seeds'])})"
+
+    rows = []
+    for r in orig.itertuples():
+        row = {
+            "original dataset": r.dataset,
+            "batch": r.batch_size,
+            "method": display_name(r.method),
+            "original (%)": ("< " if r.relation == "below" else "") + f"{r.final_acc:g}",
+        }
+        for ds in ("mnist5k", "fashionmnist"):
+            row[f"ours: {ds}"] = ours_cell(r.dataset, ds, r.batch_size, r.method)
+            twin = f"{r.method}_orig"
+            row[f"ours, the original's code: {ds}"] = (
+                ours_cell(r.dataset, ds, r.batch_size, twin) if twin in methods.METHODS else "same as ours"
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def planned_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import analysis, norms, stats
+from .. import analysis, methods, stats
 from ..plots import display_name
 from .original import PLANNED_CLAIMS
 from .tables import Tables, headline_condition
@@ -25,9 +25,7 @@ from .words import (
     seed_count,
 )
 
-# The headline figure's methods: BN, the two ways of normalising with running statistics in training, and the
-# batch-independent reference
-HEADLINE_METHODS = ("bn", "bnrs", "brn", "gn")
+HEADLINE_METHODS = methods.HEADLINE  # the headline figure's (bnlib.methods)
 
 
 def headline(summary: pd.DataFrame) -> dict:
@@ -495,7 +493,7 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     s["method"] = s["method"].astype(str)
     keys = [k for k in ("dataset", "budget", "sampler", "norm_placement", "classes_per_batch") if k in s]
     keys = [k for k in keys if k in ("dataset", "sampler") or s[k].nunique(dropna=False) > 1]
-    order = {m: i for i, m in enumerate(norms.METHODS)}
+    order = {m: i for i, m in enumerate(methods.METHODS)}
     out = []
     for cond, part in s.groupby([k for k in keys if k != "classes_per_batch"], dropna=False, sort=True):
         cond = cond if isinstance(cond, tuple) else (cond,)

@@ -740,7 +740,10 @@ def test_the_readme_tells_a_planned_grids_answer_by_its_plan(tmp_path):
     text = paper.readme.readme_findings(summary, 10, 20, ["abc1234"], folder=tmp_path)
     assert "a budget of 40,000 steps at batch 2 and 8,000 at batch 16" in text
     assert "under the pre-registered analysis plan: Holm over its 4 primary comparisons" in text
-    assert "BN had finished training at batch 2 and had not at batch 16." in text
+    assert (
+        "BN gained less than 1 point over the last quarter of its run (the 95% upper bound) at batch 2 and not at "
+        "batch 16;" in text
+    )
     assert "not trained to a plateau" not in text
     assert "not trained to a plateau" in paper.readme.readme_findings(summary.drop(columns="family"), 10, 20)
     # the claims table speaks of a digits column only where there is one

@@ -260,6 +260,35 @@ def test_a_grid_with_a_plan_committed_its_plan_before_its_first_cell(grid_name):
         )
 
 
+def test_the_study_plan_lists_exactly_what_was_seen_before_it():
+    """The re-run study's plan names what had been seen when it was committed (its first commit naming
+    grids/plateau.yaml): the mechanism cells, the short study's and the pilots', by count; git says the same."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    if git("rev-parse", "--is-shallow-repository") == "true":
+        pytest.skip("a shallow clone has no history to check against (fetch it with fetch-depth: 0)")
+    plan = git("log", f"-S{analysis.STUDY.grid_file}", "--format=%H", "--reverse", "--", "book/analysis-plan.md")
+    commit = plan.splitlines()[0]
+
+    def cells(grid):
+        listed = git("ls-tree", "--name-only", commit, f"results/{grid}/runs/").splitlines()
+        return sorted(Path(p).stem for p in listed if p.endswith(".json"))
+
+    mechanism = cells("mechanism")
+    assert [c.rsplit("-", 1)[0] for c in mechanism] == [f"fashionmnist-b16-iid-s{s}" for s in range(5)] + [
+        f"fashionmnist-b2-iid-s{s}" for s in range(4)
+    ]
+    said = (paths.BOOK / "analysis-plan.md").read_text().split("(plan-study-seen)=", 1)[1].split("\n\n", 1)[0]
+    said = " ".join(said.split())
+    assert "Nine cells of the mechanism grid" in said and len(mechanism) == 9
+    assert "batch 16 with seeds 0-4 and batch 2 with seeds 0-3" in said
+    assert f"The short study's {len(cells('study'))} cells" in said
+    assert f"`results/study-pilot/`, {len(cells('study-pilot'))} cells" in said
+    assert f"`results/mechanism-pilot/`, {len(cells('mechanism-pilot'))} cells" in said
+
+
 def test_the_code_passes_the_linter_and_the_formatter():
     """ruff, configured in pyproject.toml (line length 120; pyflakes, pycodestyle, import order, bugbear's bug-prone
     patterns), and ruff's formatter: `ruff check --fix . && ruff format .` mends most of what this finds."""

@@ -110,10 +110,15 @@ def plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
         )
     done = sorted(int(b) for b in assessed.loc[assessed["plateaued"].astype(bool), "batch_size"])
     not_done = sorted(int(b) for b in assessed.loc[~assessed["plateaued"].astype(bool), "batch_size"])
+    # what the criterion shows, and no more: no gain over the last quarter of the run (its windows overlap, and at
+    # batch 2 both follow the learning-rate drop), not that a longer run would gain nothing (the doubling control)
+    bound = f"{100 * analysis.PLATEAU_MARGIN:g} point"
     return (
-        "By the analysis plan's plateau criterion BN had finished training "
+        "By the analysis plan's plateau criterion BN gained less than "
+        f"{bound} over the last quarter of its run (the 95% upper bound) "
         + (f"at batch {and_list(map(str, done))}" if done else "at no batch size")
-        + (f" and had not at batch {and_list(map(str, not_done))}." if not_done else ".")
+        + (f" and not at batch {and_list(map(str, not_done))}" if not_done else "")
+        + "; whether a longer run gains more is the budget-doubling control's question."
     )
 
 

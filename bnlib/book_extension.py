@@ -1,5 +1,6 @@
-"""A Sphinx extension of the book: before the table of contents is read, copy the shown grid's finished
-cell notebooks into ``book/runs/cells/``, so that a plain ``jupyter-book build .`` lists them on the Runs
+"""A Sphinx extension of the book: before the table of contents is read, take this checkout's build lock (held
+until the build finishes, so two builds take turns) and copy the shown grid's finished cell notebooks into
+``book/runs/cells/``, so that a plain ``jupyter-book build .`` lists them on the Runs
 page (the grid and results folder as in :mod:`bnlib.paper.tables`: ``study`` from ``results/`` by default); and
 point the launch buttons at notebooks that exist in the repository."""
 
@@ -15,7 +16,15 @@ from . import paper
 
 
 def _gather(app, config) -> None:
+    # held until the build finishes: the gathered pages are read throughout, and another build would replace them
+    app.bnlib_build_lock = paper.site.hold_build_lock()
     paper.site.gather_runs(paper.tables.results_dir() / paper.tables.grid_name())
+
+
+def _release(app, exception) -> None:
+    lock = getattr(app, "bnlib_build_lock", None)
+    if lock is not None:
+        lock.close()
 
 
 def _launch_committed_notebooks(app, pagename, templatename, context, doctree) -> None:
@@ -64,4 +73,5 @@ def setup(app):
     # after sphinx-book-theme adds its launch buttons (priority 501), before the page is rendered
     app.connect("html-page-context", _launch_committed_notebooks, priority=502)
     app.connect("doctree-read", _alt_text)
+    app.connect("build-finished", _release)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -254,3 +254,56 @@ def test_every_paper_function_a_page_calls_exists():
     assert called
     missing = [c for c in called if not hasattr(getattr(paper, c[1], None), c[2])]
     assert not missing, missing
+
+
+def test_two_builds_of_one_checkout_take_turns(tmp_path):
+    """The book's build lock (paper.site.hold_build_lock, taken by the Sphinx extension before it gathers the run
+    notebooks into the source tree and released when the build finishes): a second build started while the first
+    holds it says so and waits; it gathers only after the first has released."""
+    import subprocess
+    import sys
+    import time
+
+    from bnlib import book_extension
+
+    log, lock = tmp_path / "order.log", tmp_path / ".build.lock"
+    script = f"""
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from bnlib import book_extension, paper
+paper.site.BUILD_LOCK = Path({str(lock)!r})
+log = Path({str(log)!r})
+def say(line):
+    with open(log, "a") as f:
+        f.write(line + "\\n")
+if sys.argv[1] == "second":
+    say("second tries")
+app = SimpleNamespace(bnlib_build_lock=paper.site.hold_build_lock())  # as _gather takes it
+say(sys.argv[1] + " got")
+if sys.argv[1] == "first":  # hold it until the second is waiting for it
+    for _ in range(1200):
+        if "second tries" in log.read_text():
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+say(sys.argv[1] + " releases")
+book_extension._release(app, None)
+"""
+    first = subprocess.Popen([sys.executable, "-c", script, "first"], stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):  # the first holds the lock before the second starts
+        if log.exists() and "first got" in log.read_text():
+            break
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-c", script, "second"], capture_output=True, text=True, timeout=120)
+    first.communicate(timeout=120)
+    assert second.returncode == 0 and first.returncode == 0, second.stderr
+    assert log.read_text().split("\n")[:5] == [
+        "first got",
+        "second tries",
+        "first releases",
+        "second got",
+        "second releases",
+    ]
+    assert "another build of this checkout holds" in second.stderr
+    assert book_extension._release(type("App", (), {})(), None) is None  # nothing held: nothing to release

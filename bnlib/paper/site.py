@@ -4,6 +4,7 @@ offline ``jupyter-book`` build with its configuration.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -77,6 +78,24 @@ def scrolling_table(frame: pd.DataFrame, max_height_em: int = 30) -> str:
         + frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", classes="table")
         + "</div>"
     )
+
+
+BUILD_LOCK = paths.BOOK / "runs" / ".build.lock"
+
+
+def hold_build_lock():
+    """Wait for, then hold, this checkout's book-build lock (``fcntl.flock`` on :data:`BUILD_LOCK`; the kernel
+    releases it when the holder closes it, exits or dies). A build gathers the shown grid's notebooks and tables into
+    the source tree (:func:`gather_runs`) and reads them until it finishes, so two builds of one checkout take turns
+    instead of deleting each other's pages. Returns the open handle: closing it releases the lock."""
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(BUILD_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"bnlib: another build of this checkout holds {BUILD_LOCK}; waiting for it to finish", file=sys.stderr)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def gather_runs(folder: Path) -> int:

@@ -324,7 +324,9 @@ def cmd_compact(args) -> int:
         print(f"bnlib compact: {folder / 'runs'} does not exist; nothing to compact", file=sys.stderr)
         return 1
     rewritten, saved = published.compact(folder)
-    print(f"{folder}: {rewritten} notebook(s) rewritten with 256-colour figures, {saved / 1e6:.1f} MB saved")
+    print(
+        f"{folder}: {rewritten} notebook(s) rewritten (256-colour figures, relative paths), {saved / 1e6:.1f} MB saved"
+    )
     return 0
 
 
@@ -558,8 +560,9 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compact",
-        help="store the figures of a grid's finished run notebooks as 256-colour PNGs "
-        "(a third of the bytes; the runner does it for new cells; `published.check` requires it)",
+        help="store the figures of a grid's finished run notebooks as 256-colour PNGs (a third of the bytes) and "
+        "make the paths they print relative to the repository (no machine's paths); the runner does both for new "
+        "cells; `published.check` requires them",
     )
     c.add_argument("grid", help="grid name: results/<grid>/runs is compacted")
     c.add_argument("--results", type=paths.results_root, default=None, help=RESULTS_HELP)

@@ -1,7 +1,8 @@
 """Integrity of a committed (published) grid folder, ``results/<grid>/``: what CI checks before it builds.
 
 Every metrics file parses and names its own cell; every finished cell has its executed notebook, the
-notebook parses and its figures are compact (:func:`compact`); the aggregated CSVs are present and equal a
+notebook parses, its figures are compact and it prints no path of the machine that ran it
+(:func:`compact`); the aggregated CSVs are present and equal a
 fresh aggregation of the metrics files. A problem raises :class:`PublishedError` naming the file.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import tempfile
 from pathlib import Path
 
@@ -49,6 +51,11 @@ def check(grid_dir: str | Path) -> int:
             nb = nbformat.read(notebook, as_version=4)
         except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt notebook
             raise PublishedError(f"{notebook}: not a readable notebook ({err})") from None
+        if found := machine_paths(nb):
+            raise PublishedError(
+                f"{notebook}: prints a path of the machine that ran it ({found[0]}); run `bnlib compact "
+                f"{grid_dir.name}` (it makes them relative) and commit it"
+            )
         if any(not _is_palette_png(o["data"]["image/png"]) for o in _png_outputs(nb)):
             raise PublishedError(
                 f"{notebook}: has full-colour PNG figures; run `bnlib compact {grid_dir.name}` "
@@ -111,17 +118,59 @@ def compact_png(b64: str) -> str:
     return base64.b64encode(out.getvalue()).decode("ascii")
 
 
+# --- no machine's paths ----------------------------------------------------------------------------
+# papermill writes the paths it was given into a run notebook (its parameters cell and metadata), and a cell's
+# streams may print some (a warning's source file): absolute paths of the machine that ran it, meaningless elsewhere.
+# Committed notebooks keep them relative to the repository (or the installed package); no number is touched.
+
+MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:tmp|home|root|work|Users|private|scratch|var/folders)/[^\s\"'<>|]*")
+_ANCHORS = ("results/", "book/", "tests/", "bnlib/", "site-packages/")
+
+
+def _relative(match: re.Match) -> str:
+    """A machine path from the first folder the repository or an installed package knows, else its file name."""
+    path = match.group(0)
+    found = [i for anchor in _ANCHORS if (i := path.find("/" + anchor)) >= 0]
+    return path[min(found) + 1 :] if found else path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def machine_paths(value) -> list[str]:
+    """Every machine path in a notebook's text (figures aside): its sources, outputs and metadata."""
+    if isinstance(value, str):
+        return MACHINE_PATH.findall(value)
+    if isinstance(value, dict):
+        return [p for k, v in value.items() if not str(k).startswith("image/") for p in machine_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in machine_paths(v)]
+    return []
+
+
+def _without_machine_paths(value):
+    if isinstance(value, str):
+        return MACHINE_PATH.sub(_relative, value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not str(k).startswith("image/"):
+                value[k] = _without_machine_paths(v)
+        return value
+    if isinstance(value, list):
+        return [_without_machine_paths(v) for v in value]
+    return value
+
+
 def compact_notebook(path: str | Path) -> int:
-    """Re-encode a notebook's PNG figures as palette PNGs (:func:`compact_png`), in place and atomically;
-    returns the bytes saved (0 and the file untouched when every figure already is one)."""
+    """Re-encode a notebook's PNG figures as palette PNGs (:func:`compact_png`) and make the paths it prints
+    relative (:data:`MACHINE_PATH`), in place and atomically; returns the bytes saved (0 and the file untouched when
+    there is nothing to do)."""
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     outputs = [o for o in _png_outputs(nb) if not _is_palette_png(o["data"]["image/png"])]
-    if not outputs:
+    if not outputs and not machine_paths(nb):
         return 0
     before = path.stat().st_size
     for o in outputs:
         o["data"]["image/png"] = compact_png(o["data"]["image/png"])
+    nb = nbformat.from_dict(_without_machine_paths(nb))
     atomic_write(path, nbformat.writes(nb) + "\n")
     return before - path.stat().st_size
 

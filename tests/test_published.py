@@ -116,6 +116,43 @@ def test_runner_writes_compact_figures_and_a_full_colour_one_is_named_then_compa
     )
     assert before.shape == after.shape and np.abs(before - after).mean() < 1.0  # out of 255: the same picture
 
+    # a path of the machine that ran it (papermill's parameters, a warning's source file): named, then made relative
+    nb = nbformat.read(victim, as_version=4)
+    printed = "wrote /home/someone/study/results/smoke/runs/x.json; /tmp/venv/lib/site-packages/tqdm/auto.py:21"
+    nb.cells[-1]["outputs"].append(nbformat.v4.new_output("stream", name="stderr", text=printed))
+    nb.metadata.setdefault("papermill", {})["input_path"] = "/tmp/wt-x/book/notebooks/run.ipynb"
+    nbformat.write(nb, victim)
+    with pytest.raises(published.PublishedError, match="prints a path of the machine that ran it"):
+        published.check(folder)
+    assert cli.main(["compact", "smoke", "--results", str(folder.parent)]) == 0
+    published.check(folder)
+    nb = nbformat.read(victim, as_version=4)
+    assert nb.cells[-1]["outputs"][-1]["text"] == "wrote results/smoke/runs/x.json; site-packages/tqdm/auto.py:21"
+    assert nb.metadata["papermill"]["input_path"] == "book/notebooks/run.ipynb"
+    assert stored in {o["data"]["image/png"] for o in published._png_outputs(nb)}  # figures untouched
+
+
+def test_no_committed_file_names_a_path_of_the_machine_that_wrote_it():
+    """Committed results and book sources hold no absolute path of a machine (/home, /tmp, /work ...): a notebook's
+    are made relative by `bnlib compact`, and no table or page types one."""
+    import nbformat
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", "results", "book"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    found = {}
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix == ".ipynb":
+            hits = published.machine_paths(nbformat.read(path, as_version=4))
+        elif path.suffix in (".md", ".csv", ".json", ".jsonl", ".yaml", ".yml", ".txt", ".bib"):
+            hits = published.MACHINE_PATH.findall(path.read_text(errors="replace"))
+        else:
+            continue
+        if hits:
+            found[name] = hits[:2]
+    assert not found, found
+
 
 COMMITTED = sorted(
     p.parent.parent.name

@@ -492,7 +492,7 @@ def test_the_2x2_answer_reads_out_each_effect_with_its_verdict_and_family():
     text = paper.mechanism.twobytwo_answer(pd.DataFrame(rows))
     assert text.count("\n") == 0 and text.startswith("- **i.i.d. batch 16** (5 seeds): ")
     assert "normalising with running instead of batch statistics +0.0 [-1.0, +1.0] points (equivalent, primary)" in text
-    assert "cutting the gradient through the statistics -20.0 [-21.0, -19.0] points (below, primary)" in text
+    assert "leaving out the normalising backward pass -20.0 [-21.0, -19.0] points (below, primary)" in text
 
 
 def _rows(**effects) -> pd.DataFrame:
@@ -974,7 +974,7 @@ def test_failure_answer_reads_the_loss_beside_the_recomputed_accuracy():
     )
     text = paper.mechanism.failure_answer(comparisons)
     assert (
-        "cutting the gradient through the statistics: training loss +0.600 [+0.590, +0.610] (above), accuracy with "
+        "leaving out the normalising backward pass: training loss +0.600 [+0.590, +0.610] (above), accuracy with "
         "recomputed statistics -20.0 [-21.0, -19.0] points (below, exploratory) - a failure to train"
     ) in text
     assert (
@@ -1014,12 +1014,12 @@ def test_why_sentence_reads_the_primary_2x2_and_concludes_only_when_every_condit
     text = paper.study.why_sentence(both)
     assert (
         "normalising with running instead of batch statistics changes the final accuracy by +0.0 [-1.0, +1.0] points "
-        "at i.i.d. batch 16 (equivalent) and +5.0 [+4.0, +6.0] points at i.i.d. batch 2 (above); cutting the gradient "
-        "through the statistics by -20.0 [-21.0, -19.0] points at i.i.d. batch 16 (below) and -30.0"
+        "at i.i.d. batch 16 (equivalent) and +5.0 [+4.0, +6.0] points at i.i.d. batch 2 (above); leaving out the "
+        "normalising backward pass by -20.0 [-21.0, -19.0] points at i.i.d. batch 16 (below) and -30.0"
     ) in text
     assert "batch 4" not in text  # exploratory effects are not the abstract's
     assert text.endswith(
-        "The accuracy is lost by cutting the gradient through the statistics, not by normalising with running ones."
+        "The accuracy is lost by leaving out the normalising backward pass, not by normalising with running statistics."
     )
     split = pd.DataFrame(rows(16, (0.0, "equivalent"), (-0.2, "below")) + rows(2, (-0.05, "below"), (-0.3, "below")))
     assert "The accuracy is lost" not in paper.study.why_sentence(split)

@@ -1057,3 +1057,19 @@ def test_cbn_finds_the_convolution_through_an_activation_and_burns_in_on_the_run
     assert streaming._producing_conv_weight(torch.nn.functional.gelu(x)) is conv.weight
     assert streaming._producing_conv_weight(_inputs((2, 5))) is None
     assert norms.run_options("cbn", 1200, 16) == {"burnin": 800}  # the authors' 8 of 12 epochs
+
+
+def test_the_normalising_backward_pass_is_what_bn_and_brn_share_and_bn_detached_and_bnrs_lack():
+    """The 2x2's second factor, measured in float64 (bnlib.probes): BN's and BRN's input gradients are projected off
+    1 and x_hat per channel (sum 0; correlation with x_hat 0 up to the eps in sigma_B), bn_detached's and BNRS's are
+    not (the same unprojected g / sigma); each half-detached arm keeps one of the two projections."""
+    from bnlib import probes
+
+    measured = {m: probes.backward_projection(m) for m in ("bn", "brn", "bn_detached", "bnrs", "bn_detached_mean")}
+    for method in ("bn", "brn"):
+        assert measured[method]["gradient sum"] < 1e-12 and measured[method]["correlation with x_hat"] < 1e-5
+    for method in ("bn_detached", "bnrs"):
+        assert measured[method]["gradient sum"] > 0.1 and measured[method]["correlation with x_hat"] > 0.05
+    # no gradient through the mean: the sum is kept; through the variance alone: x_hat's projection stays
+    assert measured["bn_detached_mean"]["gradient sum"] > 0.1
+    assert measured["bn_detached_mean"]["correlation with x_hat"] < 1e-5

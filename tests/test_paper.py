@@ -151,14 +151,14 @@ def test_the_why_reads_the_simple_effects_where_the_factors_interact_and_the_one
     assert "-34.4 [-35.4, -33.4] points (below) with batch statistics in the forward pass" in text
     assert "-0.8 [-1.8, +0.2] points (cannot tell) with the gradient and +15.7 [+14.7, +16.7] points (above)" in text
     # BRN against BN cannot be told apart at batch 2: the conclusion claims only what every condition shows
-    assert "not by normalising with running ones" not in text
-    assert "Cutting the gradient through the statistics loses accuracy whichever statistics" in text
+    assert "not by normalising with running statistics" not in text
+    assert "Leaving out the normalising backward pass loses accuracy whichever statistics" in text
     # the one-class regime, labelled exploratory, with BN's plateau said
     assert "With one-class batches of 2 (exploratory; BN had not plateaued there) the picture reverses" in text
     assert "+57.0 [+56.0, +58.0] points (above) with the gradient" in text
     # the interaction within the margin everywhere and BRN equivalent: the stronger conclusion
     settled = pd.DataFrame(_two_by_two(16, "iid", iid16))
-    assert paper.study.why_sentence(settled).endswith("not by normalising with running ones.")
+    assert paper.study.why_sentence(settled).endswith("not by normalising with running statistics.")
 
 
 def test_the_margin_is_defined_once_and_every_verdict_claim_and_sentence_that_reads_it_moves_with_it(monkeypatch):

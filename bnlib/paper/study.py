@@ -277,12 +277,12 @@ def why_sentence(comparisons: pd.DataFrame) -> str:
     text += "; ".join(parts) + "."
     if causes == {"gradient"}:
         text += (
-            " The accuracy is lost by cutting the gradient through the statistics, not by normalising with running "
-            "ones."
+            " The accuracy is lost by leaving out the normalising backward pass, not by normalising with running "
+            "statistics."
         )
     elif causes <= {"gradient", "gradient only"}:
         text += (
-            " Cutting the gradient through the statistics loses accuracy whichever statistics the forward pass uses."
+            " Leaving out the normalising backward pass loses accuracy whichever statistics the forward pass uses."
         )
     one_class = acc[(acc["sampler"] == "noniid") & (acc.get("classes_per_batch") == 1)]
     for batch, part in one_class.groupby("batch_size"):

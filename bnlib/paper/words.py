@@ -142,5 +142,7 @@ BY_OPTIMISATION = (("optimizer", "lr"), optimisation_label)
 
 EFFECT_WORDS = {
     "forward statistics (running - batch)": "normalising with running instead of batch statistics",
-    "gradient through the statistics (without - with)": "cutting the gradient through the statistics",
+    # what the factor computes (book/methods.md): BN's and BRN's backward passes project the gradient off 1 and x_hat,
+    # bn_detached's and BNRS's do not -- nothing is "cut" in BNRS, whose statistics do not depend on the batch
+    "gradient through the statistics (without - with)": "leaving out the normalising backward pass",
 }

@@ -281,9 +281,7 @@ def why_sentence(comparisons: pd.DataFrame) -> str:
             "statistics."
         )
     elif causes <= {"gradient", "gradient only"}:
-        text += (
-            " Leaving out the normalising backward pass loses accuracy whichever statistics the forward pass uses."
-        )
+        text += " Leaving out the normalising backward pass loses accuracy whichever statistics the forward pass uses."
     one_class = acc[(acc["sampler"] == "noniid") & (acc.get("classes_per_batch") == 1)]
     for batch, part in one_class.groupby("batch_size"):
         here = part.set_index("comparison")
@@ -446,19 +444,38 @@ def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
                     "batch": int(r.batch_size),
                     "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True),
                     "verdict": r.verdict if isinstance(r.verdict, str) else "cannot tell",
+                    **_amended(r),
                     **adjusted_p(r),
                     "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if not pd.isna(r.wins) else "–",
                 }
             )
-    return pd.DataFrame(rows).set_index(["method", "batch"]) if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).set_index(["method", "batch"])
+    amended = f"amended {analysis.AMENDED}"
+    if amended in table and (table[amended] == table["verdict"]).all():
+        table = table.drop(columns=amended)  # the amendment reads every row as the plan did: one column
+    return table
+
+
+def _amended(row) -> dict:
+    """The amended verdict (plan amendment of 2026-12-07: "below, within the margin") where the summary has one."""
+    said = getattr(row, "verdict_amended", None)
+    return {f"amended {analysis.AMENDED}": said} if isinstance(said, str) else {}
 
 
 def verdict_sentence(part: pd.DataFrame, method: str) -> str:
     """One method against BN in one condition, every batch size: difference, interval, verdict."""
     rows = part[part["method"].astype(str) == method].sort_values("batch_size")
+
+    def verdicts(r) -> str:
+        said = r.verdict if isinstance(r.verdict, str) else "cannot tell"
+        amended = getattr(r, "verdict_amended", None)
+        return said + (f"; amended: {amended}" if isinstance(amended, str) and amended != said else "")
+
     said = [
         f"{percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True)} points at batch "
-        f"{int(r.batch_size)} ({r.verdict if isinstance(r.verdict, str) else 'cannot tell'})"
+        f"{int(r.batch_size)} ({verdicts(r)})"
         for r in rows.itertuples()
         if not pd.isna(r.diff_vs_bn)
     ]

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): ratios against a reference measured in the same run, after a warm-up.
+"""Benchmarks run in this process (not tests): ratios against a reference measured in the same run, after a warm-up.
 
 ``norms``: forward + backward of every layer against ``torch.nn.BatchNorm2d`` at N in {2, 16, 128},
 C = 32, 28x28. Targets: bn <= 1.1x, bnrs/brn/brnc/bnwos/bln <= 1.5x, mabn <= 2x.
@@ -30,16 +30,14 @@ compilation took; see :func:`bench_fusion`.
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import norms, paths
+from . import norms
 from .train import compiling
 
 NORM_TARGETS = {
@@ -227,7 +225,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return 2 * n**3 / _time(lambda: a @ b, device, repeats, 2)
 
 
-def _flops(fn) -> int:
+def count_flops(fn) -> int:
     """Conv and matrix-product FLOPs of one call (forward and backward), as torch's flop counter counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -299,10 +297,10 @@ def bench_step(
                 variants[("eval 1000", "bn", p)] = evaluation(p)
             for key, fn in variants.items():
                 if key[0] == "step":
-                    flops[key] = _flops(fn)
+                    flops[key] = count_flops(fn)
             for p in precisions:
                 flops[("lockstep", "all", p)] = sum(flops[("step", m, p)] for m in methods)
-                flops[("eval 1000", "bn", p)] = _flops(variants[("eval 1000", "bn", p)])
+                flops[("eval 1000", "bn", p)] = count_flops(variants[("eval 1000", "bn", p)])
             inner = max(1, 64 // n) if side == 28 else max(2, 256 // n)
             times = _interleaved(
                 variants, dev, repeats, side * 1000 + n, lambda key: 1 if key[0].startswith("eval") else inner
@@ -477,7 +475,7 @@ def bench_fusion(
     variants, flops, compile_s, errors = {}, {}, {}, {}
     for key, (method, placement, channels_last, compiled) in specs.items():
         fn = step(method, placement, channels_last, compiled)
-        flops[key] = _flops(step(method, placement, False, False))  # the same FLOPs in every layout
+        flops[key] = count_flops(step(method, placement, False, False))  # the same FLOPs in every layout
         try:
             t0 = time.perf_counter()
             fn(), fn()
@@ -600,364 +598,3 @@ def bench_seeds(
                 }
             )
     return rows
-
-
-_ISA_PROBE = """
-import json, sys, torch
-from bnlib import train
-from bnlib.train import data
-torch.set_num_threads(1)
-config = train.Config(dataset="mnist5k", methods=list(train.ORIGINAL_METHODS), batch_size=int(sys.argv[1]), \
-steps=int(sys.argv[2]),
-                      evals=1, eval_samples=None)
-out = train.train(config, data.load("mnist5k"), progress=False)
-print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "train_s": out.wall_seconds - out.eval_seconds,
-                  "loss": {m: r.train_loss for m, r in out.methods.items()}}))
-"""
-
-
-def bench_isa(sizes=(2, 16, 128), steps: int = 40, repeats: int = 3) -> list[dict]:
-    """Training time of a cell (the original five methods, mnist5k, one thread) with each instruction set's kernels
-    this x86 machine can run (:mod:`bnlib.machine`), against its own widest: what pinning a grid's kernels
-    (``bnlib run --isa``) costs. Each run is a fresh process (the kernels are chosen when the libraries load),
-    the capabilities in a fresh random order per repeat; whether their numbers are identical is reported too."""
-    import json
-    import subprocess
-    import sys
-
-    from . import machine
-
-    native = machine.native_capability()
-    levels = [c for c in machine.X86_LEVELS if machine.can_run(c, native)]
-    rng = random.Random(0)
-    rows = []
-    for n in sizes:
-        times, losses = {c: [] for c in levels}, {}
-        for _ in range(repeats):
-            rng.shuffle(levels)
-            for capability in levels:
-                env = {**os.environ, **machine.force_env(capability)}
-                proc = subprocess.run(
-                    [sys.executable, "-c", _ISA_PROBE, str(n), str(steps)],
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    cwd=paths.ROOT,
-                    timeout=3600,
-                )
-                if proc.returncode:
-                    raise RuntimeError(f"bench isa ({capability}, batch {n}) failed: {proc.stderr[-2000:]}")
-                out = json.loads(proc.stdout.strip().splitlines()[-1])
-                times[capability].append(out["train_s"])
-                losses[capability] = out["loss"]
-        ref = statistics.median(times[native])
-        for capability in machine.X86_LEVELS:
-            if capability in times:
-                rows.append(
-                    {
-                        "kernels": capability,
-                        "N": n,
-                        "steps": steps,
-                        "train_s": statistics.median(times[capability]),
-                        "time_vs_native": statistics.median(times[capability]) / ref,
-                        "same_numbers_as_native": losses[capability] == losses[native],
-                    }
-                )
-    return rows
-
-
-_LONG_PROBE = """
-import json, sys, torch
-from bnlib import train
-from bnlib.train import data
-torch.set_num_threads(1)
-config = train.Config.from_dict(json.loads(sys.argv[1]))
-out = train.train(config, data.load(config.dataset), progress=False)
-print(json.dumps(out.to_dict()))
-"""
-# A ``bench long`` cell per batch size. Batch 2: the issue's whole cell (3,000 steps, 15 evaluations). Batch 128:
-# a tenth of its 1,000 steps with a third of its evaluations (about 12 minutes per path on a 2-core EPYC instead
-# of two hours); the compilation is then spread over fewer steps than in a whole cell, which favours the old path.
-LONG_CELLS = {128: {"steps": 100, "evals": 5}, 2: {"steps": 3000, "evals": 15}}
-LONG_PATHS = {
-    "old path (eager)": {"compile": "off"},
-    "new path (compiled)": {"compile": "on"},
-    "no norm layers (compiled)": {"compile": "on", "norm_placement": "none"},
-}
-
-
-def bench_long(
-    device: str = "cpu",
-    dataset: str = "fashionmnist",
-    sizes=(128, 2),
-    steps: dict | None = None,
-    evals: dict | None = None,
-    eval_samples: int = 2000,
-    repeats: int = 1,
-    methods=None,
-) -> list[dict]:
-    """A whole long cell (:data:`LONG_CELLS`, or ``steps`` and ``evals`` per batch size) -- the study's methods,
-    its evaluations on ``eval_samples`` test images (the last on the whole test set), one thread -- on the old path
-    (``compile: off``: the training code of 16e46be, registered as reproducing it) and the new (``compile: on``), and
-    the same cell without norm layers on the new path (the ceiling fusing the norm can reach), each a fresh process
-    as a grid cell is, in a fresh random order per repeat. Training and evaluation seconds apart (the first compiled
-    run pays the compilation unless inductor's cache already holds it), training GFLOP/s against this machine's fp32
-    matrix-product peak, and whether the new path's numbers are within ``bnlib verify``'s tolerance of the old path's
-    (:func:`bnlib.verify.compare`)."""
-    import json
-    import subprocess
-    import sys
-
-    from . import grid, verify
-    from .record import RunRecord
-    from .train import data, models
-
-    loaded = data.load(dataset)
-    shape = loaded.input_shape
-    dev = torch.device(device)
-    methods = list(methods or grid.load("study").cells[0].config().methods)
-    steps = {n: cell["steps"] for n, cell in LONG_CELLS.items()} | (steps or {})
-    # a size without a cell of its own evaluates 5 times, as the shortened batch-128 cell does
-    evals = {n: LONG_CELLS.get(n, {"evals": 5})["evals"] for n in sizes} | (evals or {})
-    unknown = [n for n in sizes if n not in steps]
-    if unknown:
-        raise ValueError(
-            f"bench long: no cell for batch size(s) {unknown}: give their steps (--long-steps) or use "
-            f"{' or '.join(map(str, LONG_CELLS))}"
-        )
-    peak = matmul_peak(dev, torch.float32)
-    rng = random.Random(0)
-    rows = []
-    for n in sizes:
-        base = dict(
-            dataset=dataset,
-            methods=methods,
-            batch_size=n,
-            steps=steps[n],
-            evals=evals[n],
-            eval_samples=eval_samples,
-            device=device,
-        )
-        flops = {}
-        for name, change in LONG_PATHS.items():
-            placement = change.get("norm_placement", "all")
-            flops[name] = 0
-            for m in methods:
-                net = models.build(m, 0, shape[0], loaded.num_classes, norm_placement=placement).to(dev)
-                x, y = torch.randn(n, *shape, device=dev), torch.randint(0, loaded.num_classes, (n,), device=dev)
-                flops[name] += _flops(lambda: (F.cross_entropy(net(x), y) + norms.auxiliary_loss(net)).backward())
-        runs = {name: [] for name in LONG_PATHS}
-        order = list(LONG_PATHS)
-        for _ in range(repeats):
-            rng.shuffle(order)
-            for name in order:
-                config = json.dumps({**base, **LONG_PATHS[name]})
-                proc = subprocess.run(
-                    [sys.executable, "-c", _LONG_PROBE, config],
-                    capture_output=True,
-                    text=True,
-                    cwd=paths.ROOT,
-                    timeout=6 * 3600,
-                )
-                if proc.returncode:
-                    raise RuntimeError(f"bench long ({name}, batch {n}) failed: {proc.stderr[-2000:]}")
-                runs[name].append(RunRecord.from_dict(json.loads(proc.stdout.strip().splitlines()[-1])))
-        parts = {
-            "train": lambda r: r.wall_seconds - r.eval_seconds,
-            "eval": lambda r: r.eval_seconds,
-            "total": lambda r: r.wall_seconds,
-        }
-        median = {
-            name: {k: statistics.median(map(part, recs)) for k, part in parts.items()} for name, recs in runs.items()
-        }
-        old = median["old path (eager)"]
-        for name, recs in runs.items():
-            t = median[name]
-            row = {
-                "N": n,
-                "path": name,
-                "steps": steps[n],
-                "evals": evals[n],
-                "train_s": t["train"],
-                "eval_s": t["eval"],
-                "total_s": t["total"],
-                "train_GFLOP/s": flops[name] * steps[n] / t["train"] / 1e9,
-                "train_of_peak": flops[name] * steps[n] / t["train"] / peak,
-                "train_vs_old": old["train"] / t["train"],
-                "eval_vs_old": old["eval"] / t["eval"],
-                "total_vs_old": old["total"] / t["total"],
-                "compiled": bool(recs[0].compiled),
-                "vs_old_numbers": "",
-            }
-            if name == "new path (compiled)":
-                a, b = runs["old path (eager)"][0], recs[0]
-                a.cell = b.cell = f"bench-long-b{n}"
-                row["vs_old_numbers"] = verify.compare(a, b, None, verify.TOLERANCE).explain()
-            rows.append(row)
-        new, ceiling = rows[-2], rows[-1]
-        new["vs_no_norm"] = (
-            new["train_GFLOP/s"] / ceiling["train_GFLOP/s"] if ceiling["train_GFLOP/s"] else float("nan")
-        )
-    return rows
-
-
-SAVED_STEP = paths.BOOK_DATA / "bench_step.csv"
-SAVED_FUSION = paths.BOOK_DATA / "bench_fusion.csv"
-SAVED_ISA = paths.BOOK_DATA / "bench_isa.csv"
-SAVED_LONG = paths.BOOK_DATA / "bench_long.csv"
-
-
-def save_step(rows: list[dict], header: str, csv_path: Path = SAVED_STEP) -> Path:
-    """Keep a ``bench step`` run: the CSV the book's Reproducibility page shows as a table (:func:`step_markdown`)."""
-    return _save(rows, header, csv_path)
-
-
-def save_fusion(rows: list[dict], header: str, csv_path: Path = SAVED_FUSION) -> Path:
-    """Keep a ``bench fusion`` run, as :func:`save_step` does (:func:`fusion_markdown`)."""
-    return _save(rows, header, csv_path)
-
-
-def save_isa(rows: list[dict], header: str, csv_path: Path = SAVED_ISA) -> Path:
-    """Keep a ``bench isa`` run, as :func:`save_step` does (:func:`isa_markdown`)."""
-    return _save(rows, header, csv_path)
-
-
-def save_long(rows: list[dict], header: str, csv_path: Path = SAVED_LONG) -> Path:
-    """Keep a ``bench long`` run, as :func:`save_step` does (:func:`long_markdown`)."""
-    return _save(rows, header, csv_path)
-
-
-def long_markdown(frame) -> str:
-    """A ``bench long`` table as markdown (the comparison of the numbers under it)."""
-    import pandas as pd
-
-    cols = [
-        "batch",
-        "path",
-        "steps",
-        "evaluations",
-        "training s",
-        "evaluation s",
-        "total s",
-        "training GFLOP/s",
-        "of peak",
-        "training vs old",
-        "evaluation vs old",
-        "total vs old",
-    ]
-    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in frame.iterrows():
-        lines.append(
-            "| "
-            + " | ".join(
-                str(c)
-                for c in [
-                    int(r["N"]),
-                    r["path"] + ("" if r["compiled"] or "eager" in r["path"] else " (ran eager)"),
-                    int(r["steps"]),
-                    int(r["evals"]),
-                    f"{r['train_s']:.0f}",
-                    f"{r['eval_s']:.0f}",
-                    f"{r['total_s']:.0f}",
-                    f"{r['train_GFLOP/s']:.1f}",
-                    f"{100 * r['train_of_peak']:.0f}%",
-                    f"{r['train_vs_old']:.2f}x",
-                    f"{r['eval_vs_old']:.2f}x",
-                    f"{r['total_vs_old']:.2f}x",
-                ]
-            )
-            + " |"
-        )
-    notes = [
-        f"- batch {int(r['N'])}: the new path's numbers against the old path's: {r['vs_old_numbers']}"
-        for _, r in frame.iterrows()
-        if isinstance(r["vs_old_numbers"], str) and r["vs_old_numbers"]
-    ]
-    notes += [
-        f"- batch {int(r['N'])}: the new path's training throughput is {100 * r['vs_no_norm']:.0f}% of the same "
-        "cell's without norm layers"
-        for _, r in frame.iterrows()
-        if "vs_no_norm" in r and not pd.isna(r["vs_no_norm"])
-    ]
-    return "\n".join(lines + [""] + notes)
-
-
-def isa_markdown(frame) -> str:
-    """A ``bench isa`` table as markdown."""
-    lines = [
-        f"Measured on: {frame['machine'].iloc[0]}",
-        "",
-        "| kernels | batch | steps | training s | time vs the machine's own | same numbers as its own |",
-        "|" + "---|" * 6,
-    ]
-    lines += [
-        f"| {r['kernels']} | {int(r['N'])} | {int(r['steps'])} | {r['train_s']:.1f} | {r['time_vs_native']:.2f}x | "
-        f"{'yes' if r['same_numbers_as_native'] else 'no'} |"
-        for _, r in frame.iterrows()
-    ]
-    return "\n".join(lines)
-
-
-def _save(rows, header, csv_path) -> Path:
-    import pandas as pd
-
-    from .record import atomic_write
-
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "machine", header)
-    return atomic_write(csv_path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def fusion_markdown(frame) -> str:
-    """A ``bench fusion`` table as markdown."""
-    import pandas as pd
-
-    # empty cells read back from the CSV are NaN
-    def num(v, fmt):
-        return "" if pd.isna(v) else format(v, fmt)
-
-    def txt(v):
-        return "" if pd.isna(v) else str(v)
-
-    cols = ["net", "layout", "ms", "GFLOP/s", "of peak", "vs eager", "compile s", "error"]
-    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in frame.iterrows():
-        cells = [
-            txt(r["net"]),
-            txt(r["layout"]),
-            num(r["ms"], ".1f"),
-            num(r["GFLOP/s"], ".1f"),
-            "" if pd.isna(r["of_peak"]) else f"{100 * r['of_peak']:.0f}%",
-            num(r["vs_eager"], ".2f") + ("x" if not pd.isna(r["vs_eager"]) else ""),
-            num(r["compile_s"], ".1f"),
-            txt(r["error"]),
-        ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def step_markdown(frame) -> str:
-    """The lockstep rows and the peaks of a ``bench step`` table as markdown (per-method rows stay in the CSV)."""
-    import pandas as pd
-
-    keep = frame[frame["what"].isin(["matmul", "lockstep", "eval 1000"])].copy()
-    keep["input"] = [("" if pd.isna(s) else f"{int(s)}x{int(s)}") for s in keep["side"]]
-    keep["batch"] = ["" if pd.isna(n) else int(n) for n in keep["N"]]
-    keep["ms"] = [("" if pd.isna(v) else f"{v:.1f}") for v in keep["ms"]]
-    keep["GFLOP/s"] = keep["GFLOP/s"].map(lambda v: f"{v:.1f}")
-    keep["of peak"] = keep["of_peak"].map(lambda v: f"{100 * v:.0f}%")
-    cols = ["what", "precision", "input", "batch", "ms", "GFLOP/s", "of peak"]
-    lines = [f"Measured on: {frame['machine'].iloc[0]}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in keep.iterrows()]
-    return "\n".join(lines)
-
-
-def format_table(rows: list[dict]) -> str:
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    if "ratio" in frame:
-        frame["ok"] = frame["ratio"] <= frame["target"]
-    if "speedup" in frame and "target" in frame:
-        frame["ok"] = [None if t is None or t != t else s >= t for s, t in zip(frame["speedup"], frame["target"])]
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -201,15 +201,15 @@ def cmd_aggregate(args) -> int:
 
 
 def _report(rows: list[dict], save, device: str) -> None:
-    """Print a benchmark's table; with ``save`` (bench.save_step or save_fusion) keep it with where and when it ran."""
+    """Print a benchmark's table; with ``save`` (a bench_tables.save_*) keep it with where and when it ran."""
     import time
 
     import torch
 
-    from . import bench
+    from . import bench_tables
     from .provenance import device_name
 
-    print(bench.format_table(rows))
+    print(bench_tables.format_table(rows))
     if save:
         save(
             rows,
@@ -222,7 +222,7 @@ def _report(rows: list[dict], save, device: str) -> None:
 def cmd_bench(args) -> int:
     import torch
 
-    from . import bench
+    from . import bench, bench_cells, bench_tables
     from .provenance import device_name
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,31 +234,31 @@ def cmd_bench(args) -> int:
             "# step: training step (forward+backward+Adam) and evaluation vs this machine's matrix-product peak, "
             f"{device} (median of {args.repeats})"
         )
-        _report(bench.bench_step(device, repeats=args.repeats), args.save and bench.save_step, device)
+        _report(bench.bench_step(device, repeats=args.repeats), args.save and bench_tables.save_step, device)
     if args.what in ("seeds", "all"):
         print(f"\n# seeds: three seeds as one stacked model vs one run per seed (training + 2 evaluations), {device}")
-        print(bench.format_table(bench.bench_seeds(device, repeats=max(1, args.repeats // 3))))
+        print(bench_tables.format_table(bench.bench_seeds(device, repeats=max(1, args.repeats // 3))))
     if args.what in ("cell", "all"):
         print(
             "\n# cell: a whole cell, every evaluation on the full test set vs the default test subset in training, "
             f"{device}"
         )
-        print(bench.format_table(bench.bench_cell(device)))
+        print(bench_tables.format_table(bench.bench_cell(device)))
     if args.what in ("fusion", "all"):
         print(
             "\n# fusion: one model's step at 28x28, batch 128: eager, channels-last, torch.compile, and without norms, "
             f"{device}"
         )
-        _report(bench.bench_fusion(device, repeats=args.repeats), args.save and bench.save_fusion, device)
+        _report(bench.bench_fusion(device, repeats=args.repeats), args.save and bench_tables.save_fusion, device)
     if args.what in ("norms", "all"):
         print(f"# norms: forward+backward vs torch.nn.BatchNorm2d, C=32, 28x28, {device} (median of {args.repeats})")
-        print(bench.format_table(bench.bench_norms(device, repeats=args.repeats)))
+        print(bench_tables.format_table(bench.bench_norms(device, repeats=args.repeats)))
     if args.what == "isa":  # not in "all": it starts a process per run
         print(
             "\n# isa: a cell's training (the original five methods, mnist5k, 1 thread) with each instruction set's "
             f"kernels this machine can run vs its own widest (median of {max(1, args.repeats // 2)})"
         )
-        _report(bench.bench_isa(repeats=max(1, args.repeats // 2)), args.save and bench.save_isa, device)
+        _report(bench_cells.bench_isa(repeats=max(1, args.repeats // 2)), args.save and bench_tables.save_isa, device)
     if args.what == "long":  # not in "all": whole cells, an hour or more on a 2-core CPU
         print(
             "\n# long: whole Fashion-MNIST cells (the study's methods) on the old path (eager) vs the new "
@@ -266,8 +266,8 @@ def cmd_bench(args) -> int:
         )
         steps = {n: args.long_steps for n in args.long_sizes} if args.long_steps else None
         _report(
-            bench.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, repeats=args.long_repeats),
-            args.save and bench.save_long,
+            bench_cells.bench_long(device, sizes=tuple(args.long_sizes), steps=steps, repeats=args.long_repeats),
+            args.save and bench_tables.save_long,
             device,
         )
     if args.what == "traces":  # not in "all": a few minutes of Fashion-MNIST training
@@ -275,10 +275,10 @@ def cmd_bench(args) -> int:
             "\n# traces: the cost of trace_every (the 2x2's methods, Fashion-MNIST batch 16), eager and compiled, "
             f"{device}"
         )
-        print(bench.format_table(bench.bench_traces(device, repeats=max(1, args.repeats // 3))))
+        print(bench_tables.format_table(bench.bench_traces(device, repeats=max(1, args.repeats // 3))))
     if args.what in ("loop", "all"):
         print(f"\n# loop: lockstep steps/s (5 methods) vs DataLoader+ToTensor reference, {device}")
-        print(bench.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
+        print(bench_tables.format_table(bench.bench_loop(device, repeats=max(1, args.repeats // 2))))
     return 0
 
 

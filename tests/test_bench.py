@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from bnlib import bench
+from bnlib import bench, bench_cells, bench_tables
 
 
 def test_step_rows_count_flops_and_compare_with_the_peak():
@@ -44,10 +44,10 @@ def test_saved_step_table_is_the_csv_the_book_shows(tmp_path):
             "of_peak": 0.4,
         },
     ]
-    bench.save_step(rows, "a machine", tmp_path / "bench.csv")
+    bench_tables.save_step(rows, "a machine", tmp_path / "bench.csv")
     saved = pd.read_csv(tmp_path / "bench.csv")
     assert saved["machine"].eq("a machine").all()
-    text = bench.step_markdown(saved)
+    text = bench_tables.step_markdown(saved)
     assert "| lockstep | fp32 | 28x28 | 16 | 650.0 | 28.0 | 40% |" in text and "Measured on: a machine" in text
 
 
@@ -87,8 +87,8 @@ def test_fusion_reports_a_failed_compilation_instead_of_crashing(monkeypatch):
 
 def test_saved_fusion_table_reads_back_into_the_books_table(tmp_path):
     rows = bench.bench_fusion("cpu", side=8, batch_size=4, repeats=1, compile=False)
-    bench.save_fusion(rows, "a machine", tmp_path / "fusion.csv")
-    block = bench.fusion_markdown(pd.read_csv(tmp_path / "fusion.csv"))
+    bench_tables.save_fusion(rows, "a machine", tmp_path / "fusion.csv")
+    block = bench_tables.fusion_markdown(pd.read_csv(tmp_path / "fusion.csv"))
     assert "| bn | channels-last |" in block and "| no norm | eager |" in block and "Measured on: a machine" in block
 
 
@@ -97,12 +97,12 @@ def test_isa_rows_time_every_instruction_set_the_machine_can_run_against_its_own
     from bnlib import machine
 
     native = machine.native_capability()
-    rows = bench.bench_isa(sizes=(4,), steps=3, repeats=1)
+    rows = bench_cells.bench_isa(sizes=(4,), steps=3, repeats=1)
     assert [r["kernels"] for r in rows] == [c for c in machine.X86_LEVELS if machine.can_run(c, native)]
     own = next(r for r in rows if r["kernels"] == native)
     assert own["time_vs_native"] == 1.0 and own["same_numbers_as_native"] and all(r["train_s"] > 0 for r in rows)
-    bench.save_isa(rows, "a machine", tmp_path / "isa.csv")
-    block = bench.isa_markdown(pd.read_csv(tmp_path / "isa.csv"))
+    bench_tables.save_isa(rows, "a machine", tmp_path / "isa.csv")
+    block = bench_tables.isa_markdown(pd.read_csv(tmp_path / "isa.csv"))
     assert f"| {native} | 4 | 3 |" in block and "| 1.00x | yes |" in block and "Measured on: a machine" in block
 
 
@@ -111,11 +111,11 @@ def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
     old path, the new path's numbers judged against the old path's, the saved table the book shows."""
     from bnlib.train import compiling
 
-    rows = bench.bench_long(
+    rows = bench_cells.bench_long(
         dataset="digits", sizes=(8,), steps={8: 6}, evals={8: 2}, eval_samples=50, methods=["bn", "gn"]
     )
     frame = pd.DataFrame(rows)
-    assert list(frame["path"]) == list(bench.LONG_PATHS)
+    assert list(frame["path"]) == list(bench_cells.LONG_PATHS)
     old = frame.iloc[0]
     assert old["train_vs_old"] == old["eval_vs_old"] == old["total_vs_old"] == 1.0 and not old["compiled"]
     assert (frame["train_s"] > 0).all() and (frame["eval_s"] > 0).all() and (frame["train_of_peak"] > 0).all()
@@ -124,8 +124,8 @@ def test_long_rows_compare_the_paths_whole_cells_and_their_numbers(tmp_path):
     assert new["compiled"] == (compiling.unavailable(__import__("torch").device("cpu")) is None)
     assert new["vs_old_numbers"].split(":")[0].split(" (")[0] in ("bit-identical", "within tolerance", "differs")
     assert new["vs_no_norm"] > 0
-    bench.save_long(rows, "a machine", tmp_path / "long.csv")
-    block = bench.long_markdown(pd.read_csv(tmp_path / "long.csv"))
+    bench_tables.save_long(rows, "a machine", tmp_path / "long.csv")
+    block = bench_tables.long_markdown(pd.read_csv(tmp_path / "long.csv"))
     assert block.startswith("Measured on: a machine") and "new path (compiled)" in block
     assert "numbers against the old path's" in block and "without norm layers" in block
 

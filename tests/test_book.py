@@ -696,7 +696,7 @@ def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch
         "Fashion-MNIST, i.i.d. batches, budget 40,000 steps at batch 2, 8,000 at "
         "batch 16 and 2,000 at batch 128, 5 seeds"
     )
-    assert "(BNRS) at batch 2: **above** (+1.0 points, 95% interval +0.5 to +1.5), at batch 128: **above**" in text
+    assert "(BNRS) at batch 2: **above** (+1.0 [+0.5, +1.5] points), at batch 128: **above**" in text
     # its figures: one per dataset, every batch size a column
     assert [(d, b, len(p)) for d, b, p in paper.words.by_budget(summary)] == [
         ("fashionmnist", "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128", len(summary))

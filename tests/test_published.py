@@ -562,13 +562,18 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
     corners = summary[summary["method"].isin(["bn", "bn_detached", "brn", "bnrs"])]
     for row in corners.itertuples():
         assert paper.words.percent_interval(row.mean, row.ci_low, row.ci_high) in text, row
-    effects = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
+    accuracy = comparisons[comparisons["outcome"] == "accuracy"]
+    effects = accuracy[accuracy["comparison"].str.startswith("2x2: ")]
     assert len(effects)
     for row in effects.itertuples():
         assert (
             f"{paper.words.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} "
             f"{row.verdict} ({row.family})" in text
         ), row
+    simple = accuracy[accuracy["comparison"].str.startswith("2x2 simple: ")]  # the amended read-out's table
+    assert len(simple)
+    for row in simple.itertuples():
+        assert f"{paper.words.percent_interval(row.mean, row.ci_low, row.ci_high, signed=True)} {row.verdict}" in text
     traces = pd.read_csv(folder / "traces_summary.csv")
     t = paper.tables.mechanism_tables(folder)
     readouts = [

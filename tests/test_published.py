@@ -448,15 +448,18 @@ def _nan_shown(page: Path) -> list[str]:
     figures aside), or 'NaN' in a table cell (the Methods page's prose about NaN is not a number)."""
     body = page.read_text()
     body = body[body.find("<article") : body.rfind("</article>")]
+    printed = html.unescape(re.sub(r"<[^>]+>", " ", body))  # code output included: where a warning would show
     body = re.sub(r"<(script|style|svg|pre|code)\b.*?</\1>", " ", body, flags=re.S | re.I)
     cells = re.findall(r"<td[^>]*>\s*NaN\s*</td>", body)
     text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
-    return cells + [text[max(0, m.start() - 60) : m.end()] for m in re.finditer(r"(?<![\w-])[+-]?nan(?![\w-])", text)]
+    nans = [text[max(0, m.start() - 60) : m.end()] for m in re.finditer(r"(?<![\w-])[+-]?nan(?![\w-])", text)]
+    return cells + nans + re.findall(r"\w*Warning: .{0,80}", printed)  # a page's code printing a Python warning
 
 
 def test_no_chapter_page_shows_a_nan(published_site):
     """No number on the book's chapter pages is NaN: a number without an interval says so ("n = 1, no interval"),
-    a setting a cell does not have is a dash. (The run pages show their committed notebooks' own output.)"""
+    a setting a cell does not have is a dash; and no page's code prints a Python warning into the page. (The run
+    pages show their committed notebooks' own output.)"""
     pages = sorted((published_site / "book").glob("*.html"))
     assert len(pages) >= 8
     shown = {page.stem: found for page in pages if (found := _nan_shown(page))}

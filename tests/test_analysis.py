@@ -419,7 +419,7 @@ def test_mechanism_chapter_tables_and_traces_figure_from_a_tiny_grid():
     checks = paper.mechanism.textbook_checks(comparisons, summary)
     assert set(checks["the data"]) <= {"agrees", "contradicts", "cannot tell"} and len(checks) == 2  # not brn - bn at 8
     assert (
-        paper.mechanism.reversal_answer(stats_summary, stats_summary, losses, comparisons) == ""
+        paper.reversal.reversal_answer(stats_summary, stats_summary, losses, comparisons) == ""
     )  # no non-i.i.d. batches here
 
 

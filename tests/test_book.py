@@ -615,12 +615,12 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
             for m, loss in (("bn", 0.2), ("bnrs", 0.8), ("brn", 1.0))
         ]
     )
-    text = paper.mechanism.reversal_answer(summary, summary, losses, rows)
+    text = paper.reversal.reversal_answer(summary, summary, losses, rows)
     assert text.startswith(
         "- **non-i.i.d. batch 2** (5 seeds): BNRS - BN +40.0 [+39.0, +41.0] points (above, exploratory)."
     )
     assert "BN: training loss 0.20, test accuracy 20.0%" in text and "train/test mismatch" in text
-    worse = paper.mechanism.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
+    worse = paper.reversal.reversal_answer(summary, summary, losses.assign(train_loss=[2.0, 0.8, 1.0]), rows)
     assert "fails to train" in worse
     # with traces: BRN's gap between batch and running statistics, first and last trace, beside i.i.d. batches
     traces = pd.DataFrame(
@@ -640,14 +640,14 @@ def test_sweep_and_reversal_read_outs_quote_their_rows():
             for layer in (1, 2)
         ]
     )
-    traced = paper.mechanism.reversal_answer(summary, summary, losses, rows, trace_summary=traces)
+    traced = paper.reversal.reversal_answer(summary, summary, losses, rows, trace_summary=traces)
     assert traced.endswith(
         "measured in BRN (its traced r = sigma_B / sigma_running and d, 90th percentiles over channels): "
         "|log r| 0.32 at the first trace and 0.92 at the last, |d| 0.50 and 0.50; with i.i.d. batches of "
         "2: |log r| 0.32 at the first trace and 0.42 at the last, |d| 0.50 and 0.50."
     )
     assert (
-        paper.mechanism.reversal_answer(summary, summary, losses, rows, trace_summary=traces[traces.sampler == "iid"])
+        paper.reversal.reversal_answer(summary, summary, losses, rows, trace_summary=traces[traces.sampler == "iid"])
         == text
     )
 
@@ -1049,7 +1049,7 @@ def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_
             {**row(None, 0.4, "above"), "comparison": "2x2: forward statistics (running - batch)"},
         ]
     )
-    text = paper.mechanism.one_class_answer(cost)
+    text = paper.reversal.one_class_answer(cost)
     assert "cost BN -60.0 [-61.0, -59.0] (below), BRN -10.0 [-11.0, -9.0] (below)." in text
     assert "not shown to hurt BNRS +2.0 [+1.0, +3.0] (cannot tell), Online Norm +0.0 [-1.0, +1.0] (equivalent)." in text
     assert (
@@ -1060,11 +1060,11 @@ def test_one_class_answer_groups_methods_by_where_the_current_batch_enters_only_
         "neither (BNRS, Online Norm)." in text
     )
     # a method the grouping spares that one-class batches hurt: no grouping sentence
-    assert "Read together" not in paper.mechanism.one_class_answer(
+    assert "Read together" not in paper.reversal.one_class_answer(
         cost.assign(verdict=cost["verdict"].replace("equivalent", "below"))
     )
     # a method the grouping does not know: no grouping sentence
-    assert "Read together" not in paper.mechanism.one_class_answer(
+    assert "Read together" not in paper.reversal.one_class_answer(
         pd.concat([cost, pd.DataFrame([row("frn", -0.2, "below")])])
     )
 
@@ -1152,7 +1152,7 @@ def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
             ]
         )
 
-    text = paper.mechanism.batchstats_answer(evaluations, gap("above"))
+    text = paper.reversal.batchstats_answer(evaluations, gap("above"))
     assert (
         "**Trained on one-class batches of 2** (3 seeds, tested on one-class batches of 2): BN: accuracy (%) 16.0 "
         "[13.5, 18.5] with its running statistics, 15.0 [15.0, 15.0] with recomputed ones, 86.0 [83.5, 88.5] with the "
@@ -1166,8 +1166,8 @@ def test_batchstats_answer_reads_the_check_as_the_plan_wrote_it():
     )
     assert (
         "its 95.0% is above BN trained and tested on i.i.d. batches here (at most 87.0% in any seed)"
-        in paper.mechanism.batchstats_answer(better, gap("above"))
+        in paper.reversal.batchstats_answer(better, gap("above"))
     )
     assert text.count("As the plan reads it") == 1  # the reading is of one-class training only
-    assert "it failed to learn" in paper.mechanism.batchstats_answer(evaluations, gap("equivalent"))
-    assert "cannot tell whether" in paper.mechanism.batchstats_answer(evaluations, gap("cannot tell"))
+    assert "it failed to learn" in paper.reversal.batchstats_answer(evaluations, gap("equivalent"))
+    assert "cannot tell whether" in paper.reversal.batchstats_answer(evaluations, gap("cannot tell"))

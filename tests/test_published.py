@@ -587,7 +587,7 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
         paper.mechanism.failure_answer(comparisons),
         paper.mechanism.sweep_answer(t.summary, comparisons, t.evaluations),
         paper.mechanism.fixes_answer(t.summary, comparisons, t.evaluations),
-        paper.mechanism.one_class_answer(analysis.sampler_cost(t.evaluations)),
+        paper.reversal.one_class_answer(analysis.sampler_cost(t.evaluations)),
         paper.study.why_sentence(comparisons),
         paper.mechanism.plateau_answer(pd.read_csv(folder / "plateau.csv")),
     ]
@@ -597,7 +597,7 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
     )
     if (checked := paper.tables.mechanism_tables(grid=paper.tables.BATCHSTATS_GRID)) is not None:
         readouts.append(
-            paper.mechanism.batchstats_answer(checked.evaluations, analysis.evaluation_gap(checked.evaluations))
+            paper.reversal.batchstats_answer(checked.evaluations, analysis.evaluation_gap(checked.evaluations))
         )
     for line in "\n".join(readouts).splitlines():
         assert re.sub(r"\s+", " ", line.replace("**", "").strip().removeprefix("- ")) in text, line

@@ -7,9 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .. import methods, stats
+from .. import methods
 from ..plots import display_name
-from .words import BY_CONDITION, EFFECT_WORDS, condition_label, optimisation_label, percent_interval, seed_count
+from .tables import comparison_row, layer_means
+from .words import (
+    BY_CONDITION,
+    EFFECT_WORDS,
+    condition_label,
+    magnitude,
+    multiple,
+    optimisation_label,
+    percent_interval,
+    seed_count,
+    verdict_points,
+)
 
 
 def plateau_answer(plateau: pd.DataFrame, by=BY_CONDITION) -> str:
@@ -140,42 +151,13 @@ def robustness_answer(comparisons: pd.DataFrame) -> str:
     return (f"Across the {len(settings)} optimiser settings:\n\n" + "\n".join(lines)) if lines else ""
 
 
-def _layer_means(trace_summary: pd.DataFrame, phase: str) -> pd.DataFrame:
-    """The trace summary at one phase, averaged over the norm layers: a row per condition (batch_size, sampler) and
-    method."""
-    part = trace_summary[trace_summary["phase"] == phase]
-    metrics = [
-        c
-        for c in part.columns
-        if c in ("log_r_p90", "d_p90", "conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm")
-    ]
-    return part.groupby(["batch_size", "sampler", "method"], sort=False)[[*metrics, "n_seeds"]].mean()
-
-
-def _size(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
-def _times(x: float) -> str:
-    """A ratio as a multiple: '0.073x', '6.3x', '165x', '3,600x'."""
-    return f"{x:.2g}x" if x < 10 else f"{x:,.0f}x"
-
-
-# short names for the prose of the mechanism chapter (tables and figures use plots.display_name)
-SHORT = {m.id: m.short for m in methods.TABLE}  # where prose names a method often (bnlib.methods)
-
-
-def _short(method: str) -> str:
-    return SHORT.get(method, display_name(method))
-
-
 def trace_answer(trace_summary: pd.DataFrame) -> str:
     """The traces of the 2x2's corners read out, condition by condition (Markdown): at the end of training, mean over
     seeds and the norm layers, BN's convolution weight norm (from its start), input RMS of the norm layers and gradient
     norm of the convolution weights, and the other corners' as multiples of BN's; and the gap between the batch's
     statistics and those used by the two running-statistics corners (what the figure shows, in numbers)."""
     lines = []
-    first, last = _layer_means(trace_summary, "first"), _layer_means(trace_summary, "last")
+    first, last = layer_means(trace_summary, "first"), layer_means(trace_summary, "last")
     metrics = {
         "conv_weight_norm": "convolution weight norm",
         "input_rms": "input RMS",
@@ -187,12 +169,13 @@ def trace_answer(trace_summary: pd.DataFrame) -> str:
             continue
         bn = at.loc["bn"]
         said = [
-            f"BN's {metrics['conv_weight_norm']} {_size(first.loc[(batch, sampler, 'bn'), 'conv_weight_norm'])} at the "
-            f"start, {_size(bn['conv_weight_norm'])} at the end, {metrics['input_rms']} {_size(bn['input_rms'])}, "
-            f"{metrics['conv_grad_norm']} {_size(bn['conv_grad_norm'])}"
+            f"BN's {metrics['conv_weight_norm']} {magnitude(first.loc[(batch, sampler, 'bn'), 'conv_weight_norm'])} "
+            f"at the start, {magnitude(bn['conv_weight_norm'])} at the end, {metrics['input_rms']} "
+            f"{magnitude(bn['input_rms'])}, "
+            f"{metrics['conv_grad_norm']} {magnitude(bn['conv_grad_norm'])}"
         ]
         for m in [m for m in ("bn_detached", "bnrs", "brn") if m in at.index]:
-            said.append(f"{_short(m)} " + ", ".join(f"{_times(at.loc[m, k] / bn[k])}" for k in metrics))
+            said.append(f"{methods.short(m)} " + ", ".join(f"{multiple(at.loc[m, k] / bn[k])}" for k in metrics))
         gap = ""
         if {"brn", "bnrs"} <= set(at.index):
             gap = (
@@ -209,23 +192,6 @@ def trace_answer(trace_summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _effect(comparisons: pd.DataFrame, name: str, batch: int, sampler: str, outcome: str = "accuracy") -> dict | None:
-    rows = comparisons[
-        (comparisons["comparison"] == name)
-        & (comparisons["batch_size"] == batch)
-        & (comparisons["sampler"] == sampler)
-        & (comparisons["outcome"] == outcome)
-    ]
-    return None if rows.empty else rows.iloc[0].to_dict()
-
-
-def _points(e: dict) -> str:
-    """'+7.5 [+6.2, +8.7] points (above, primary)' for one comparison row."""
-    return (
-        f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points ({e['verdict']}, {e['family']})"
-    )
-
-
 def failure_answer(comparisons: pd.DataFrame) -> str:
     """Training failure or train/test mismatch, read out per condition (Markdown): for the 2x2's two main effects,
     the effect on the last training loss and on the accuracy after recomputing population statistics, and the reading
@@ -236,8 +202,8 @@ def failure_answer(comparisons: pd.DataFrame) -> str:
     for (batch, sampler), _ in comparisons.groupby(["batch_size", "sampler"], sort=False):
         said = []
         for name, words in EFFECT_WORDS.items():
-            loss = _effect(comparisons, f"2x2: {name}", batch, sampler, "training loss")
-            acc = _effect(comparisons, f"2x2: {name}", batch, sampler, "recomputed accuracy")
+            loss = comparison_row(comparisons, f"2x2: {name}", batch, sampler, "training loss")
+            acc = comparison_row(comparisons, f"2x2: {name}", batch, sampler, "recomputed accuracy")
             if loss is None or acc is None:
                 continue
             reading = (
@@ -254,7 +220,7 @@ def failure_answer(comparisons: pd.DataFrame) -> str:
             )
             said.append(
                 f"{words}: training loss {loss['mean']:+.3f} [{loss['ci_low']:+.3f}, {loss['ci_high']:+.3f}] "
-                f"({loss['verdict']}), accuracy with recomputed statistics {_points(acc)} - {reading}"
+                f"({loss['verdict']}), accuracy with recomputed statistics {verdict_points(acc)} - {reading}"
             )
         if said:
             lines.append(
@@ -282,10 +248,10 @@ def split_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
             + (f"costs {100 * lost:.1f} points)" if lost > 0 else f"gains {-100 * lost:.1f} points)")
         ]
         for m in halves:
-            e = _effect(comparisons, f"{m} - bn_detached", batch, sampler)
+            e = comparison_row(comparisons, f"{m} - bn_detached", batch, sampler)
             said.append(
                 f"keeping {SPLIT[m]} ({m}) {100 * acc[m]:.1f}%"
-                + (f", {_points(e)} against bn_detached" if e else "")
+                + (f", {verdict_points(e)} against bn_detached" if e else "")
                 + (
                     f", winning back {100 * (acc[m] - acc['bn_detached']) / lost:.0f}% of those points"
                     if lost > 0
@@ -332,18 +298,18 @@ def sweep_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: 
             continue
         said = []
         for m in swept:
-            e = _effect(comparisons, f"{m} - bnrs", batch, sampler)
+            e = comparison_row(comparisons, f"{m} - bnrs", batch, sampler)
             said.append(
                 f"momentum {SWEEP[m]:g} {100 * acc.loc[m, 'mean']:.1f}% ({seed_count(acc.loc[[m]])})"
-                + (f", {_points(e)} against 0.1" if e else "")
+                + (f", {verdict_points(e)} against 0.1" if e else "")
             )
         if "bnrs" in acc.index:
             said.insert(
                 sum(SWEEP[m] < 0.1 for m in swept),
                 f"momentum 0.1 (BNRS) {100 * acc.loc['bnrs', 'mean']:.1f}% ({seed_count(acc.loc[['bnrs']])})",
             )
-        orig = _effect(comparisons, "bnrs_orig_m100 - bn_detached", batch, sampler)
-        tail = f" The original's BNRS at momentum 1 against bn_detached: {_points(orig)}" if orig else ""
+        orig = comparison_row(comparisons, "bnrs_orig_m100 - bn_detached", batch, sampler)
+        tail = f" The original's BNRS at momentum 1 against bn_detached: {verdict_points(orig)}" if orig else ""
         if (
             orig
             and evaluations is not None
@@ -387,8 +353,8 @@ def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: 
             common = of(method).index.intersection(of(ref).index)
             if len(common):
                 return (
-                    f"{_times((of(method)[common] / of(ref)[common]).median())} {_short(ref)}'s time per step in "
-                    "its cells"
+                    f"{multiple((of(method)[common] / of(ref)[common]).median())} {methods.short(ref)}'s time per "
+                    "step in its cells"
                 )
         return ""
 
@@ -400,216 +366,14 @@ def fixes_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, evaluations: 
             continue
         said = []
         for m in fixes:
-            parts = [f"{_short(m)} {100 * acc.loc[m, 'mean']:.1f}%"]
+            parts = [f"{methods.short(m)} {100 * acc.loc[m, 'mean']:.1f}%"]
             for base in ("bnrs", "bn"):
-                if (e := _effect(comparisons, f"{m} - {base}", batch, sampler)) is not None:
-                    parts.append(f"{_points(e)} against {_short(base)}")
+                if (e := comparison_row(comparisons, f"{m} - {base}", batch, sampler)) is not None:
+                    parts.append(f"{verdict_points(e)} against {methods.short(base)}")
             if cost := relative_cost(batch, sampler, m):
                 parts.append(cost)
             said.append(", ".join(parts))
         lines.append(f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}**: " + "; ".join(said) + ".")
-    return "\n".join(lines)
-
-
-def reversal_answer(
-    summary: pd.DataFrame,
-    recomputed: pd.DataFrame,
-    training_loss: pd.DataFrame,
-    comparisons: pd.DataFrame,
-    sampler: str = "noniid",
-    trace_summary: pd.DataFrame | None = None,
-) -> str:
-    """The non-i.i.d. reversal read out (Markdown): BNRS against BN where both images of a batch share a class, and
-    for BN, BNRS and BRN there the last training loss beside the test accuracy with the layers' own and with
-    recomputed population statistics -- a low training loss with a low test accuracy is a train/test mismatch,
-    a high training loss a failure to train. With ``trace_summary``: how far a batch's statistics sit from the
-    running ones over training (:func:`gap_sentence`)."""
-    last = training_loss.sort_values("step").groupby(["cell", "method"]).tail(1)
-    loss = last.groupby(["batch_size", "sampler", "method"])["train_loss"].mean()
-    lines = []
-    for batch, part in summary[summary["sampler"] == sampler].groupby("batch_size", sort=False):
-        acc = part.assign(method=part["method"].astype(str)).set_index("method")
-        rec = recomputed[(recomputed["sampler"] == sampler) & (recomputed["batch_size"] == batch)]
-        rec = rec.assign(method=rec["method"].astype(str)).set_index("method")["mean"]
-        e = _effect(comparisons, "bnrs - bn", batch, sampler)
-        if e is None:
-            continue
-        said = [
-            f"{_short(m)}: training loss {loss.get((batch, sampler, m), float('nan')):.2f}, test accuracy "
-            f"{100 * acc.loc[m, 'mean']:.1f}% ({100 * rec.get(m, float('nan')):.1f}% with recomputed statistics)"
-            for m in ("bn", "bnrs", "brn")
-            if m in acc.index
-        ]
-        bn_loss, bnrs_loss = loss.get((batch, sampler, "bn")), loss.get((batch, sampler, "bnrs"))
-        reading = ""
-        if bn_loss is not None and bnrs_loss is not None and e["verdict"] == "above":
-            reading = (
-                " BN reaches the lower training loss and the lower test accuracy: it fits its training batches and "
-                "fails on the test set, a train/test mismatch; recomputing population statistics does not "
-                "rescue it."
-                if bn_loss < bnrs_loss and rec.get("bn", 1.0) < rec.get("bnrs", 0.0)
-                else " BN's training loss is not below BNRS's: BN fails to train here, not only to generalise."
-            )
-        gap = gap_sentence(trace_summary, batch, sampler) if trace_summary is not None and len(trace_summary) else ""
-        lines.append(
-            f"- **{condition_label({'batch_size': batch, 'sampler': sampler})}** ({int(e['n_seeds'])} seeds): "
-            f"BNRS - BN {_points(e)}. " + "; ".join(said) + "." + reading + (" " + gap if gap else "")
-        )
-    return "\n".join(lines)
-
-
-def gap_sentence(trace_summary: pd.DataFrame, batch: int, sampler: str, method: str = "brn") -> str:
-    """How far a batch's statistics sit from the running ones, at the first and the last trace, under ``sampler``
-    and with i.i.d. batches of the same size: measured in BRN, which normalises with running statistics corrected
-    to the batch's and so traces r = sigma_B / sigma_running and d = (mu_B - mu_running) / sigma_running in a network
-    trained like BN (90th percentiles over channels, mean over the norm layers and seeds)."""
-    ends = {phase: _layer_means(trace_summary, phase) for phase in ("first", "last")}
-
-    def at(s):
-        key = (batch, s, method)
-        if not all(key in f.index for f in ends.values()):
-            return None
-        first, last = ends["first"].loc[key], ends["last"].loc[key]
-        return (
-            f"|log r| {first['log_r_p90']:.2f} at the first trace and {last['log_r_p90']:.2f} at the last, |d| "
-            f"{first['d_p90']:.2f} and {last['d_p90']:.2f}"
-        )
-
-    here, iid = at(sampler), at("iid") if sampler != "iid" else None
-    if here is None:
-        return ""
-    return (
-        f"How far a batch's statistics sit from the running ones over training, measured in {_short(method)} (its "
-        f"traced r = sigma_B / sigma_running and d, 90th percentiles over channels): {here}"
-        + (f"; with i.i.d. batches of {batch}: {iid}" if iid else "")
-        + "."
-    )
-
-
-# Where the current batch's statistics enter a method in training: (its forward pass, its gradient). BRN (unclipped)
-# normalises with the running statistics, as BNRS, and takes its gradient through the batch's; Online Norm takes its
-# gradient through streaming estimates (its control process); CBN pools the current batch with earlier ones; GN's
-# statistics are each image's own.
-CURRENT_BATCH = {
-    m.id: (m.forward_uses_batch, m.gradient_through_batch) for m in methods.TABLE if m.forward_uses_batch is not None
-}
-
-
-def one_class_answer(cost: pd.DataFrame) -> str:
-    """What one-class batches cost each method, read out per batch size (Markdown) from
-    :func:`bnlib.analysis.sampler_cost`: the methods they hurt and those they are not shown to hurt, each with its
-    cost in points and verdict, and the 2x2's effects on that cost. Where every method of :data:`CURRENT_BATCH` is
-    hurt exactly when the current batch enters its forward pass or its gradient, a last sentence says so (a rule
-    written after the cells were seen: exploratory)."""
-    lines = []
-    for batch, part in cost.groupby("batch_size", sort=False):
-        per = part[part["method"].notna()]
-
-        def points(r):
-            return f"{percent_interval(r['mean'], r['ci_low'], r['ci_high'], signed=True)} ({r['verdict']})"
-
-        def said(rows):
-            return ", ".join(f"{_short(r['method'])} {points(r)}" for _, r in rows.iterrows())
-
-        hurt, spared = per[per["verdict"] == "below"], per[per["verdict"] != "below"]
-        line = (
-            f"- **Batch {batch}** ({seed_count(per)} per method), points of accuracy: one-class batches instead of "
-            "i.i.d. ones cost "
-            + (said(hurt) if len(hurt) else "no method accuracy")
-            + "."
-            + (f" They are not shown to hurt {said(spared)}." if len(spared) else "")
-        )
-        effect = part.set_index("comparison")
-        effects = [
-            f"{EFFECT_WORDS[name]} changes that cost by {points(effect.loc[f'2x2: {name}'])}"
-            for name in EFFECT_WORDS
-            if f"2x2: {name}" in effect.index
-        ]
-        line += (
-            (" Across the 2x2's four corners (a positive change: a smaller cost), " + "; ".join(effects) + ".")
-            if effects
-            else ""
-        )
-        known = per[per["method"].isin(list(CURRENT_BATCH))]
-        enters = known["method"].map(lambda m: any(CURRENT_BATCH[m]))
-        if (
-            len(known) == len(per)
-            and enters.any()
-            and (~enters).any()
-            and ((known["verdict"] == "below") == enters).all()
-        ):
-            forward = [_short(m) for m in known.loc[enters, "method"] if CURRENT_BATCH[m][0]]
-            gradient = [_short(m) for m in known.loc[enters, "method"] if not CURRENT_BATCH[m][0]]
-            line += (
-                " Read together (a grouping written after the cells were seen): one-class batches hurt every method "
-                "here whose training uses the current batch's statistics, in its forward pass ("
-                + ", ".join(forward)
-                + ")"
-                + (f" or only in its gradient ({', '.join(gradient)})" if gradient else "")
-                + ", and none of those where the current batch enters neither ("
-                + ", ".join(_short(m) for m in known.loc[~enters, "method"])
-                + ")."
-            )
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def batchstats_answer(evaluations: pd.DataFrame, gap: pd.DataFrame) -> str:
-    """The check of the non-i.i.d. reversal read out per training sampler (Markdown): each method's final accuracy
-    with its running statistics, with recomputed population statistics and with the statistics of test batches
-    composed as its training batches were, and the last minus the first (:func:`bnlib.analysis.evaluation_gap`,
-    with its verdict). Where BN trained on one-class batches is above with them, the reading the analysis plan
-    wrote before the cells ran: what it learned works, and its loss is a mismatch between the statistics it
-    trained with and those it is tested with; where it is not, that it failed to learn."""
-    final = evaluations[evaluations["final"]]
-    gap = gap.assign(outcome="accuracy")  # _effect reads a comparisons table; the gap is one in accuracy
-    lines = []
-    for sampler, part in final.groupby("sampler", sort=False):
-        said = []
-        for method, runs in part.groupby("method", sort=False):
-            e = _effect(gap, f"{method}: test_acc_batchstats - test_acc", int(runs["batch_size"].iloc[0]), sampler)
-            if e is None:
-                continue
-
-            def of(c):
-                return percent_interval(runs[c].mean(), *stats.t_interval(runs[c].dropna()))
-
-            said.append(
-                f"{_short(method)}: accuracy (%) {of('test_acc')} with its running statistics, "
-                f"{of('test_acc_recomputed')} with recomputed ones, {of('test_acc_batchstats')} with the test "
-                f"batches' own, {percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points "
-                f"({e['verdict']})"
-            )
-        if not said:
-            continue
-        batch = int(part["batch_size"].iloc[0])
-        kind = "one-class" if sampler == "noniid" else "i.i.d."
-        line = (
-            f"- **Trained on {kind} batches of {batch}** ({seed_count(part, part.groupby('method')['seed'].nunique())}"
-            f", tested on {kind} batches of {batch}): " + "; ".join(said) + "."
-        )
-        bn = _effect(gap, "bn: test_acc_batchstats - test_acc", batch, sampler)
-        if sampler == "noniid" and bn is not None:
-            line += {
-                "above": " As the plan reads it: BN's network works with the statistics it trained with, and its "
-                "loss with one-class batches is a mismatch between those statistics and the ones it is "
-                "tested with, not a failure to learn.",
-                "cannot tell": " As the plan reads it: cannot tell whether BN's network works with the statistics "
-                "it trained with.",
-            }.get(
-                bn["verdict"],
-                " As the plan reads it: BN's network does not "
-                "work better even with the statistics it trained with: it failed to learn.",
-            )
-            with_own = part.loc[part["method"] == "bn", "test_acc_batchstats"].mean()
-            iid = final.loc[(final["sampler"] == "iid") & (final["method"] == "bn"), "test_acc"]
-            if bn["verdict"] == "above" and len(iid) and with_own > iid.max():
-                line += (
-                    f" Read after the cells were seen: its {100 * with_own:.1f}% is above BN trained and tested on "
-                    f"i.i.d. batches here (at most {100 * iid.max():.1f}% in any seed), so a one-class batch's "
-                    "statistics tell the network something about the class, and it uses that."
-                )
-        lines.append(line)
     return "\n".join(lines)
 
 
@@ -650,11 +414,11 @@ def textbook_checks(comparisons: pd.DataFrame, trace_summary: pd.DataFrame | Non
     The account of growing weights also needs the traces: it agrees only where the corners without the gradient end
     with larger convolution weights than BN's. An account of small batches (``small_batches``: the largest) is read at
     those and at non-i.i.d. batches only."""
-    last = _layer_means(trace_summary, "last") if trace_summary is not None and len(trace_summary) else None
+    last = layer_means(trace_summary, "last") if trace_summary is not None and len(trace_summary) else None
     rows = []
     for check in TEXTBOOK:
         for (batch, sampler), _ in comparisons.groupby(["batch_size", "sampler"], sort=False):
-            e = _effect(comparisons, check["comparison"], batch, sampler)
+            e = comparison_row(comparisons, check["comparison"], batch, sampler)
             if e is None or (sampler == "iid" and batch > check.get("small_batches", batch)):
                 continue  # not run, or not what the account speaks of
             reading = (
@@ -664,7 +428,7 @@ def textbook_checks(comparisons: pd.DataFrame, trace_summary: pd.DataFrame | Non
                 if e["verdict"] in check["contradicts"]
                 else "cannot tell"
             )
-            data = f"{check['comparison']}: {_points(e)}"
+            data = f"{check['comparison']}: {verdict_points(e)}"
             if check.get("grows") and last is not None and (batch, sampler, "bn") in last.index:
                 grown = {
                     m: last.loc[(batch, sampler, m), "conv_weight_norm"]
@@ -673,7 +437,7 @@ def textbook_checks(comparisons: pd.DataFrame, trace_summary: pd.DataFrame | Non
                     if (batch, sampler, m) in last.index
                 }
                 data += "; weight norm at the end " + ", ".join(
-                    f"{_short(m)} {_times(x)} BN's" for m, x in grown.items()
+                    f"{methods.short(m)} {multiple(x)} BN's" for m, x in grown.items()
                 )
                 if reading == "agrees" and not all(x > 1 for x in grown.values()):
                     reading = "cannot tell"

@@ -200,3 +200,28 @@ def cost_per_step(evaluations: pd.DataFrame) -> pd.DataFrame:
 
 
 BATCHSTATS_GRID = "mechanism-batchstats"  # the reversal's check: one-class networks on one-class test batches
+
+
+def layer_means(trace_summary: pd.DataFrame, phase: str) -> pd.DataFrame:
+    """The trace summary at one phase, averaged over the norm layers: a row per condition (batch_size, sampler) and
+    method."""
+    part = trace_summary[trace_summary["phase"] == phase]
+    metrics = [
+        c
+        for c in part.columns
+        if c in ("log_r_p90", "d_p90", "conv_weight_norm", "gamma_norm", "input_rms", "conv_grad_norm")
+    ]
+    return part.groupby(["batch_size", "sampler", "method"], sort=False)[[*metrics, "n_seeds"]].mean()
+
+
+def comparison_row(
+    comparisons: pd.DataFrame, name: str, batch: int, sampler: str, outcome: str = "accuracy"
+) -> dict | None:
+    """One comparison's row of an analysis.csv at a condition, as a dict (None where it was not made)."""
+    rows = comparisons[
+        (comparisons["comparison"] == name)
+        & (comparisons["batch_size"] == batch)
+        & (comparisons["sampler"] == sampler)
+        & (comparisons["outcome"] == outcome)
+    ]
+    return None if rows.empty else rows.iloc[0].to_dict()

@@ -146,3 +146,19 @@ EFFECT_WORDS = {
     # bn_detached's and BNRS's do not -- nothing is "cut" in BNRS, whose statistics do not depend on the batch
     "gradient through the statistics (without - with)": "leaving out the normalising backward pass",
 }
+
+
+def verdict_points(e: dict) -> str:
+    """'+7.5 [+6.2, +8.7] points (above, primary)' for one comparison row."""
+    return (
+        f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points ({e['verdict']}, {e['family']})"
+    )
+
+
+def magnitude(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def multiple(x: float) -> str:
+    """A ratio as a multiple: '0.073x', '6.3x', '165x', '3,600x'."""
+    return f"{x:.2g}x" if x < 10 else f"{x:,.0f}x"

@@ -153,6 +153,25 @@ def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _as_comparisons(s: pd.DataFrame, family, verdict, amended) -> pd.DataFrame:
+    """Summary rows against BN as the comparison rows :func:`bnlib.analysis.original_claims` reads."""
+    return pd.DataFrame(
+        {
+            "comparison": s["method"] + " - bn",
+            "outcome": "accuracy",
+            "family": family,
+            "verdict": verdict,
+            "verdict_amended": amended,
+            "dataset": s["dataset"],
+            "sampler": s["sampler"],
+            "batch_size": s["batch_size"],
+            "mean": s["diff_vs_bn"],
+            "ci_low": s["diff_ci_low"],
+            "ci_high": s["diff_ci_high"],
+        }
+    )
+
+
 def planned_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | None = None) -> list[dict]:
     """The original's four claims on a grid with the re-run study's plan (its summary carries ``family``): the
     plan's rules (:func:`bnlib.analysis.original_claims`) on its primary verdicts, or -- on a dataset the plan
@@ -162,21 +181,8 @@ def planned_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame | 
     s = equal_steps(summary)
     s = s[(s["dataset"] == dataset) & (s["method"] != "bn") & s["diff_vs_bn"].notna()]
     family = "primary" if (s["family"] == "primary").any() else "exploratory"
-    comparisons = pd.DataFrame(
-        {
-            "comparison": s["method"] + " - bn",
-            "outcome": "accuracy",
-            "family": s["family"],
-            "verdict": s["verdict"],
-            "verdict_amended": s["verdict_amended"] if "verdict_amended" in s else s["verdict"],
-            "dataset": s["dataset"],
-            "sampler": s["sampler"],
-            "batch_size": s["batch_size"],
-            "mean": s["diff_vs_bn"],
-            "ci_low": s["diff_ci_low"],
-            "ci_high": s["diff_ci_high"],
-        }
-    )
+    amended = s["verdict_amended"] if "verdict_amended" in s else s["verdict"]
+    comparisons = _as_comparisons(s, s["family"], s["verdict"], amended)
     return [
         {**claim, "family": family}
         for claim in analysis.original_claims(comparisons, dataset=dataset, family=family, plateau=plateau)
@@ -195,20 +201,7 @@ def original_claims(summary: pd.DataFrame, dataset: str, plateau: pd.DataFrame |
     ours = equal_steps(summary)
     s = ours[(ours["dataset"] == dataset) & (ours["method"] != "bn") & ours["diff_vs_bn"].notna()]
     verdicts = [analysis.interval_verdict(lo, hi) for lo, hi in zip(s["diff_ci_low"], s["diff_ci_high"])]
-    comparisons = pd.DataFrame(
-        {
-            "comparison": s["method"] + " - bn",
-            "outcome": "accuracy",
-            "family": "exploratory",
-            "verdict": verdicts,
-            "dataset": s["dataset"],
-            "sampler": s["sampler"],
-            "batch_size": s["batch_size"],
-            "mean": s["diff_vs_bn"],
-            "ci_low": s["diff_ci_low"],
-            "ci_high": s["diff_ci_high"],
-        }
-    )
+    comparisons = _as_comparisons(s, "exploratory", verdicts, verdicts)
     sizes = tuple(sorted(ours.loc[ours["dataset"] == dataset, "batch_size"].unique())) or None
     claims = analysis.original_claims(comparisons, dataset=dataset, family="exploratory", sizes=sizes)
     return [

@@ -134,28 +134,27 @@ def _relative(match: re.Match) -> str:
     return path[min(found) + 1 :] if found else path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _map_text(value, fn):
+    """A notebook's JSON with ``fn`` applied to every string in it, figures aside."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: v if str(k).startswith("image/") else _map_text(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_text(v, fn) for v in value]
+    return value
+
+
 def machine_paths(value) -> list[str]:
     """Every machine path in a notebook's text (figures aside): its sources, outputs and metadata."""
-    if isinstance(value, str):
-        return MACHINE_PATH.findall(value)
-    if isinstance(value, dict):
-        return [p for k, v in value.items() if not str(k).startswith("image/") for p in machine_paths(v)]
-    if isinstance(value, list):
-        return [p for v in value for p in machine_paths(v)]
-    return []
+    found = []
 
+    def collect(text: str) -> str:
+        found.extend(MACHINE_PATH.findall(text))
+        return text
 
-def _without_machine_paths(value):
-    if isinstance(value, str):
-        return MACHINE_PATH.sub(_relative, value)
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not str(k).startswith("image/"):
-                value[k] = _without_machine_paths(v)
-        return value
-    if isinstance(value, list):
-        return [_without_machine_paths(v) for v in value]
-    return value
+    _map_text(value, collect)
+    return found
 
 
 def compact_notebook(path: str | Path) -> int:
@@ -170,7 +169,7 @@ def compact_notebook(path: str | Path) -> int:
     before = path.stat().st_size
     for o in outputs:
         o["data"]["image/png"] = compact_png(o["data"]["image/png"])
-    nb = nbformat.from_dict(_without_machine_paths(nb))
+    nb = nbformat.from_dict(_map_text(nb, lambda text: MACHINE_PATH.sub(_relative, text)))
     atomic_write(path, nbformat.writes(nb) + "\n")
     return before - path.stat().st_size
 

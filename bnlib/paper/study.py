@@ -95,8 +95,6 @@ def differences(facts: dict, method: str) -> str:
 def plateau_sentence(folder: Path, part: pd.DataFrame) -> str:
     """Whether BN had finished training in the headline condition, by the analysis plan's criterion
     (``plateau.csv`` of the grid)."""
-    from .. import analysis
-
     path = folder / "plateau.csv"
     plateau = pd.read_csv(path) if path.exists() else pd.DataFrame()
     keys = [k for k in stats.CONDITION_KEYS if k in part and k in plateau]
@@ -147,8 +145,6 @@ def convergence_sentence(speed: pd.DataFrame) -> str:
     """What one condition's :func:`convergence` rows say: when BN reaches its level, which methods never reach it
     (they converge to less, not slower) and which reach it later, and how many reach their own level only after
     the learning rate drops."""
-    from .. import analysis
-
     row = speed.iloc[0]
     bn = speed[speed["method"] == "bn"]
     if bn.empty:
@@ -201,8 +197,6 @@ def _effect_said(row) -> str:
 
 def _simple_effects_said(simple: pd.DataFrame) -> tuple[str, dict]:
     """The four simple effects at one condition in words, and their verdicts by short name."""
-    from .. import analysis
-
     by = {name: simple.loc[f"2x2 simple: {name}"] for name in analysis.SIMPLE_EFFECTS}
     (fg, fn, gb, gr) = by.values()
     (fw, gw) = EFFECT_WORDS.values()
@@ -225,8 +219,6 @@ def why_sentence(comparisons: pd.DataFrame) -> str:
     the amended read-out (:func:`bnlib.analysis.two_by_two_readout`) -- the four simple effects, each factor at each
     level of the other. Then the one-class batches, where the picture differs, labelled exploratory. A conclusion is
     drawn only where every primary condition agrees ('' where the grid has no primary 2x2 effect)."""
-    from .. import analysis
-
     acc = comparisons[comparisons["outcome"] == "accuracy"]
     primary = acc[acc["family"] == "primary"]
     readout = analysis.two_by_two_readout(acc) if "2x2: interaction" in set(acc["comparison"]) else pd.DataFrame()

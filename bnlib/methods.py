@@ -8,6 +8,7 @@ figure's methods and the 2x2's corners. No torch: the book's pages and the analy
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # One colour-blind-safe palette for the whole book: Okabe & Ito's, without its yellow (unreadable as a line on
@@ -126,6 +127,18 @@ ORIGINAL = ("bn", "bnrs", "brn", "brnc", "bnwos")  # the original study's five m
 # The headline figure's methods: BN, the two ways of normalising with running statistics in training, and the
 # batch-independent reference
 HEADLINE = ("bn", "bnrs", "brn", "gn")
+
+
+DEFAULT_MOMENTUM = 0.1  # BNRS's running statistics' momentum (torch's), unless swept
+_SWEPT = re.compile(r"_m(\d{3})$")  # the registry names a swept momentum in hundredths: bnrs_m030 is 0.3
+
+
+def momentum(method: str) -> float:
+    """The momentum of a BNRS arm's running statistics (the momentum panels' methods), read off its id by the
+    registry's naming rule (the swept arms' suffix, else the default); tests/test_house.py holds it to the layers
+    the registry builds."""
+    swept = _SWEPT.search(method)
+    return int(swept.group(1)) / 100 if swept else DEFAULT_MOMENTUM
 
 
 def name(method: str) -> str:

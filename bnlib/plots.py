@@ -394,34 +394,55 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
     return fig
 
 
-def headline_figure(part: pd.DataFrame, methods) -> plt.Figure:
+def headline_figure(part: pd.DataFrame, methods, one_class: pd.DataFrame | None = None) -> plt.Figure:
     """The book's headline: final test accuracy against batch size for ``methods`` (mean over seeds, Student-t
-    95% interval), one panel, the legend beside it."""
-    fig, ax = plt.subplots(figsize=(7.6, 3.6))
-    sizes = sorted(part["batch_size"].unique())
+    95% interval); with ``one_class`` (summary rows of one-class batches at one batch size) a narrow second panel
+    beside it on the same axis. The legend above, in one row of short names, so that it stays readable on a phone."""
     shown = [m for m in methods if m in set(part["method"].astype(str))]
+    panels = 2 if one_class is not None and len(one_class) else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(7.6, 3.9), sharey=True, squeeze=False, gridspec_kw={"width_ratios": [3, 1.25][:panels]}
+    )
+    ax = axes[0, 0]
+    sizes = sorted(part["batch_size"].unique())
+
+    def draw(ax, rows, xs, m, **kw):
+        err = [
+            (rows["mean"] - rows["ci_low"]).clip(lower=0).fillna(0),
+            (rows["ci_high"] - rows["mean"]).clip(lower=0).fillna(0),
+        ]
+        style = dict(color=colour(m), marker="o", ms=5, capsize=3, lw=1.8)
+        ax.errorbar(xs, 100 * rows["mean"], yerr=[100 * e for e in err], **style, **kw)
+
     for k, m in enumerate(shown):
         g = part[part["method"].astype(str) == m].set_index("batch_size").reindex(sizes)
-        err = [(g["mean"] - g["ci_low"]).clip(lower=0).fillna(0), (g["ci_high"] - g["mean"]).clip(lower=0).fillna(0)]
-        xs = [b * (1 + 0.04 * (k - (len(shown) - 1) / 2)) for b in sizes]
-        ax.errorbar(
-            xs,
-            100 * g["mean"],
-            yerr=[100 * e for e in err],
-            color=colour(m),
+        draw(
+            ax,
+            g,
+            [b * (1 + 0.04 * (k - (len(shown) - 1) / 2)) for b in sizes],
+            m,
             ls=linestyle(m),
-            marker="o",
-            ms=5,
-            capsize=3,
-            lw=1.8,
-            label=display_name(m),
+            label=methods_mod.short(m),
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.minorticks_off()
-    ax.set(xlabel="batch size", ylabel="final test accuracy (%)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
+    ax.set(xlabel="batch size", ylabel="final test accuracy (%)", title="i.i.d. batches")
+    if panels == 2:
+        oc = axes[0, 1]
+        rows = one_class.assign(method=one_class["method"].astype(str)).set_index("method")
+        here = [m for m in shown if m in rows.index]
+        for k, m in enumerate(here):
+            draw(oc, rows.loc[[m]], [k], m, ls="none")
+        oc.set_xticks(
+            range(len(here)), [methods_mod.short(m) for m in here], rotation=35, ha="right", rotation_mode="anchor"
+        )
+        oc.set_xlim(-0.6, len(here) - 0.4)
+        oc.set(title=f"one class per batch,\nbatch {int(one_class['batch_size'].iloc[0])}")
+    fig.legend(
+        *ax.get_legend_handles_labels(), loc="upper center", ncol=len(shown), frameon=False, bbox_to_anchor=(0.5, 1.0)
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
 

@@ -684,19 +684,18 @@ def _condition_rows(budgets: dict, methods=("bn", "bnrs", "brn")) -> pd.DataFram
 def test_a_grid_that_gives_each_batch_size_its_own_budget_answers_at_every_batch_size():
     summary = _condition_rows({2: "40000 steps", 16: "8000 steps", 128: "2000 steps"})
     assert sorted(paper.tables.headline_condition(summary)["batch_size"].unique()) == [2, 16, 128]
-    text = paper.study.answer(summary)
-    assert (
-        text.startswith(
-            "Against BN on Fashion-MNIST (40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at "
-            "batch 128, i.i.d. batches)"
-        )
-        and "GroupNorm" not in text
-    )  # not run: left out
+    facts = paper.study.headline(summary)
+    assert facts["budget"] == "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128"
+    assert "gn_small_text" not in facts  # not run: left out
     assert paper.words.condition_words(summary) == (
         "Fashion-MNIST, i.i.d. batches, budget 40,000 steps at batch 2, 8,000 at "
         "batch 16 and 2,000 at batch 128, 5 seeds"
     )
-    assert "(BNRS) at batch 2: **above** (+1.0 [+0.5, +1.5] points), at batch 128: **above**" in text
+    assert (facts["bnrs_small_text"], facts["bnrs_small_verdict"], facts["bnrs_large_verdict"]) == (
+        "+1.0 [+0.5, +1.5] points",
+        "above",
+        "above",
+    )
     # its figures: one per dataset, every batch size a column
     assert [(d, b, len(p)) for d, b, p in paper.words.by_budget(summary)] == [
         ("fashionmnist", "40,000 steps at batch 2, 8,000 at batch 16 and 2,000 at batch 128", len(summary))

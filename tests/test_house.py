@@ -214,6 +214,10 @@ def test_the_methods_table_has_one_row_per_registered_method_and_no_other():
     assert methods.ORIGINAL == tuple(train.ORIGINAL_METHODS)
     assert set(analysis.CORNERS) | set(methods.HEADLINE) <= set(methods.METHODS)
     assert {m.id for m in methods.TABLE if m.forward_uses_batch is not None} >= set(analysis.CORNERS)
+    # the momentum the book reads off a running-statistics method's id is the one its layers are built with
+    swept = {*methods.PANELS["BNRS's momentum"], *methods.PANELS["the original's BNRS, its momentum"]}
+    for m in swept:
+        assert methods.momentum(m) == norms.make(m, 4).momentum, m
     # the 2x2's corners are what their rows say: batch statistics in the forward pass, and the gradient through them
     for method, (forward, gradient) in analysis.CORNERS.items():
         row = methods.METHODS[method]

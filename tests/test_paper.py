@@ -1,6 +1,6 @@
 """The paper's rendering rules on constructed tables (fast: no build): a number from fewer than three seeds says so and
-has no interval, nothing prints NaN, and the abstract, the Summary's answer and the README render each shared number
-as one string."""
+has no interval, nothing prints NaN, and the intro's key numbers and the README render each shared number as one
+string."""
 
 import math
 
@@ -67,21 +67,27 @@ def _summary(gn_seeds_at_128: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_the_abstract_answer_and_readme_say_n_1_and_print_one_string_for_each_shared_number(tmp_path):
+def test_the_intro_s_key_numbers_and_the_readme_say_n_1_and_print_one_string_for_each_shared_number(tmp_path):
     summary = _summary(gn_seeds_at_128=1)
-    facts = paper.study.headline(summary)
+    tables = paper.tables.Tables("study", tmp_path, pd.DataFrame(), pd.DataFrame(), summary, None, None, [], None)
+    facts = paper.answer.facts(tables)
     assert facts["gn_large_text"] == "-2.5 points (n = 1, no interval)"
     assert facts["bnrs_small_text"] == "-20.0 [-20.5, -19.5] points"
-    tables = paper.tables.Tables("study", tmp_path, pd.DataFrame(), pd.DataFrame(), summary, None, None, [], None)
-    abstract = paper.study.abstract(tables)
-    answer = paper.study.answer(summary)
+    key = paper.answer.key_numbers(facts).to_string()
     readme = paper.readme.readme_findings(summary, 1, 1)
-    for text in (abstract, answer, readme):
+    for text in (key, readme):
         assert "nan" not in text.lower()
-        assert "-20.0 [-20.5, -19.5] points" in text
-    for text in (abstract, answer):  # the README names BNRS, BRN and BNWoS, not GroupNorm
-        assert "-2.5 points (n = 1, no interval)" in text
-    assert "-2.5 [-3.0, -2.0] points" in paper.study.answer(_summary(gn_seeds_at_128=5))
+        assert "-20.0 [-20.5, -19.5]" in text
+    assert "-2.5 (n = 1, no interval)" in key  # the README names BNRS, BRN and BNWoS, not GroupNorm
+    # a condition the grid has not run (one-class batches, the mechanism grid) is a dash, never a missing glue key
+    assert {facts[k] for k in ("oc_bn_text", "oc_gn_text", "no_backward_at_text")} == {"–"}
+    assert all(k in facts for k in paper.answer.GLUED)
+    assert (
+        "-2.5 [-3.0, -2.0] points"
+        == paper.answer.facts(
+            paper.tables.Tables("study", tmp_path, None, None, _summary(gn_seeds_at_128=5), None, None, [], None)
+        )["gn_large_text"]
+    )
 
 
 def _two_by_two(batch, sampler, effects: dict, family="primary", classes=None, note=""):
@@ -212,7 +218,7 @@ def _unplanned_summary(diffs: dict) -> pd.DataFrame:
 
 def test_the_paper_and_the_analysis_import_and_run_without_torch():
     """The book's pages, the README writer and the analysis read tables, not layers: with torch blocked they import
-    and write the abstract, the answer, the why and the claims from the committed study."""
+    and compute the answer's facts and claims, the why and the original's claims from the committed study."""
     import subprocess
     import sys
 
@@ -226,7 +232,9 @@ sys.meta_path.insert(0, Block())
 from bnlib import analysis, methods, paper, plots
 import pandas as pd
 t = paper.tables.tables("study")
-assert paper.study.abstract(t) and paper.study.answer(t.summary)
+checked = paper.tables.mechanism_tables(grid=paper.tables.BATCHSTATS_GRID)
+f = paper.answer.facts(t, pd.read_csv(t.folder.parent / "mechanism" / "analysis.csv"), checked.summary_batchstats)
+assert len(paper.answer.key_numbers(f)) and all(rule(f)[0] for rule in paper.answer.CLAIMS.values())
 assert paper.original.claims_table(t.summary, t.plateau) is not None
 assert paper.study.why_sentence(pd.read_csv(t.folder.parent / "mechanism" / "analysis.csv"))
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)

@@ -512,20 +512,26 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
             assert (
                 f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text
             ), row
-    facts = paper.study.headline(summary)
-    intro = _text(site / "book" / "intro.html")
-    assert f"{facts['bn_small']:.1f}%" in intro and facts["bnrs_small_text"] in intro
-    if (mechanism := ROOT / "results" / "mechanism" / "analysis.csv").exists():  # the abstract says why, measured
-        why = paper.study.why_sentence(pd.read_csv(mechanism))
-        assert why and re.sub(r"\s+", " ", why) in re.sub(r"\s+", " ", intro.replace("\u2019", "'"))
+    checked = paper.tables.mechanism_tables(grid=paper.tables.BATCHSTATS_GRID)
+    facts = paper.answer.facts(
+        paper.tables.tables("study", STUDY),
+        pd.read_csv(ROOT / "results" / "mechanism" / "analysis.csv"),
+        checked.summary_batchstats if checked else None,
+    )
+    intro, summary_page = _text(site / "book" / "intro.html"), text
+    # one number, one rendering: the intro and the Summary print the shared numbers as the same strings
+    shared = ["bnrs_small_text", "bnrs_large_text", "brn_small_text", "gn_small_text", "oc_bn_text", "oc_bnrs_text"]
+    for key in shared + ["no_backward_at_text", "oc_bn_own_stats_text"]:
+        assert facts[key] != "–" and facts[key] in intro, key
+    assert all(facts[key] in summary_page for key in shared)
+    assert "Not so for this grid" not in intro + summary_page  # every guarded sentence holds on the published study
     runs = [read_run(p) for p in sorted((STUDY / "runs").glob("*.json"))]  # the evaluation's share of training time
     share = sum(round(r.eval_seconds, 1) for r in runs) / sum(round(r.wall_seconds, 1) for r in runs)
     assert f"evaluation took {share:.0%} of the training time" in _text(site / "book" / "setup.html")
     article = html.unescape(re.sub(r"<[^>]+>", "", (site / "book" / "intro.html").read_text().split("<article", 1)[1]))
-    first_screen = article.split("What the original study found", 1)[
-        0
-    ]  # the abstract and the headline figure come first
-    assert "Abstract." in first_screen and facts["bnrs_small_text"] in first_screen
+    first_screen = article.split("What the original study found", 1)[0]  # the answer, the figure, the abstract first
+    assert "Abstract." in first_screen
+    assert facts["bnrs_small_text"] in first_screen and facts["oc_bn_text"] in first_screen
     assert 'id="headline-figure"' in (site / "book" / "intro.html").read_text()
     if not (yaml.safe_load(paths.BOOK_CONFIG.read_text()).get("repository") or {}).get("url"):  # a plain build without
         # a repository URL in _config.yml: no launch or repository button that leads nowhere

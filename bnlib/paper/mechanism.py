@@ -267,7 +267,7 @@ def split_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-SWEEP = {"bnrs_m001": 0.01, "bnrs_m003": 0.03, "bnrs": 0.1, "bnrs_m030": 0.3, "bnrs_m100": 1.0}  # BNRS's momentum
+SWEEP = {m: methods.momentum(m) for m in methods.PANELS["BNRS's momentum"]}  # BNRS's arms and their momentum
 
 
 def same_training(evaluations: pd.DataFrame, a: str, b: str, batch: int, sampler: str) -> tuple[int, int, float] | None:

@@ -11,7 +11,7 @@ import pandas as pd
 from .. import analysis, methods, stats
 from ..plots import display_name
 from .original import PLANNED_CLAIMS
-from .tables import Tables, headline_condition
+from .tables import headline_condition
 from .words import (
     DATASET_NAMES,
     EFFECT_WORDS,
@@ -77,8 +77,6 @@ def headline(summary: pd.DataFrame) -> dict:
                 f"{int(rows.loc[m, 'wins'])} of {int(rows.loc[m, 'n_pairs'])}" if "wins" in rows else "–"
             )
             facts[f"{m}_{tag}_mean"] = pp(rows.loc[m, "mean"])
-        best = rows["mean"].astype(float).idxmax()
-        facts[f"best_{tag}"], facts[f"best_{tag}_acc"] = display_name(best), pp(rows.loc[best, "mean"])
     return facts
 
 
@@ -291,42 +289,6 @@ def why_sentence(comparisons: pd.DataFrame) -> str:
     return text
 
 
-def abstract(t: Tables, mechanism: pd.DataFrame | None = None) -> str:
-    """The intro's abstract: the question and the answer in a few sentences, every number from the summary; with the
-    mechanism grid's comparisons (``mechanism``), its answer to why (:func:`why_sentence`)."""
-    part = headline_condition(t.summary)
-    f = headline(t.summary)
-    small, large = f["small"], f["large"]
-
-    def ends(m: str) -> str:
-        return differences(f, m)
-
-    text = [
-        "Batch normalisation (BN) normalises with each batch's statistics in training and with running averages "
-        "at inference, and the two differ when batches are small or hold few classes. Why not normalise with the "
-        "running statistics in training too?"
-    ]
-    if "bn_small" in f:
-        text.append(
-            f"On {f['dataset_name']} with i.i.d. batches ({f['budget']}, {f['seeds']}), BN ends at "
-            f"{f['bn_small']:.1f}% at batch {small} and {f['bn_large']:.1f}% at batch {large}."
-        )
-    clauses = {
-        "bnrs": "Against BN, normalising with running statistics in training (BNRS) differs by {}",
-        "brn": "Batch Renormalization, which normalises with the same running statistics but keeps the gradient "
-        "through the batch's, by {}",
-        "gn": "GroupNorm, which needs no batch statistics, by {}",
-    }
-    said = [c.format(ends(m)) for m, c in clauses.items() if ends(m)]
-    if said:
-        text.append("; ".join(said) + ".")
-    text.append(plateau_sentence(t.folder, part))
-    if mechanism is not None and (why := why_sentence(mechanism)):
-        text.append(why)
-    text.append("Differences are paired by seed with Student-t 95% intervals; " + correction_sentence(t.summary))
-    return " ".join(text)
-
-
 def correction_sentence(summary: pd.DataFrame) -> str:
     """How the verdicts of ``summary`` were reached: the pre-registered plan's families where the grid has one (the
     summary carries ``family``), else Holm over every comparison with BN."""
@@ -390,40 +352,6 @@ def intro_design(summary: pd.DataFrame) -> dict[str, str]:
     }
 
 
-ANSWER_CLAUSES = {
-    "bnrs": "normalising with running statistics during training (BNRS)",
-    "brn": "keeping BN's gradient through the batch statistics while correcting to the running ones (BRN)",
-    "gn": "batch-independent normalisation (GroupNorm)",
-}
-
-
-def answer(summary: pd.DataFrame) -> str:
-    """The Summary's answer in one paragraph (Markdown): BNRS, BRN and GroupNorm against BN at the smallest and the
-    largest batch of :func:`headline_condition`, verdict, difference and interval; a method the grid has not run
-    there is left out."""
-    f = headline(summary)
-    said = []
-    for m, clause in ANSWER_CLAUSES.items():
-        ends = [
-            f"at batch {f[k]}: **{f[f'{m}_{k}_verdict']}** ({f[f'{m}_{k}_text']})"
-            for k in ("small", "large")
-            if f"{m}_{k}_diff" in f
-        ]
-        if ends:
-            said.append(f"{clause} " + ", ".join(ends))
-    head = f"Against BN on {f['dataset_name']} ({f['budget']}, i.i.d. batches): "
-    return head + ("; ".join(said) + "." if said else "no method other than BN has run in this condition yet.")
-
-
-def headline_caption(t: Tables) -> str:
-    part = headline_condition(t.summary)
-    f = headline(t.summary)
-    return (
-        f"Final test accuracy against batch size on {f['dataset_name']}, i.i.d. batches, budget {f['budget']}: the "
-        f"mean over {seed_count(part)} with its Student-t 95% interval, from `results/{t.grid}/summary.csv`."
-    )
-
-
 def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
     """A compact table of one condition: per method present and batch size, the paired difference against BN
     (points, 95% t interval), the Holm verdict, the Holm-adjusted p and the seeds in which it beat BN."""
@@ -434,7 +362,9 @@ def versus_bn(part: pd.DataFrame, methods) -> pd.DataFrame:
                 {
                     "method": display_name(m),
                     "batch": int(r.batch_size),
-                    "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True),
+                    "vs BN (points)": percent_interval(
+                        r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True, n=r.n_pairs
+                    ),
                     "verdict": r.verdict if isinstance(r.verdict, str) else "cannot tell",
                     **_amended(r),
                     **adjusted_p(r),
@@ -507,19 +437,32 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     s["method"] = s["method"].astype(str)
     keys = [k for k in ("dataset", "budget", "sampler", "norm_placement", "classes_per_batch") if k in s]
     keys = [k for k in keys if k in ("dataset", "sampler") or s[k].nunique(dropna=False) > 1]
+    if "budget" in keys and s.groupby(["dataset", "batch_size"])["budget"].nunique().max() == 1:
+        keys.remove("budget")  # each batch size its own budget (trained to a plateau): the title says them all
     order = {m: i for i, m in enumerate(methods.METHODS)}
     out = []
     for cond, part in s.groupby([k for k in keys if k != "classes_per_batch"], dropna=False, sort=True):
         cond = cond if isinstance(cond, tuple) else (cond,)
-        title = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(keys, cond))
+        said = dict(zip([k for k in keys if k != "classes_per_batch"], cond))
+        if "budget" not in keys:
+            said["budget"] = budget_words(part)
+        named = {
+            "dataset": DATASET_NAMES.get(said.pop("dataset"), "?"),
+            "sampler": "i.i.d. batches" if said.pop("sampler") == "iid" else "non-i.i.d. batches",
+        }
+        classes = part["classes_per_batch"].dropna().unique() if "classes_per_batch" in part else []
+        if len(classes) == 1:
+            named["sampler"] += f" of {int(classes[0])} class" + ("es" if classes[0] != 1 else "")
+        title = ", ".join([*named.values(), *(f"{k.replace('_', ' ')} {v}" for k, v in said.items())])
+        typical = int(part["n_seeds"].mode().max())  # the title's seed count; a row with another says its own
         rows = []
         for r in part.sort_values(
             ["method", "batch_size"], key=lambda c: c.map(order) if c.name == "method" else c
         ).itertuples():
             compared = r.method != "bn" and isinstance(getattr(r, "verdict", None), str)
-            accuracy = percent_interval(r.mean, r.ci_low, r.ci_high)
-            if r.n_seeds != part["n_seeds"].min():  # n beside the interval wherever it differs from the title's
-                accuracy += f" n={int(r.n_seeds)}"
+            accuracy = percent_interval(r.mean, r.ci_low, r.ci_high, n=r.n_seeds)  # says n where no interval
+            if r.n_seeds != typical and "(n = " not in accuracy:  # and wherever it differs from the title's
+                accuracy += f" (n = {int(r.n_seeds)})"
             if r.diverged:
                 accuracy += f" ({r.diverged} diverged)"
             rows.append(
@@ -527,7 +470,9 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                     "method": display_name(r.method),
                     "batch": int(r.batch_size),
                     "accuracy (%)": accuracy,
-                    "vs BN (points)": percent_interval(r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True)
+                    "vs BN (points)": percent_interval(
+                        r.diff_vs_bn, r.diff_ci_low, r.diff_ci_high, signed=True, n=r.n_pairs
+                    )
                     if compared
                     else "",
                     "verdict": r.verdict if compared else "",
@@ -535,5 +480,6 @@ def summary_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                     "wins": f"{int(r.wins)}/{int(r.n_pairs)}" if compared else "",
                 }
             )
-        out.append((f"{title} ({int(part['n_seeds'].min())} seeds)", pd.DataFrame(rows).set_index(["method", "batch"])))
+        seeds = f"{typical} seeds" + ("" if (part["n_seeds"] == typical).all() else ", n where a row has another")
+        out.append((f"{title} ({seeds})", pd.DataFrame(rows).set_index(["method", "batch"])))
     return out

@@ -174,9 +174,12 @@ ROBUSTNESS_GRID = "mechanism-robustness"  # the 2x2 under other optimisers and l
 
 
 def mechanism_tables(folder: Path | None = None, grid: str = MECHANISM_GRID) -> Tables | None:
-    """The committed tables of the mechanism grid (or of ``grid``, e.g. its robustness checks) from the
-    repository's results/<grid>/, or None before any of its cells is committed."""
-    folder = folder or paths.ROOT / "results" / grid
+    """The tables of the mechanism grid (or of ``grid``, e.g. its robustness checks) from the results folder in use
+    (:func:`results_dir`) where it holds them, else the repository's committed ``results/<grid>/`` (a book of the
+    smoke grid still shows the committed mechanism); None before any of its cells is committed."""
+    if folder is None:
+        here = results_dir() / grid
+        folder = here if (here / "summary.csv").exists() else paths.ROOT / "results" / grid
     return tables(grid, folder) if (folder / "summary.csv").exists() else None
 
 

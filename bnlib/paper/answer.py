@@ -1,0 +1,217 @@
+"""The study's answer as the intro and the Summary tell it by hand: the numbers they glue (:func:`facts`), the key
+numbers' table, and the claims their sentences make, each a rule on those numbers (:data:`CLAIMS`). A page states
+a claim in its own words and calls :func:`check` in a hidden cell beside it, so the build fails when the tables
+stop supporting the sentence (:mod:`.guards`).
+
+Two regimes. With i.i.d. batches (the pre-registered primary comparisons) BNRS loses to BN at every batch size, and
+the mechanism grid's 2x2 says why: the normalising backward pass is left out. With one-class batches of 2
+(exploratory: BN had not plateaued there) the order reverses: BN's batch statistics in training are one class's,
+its running statistics at inference are every class's, and the methods that normalise with running statistics or
+none at all beat it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+
+from .. import analysis
+from .guards import guard
+from .study import headline
+from .tables import Tables, headline_condition
+from .words import difference, percent_interval, pp
+
+ANSWER_METHODS = ("bnrs", "brn", "gn")  # the methods the answer names against BN
+NO_BACKWARD = (  # the 2x2's simple effects of leaving out the normalising backward pass, at each forward statistic
+    "2x2 simple: without - with the gradient, batch statistics (bn_detached - bn)",
+    "2x2 simple: without - with the gradient, running statistics (bnrs - brn)",
+)
+NEARLY_ALL = 0.9  # "BRN wins back nearly all of BNRS's loss": at least this share of it, at every i.i.d. batch size
+
+
+# what the intro and the Summary glue: a condition or method the grid has not run reads as a dash, never an unknown
+# glue key (which fails a strict build of another grid's book)
+GLUED = (
+    "dataset_name", "budget", "seeds", "small", "large",
+    *(f"{m}_{k}_text" for m in ANSWER_METHODS for k in ("small", "large")),
+    "oc_batch", "oc_bn_text", *(f"oc_{m}_text" for m in ANSWER_METHODS), "oc_bn_own_stats_text",
+    "brn_won_min", "no_backward_at", "no_backward_at_text",
+)  # fmt: skip
+
+
+def one_class(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary rows of one-class batches at the smallest batch size with them (empty where the grid has none)."""
+    if "classes_per_batch" not in summary or not (summary["sampler"] == "noniid").any():
+        return summary.iloc[0:0]
+    part = headline_condition(summary, "noniid")
+    part = part[part["classes_per_batch"] == 1]
+    return part[part["batch_size"] == part["batch_size"].min()] if len(part) else part
+
+
+def facts(t: Tables, mechanism: pd.DataFrame | None = None, batchstats: pd.DataFrame | None = None) -> dict:
+    """Every number the answer's sentences glue, and the verdicts its claims read: :func:`.study.headline`'s
+    (i.i.d. batches, smallest and largest batch), each answer method's verdict at every i.i.d. batch size, the
+    one-class condition's (``oc_*``), BN's plateau status, the 2x2's simple effects from the mechanism grid's
+    ``analysis.csv`` (``mechanism``), and BN's one-class accuracy with test-batch statistics (``batchstats``, the
+    check's ``summary_batchstats.csv``)."""
+    f = headline(t.summary)
+    iid = headline_condition(t.summary).set_index(["method", "batch_size"])
+    f["iid_verdicts"] = {
+        m: {int(b): str(iid.loc[(m, b), "verdict"]) for (mm, b) in iid.index if mm == m} for m in ANSWER_METHODS
+    }
+    f["iid_diffs"] = {
+        m: {int(b): float(iid.loc[(m, b), "diff_vs_bn"]) for (mm, b) in iid.index if mm == m} for m in ANSWER_METHODS
+    }
+    bnrs, brn = f["iid_diffs"]["bnrs"], f["iid_diffs"]["brn"]
+    # the share of BNRS's loss that BRN wins back at each i.i.d. batch size (where BNRS lost), and the least of them
+    f["brn_won"] = {b: 1 - brn[b] / d for b, d in bnrs.items() if d < 0 and b in brn}
+    if f["brn_won"]:
+        f["brn_won_min"] = int(100 * min(f["brn_won"].values()))  # whole percent, rounded down
+    plateau = t.plateau if t.plateau is not None else pd.DataFrame(columns=["method", "sampler", "plateaued"])
+    bn_plateau = plateau[plateau["method"] == "bn"]
+    f["bn_plateaued_iid"] = {
+        int(r.batch_size): bool(r.plateaued) for r in bn_plateau[bn_plateau["sampler"] == "iid"].itertuples()
+    }
+    one = one_class(t.summary).set_index("method")
+    if "bn" in one.index:
+        size = int(one["batch_size"].iloc[0])
+        bn = one.loc["bn"]
+        f.update(
+            oc_batch=size,
+            oc_bn=pp(bn["mean"]),
+            oc_bn_text=percent_interval(bn["mean"], bn["ci_low"], bn["ci_high"], n=bn["n_seeds"], unit="%"),
+        )
+        f["oc_verdicts"] = {m: str(one.loc[m, "verdict"]) for m in one.index if m != "bn"}
+        for m in one.index.drop("bn"):
+            r = one.loc[m]
+            f[f"oc_{m}_text"] = difference(r["diff_vs_bn"], r["diff_ci_low"], r["diff_ci_high"], r["n_pairs"])
+            f[f"oc_{m}_diff"] = pp(r["diff_vs_bn"])
+        oc_plateau = bn_plateau[(bn_plateau["sampler"] == "noniid") & (bn_plateau["batch_size"] == size)]
+        if "classes_per_batch" in oc_plateau:
+            oc_plateau = oc_plateau[oc_plateau["classes_per_batch"] == 1]
+        f["oc_bn_plateaued"] = bool(oc_plateau["plateaued"].all()) if len(oc_plateau) else None
+    if batchstats is not None and "oc_batch" in f:
+        own = batchstats[
+            (batchstats["method"] == "bn")
+            & (batchstats["sampler"] == "noniid")
+            & (batchstats["batch_size"] == f["oc_batch"])
+        ]
+        if len(own):
+            r = own.iloc[0]
+            f["oc_bn_own_stats"] = pp(r["mean"])
+            f["oc_bn_own_stats_text"] = percent_interval(r["mean"], r["ci_low"], r["ci_high"], n=r["n_seeds"], unit="%")
+    if mechanism is not None:
+        acc = mechanism[(mechanism["outcome"] == "accuracy") & (mechanism["sampler"] == "iid")]
+        simple = acc[acc["comparison"].isin(analysis.SIMPLE)]
+        f["no_backward"] = {}
+        for r in simple[simple["comparison"].isin(NO_BACKWARD)].itertuples():
+            key = "batch" if r.comparison == NO_BACKWARD[0] else "running"
+            f["no_backward"].setdefault(int(r.batch_size), {})[key] = r.verdict
+            f[f"no_backward_{key}_{int(r.batch_size)}_text"] = difference(r.mean, r.ci_low, r.ci_high, r.n_seeds)
+        # the prose quotes the largest batch size of the 2x2, where BN's forward pass is least noisy
+        if f["no_backward"]:
+            at = max(f["no_backward"])
+            f["no_backward_at"], f["no_backward_at_text"] = at, f.get(f"no_backward_batch_{at}_text", "–")
+    for key in GLUED:
+        f.setdefault(key, "–")
+    return f
+
+
+def key_numbers(f: dict) -> pd.DataFrame:
+    """The intro's small table: BN's accuracy and each answer method's difference from it, at the smallest and
+    largest i.i.d. batch and with one-class batches."""
+    columns = {
+        f"i.i.d., batch {f['small']}": "small",
+        f"i.i.d., batch {f['large']}": "large",
+    }
+    if "oc_batch" in f:
+        columns[f"one class, batch {f['oc_batch']}"] = "oc"
+    names = {
+        "bn": "BN (accuracy)",
+        "bnrs": "BNRS (points vs BN)",
+        "brn": "BRN (points vs BN)",
+        "gn": "GroupNorm (points vs BN)",
+    }
+
+    def cell(m: str, k: str) -> str:
+        if k == "oc":
+            key = "oc_bn_text" if m == "bn" else f"oc_{m}_text"
+        else:
+            key = f"bn_{k}_text" if m == "bn" else f"{m}_{k}_text"
+        return f.get(key, "–").replace(" points", "")
+
+    return pd.DataFrame({c: {names[m]: cell(m, k) for m in ("bn", *ANSWER_METHODS)} for c, k in columns.items()})
+
+
+def _bnrs_below(f):
+    v = f["iid_verdicts"]["bnrs"]
+    return bool(v) and all(x == "below" for x in v.values()), f"BNRS's verdicts by batch size {v}"
+
+
+def _brn_nearly_all(f):
+    won = f["brn_won"]
+    shares = {b: round(w, 3) for b, w in won.items()}
+    return (
+        bool(won) and len(won) == len(f["iid_diffs"]["bnrs"]) and all(w >= NEARLY_ALL for w in won.values()),
+        f"share of BNRS's loss BRN wins back by batch size {shares}, needed >= {NEARLY_ALL}",
+    )
+
+
+def _no_backward_costs(f):
+    seen = f.get("no_backward", {})
+    return (
+        bool(seen) and all(v.get("batch") == "below" and v.get("running") == "below" for v in seen.values()),
+        f"2x2 simple effects of leaving out the normalising backward pass {seen}",
+    )
+
+
+def _gn_above_small(f):
+    v = f["iid_verdicts"]["gn"].get(f["small"])
+    return v == "above", f"GroupNorm against BN at batch {f['small']}: {v}"
+
+
+def _bn_plateaued_iid(f):
+    seen = f["bn_plateaued_iid"]
+    return bool(seen) and all(seen.values()), f"BN plateaued by batch size {seen}"
+
+
+def _one_class_reverses(f):
+    v = {m: f.get("oc_verdicts", {}).get(m) for m in ANSWER_METHODS}
+    return (
+        all(x == "above" for x in v.values()),
+        f"one-class verdicts against BN {v}",
+    )
+
+
+def _bn_not_plateaued_one_class(f):
+    return f.get("oc_bn_plateaued") is False, f"BN plateaued with one-class batches: {f.get('oc_bn_plateaued')}"
+
+
+def _own_statistics_recover(f):
+    own, running, iid = f.get("oc_bn_own_stats"), f.get("oc_bn"), f.get("bn_small")
+    return (
+        own is not None and running is not None and iid is not None and own > iid > running,
+        f"BN on one-class batches: {running} with running statistics, {own} with the test batches' own, "
+        f"{iid} with i.i.d. batches",
+    )
+
+
+# claim -> rule on :func:`facts` (holds, the numbers it read); the pages' sentences name these
+CLAIMS: dict[str, Callable[[dict], tuple[bool, str]]] = {
+    "BNRS is below BN at every i.i.d. batch size": _bnrs_below,
+    "BRN wins back nearly all of BNRS's loss": _brn_nearly_all,
+    "leaving out the normalising backward pass costs accuracy with either statistics": _no_backward_costs,
+    "GroupNorm is above BN at the smallest i.i.d. batch": _gn_above_small,
+    "BN plateaued at every i.i.d. batch size": _bn_plateaued_iid,
+    "with one-class batches BNRS, BRN and GroupNorm beat BN": _one_class_reverses,
+    "BN had not plateaued with one-class batches": _bn_not_plateaued_one_class,
+    "one-class BN networks work with the test batches' own statistics": _own_statistics_recover,
+}
+
+
+def check(page: str, f: dict, *claims: str) -> None:
+    """Guard the page's sentences that make ``claims`` (keys of :data:`CLAIMS`) against ``f``."""
+    for claim in claims:
+        holds, evidence = CLAIMS[claim](f)
+        guard(f"{page}: {claim}", holds, evidence)

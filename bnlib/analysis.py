@@ -521,6 +521,34 @@ def intervention_tests(free: pd.DataFrame, arms: pd.DataFrame, batch_sizes=(16, 
     return out
 
 
+def growth_reading(tests: pd.DataFrame, checks: pd.DataFrame | None = None) -> dict[int, str | None]:
+    """What the book says about filter growth at each batch size, by the plan's rule (book/analysis-plan.md, "The
+    causal test of weight growth"), from :func:`intervention_tests` and :func:`manipulation_checks`: "growth is the
+    cause" where both necessity arms and the sufficiency arm say *at least half*; "growth is necessary, not
+    sufficient" where the necessity arms do and the sufficiency arm says *less than half*; "growth is not necessary"
+    where a necessity arm says *less than half*; None (arm by arm, no summary sentence) otherwise. An arm whose
+    manipulation check failed is a failed manipulation, not evidence: its verdict counts as *cannot tell*."""
+    failed = set()
+    if checks is not None and len(checks):
+        failed = {
+            (int(b), arm) for (b, arm), ok in checks.groupby(["batch_size", "arm"])["passed"].first().items() if not ok
+        }
+    out = {}
+    for b, part in tests.groupby("batch_size"):
+        verdict = {r.arm: ("cannot tell" if (int(b), r.arm) in failed else r.verdict) for r in part.itertuples()}
+        necessity = [verdict.get(a) for a, (kind, _, _) in INTERVENTION_ARMS.items() if kind == "necessity"]
+        sufficiency = [verdict.get(a) for a, (kind, _, _) in INTERVENTION_ARMS.items() if kind == "sufficiency"]
+        if "less than half" in necessity:
+            out[int(b)] = "growth is not necessary"
+        elif all(v == "at least half" for v in necessity) and sufficiency == ["at least half"]:
+            out[int(b)] = "growth is the cause"
+        elif all(v == "at least half" for v in necessity) and sufficiency == ["less than half"]:
+            out[int(b)] = "growth is necessary, not sufficient"
+        else:
+            out[int(b)] = None
+    return out
+
+
 def manipulation_checks(arm_traces: pd.DataFrame, free_traces: pd.DataFrame) -> pd.DataFrame:
     """Per batch size, arm and norm layer: the final traced filter norm of the arm over its target's, averaged over
     seeds -- the followed network's in the same cell for a follow arm (within :data:`FOLLOW_CHECK`), the free arm's

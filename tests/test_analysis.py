@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bnlib import analysis, stats
+from bnlib import analysis, paper, stats
 
 
 def _final(scores: dict[str, list[float]]) -> pd.DataFrame:
@@ -770,3 +770,59 @@ def test_the_amended_claims_stand_beside_the_pre_registered_ones():
     # a BNWoS difference beyond the margin at one larger batch: claim 4 does not hold under either reading
     beyond = {**verdicts, ("bnwos", 128): below}
     assert analysis.original_claims(_claim_rows(beyond))[3]["amended"] == "does not hold"
+
+
+def _arm_verdicts(b: int, **verdicts) -> list[dict]:
+    return [{"batch_size": b, "arm": arm, "verdict": v} for arm, v in verdicts.items()]
+
+
+def test_growth_reading_says_what_the_plan_decided_and_counts_a_failed_manipulation_as_no_evidence():
+    half, less, unsure = "at least half", "less than half", "cannot tell"
+    tests = pd.DataFrame(
+        _arm_verdicts(16, bn_detached_to_bn=half, bnrs_to_bn=half, bn_to_bn_detached=half, bn_detached_wd=less)
+        + _arm_verdicts(2, bn_detached_to_bn=half, bnrs_to_bn=half, bn_to_bn_detached=less)
+        + _arm_verdicts(4, bn_detached_to_bn=half, bnrs_to_bn=less, bn_to_bn_detached=half)
+        + _arm_verdicts(8, bn_detached_to_bn=half, bnrs_to_bn=unsure, bn_to_bn_detached=half)
+    )
+    assert analysis.growth_reading(tests) == {
+        2: "growth is necessary, not sufficient",
+        4: "growth is not necessary",
+        8: None,  # a necessity arm cannot tell: arm by arm, no summary
+        16: "growth is the cause",  # the decay arms do not enter the summary
+    }
+    failed = pd.DataFrame([{"batch_size": 16, "arm": "bnrs_to_bn", "passed": False}])
+    assert analysis.growth_reading(tests, failed)[16] is None  # its verdict is no evidence
+
+
+def test_the_controls_chapter_shows_verdicts_only_for_a_finished_grid_and_marks_a_failed_manipulation():
+    assert paper.controls.progress_line("doubling", 15, 15) == ""
+    assert paper.controls.progress_line("doubling", 2, 15).startswith("2 of 15 cells of `grids/doubling.yaml`")
+    tests = pd.DataFrame(
+        [
+            {
+                "batch_size": 16,
+                "arm": a,
+                "kind": k,
+                "gap": 0.22,
+                "mean": m,
+                "ci_low": m - 0.01,
+                "ci_high": m + 0.01,
+                "n_seeds": 5,
+                "verdict": v,
+            }
+            for a, k, m, v in (
+                ("bn_detached_to_bn", "necessity", -0.1, "less than half"),
+                ("bn_detached_wd", "decay", -0.1, "less than half"),
+            )
+        ]
+    )
+    checks = pd.DataFrame(
+        [
+            {"batch_size": 16, "arm": "bn_detached_to_bn", "passed": True},
+            {"batch_size": 16, "arm": "bn_detached_wd", "passed": False},
+        ]
+    )
+    table = paper.controls.growth_table(tests, checks)
+    assert list(table["verdict"]) == ["less than half", "less than half (failed manipulation)"]
+    assert list(table["beyond half the gap (points)"]) == ["-10.0 [-11.0, -9.0]"] * 2
+    assert paper.controls.growth_said(tests, checks) == "At batch 16: growth is not necessary."

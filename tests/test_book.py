@@ -39,7 +39,18 @@ def _text(path: Path) -> str:
 
 
 def test_every_page_is_built(site):
-    for page in ("intro", "methods", "setup", "results", "summary", "reproducibility", "runs/index"):
+    for page in (
+        "intro",
+        "methods",
+        "setup",
+        "results",
+        "controls",
+        "summary",
+        "more-figures",
+        "reproducibility",
+        "operations",
+        "runs/index",
+    ):
         assert (site / "book" / f"{page}.html").exists(), page
     cells = list((site / "book" / "runs" / "cells").glob("*.html"))
     assert len(cells) == len(grid.load("smoke").cells)
@@ -64,7 +75,7 @@ def test_summary_numbers_match_summary_csv(site, smoke_results):
 
 
 def test_methods_page_shows_the_code_that_ran(site):
-    text = _text(site / "book" / "methods.html")
+    text = _text(site / "book" / "methods.html") + _text(site / "book" / "other-methods.html")  # and its appendix
     for cls in (
         "class BatchNorm(",
         "class RunningStatsBatchNorm(",

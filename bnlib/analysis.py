@@ -434,6 +434,13 @@ def _at(table: pd.DataFrame, condition: dict) -> pd.DataFrame:
     return table[keep]
 
 
+def still_declining(gain_ci_high: float) -> bool:
+    """Whether a curve was still losing accuracy at the end of its run: the plateau criterion's 95% upper bound of the
+    gain over the last quarter lies below zero. Such a curve passes the criterion (which bounds a gain) while
+    declining."""
+    return bool(pd.notna(gain_ci_high) and gain_ci_high < 0)
+
+
 def budget_change(short: pd.DataFrame, long: pd.DataFrame, plan: Plan = STUDY) -> pd.DataFrame:
     """The budget-doubling control's primary family (book/analysis-plan.md, "The budget-doubling control"): for each
     of ``plan``'s primary comparisons ``<m> - bn`` at each of its conditions, per seed the change of the difference

@@ -550,3 +550,70 @@ def traces_over_training(
         handlelength=1.8,
     )
     return grid
+
+
+def two_by_two_figure(summary: pd.DataFrame, corners: dict[str, tuple[str, str]]) -> plt.Figure:
+    """The mechanism's 2x2 as an interaction plot, one panel per condition: final test accuracy (%, mean over seeds
+    with its Student-t 95% interval) against the forward pass's statistics, one line with the normalising backward
+    pass and one without (``corners``: method -> (forward statistics, backward pass), as
+    :data:`bnlib.analysis.CORNERS`). Parallel lines: no interaction."""
+    s = summary[summary["method"].astype(str).isin(corners)].copy()
+    s["method"] = s["method"].astype(str)
+    keys = ["sampler", "batch_size"] + (["classes_per_batch"] if "classes_per_batch" in s else [])
+    conditions = [
+        c for c, part in s.groupby(keys, dropna=False, sort=False) if part["method"].nunique() == len(corners)
+    ]
+    conditions.sort(key=lambda c: (c[0] != "iid", c[1]))
+    fig, axes = plt.subplots(1, len(conditions), figsize=(7.6, 3.4), sharey=True, squeeze=False)
+    forwards = list(dict.fromkeys(f for f, _ in corners.values()))
+    lines = {  # BN's black and BNRS's vermillion: the corners the two lines start from
+        "with": (methods_mod.METHODS["bn"].hex, "-", "with the normalising backward pass"),
+        "without": (methods_mod.METHODS["bnrs"].hex, "--", "without it"),
+    }
+    for ax, cond in zip(axes[0], conditions):
+        part = s.set_index(keys).loc[[cond]].set_index("method")
+        for backward, (col, ls, label) in lines.items():
+            ms = [m for f in forwards for m, (ff, bb) in corners.items() if ff == f and bb == backward]
+            rows = part.loc[ms]
+            err = [
+                100 * (rows["mean"] - rows["ci_low"]).clip(lower=0).fillna(0),
+                100 * (rows["ci_high"] - rows["mean"]).clip(lower=0).fillna(0),
+            ]
+            ax.errorbar(
+                range(len(ms)),
+                100 * rows["mean"],
+                yerr=err,
+                color=col,
+                ls=ls,
+                marker="o",
+                ms=5,
+                capsize=3,
+                lw=1.8,
+                label=label,
+            )
+            for k, m in enumerate(ms):  # the corner's name beside its point, inside the panel
+                ax.annotate(
+                    methods_mod.short(m),
+                    (k, 100 * rows.loc[m, "mean"]),
+                    textcoords="offset points",
+                    xytext=(7 if k == 0 else -7, 4),
+                    ha="left" if k == 0 else "right",
+                    fontsize=8,
+                    color=col,
+                )
+        sampler, batch = cond[0], int(cond[1])
+        classes = cond[2] if len(cond) > 2 else None
+        title = (
+            f"i.i.d., batch {batch}"
+            if sampler == "iid"
+            else f"{int(classes) if classes == classes else 'few'} class, batch {batch}"
+        )
+        ax.set(title=title, xlim=(-0.4, len(forwards) - 0.6))
+        ax.set_xticks(range(len(forwards)), forwards)
+    axes[0, 0].set_ylabel("final test accuracy (%)")
+    fig.legend(
+        *axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0)
+    )
+    fig.supxlabel("statistics the forward pass normalises with", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig

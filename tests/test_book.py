@@ -867,6 +867,17 @@ def test_converges_slower_or_to_less_is_read_from_the_levels():
         "it converges slower."
     )
     assert paper.original.slower_answer(rows(None).assign(dataset="mnist5k")) == ""
+    assert "losing accuracy" not in less  # no plateau columns: nothing said about a decline
+    # a curve whose gain over the last quarter is below zero with its whole interval passes the plateau criterion
+    # while declining: said where it is so, and only there
+    status = rows(None).assign(gain_last_quarter=0.001, gain_ci_high=0.004)
+    status.loc[(status["method"] == "bnrs") & (status["batch_size"] == 2), ["gain_last_quarter", "gain_ci_high"]] = (
+        -0.012,
+        -0.004,
+    )
+    declining = paper.original.slower_answer(status)
+    assert "still losing accuracy at the end (-1.2 points over the last quarter, 95% upper bound -0.4)" in declining
+    assert declining.count("losing accuracy") == 1
 
 
 def test_a_fix_s_cost_is_a_multiple_of_a_reference_trained_in_the_same_cells():
@@ -947,7 +958,7 @@ def test_split_answer_says_how_much_of_the_cut_each_kept_gradient_wins_back():
         ]
     )
     text = paper.mechanism.split_answer(summary, comparisons)
-    assert "cutting both gradients costs 40.0 points" in text
+    assert "leaving out both terms costs 40.0 points" in text
     assert "(bn_detached_mean) 60.0%, winning back 25% of those points" in text
     assert (
         "(bn_detached_var) 80.0%, +30.0 [+20.0, +40.0] points (above, exploratory) against bn_detached, "

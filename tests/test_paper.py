@@ -315,3 +315,46 @@ book_extension._release(app, None)
     ]
     assert "another build of this checkout holds" in second.stderr
     assert book_extension._release(type("App", (), {})(), None) is None  # nothing held: nothing to release
+
+
+MECHANISM = paper.tables.results_dir() / "mechanism"
+# The sentence writers the pages still compute (their sentence changes shape with the data), on the mechanism grid's
+# committed tables: (comparisons, summary) -> Markdown
+WRITERS = {
+    "twobytwo_answer": lambda c, s, extra: paper.mechanism.twobytwo_answer(c),
+    "robustness_answer": lambda c, s, extra: paper.mechanism.robustness_answer(c),
+    "failure_answer": lambda c, s, extra: paper.mechanism.failure_answer(c),
+    "split_answer": lambda c, s, extra: paper.mechanism.split_answer(s, c),
+    "sweep_answer": lambda c, s, extra: paper.mechanism.sweep_answer(s, c),
+    "textbook_answer": lambda c, s, extra: paper.mechanism.textbook_answer(
+        paper.mechanism.textbook_checks(c, extra["traces"])
+    ),
+    "why_sentence": lambda c, s, extra: paper.study.why_sentence(c),
+    "verdict_sentence": lambda c, s, extra: paper.study.verdict_sentence(s[s["sampler"] == "iid"], "bnrs"),
+    "plateau_answer": lambda c, s, extra: paper.mechanism.plateau_answer(extra["plateau"]),
+}
+
+
+def _one_seed(frame: pd.DataFrame) -> pd.DataFrame:
+    gone = [c for c in ("ci_low", "ci_high", "diff_ci_low", "diff_ci_high") if c in frame]
+    seeds = {c: 1 for c in ("n_seeds", "n_pairs") if c in frame}
+    return frame.assign(**dict.fromkeys(gone, math.nan), **seeds)
+
+
+@pytest.mark.skipif(not (MECHANISM / "analysis.csv").exists(), reason="the mechanism grid is not committed here")
+@pytest.mark.parametrize("case", ["committed", "one seed", "no number", "no cell"])
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_every_computed_sentence_says_n_1_and_never_nan_and_survives_a_grid_with_no_cell(writer, case):
+    comparisons = pd.read_csv(MECHANISM / "analysis.csv")
+    summary = paper.tables.tables("mechanism", MECHANISM).summary
+    extra = {"traces": pd.read_csv(MECHANISM / "traces_summary.csv"), "plateau": pd.read_csv(MECHANISM / "plateau.csv")}
+    c, s = {
+        "committed": (comparisons, summary),
+        "one seed": (_one_seed(comparisons), _one_seed(summary)),
+        "no number": (comparisons.assign(mean=math.nan), summary),
+        "no cell": (comparisons.iloc[0:0], summary.iloc[0:0]),
+    }[case]
+    text = WRITERS[writer](c, s, extra)
+    assert isinstance(text, str) and "nan" not in text.lower()
+    if case == "one seed" and writer in ("twobytwo_answer", "failure_answer", "why_sentence") and text:
+        assert "(n = 1, no interval)" in text

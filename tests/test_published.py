@@ -519,11 +519,13 @@ def test_plain_jupyter_book_build_shows_the_committed_study(published_site):
         checked.summary_batchstats if checked else None,
     )
     intro, summary_page = _text(site / "book" / "intro.html"), text
-    # one number, one rendering: the intro and the Summary print the shared numbers as the same strings
-    shared = ["bnrs_small_text", "bnrs_large_text", "brn_small_text", "gn_small_text", "oc_bn_text", "oc_bnrs_text"]
-    for key in shared + ["no_backward_at_text", "oc_bn_own_stats_text"]:
+    # one number, one rendering: the numbers the intro and the Summary both state are the same strings
+    both = ["bnrs_small_text", "bnrs_large_text", "gn_small_text", "oc_bn_text", "oc_bnrs_text", "oc_gn_text"]
+    both += ["oc_bn_own_stats_text"]
+    for key in both + ["no_backward_at_text"]:
         assert facts[key] != "–" and facts[key] in intro, key
-    assert all(facts[key] in summary_page for key in shared)
+    for key in both + ["brn_small_text", "brn_large_text"]:
+        assert facts[key] in summary_page, key
     assert "Not so for this grid" not in intro + summary_page  # every guarded sentence holds on the published study
     runs = [read_run(p) for p in sorted((STUDY / "runs").glob("*.json"))]  # the evaluation's share of training time
     share = sum(round(r.eval_seconds, 1) for r in runs) / sum(round(r.wall_seconds, 1) for r in runs)

@@ -13,7 +13,9 @@ from .tables import comparison_row, layer_means
 from .words import (
     BY_CONDITION,
     EFFECT_WORDS,
+    SIMPLE_WORDS,
     condition_label,
+    loss_interval,
     magnitude,
     multiple,
     optimisation_label,
@@ -97,9 +99,13 @@ def simple_effects(comparisons: pd.DataFrame, by=BY_CONDITION) -> pd.DataFrame:
         for name in analysis.SIMPLE_EFFECTS:
             if (key := f"2x2 simple: {name}") in eff.index:
                 e = eff.loc[key]
-                row[name] = f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']}"
+                header = SIMPLE_WORDS[name[name.rindex("(") + 1 : -1]]  # by the contrast in its name
+                row[header] = f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} {e['verdict']}"
         rows.append(row)
-    return pd.DataFrame(rows).set_index("condition") if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).set_index("condition")
+    return table.drop(columns="read-out") if table["read-out"].nunique() == 1 else table  # said once, in the prose
 
 
 def twobytwo_answer(comparisons: pd.DataFrame, by=BY_CONDITION) -> str:
@@ -108,15 +114,14 @@ def twobytwo_answer(comparisons: pd.DataFrame, by=BY_CONDITION) -> str:
     out)."""
     from .. import analysis
 
-    said = {**EFFECT_WORDS, "interaction": "the two together beyond their sum"}
+    said = {**EFFECT_WORDS, "interaction": "their interaction"}
     acc = comparisons[comparisons["comparison"].str.startswith("2x2") & (comparisons["outcome"] == "accuracy")]
     lines = []
     keys, label = by
     for cond, part in acc.groupby(list(keys), sort=False):
         eff = part.set_index("comparison")
         parts = [
-            f"{said[name]} {percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points "
-            f"({e['verdict']}, {e['family']})"
+            f"{said[name]} {verdict_points(e)}"
             for name in analysis.EFFECTS
             if (key := f"2x2: {name}") in eff.index
             for e in [eff.loc[key]]
@@ -218,8 +223,9 @@ def failure_answer(comparisons: pd.DataFrame) -> str:
                 if loss["verdict"] == "above" and acc["verdict"] == "above"
                 else "no reading (the verdicts do not fit one)"
             )
+            change = loss_interval(loss["mean"], loss["ci_low"], loss["ci_high"], loss.get("n_seeds"))
             said.append(
-                f"{words}: training loss {loss['mean']:+.3f} [{loss['ci_low']:+.3f}, {loss['ci_high']:+.3f}] "
+                f"{words}: training loss {change} "
                 f"({loss['verdict']}), accuracy with recomputed statistics {verdict_points(acc)} - {reading}"
             )
         if said:
@@ -229,13 +235,13 @@ def failure_answer(comparisons: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-SPLIT = {"bn_detached_mean": "the variance's gradient only", "bn_detached_var": "the mean's gradient only"}  # kept
+SPLIT = {"bn_detached_mean": "the variance's term only", "bn_detached_var": "the mean's term only"}  # kept
 
 
 def split_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
     """Which statistic's gradient matters, read out per condition (Markdown): BN and bn_detached (gradient through both
-    statistics, through neither), then each half-cut variant with its accuracy, against bn_detached with its verdict,
-    and how many of the points cutting both costs it wins back by keeping one gradient."""
+    statistics, through neither), then each one-term variant with its accuracy, against bn_detached with its verdict,
+    and how many of the points that leaving out both terms costs it wins back by keeping one."""
     lines = []
     for (batch, sampler), part in summary.groupby(["batch_size", "sampler"], sort=False):
         acc = part.assign(method=part["method"].astype(str)).set_index("method")["mean"]
@@ -244,7 +250,7 @@ def split_answer(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
             continue
         lost = acc["bn"] - acc["bn_detached"]
         said = [
-            f"BN {100 * acc['bn']:.1f}%, bn_detached {100 * acc['bn_detached']:.1f}% (cutting both gradients "
+            f"BN {100 * acc['bn']:.1f}%, bn_detached {100 * acc['bn_detached']:.1f}% (leaving out both terms "
             + (f"costs {100 * lost:.1f} points)" if lost > 0 else f"gains {-100 * lost:.1f} points)")
         ]
         for m in halves:

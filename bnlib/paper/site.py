@@ -4,7 +4,9 @@ offline ``jupyter-book`` build with its configuration.
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import io
 import os
 import shutil
 import subprocess
@@ -18,8 +20,9 @@ import yaml
 
 from .. import paths
 from .. import tables as tables_mod
-from ..record import RunRecord
+from ..record import RunRecord, read_run
 from .tables import PUBLISHED_GRID, TABLE_FILES
+from .words import DATASET_NAMES
 
 CELLS_DIR = paths.BOOK_CELLS
 
@@ -98,6 +101,38 @@ def hold_build_lock():
     return handle
 
 
+def cell_title(record: RunRecord) -> str:
+    """A run page's title, short enough for a phone and the sidebar: 'Fashion-MNIST, batch 2, i.i.d., seed 0,
+    40,000 steps' (the cell id follows under it)."""
+    cfg = record.config
+    classes = cfg.get("classes_per_batch")
+    batches = "i.i.d." if cfg.get("sampler") == "iid" else f"{classes} class{'es' if classes != 1 else ''} per batch"
+    budget = tables_mod.budget_label(cfg)
+    count, unit = budget.split(" ", 1)
+    return (
+        f"{DATASET_NAMES.get(cfg['dataset'], cfg['dataset'])}, batch {cfg['batch_size']}, {batches}, "
+        f"seed {cfg.get('seed', 0)}, {float(count):,.0f} {unit}"
+    )
+
+
+def _curves_cell(record: RunRecord) -> nbformat.NotebookNode:
+    """A cell showing a reused cell's curves, drawn from its record (its notebook has none: it trained nothing)."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots
+
+    fig = plots.cell_curves(record)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    plt.close(fig)
+    output = nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(png.getvalue()).decode()})
+    cell = nbformat.v4.new_code_cell(
+        "# the curves of the cell it reuses, drawn from this cell's record", outputs=[output]
+    )
+    cell.metadata["tags"] = ["remove-input"]
+    return cell
+
+
 def gather_runs(folder: Path) -> int:
     """Copy the grid's executed cell notebooks into the book, titled by their cell ids, and its aggregated
     tables (:data:`TABLE_FILES`) for download (results untouched). Called by the book's Sphinx extension
@@ -114,16 +149,16 @@ def gather_runs(folder: Path) -> int:
         if not (folder / "runs" / f"{path.stem}.json").exists():
             continue  # failed or unfinished cells are not part of the study
         nb = nbformat.read(path, as_version=4)
+        record = read_run(folder / "runs" / f"{path.stem}.json")
+        title = f"# {cell_title(record)}\n\nCell `{path.stem}`."
         for cell in nb.cells:
             if cell.cell_type == "markdown" and cell.source.startswith("# "):
-                cell.source = (
-                    f"# Cell `{path.stem}`" + cell.source[cell.source.index("\n") :]
-                    if "\n" in cell.source
-                    else f"# Cell `{path.stem}`"
-                )
+                cell.source = title + (cell.source[cell.source.index("\n") :] if "\n" in cell.source else "")
                 break
         else:  # a notebook without a title (a cell copied from another grid): its page still needs one
-            nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# Cell `{path.stem}`"))
+            nb.cells.insert(0, nbformat.v4.new_markdown_cell(title))
+        if record.same_training_as:
+            nb.cells.append(_curves_cell(record))
         nbformat.write(nb, CELLS_DIR / path.name)
         count += 1
     return count

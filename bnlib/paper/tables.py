@@ -108,7 +108,8 @@ def convergence(folder: Path) -> pd.DataFrame:
     if status.exists():
         plateau = pd.read_csv(status)
         keys = [k for k in (*stats.CONDITION_KEYS, "method") if k in speed and k in plateau]
-        speed = speed.merge(plateau[[*keys, "plateaued"]], on=keys, how="left")
+        status_columns = [c for c in ("plateaued", "gain_last_quarter", "gain_ci_high") if c in plateau]
+        speed = speed.merge(plateau[[*keys, *status_columns]], on=keys, how="left")
     return speed[speed["level"].notna()]
 
 

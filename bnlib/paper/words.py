@@ -92,6 +92,16 @@ def percent_interval(
     return f"{f(mean)}{unit} [{f(low)}, {f(high)}]"
 
 
+def loss_interval(mean: float, low: float, high: float, n: int | None = None) -> str:
+    """A change of a loss (cross-entropy, not a fraction) as '+0.123 [+0.100, +0.150]', with the rules of
+    :func:`percent_interval`: 'n = 2, no interval' from fewer than :data:`MIN_SEEDS` seeds, a dash for no number."""
+    if pd.isna(mean):
+        return "–"
+    if _no_interval(n) or pd.isna(low) or pd.isna(high):
+        return f"{mean:+.3f}" + ("" if n is None or pd.isna(n) else f" (n = {int(n)}, no interval)")
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def difference(mean: float, low: float, high: float, n: int | None) -> str:
     """A paired difference against BN as the prose writes it: '+2.8 [+2.4, +3.2] points', or '-2.5 points (n = 1,
     no interval)' from fewer than :data:`MIN_SEEDS` seeds. Never NaN."""
@@ -148,11 +158,23 @@ EFFECT_WORDS = {
 }
 
 
+# The 2x2's simple effects (bnlib.analysis.SIMPLE_EFFECTS) as a table's headers name them
+SIMPLE_WORDS = dict(
+    zip(
+        ("brn - bn", "bnrs - bn_detached", "bn_detached - bn", "bnrs - brn"),
+        (
+            "running statistics, backward pass kept (BRN - BN)",
+            "running statistics, no normalising backward (BNRS - bn_detached)",
+            "no normalising backward, batch statistics (bn_detached - BN)",
+            "no normalising backward, running statistics (BNRS - BRN)",
+        ),
+    )
+)
+
+
 def verdict_points(e: dict) -> str:
     """'+7.5 [+6.2, +8.7] points (above, primary)' for one comparison row."""
-    return (
-        f"{percent_interval(e['mean'], e['ci_low'], e['ci_high'], signed=True)} points ({e['verdict']}, {e['family']})"
-    )
+    return f"{difference(e['mean'], e['ci_low'], e['ci_high'], e.get('n_seeds'))} ({e['verdict']}, {e['family']})"
 
 
 def magnitude(x: float) -> str:

@@ -192,9 +192,15 @@ def cmd_aggregate(args) -> int:
 
         done = len({p.stem for p in (folder / "runs").glob("*.json")} & {c.id for c in g.cells})
         commits = paper.tables.run_commits(folder / "runs")
-        why = paper.readme.why_from(paths.grid_results(paper.tables.MECHANISM_GRID, args.results))
+        mechanism = paths.grid_results(paper.tables.MECHANISM_GRID, args.results) / "analysis.csv"
+        checked = paper.tables.mechanism_tables(grid=paper.tables.BATCHSTATS_GRID)
         paper.readme.write_readme_findings(
-            pd.read_csv(written["summary"]), done, len(g.cells), commits=commits, folder=folder, why=why
+            pd.read_csv(written["summary"]),
+            done,
+            commits=commits,
+            folder=folder,
+            mechanism=pd.read_csv(mechanism) if mechanism.exists() else None,
+            batchstats=checked.summary_batchstats if checked else None,
         )
         print(f"wrote the findings tables into {paper.readme.README}")
     return 0

@@ -245,11 +245,12 @@ def cell_curves(result: RunRecord):
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
     for m, rec in result.methods.items():
         ax_loss.plot(rec.train_step, rec.train_loss, color=colour(m), ls=linestyle(m), label=m, lw=1.2)
-        ax_acc.plot(rec.eval_step, rec.test_acc, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=3, lw=1.2)
+        acc = [100 * a if a is not None else np.nan for a in rec.test_acc]  # in %
+        ax_acc.plot(rec.eval_step, acc, color=colour(m), ls=linestyle(m), label=m, marker="o", ms=3, lw=1.2)
         if rec.diverged:
             ax_acc.axvline(rec.diverged_step, color=colour(m), ls=":", lw=1)
     ax_loss.set(xlabel="step", ylabel="training loss (window mean)", yscale="log", title="Training loss")
-    ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy (eval mode)")
+    ax_acc.set(xlabel="step", ylabel="test accuracy (%)", title="Test accuracy (eval mode)")
     _legend_names(ax_acc)
     fig.tight_layout()
     return fig
@@ -282,12 +283,13 @@ def accuracy_over_training(
     """The original study's figure with statistics: mean test accuracy over seeds with its Student-t 95% band, a
     row per panel of methods, a column per ``col`` value."""
     data = evals[evals[column].notna()]
+    data = data.assign(**{column: 100 * data[column]})  # in %, as every accuracy of the book
     return _panel_figure(
         data,
         col,
         lambda ax, f, m: _mean_band(ax, f, x, column, m),
         "samples seen" if x == "samples_seen" else x,
-        "test accuracy",
+        "test accuracy (%)",
         _batch_label if col == "batch_size" else str,
     )
 
@@ -324,11 +326,14 @@ def final_vs_batch(summary: pd.DataFrame, col: str | None = None, value: str = "
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
 
+    in_percent = summary.assign(**{c: 100 * summary[c] for c in (value, "ci_low", "ci_high")})
     return _panel_figure(
-        summary.assign(method=summary["method"].astype(str)), col, draw, "batch size", "final test accuracy", str
+        in_percent.assign(method=summary["method"].astype(str)), col, draw, "batch size", "final test accuracy (%)", str
     )
 
 
+# Runs that are not methods (the pilots' budgets and schedules): the palette's colours after BN's black, in order
+PILOT_COLOURS = [c for name, c in OKABE_ITO.items() if name not in ("black", "grey")]
 VERDICT_COLOURS = {
     "below": OKABE_ITO["vermillion"],
     "above": OKABE_ITO["blue"],
@@ -371,7 +376,7 @@ def differences(part: pd.DataFrame, methods) -> plt.Figure:
             )
         ax.axvline(0, color=colour("bn"), lw=1)
         ax.set_title(f"batch {size}", fontsize="medium")
-        ax.set_xlabel("vs BN (points)")
+    fig.supxlabel("difference from BN (points)", fontsize=TEXT_PT)  # once: per panel the labels ran into each other
     axes[0][0].set_yticks(range(len(shown)), [wrapped(display_name(m)) for m in shown])
     axes[0][0].set_ylim(len(shown) - 0.5, -0.5)
     from matplotlib.lines import Line2D

@@ -74,11 +74,11 @@ def test_the_intro_s_key_numbers_and_the_readme_say_n_1_and_print_one_string_for
     assert facts["gn_large_text"] == "-2.5 points (n = 1, no interval)"
     assert facts["bnrs_small_text"] == "-20.0 [-20.5, -19.5] points"
     key = paper.answer.key_numbers(facts).to_string()
-    readme = paper.readme.readme_findings(summary, 1, 1)
+    readme = paper.answer.in_short(facts)  # the intro's and the README's three sentences
     for text in (key, readme):
         assert "nan" not in text.lower()
         assert "-20.0 [-20.5, -19.5]" in text
-    assert "-2.5 (n = 1, no interval)" in key  # the README names BNRS, BRN and BNWoS, not GroupNorm
+    assert "-2.5 (n = 1, no interval)" in key
     # a condition the grid has not run (one-class batches, the mechanism grid) is a dash, never a missing glue key
     assert {facts[k] for k in ("oc_bn_text", "oc_gn_text", "no_backward_at_text")} == {"–"}
     assert all(k in facts for k in paper.answer.GLUED)

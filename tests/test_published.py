@@ -181,13 +181,14 @@ def test_readme_findings_match_the_committed_study():
     start, end = paper.readme.README_MARKERS
     committed = text.split(start, 1)[1].split(end, 1)[0].strip()
     done = len(list(STUDY.glob("runs/*.json")))
+    checked = paper.tables.mechanism_tables(grid=paper.tables.BATCHSTATS_GRID)
     expected = paper.readme.readme_findings(
         pd.read_csv(STUDY / "summary.csv"),
         done,
-        len(grid.load("study").cells),
         paper.tables.run_commits(STUDY / "runs"),
         folder=STUDY,
-        why=paper.readme.why_from(ROOT / "results" / paper.tables.MECHANISM_GRID),
+        mechanism=pd.read_csv(ROOT / "results" / paper.tables.MECHANISM_GRID / "analysis.csv"),
+        batchstats=checked.summary_batchstats if checked else None,
     )
     assert committed == expected.strip(), (
         "README findings are out of date: run `bnlib aggregate study --readme` and commit"
@@ -212,19 +213,11 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n" + "\n".join(paper.readme.README_MARKERS) + "\nrest\n")
     summary = pd.read_csv(_copy_grid(smoke_results, tmp_path) / "summary.csv")
-    paper.readme.write_readme_findings(summary, 3, 6, readme=readme, commits=["abc1234"])
+    paper.readme.write_readme_findings(summary, 3, readme=readme, commits=["abc1234"])
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("rest\n") and "3 of the study grid's 6 cells" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "(3 cells committed, run with the code" in text
     assert "code of commit abc1234" in text
     assert "BN ends at" in text and ("below" in text or "cannot tell" in text)
-    assert "**Why" not in text  # no mechanism grid given: no why
-    paper.readme.write_readme_findings(
-        summary, 3, 6, readme=readme, why="Why, from an ablation: cutting costs 20 points."
-    )
-    assert (
-        "\n\n**Why, from an ablation** (computed from `results/mechanism/analysis.csv`; the book's chapter "
-        '"Why running statistics fail in training"): cutting costs 20 points.\n'
-    ) in readme.read_text()
     from PIL import Image  # the figure beside the README, with the fingerprint of what it draws
 
     png = tmp_path / paths.README_FIGURE.relative_to(ROOT)
@@ -234,7 +227,7 @@ def test_readme_findings_write_between_the_markers(smoke_results, tmp_path):
     )
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
-        paper.readme.write_readme_findings(summary, 3, 6, readme=readme)
+        paper.readme.write_readme_findings(summary, 3, readme=readme)
 
 
 def test_run_on_a_finished_grid_does_nothing_and_says_so(smoke_results, tmp_path, capsys):
@@ -596,7 +589,6 @@ def test_plain_jupyter_book_build_shows_the_committed_mechanism_grid(published_s
         paper.mechanism.sweep_answer(t.summary, comparisons, t.evaluations),
         paper.mechanism.fixes_answer(t.summary, comparisons, t.evaluations),
         paper.reversal.one_class_answer(analysis.sampler_cost(t.evaluations)),
-        paper.study.why_sentence(comparisons),
         paper.mechanism.plateau_answer(pd.read_csv(folder / "plateau.csv")),
     ]
     robust = ROOT / "results" / paper.tables.ROBUSTNESS_GRID / "plateau.csv"

@@ -231,6 +231,36 @@ CLAIMS: dict[str, Callable[[dict], tuple[bool, str]]] = {
 }
 
 
+# The answer in three sentences, as the intro opens and the README tells it: hand-written, the numbers filled in
+# from :func:`facts`; the claims it makes are :data:`IN_SHORT_CLAIMS` (the intro checks them beside it)
+IN_SHORT = (
+    "**Because it makes training worse, whatever the batch size.** With i.i.d. batches, normalising with running "
+    "statistics in training (BNRS) ends {bnrs_small_text} against BN at batch {small} and {bnrs_large_text} at batch "
+    "{large}. What costs the accuracy is not the running statistics but the backward pass that goes with them: Batch "
+    "Renormalization normalises with the same running statistics, keeps BN's gradient through the batch's mean and "
+    "variance, and wins back nearly all of the loss. The exception is a batch that holds one class: there BN fails at "
+    "inference ({oc_bn_text} at batch {oc_batch}), and BNRS, BRN and GroupNorm beat it by {oc_bnrs_text}, "
+    "{oc_brn_text} and {oc_gn_text} -- an exploratory finding, as BN had not finished training there."
+)
+IN_SHORT_CLAIMS = (
+    "BNRS is below BN at every i.i.d. batch size",
+    "BRN wins back nearly all of BNRS's loss",
+    "leaving out the normalising backward pass costs accuracy with either statistics",
+    "with one-class batches BNRS, BRN and GroupNorm beat BN",
+    "BN had not plateaued with one-class batches",
+)
+
+
+def in_short(f: dict) -> str:
+    """:data:`IN_SHORT` with the numbers of ``f`` (:func:`facts`)."""
+    return IN_SHORT.format(**f)
+
+
+def unsupported(f: dict, *claims: str) -> list[str]:
+    """The claims (keys of :data:`CLAIMS`) that ``f`` does not support, each with the numbers it read."""
+    return [f"{claim}: {evidence}" for claim in claims for holds, evidence in [CLAIMS[claim](f)] if not holds]
+
+
 def check(page: str, f: dict, *claims: str) -> None:
     """Guard the page's sentences that make ``claims`` (keys of :data:`CLAIMS`) against ``f``."""
     for claim in claims:

@@ -11,9 +11,12 @@ import pandas as pd
 
 from .. import analysis, paths
 from ..plots import display_name
+from . import answer
+from .answer import one_class
+from .guards import UnsupportedSentence
 from .original import claims_table, original_claims
-from .study import HEADLINE_METHODS, correction_sentence, differences, headline, plateau_sentence, why_sentence
-from .tables import MECHANISM_GRID, equal_steps, headline_condition
+from .study import HEADLINE_METHODS, correction_sentence, differences, headline
+from .tables import PUBLISHED_GRID, Tables, equal_steps, headline_condition
 from .words import DATASET_NAMES, budget_words, seed_count
 
 README = paths.README
@@ -21,7 +24,8 @@ README = paths.README
 
 HEADLINE_ALT = (
     "Final test accuracy against batch size for BN, BN with running statistics (BNRS), Batch "
-    "Renormalization (BRN) and GroupNorm, mean over seeds with 95% intervals"
+    "Renormalization (BRN) and GroupNorm with i.i.d. batches, and beside it with one-class batches, mean over seeds "
+    "with 95% intervals"
 )
 
 
@@ -31,61 +35,58 @@ README_MARKERS = (
 )
 
 
-def why_from(folder: Path) -> str:
-    """:func:`why_sentence` from a mechanism grid's results folder ('' where it has no analysis yet)."""
-    table = folder / "analysis.csv"
-    return why_sentence(pd.read_csv(table)) if table.exists() else ""
-
-
 def readme_findings(
     summary: pd.DataFrame,
     cells_done: int,
-    cells_total: int,
     commits: list[str] = (),
     folder: Path | None = None,
-    why: str = "",
+    mechanism: pd.DataFrame | None = None,
+    batchstats: pd.DataFrame | None = None,
 ) -> str:
-    """The README's first screen: the answer so far in a few sentences from the committed summary (the
-    headline condition's paired differences against BN with their intervals and verdicts), ``why`` (the mechanism
-    grid's answer, :func:`why_from`) where given, then the original study's four claims judged on every dataset: by
-    the re-run study's plan where the summary carries one (and BN's plateau status from ``folder``'s plateau.csv),
-    else under the original's equal-steps budget."""
+    """The README's first screen: the headline figure, then the answer. For a grid with the analysis plan
+    (``summary`` carries ``family``), the intro's three sentences (:func:`.answer.in_short`) with the numbers of the
+    committed tables -- BN's plateau status from ``folder``'s plateau.csv, the mechanism grid's ``analysis.csv``
+    (``mechanism``) and the one-class check's ``summary_batchstats.csv`` (``batchstats``); a claim they no longer
+    support stops the writer (:class:`.guards.UnsupportedSentence`) -- then how it was measured and the original
+    study's four claims by the plan's rules. For a grid without one, the paired differences of the headline
+    condition and the claims under the original's equal-steps budget."""
     planned = "family" in summary
     ran = f", run with the code of commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
     f = headline(summary)
     figure = paths.README_FIGURE.relative_to(paths.ROOT).as_posix()
-    small, large = f["small"], f["large"]
-
-    compared = [m for m in ("bnrs", "brn", "bnwos") if f"{m}_small_diff" in f or f"{m}_large_diff" in f]
-    lines = [
-        f"![{HEADLINE_ALT}]({figure})",
-        "",
-        f"*{headline_digest(summary)[1]}*",
-        "",
-        f"**The answer so far** ({cells_done} of the study grid's {cells_total} cells committed{ran}; computed from "
-        "`results/study/summary.csv`). On "
-        f"{f['dataset_name']} with i.i.d. batches and a budget of {f['budget']} ({f['seeds']}), BN ends at "
-        f"{f['bn_small_text']} at batch {small} and {f['bn_large_text']} at batch {large}. Against it, "
-        "paired by seed: "
-        + "; ".join(f"{display_name(m)} {differences(f, m)}" for m in compared)
-        + ". "
-        + (
-            f"Intervals are Student-t 95%; {correction_sentence(summary)} "
-            + (plateau_sentence(folder, headline_condition(summary)) + " " if folder is not None else "")
-            if planned
-            else f"Intervals are Student-t 95%; a verdict is a paired t-test at 5% after Holm's correction over all "
-            f'{f["family"]} comparisons with BN in the grid, so at {f["seeds"]} many read "cannot tell". '
-            "These networks were not trained to a plateau: the numbers describe training under a short budget, "
-            "and a re-run to a plateau under a pre-registered analysis plan is planned. "
-        )
-        + "The book's Summary page has every method and condition.",
-    ]
-    if why:
+    lines = [f"![{HEADLINE_ALT}]({figure})", "", f"*{headline_digest(summary)[1]}*", ""]
+    if planned:
+        plateau = folder / "plateau.csv" if folder is not None else None
+        plateau = pd.read_csv(plateau) if plateau is not None and plateau.exists() else None
+        tables = Tables(PUBLISHED_GRID, folder or Path("."), None, None, summary, None, None, [], None, plateau)
+        facts = answer.facts(tables, mechanism, batchstats)
+        if failed := answer.unsupported(facts, *answer.IN_SHORT_CLAIMS):
+            raise UnsupportedSentence("the README's answer no longer holds: " + "; ".join(failed))
         lines += [
+            answer.in_short(facts),
             "",
-            f"**{why.split(':', 1)[0]}** (computed from `results/{MECHANISM_GRID}/analysis.csv`; the book's "
-            f'chapter "Why running statistics fail in training"):{why.split(":", 1)[1]}',
+            f"Measured on {f['dataset_name']} with {f['seeds']} per condition, each batch size trained until BN's "
+            f"accuracy stopped improving ({f['budget']}), every method in lockstep on the same batches from the same "
+            "weights; differences are paired by seed with Student-t 95% intervals, and "
+            + correction_sentence(summary)
+            + f" Computed from the {cells_done} committed cells of `results/study/`{ran}, with the mechanism grid's "
+            "`results/mechanism/` for the backward pass; the book has every method and condition, the mechanism "
+            "and the controls.",
         ]
+    else:
+        small, large = f["small"], f["large"]
+        compared = [m for m in ("bnrs", "brn", "bnwos") if f"{m}_small_diff" in f or f"{m}_large_diff" in f]
+        lines.append(
+            f"**The answer so far** ({cells_done} cells committed{ran}; computed from `results/study/summary.csv`). "
+            f"On {f['dataset_name']} with i.i.d. batches and a budget of {f['budget']} ({f['seeds']}), BN ends at "
+            f"{f['bn_small_text']} at batch {small} and {f['bn_large_text']} at batch {large}. Against it, paired by "
+            "seed: "
+            + "; ".join(f"{display_name(m)} {differences(f, m)}" for m in compared)
+            + ". Intervals are Student-t 95%; a verdict is a paired t-test at 5% after Holm's correction over all "
+            f'{f["family"]} comparisons with BN in the grid, so at {f["seeds"]} many read "cannot tell". These '
+            "networks were not trained to a plateau: the numbers describe training under a short budget. The book's "
+            "Summary page has every method and condition."
+        )
     datasets = [d for d in ("mnist5k", "fashionmnist") if d in set(equal_steps(summary)["dataset"])]
     if datasets and planned:
         plateau = folder / "plateau.csv" if folder is not None else None
@@ -126,11 +127,18 @@ def headline_digest(summary: pd.DataFrame) -> tuple[str, str]:
     and the figure's caption."""
     part = headline_condition(summary)
     shown = part[part["method"].isin(HEADLINE_METHODS)].sort_values(["method", "batch_size"])
-    numbers = shown[["method", "batch_size", "n_seeds", "mean", "ci_low", "ci_high"]].round(6).to_csv(index=False)
+    drawn = pd.concat([shown, one_class(summary)])  # and the one-class panel's
+    numbers = drawn[["method", "batch_size", "n_seeds", "mean", "ci_low", "ci_high"]].round(6).to_csv(index=False)
+    oc = one_class(summary)
     caption = (
-        f"Final test accuracy on {DATASET_NAMES.get(shown['dataset'].iloc[0], shown['dataset'].iloc[0])}, i.i.d. "
-        f"batches, budget {budget_words(shown)}: "
-        f"mean over {seed_count(shown)}, Student-t 95% intervals."
+        f"Final test accuracy on {DATASET_NAMES.get(shown['dataset'].iloc[0], shown['dataset'].iloc[0])}, mean over "
+        f"{seed_count(drawn)} with Student-t 95% intervals. Left, i.i.d. batches, budget {budget_words(shown)}"
+        + (
+            f"; right, batches of {int(oc['batch_size'].iloc[0])} that hold one class (exploratory), tested with the "
+            "running statistics."
+            if len(oc)
+            else "."
+        )
     )
     return hashlib.sha256(numbers.encode()).hexdigest()[:16], caption
 
@@ -141,7 +149,7 @@ def save_headline_png(summary: pd.DataFrame, path: Path = paths.README_FIGURE) -
 
     from .. import plots
 
-    fig = plots.headline_figure(headline_condition(summary), HEADLINE_METHODS)
+    fig = plots.headline_figure(headline_condition(summary), HEADLINE_METHODS, one_class(summary))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(
         path, dpi=100, metadata={"Description": f"bnlib headline {headline_digest(summary)[0]}", "Software": None}
@@ -153,11 +161,11 @@ def save_headline_png(summary: pd.DataFrame, path: Path = paths.README_FIGURE) -
 def write_readme_findings(
     summary: pd.DataFrame,
     cells_done: int,
-    cells_total: int,
     readme: Path = README,
     commits: list[str] = (),
     folder: Path | None = None,
-    why: str = "",
+    mechanism: pd.DataFrame | None = None,
+    batchstats: pd.DataFrame | None = None,
 ) -> None:
     """The findings between the README's markers (:func:`readme_findings`), and the headline figure they show
     beside the README."""
@@ -171,7 +179,7 @@ def write_readme_findings(
         head
         + start
         + "\n"
-        + readme_findings(summary, cells_done, cells_total, commits, folder, why)
+        + readme_findings(summary, cells_done, commits, folder, mechanism, batchstats)
         + "\n"
         + end
         + rest.split(end, 1)[1]

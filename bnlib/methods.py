@@ -124,6 +124,8 @@ PANELS = {
     ),
 }
 ORIGINAL = ("bn", "bnrs", "brn", "brnc", "bnwos")  # the original study's five methods
+# Arms built to take a method apart or to intervene on it, not to be used: "what to use" leaves them out
+ABLATIONS = (*PANELS["filter norms set or decayed"], "bn_detached", "bn_detached_mean", "bn_detached_var")
 # The headline figure's methods: BN, the two ways of normalising with running statistics in training, and the
 # batch-independent reference
 HEADLINE = ("bn", "bnrs", "brn", "gn")

@@ -1,10 +1,13 @@
 """Headless chromium for the tests that look at the built book (Debian's chromium; scripts/test.sh installs it
 when run as root, else those tests are skipped with the reason)."""
 
+import asyncio
 import html
+import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -77,5 +80,57 @@ art.querySelectorAll('table').forEach(t=>{let c=t.parentElement;
 c=c.parentElement;}});
 out.broken=[...document.images].filter(i=>!(i.complete&&i.naturalWidth>0)).map(i=>i.src);
 const h=document.querySelector('#headline-figure img');out.headline=!!(h&&h.complete&&h.naturalWidth>0);
+out.headlineBottom=h?Math.round(h.getBoundingClientRect().bottom+window.scrollY):null;
 document.title='PROBE '+JSON.stringify(out);
 """
+
+
+def on_phone(page: Path, expression: str, width: int = 390, height: int = 844):
+    """Load ``page`` in headless chromium emulating a phone of ``width`` x ``height`` CSS pixels (a headless window
+    cannot be narrower than 500 px, so through the DevTools protocol's device metrics) and return the value of the
+    JavaScript ``expression`` once the page has loaded."""
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.websocket import websocket_connect
+
+    async def run():
+        profile = tempfile.mkdtemp()
+        proc = subprocess.Popen(
+            [chromium(), *CHROMIUM_FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            for _ in range(300):
+                if port_file.exists() and port_file.read_text().strip():
+                    break
+                await asyncio.sleep(0.1)
+            port = port_file.read_text().split()[0]
+            targets = json.loads((await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/json")).body)
+            target = next(t for t in targets if t["type"] == "page")
+            ws = await websocket_connect(target["webSocketDebuggerUrl"], max_message_size=2**26)
+            ids = iter(range(1, 1_000_000))
+
+            async def call(method, **params):
+                i = next(ids)
+                await ws.write_message(json.dumps({"id": i, "method": method, "params": params}))
+                while (msg := json.loads(await ws.read_message())).get("id") != i:
+                    pass
+                return msg.get("result", {})
+
+            await call(
+                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=2, mobile=True
+            )
+            await call("Page.navigate", url=page.as_uri())
+            for _ in range(300):
+                state = await call("Runtime.evaluate", expression="document.readyState", returnByValue=True)
+                if state["result"]["value"] == "complete":
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # images and MathJax settle
+            return (await call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
+        finally:
+            proc.kill()
+            shutil.rmtree(profile, ignore_errors=True)
+
+    return asyncio.run(run())

@@ -63,11 +63,14 @@ def slower_answer(speed: pd.DataFrame, method: str = "bnrs", dataset: str = "fas
 
 PLANNED_CLAIMS = (
     "Judged by the pre-registered analysis plan's rules from its primary verdicts (Fashion-MNIST, i.i.d. "
-    "batches, every batch size trained until BN plateaued); the original's digits are exploratory there, "
-    "so their column applies the same rules to exploratory verdicts and is labelled so. A comparison "
-    "that is not primary -- not run yet, or BN not plateaued -- counts as unknown. The *amended* column reads the "
-    "plan's amendment of 2026-12-07 beside it: a difference within the margin can still match, and \"converges "
-    'slower" is read by the plateau criterion (BNRS not plateaued where BN has).'
+    "batches, every batch size trained until BN plateaued). A comparison that is not primary -- BN not plateaued, "
+    "or a condition without cells -- counts as unknown. The *amended* column reads the plan's amendment of "
+    '2026-12-07 beside it: a difference within the margin can still match, and "converges slower" is read by the '
+    "plateau criterion (BNRS not plateaued where BN has)."
+)
+DIGITS_EXPLORATORY = (
+    " The original's digits are exploratory there, so their column applies the same rules to exploratory verdicts "
+    "and is labelled so."
 )
 
 
@@ -90,8 +93,10 @@ def original_page_budget(summary: pd.DataFrame) -> dict[str, str]:
 def claims_rule(summary: pd.DataFrame) -> str:
     """How the side-by-side page's verdicts on the original's claims are reached."""
     if "family" in summary:
+        digits = DIGITS_EXPLORATORY if (equal_steps(summary)["dataset"] == "mnist5k").any() else ""
         return (
             PLANNED_CLAIMS
+            + digits
             + " The rules are `bnlib.analysis.original_claims`, fixed by the analysis plan before its cells ran."
         )
     budgets = sorted(equal_steps(summary)["budget"].unique())

@@ -406,13 +406,21 @@ def verdict_sentence(part: pd.DataFrame, method: str) -> str:
 
 def advice(summary: pd.DataFrame) -> pd.DataFrame:
     """What to use, condition by condition (sampler x batch size of the headline dataset and budget): the methods
-    the data put above BN (else BN), those they put below, and how many they cannot tell from BN (Holm verdicts)."""
+    the data put above BN (else BN), those they put below it by more than the margin, those within the margin of it
+    (equivalent, or below/above within the margin by the plan's amendment where the summary has it) and how many
+    they cannot tell from BN; the ablation and intervention arms (:data:`bnlib.methods.ABLATIONS`) are not methods
+    to use."""
     rows = []
     for sampler in sorted(summary["sampler"].unique()):
         part = headline_condition(summary, sampler)
         for size, g in part.groupby("batch_size"):
-            g = g[g["method"] != "bn"]
-            verdicts = g["verdict"].fillna("cannot tell")
+            g = g[(g["method"] != "bn") & ~g["method"].isin(methods.ABLATIONS)]  # methods one could use
+            column = "verdict_amended" if "verdict_amended" in g else "verdict"
+            verdicts = (
+                g[column]
+                .fillna("cannot tell")
+                .replace({"below, within the margin": "equivalent", "above, within the margin": "equivalent"})
+            )
 
             def names(v):
                 return ", ".join(display_name(m) for m in g.loc[verdicts == v, "method"]) or "none"
@@ -422,6 +430,7 @@ def advice(summary: pd.DataFrame) -> pd.DataFrame:
                     "batches": f"{'i.i.d.' if sampler == 'iid' else 'non-i.i.d.'}, {int(size)}",
                     "use (above BN)": names("above") if (verdicts == "above").any() else "BN: nothing is above it",
                     "avoid (below BN)": names("below"),
+                    "as good as BN (within the margin)": names("equivalent"),
                     "cannot tell from BN": int((verdicts == "cannot tell").sum()),
                 }
             )

@@ -60,11 +60,12 @@ def test_summary_numbers_match_summary_csv(site, smoke_results):
     text = _text(site / "book" / "summary.html")
     summary = pd.read_csv(smoke_results / "smoke" / "summary.csv")
     assert len(summary) == 3 * 9  # conditions x methods
-    for row in summary.itertuples():
-        expected = f"{100 * row.mean:.1f} [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}]"
+    for row in summary.itertuples():  # an interval from 3 seeds on, below that 'n = 2, no interval'
+        expected = paper.words.percent_interval(row.mean, row.ci_low, row.ci_high, n=row.n_seeds)
         assert expected in text, (row.method, row.batch_size, expected)
         if row.method != "bn":
-            assert f"{100 * row.diff_vs_bn:+.1f} [{100 * row.diff_ci_low:+.1f}, {100 * row.diff_ci_high:+.1f}]" in text
+            diff = (row.diff_vs_bn, row.diff_ci_low, row.diff_ci_high)
+            assert paper.words.percent_interval(*diff, signed=True, n=row.n_pairs) in text
     # the glued answer: BN's accuracy and BNRS's paired difference at the smallest i.i.d. batch
     iid = summary[(summary.sampler == "iid") & (summary.norm_placement == "all")]
     small = iid[iid.batch_size == iid.batch_size.min()].set_index("method")

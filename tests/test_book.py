@@ -397,7 +397,7 @@ def test_a_figure_describes_itself_from_its_labels_panels_and_legends():
         ]
     )
     text = plots.describe(plots.accuracy_over_training(frame))
-    assert text.startswith("test accuracy against samples seen; panels: batch 2, batch 16;")
+    assert text.startswith("test accuracy (%) against samples seen; panels: batch 2, batch 16;")
     assert (
         "running statistics in training: BN, BN, running stats (BNRS)" in text
         and "batch-independent: BN, GroupNorm (GN)" in text

@@ -89,7 +89,7 @@ BREAKS = {
         "mechanism-batchstats/summary_batchstats.csv",
         {"method": "bn", **ONE_CLASS},
         "mean",
-        0.5,
+        0.10,
     ),
 }
 

@@ -20,7 +20,7 @@ from .. import analysis
 from .guards import guard
 from .study import headline
 from .tables import Tables, headline_condition
-from .words import difference, percent_interval, pp
+from .words import and_list, difference, percent_interval, pp
 
 ANSWER_METHODS = ("bnrs", "brn", "gn")  # the methods the answer names against BN
 # the 2x2's simple effects (bnlib.analysis.SIMPLE) by the names the prose's glue keys use
@@ -37,7 +37,7 @@ GLUED = (
     "dataset_name", "budget", "seeds", "small", "large",
     *(f"{m}_{k}_text" for m in ANSWER_METHODS for k in ("small", "large")),
     "oc_batch", "oc_bn_text", *(f"oc_{m}_text" for m in ANSWER_METHODS), "oc_bn_own_stats_text",
-    "brn_won_min", "no_backward_at", "no_backward_at_text",
+    "brn_won_min", "no_backward_at", "no_backward_at_text", "ablation_sizes",
     *(f"{key}_{b}_text" for key in ("running_with", "no_backward_batch", "no_backward_running") for b in (2, 16)),
 )  # fmt: skip
 
@@ -112,6 +112,7 @@ def facts(t: Tables, mechanism: pd.DataFrame | None = None, batchstats: pd.DataF
             f[f"{key}_{b}_text"] = difference(r.mean, r.ci_low, r.ci_high, r.n_seeds)
         # the prose quotes the largest batch size of the 2x2, where BN's forward pass is least noisy
         if f["simple"]:
+            f["ablation_sizes"] = and_list(str(b) for b in sorted(f["simple"]))
             at = max(f["simple"])
             f["no_backward_at"], f["no_backward_at_text"] = at, f.get(f"no_backward_batch_{at}_text", "–")
     for key in GLUED:
@@ -238,7 +239,7 @@ IN_SHORT = (
     "and {bnrs_large_text} at batch {large}. What costs the accuracy is not the running statistics but the backward "
     "pass that goes with them: Batch Renormalization normalises with the same running statistics, keeps BN's gradient "
     "through the batch's mean and variance, and wins back nearly all of the loss (the ablation that separates the two "
-    "ran at batches 2 and 16). The exception is a batch that holds one class: there BN fails at inference "
+    "ran at batches {ablation_sizes}). The exception is a batch that holds one class: there BN fails at inference "
     "({oc_bn_text} at batch {oc_batch}), and BNRS, BRN and GroupNorm beat it by {oc_bnrs_text}, {oc_brn_text} and "
     "{oc_gn_text} -- an exploratory finding, as BN had not finished training there."
 )

@@ -19,7 +19,7 @@ import pandas as pd
 from .. import analysis
 from .guards import guard
 from .study import headline
-from .tables import Tables, headline_condition
+from .tables import BATCHSTATS_GRID, Tables, headline_condition, mechanism_tables, tables
 from .words import and_list, difference, percent_interval, pp
 
 ANSWER_METHODS = ("bnrs", "brn", "gn")  # the methods the answer names against BN
@@ -117,6 +117,26 @@ def facts(t: Tables, mechanism: pd.DataFrame | None = None, batchstats: pd.DataF
             f["no_backward_at"], f["no_backward_at_text"] = at, f.get(f"no_backward_batch_{at}_text", "–")
     for key in GLUED:
         f.setdefault(key, "–")
+    return f
+
+
+def page_facts(t: Tables | None = None) -> dict:
+    """:func:`facts` as a page reads them: the grid shown (``t``, default the published one), the mechanism grid's
+    comparisons and the one-class check's test-batch statistics, each where it is committed; every number glued
+    into the page (myst-nb's glue, under its key)."""
+    from myst_nb import glue
+
+    t = t or tables()
+    mechanism, checked = mechanism_tables(), mechanism_tables(grid=BATCHSTATS_GRID)
+    comparisons = mechanism.folder / "analysis.csv" if mechanism else None
+    f = facts(
+        t,
+        pd.read_csv(comparisons) if comparisons is not None and comparisons.exists() else None,
+        checked.summary_batchstats if checked else None,
+    )
+    for key, value in f.items():
+        if isinstance(value, (str, int, float)):
+            glue(key, value, display=False)
     return f
 
 
